@@ -1,0 +1,758 @@
+//! Broker and provisioning state shared by every connection: sessions, live connections,
+//! counters, fault switches, and the login admission rules of the wire contract (brief §2).
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::codec::{self, Connect, Props, Publish, reason};
+
+/// Per-user counters that tests assert on.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UserCounters {
+    /// CONNECT packets received with this username (accepted or not).
+    pub connect_attempts: u64,
+    /// CONNECTs answered with CONNACK success.
+    pub logins_accepted: u64,
+    /// Refused CONNECTs by CONNACK reason code (`"0x87"` → count).
+    pub refusals: BTreeMap<String, u64>,
+    /// Provisioning requests naming this user (whatever the answer).
+    pub provision_requests: u64,
+    /// Provisioning requests answered 200 with a UserSig.
+    pub sigs_issued: u64,
+    /// Sessions the client ended with DISCONNECT 0x00.
+    pub disconnects_normal: u64,
+    /// Connections that ended without a client DISCONNECT (socket closed, reset, timeout).
+    pub connections_lost: u64,
+    /// DISCONNECTs the sandbox sent, by reason code (`"0x8E"` → count).
+    pub server_disconnects: BTreeMap<String, u64>,
+    /// Wills published for this user's sessions.
+    pub wills_published: u64,
+    /// PUBLISH packets this user sent.
+    pub messages_published: u64,
+    /// Messages delivered to this user (QoS 1: acknowledged; QoS 0: written).
+    pub messages_delivered: u64,
+    /// Logins that presented a client certificate.
+    pub client_cert_logins: u64,
+}
+
+/// Everything the sandbox counts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Counters {
+    pub users: BTreeMap<String, UserCounters>,
+    /// TLS handshakes that failed on the MQTT or provisioning listener.
+    pub tls_handshake_failures: u64,
+    /// MQTT packets that failed to decode or broke the protocol.
+    pub protocol_errors: u64,
+    /// HTTP requests that could not be parsed or were refused before routing.
+    pub http_bad_requests: u64,
+    /// MQTT connections open right now.
+    pub connections_open: u64,
+}
+
+impl Counters {
+    /// This user's counters (zero when the user never showed up).
+    pub fn user(&self, user: &str) -> UserCounters {
+        self.users.get(user).cloned().unwrap_or_default()
+    }
+}
+
+pub fn code_key(code: u8) -> String {
+    format!("0x{code:02X}")
+}
+
+/// What the provisioning endpoint does wrong, on purpose.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum ProvisionFault {
+    /// Answer with this HTTP status (and `Retry-After` seconds, if given).
+    Status {
+        status: u16,
+        #[serde(default)]
+        retry_after: Option<u64>,
+    },
+    /// Wait this long before answering normally.
+    Delay { ms: u64 },
+    /// 200 with a body that is not JSON.
+    Malformed,
+    /// 200 whose body stops half-way (Content-Length promises more), then the socket closes.
+    Truncated,
+    /// 200 with a 2 MiB body.
+    Oversized,
+    /// A correct answer sent with `Transfer-Encoding: chunked`.
+    Chunked,
+    /// A UserSig that had already expired when it was issued.
+    ExpiredSig,
+    /// A UserSig issued for another UserID.
+    WrongUser,
+    /// A UserSig issued for another SDKAppID.
+    WrongApp,
+    /// A `user_sig` that is not a UserSig at all.
+    GarbageSig,
+}
+
+/// What the broker does right after accepting a login, on purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "action", rename_all = "snake_case")]
+pub enum LoginFault {
+    /// Send DISCONNECT with this reason code (e.g. 0xA0 "UserSig expired").
+    Disconnect { code: u8 },
+    /// Close the socket without a DISCONNECT (what mosquitto does on a takeover).
+    Close,
+}
+
+/// A fault switch: how many more times it fires (`None`: until cleared), and for whom.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Armed<T> {
+    pub fault: T,
+    pub remaining: Option<u32>,
+    pub user: Option<String>,
+}
+
+impl<T: Clone> Armed<T> {
+    /// Fire for `user` if armed for them; consumes one use.
+    pub fn fire(slot: &mut Option<Armed<T>>, user: &str) -> Option<T> {
+        let armed = slot.as_mut()?;
+        if armed.user.as_deref().is_some_and(|u| u != user) {
+            return None;
+        }
+        let fault = armed.fault.clone();
+        match &mut armed.remaining {
+            Some(0) => {
+                *slot = None;
+                return None;
+            }
+            Some(n) => {
+                *n -= 1;
+                if *n == 0 {
+                    *slot = None;
+                }
+            }
+            None => {}
+        }
+        Some(fault)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Faults {
+    pub refuse: Option<Armed<u8>>,
+    pub on_login: Option<Armed<LoginFault>>,
+    pub provision: Option<Armed<ProvisionFault>>,
+}
+
+/// A message waiting for (or in flight to) a session.
+#[derive(Debug, Clone)]
+pub struct Msg {
+    pub topic: String,
+    pub qos: u8,
+    pub properties: Vec<u8>,
+    pub payload: Vec<u8>,
+    pub dup: bool,
+    pub pkid: u16,
+}
+
+/// An MQTT session (persists across connections when the client asks for it).
+#[derive(Debug)]
+pub struct Session {
+    pub user: String,
+    pub subs: Vec<(String, u8, bool)>,
+    pub pending: VecDeque<Msg>,
+    pub inflight: BTreeMap<u16, Msg>,
+    pub next_pkid: u16,
+    pub expiry: u32,
+    pub receive_max: u16,
+    /// The connection that owns the session now; `None` while offline.
+    pub owner: Option<u64>,
+    pub offline_since: Option<Instant>,
+}
+
+/// Messages a session keeps for an offline client; older ones are dropped beyond this.
+pub const MAX_PENDING: usize = 1000;
+
+impl Session {
+    fn new(user: &str) -> Self {
+        Session {
+            user: user.to_string(),
+            subs: Vec::new(),
+            pending: VecDeque::new(),
+            inflight: BTreeMap::new(),
+            next_pkid: 1,
+            expiry: 0,
+            receive_max: 32,
+            owner: None,
+            offline_since: None,
+        }
+    }
+
+    fn expired(&self, now: Instant) -> bool {
+        match self.offline_since {
+            None => false,
+            Some(_) if self.expiry == u32::MAX => false,
+            Some(since) => now.duration_since(since) >= Duration::from_secs(self.expiry as u64),
+        }
+    }
+
+    fn alloc_pkid(&mut self) -> u16 {
+        loop {
+            let id = self.next_pkid;
+            self.next_pkid = self.next_pkid.checked_add(1).unwrap_or(1).max(1);
+            if !self.inflight.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+}
+
+/// How a connection task is told to end.
+#[derive(Debug, Clone)]
+pub enum Kill {
+    /// Send DISCONNECT with this code and reason string, then close.
+    Disconnect { code: u8, text: String },
+    /// Close the socket, no DISCONNECT.
+    Drop,
+}
+
+#[derive(Debug)]
+pub struct ConnEntry {
+    pub id: u64,
+    pub user: String,
+    pub sig_hmac: String,
+    pub flush: Arc<Notify>,
+    pub kill: mpsc::UnboundedSender<Kill>,
+}
+
+/// The mutable state behind one lock.
+pub struct BrokerState {
+    pub sessions: HashMap<String, Session>,
+    pub conns: HashMap<String, ConnEntry>,
+    pub next_conn_id: u64,
+    pub counters: Counters,
+    pub faults: Faults,
+    pub banned: HashSet<String>,
+    /// HMACs of UserSigs the sandbox was told to treat as expired.
+    pub expired_sigs: HashSet<String>,
+    /// HMACs issued per user (so "expire now" also covers sigs not yet used).
+    pub issued: HashMap<String, Vec<String>>,
+    pub failed_logins: HashMap<String, VecDeque<Instant>>,
+    pub sig_lifetime: Duration,
+    /// Seconds added to the provisioning server's clock (sig `time` and `Date`).
+    pub provision_clock_offset: i64,
+}
+
+/// Fixed settings of one sandbox.
+#[derive(Clone)]
+pub struct Settings {
+    pub sdk_app_id: u64,
+    pub secret_key: String,
+    pub device_token: String,
+    pub admin_token: String,
+    pub max_packet_size: usize,
+    pub failed_login_limit: u32,
+    pub failed_login_window: Duration,
+}
+
+pub struct Shared {
+    pub settings: Settings,
+    state: Mutex<BrokerState>,
+    /// Bumped on every counter change, so waiters re-check without polling.
+    changed: watch::Sender<u64>,
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The IM error code and text the sandbox puts in a refusal's reason string.
+pub fn im_error_for(code: u8) -> (u32, &'static str) {
+    match code {
+        reason::NOT_AUTHORIZED => (70001, "UserSig expired"),
+        reason::BAD_USERNAME_OR_PASSWORD => (70003, "UserSig check failed"),
+        reason::BANNED => (70051, "account banned"),
+        reason::CLIENT_ID_NOT_VALID => (6017, "client id not valid"),
+        reason::CONNECTION_RATE_EXCEEDED => (70050, "too many failed logins, retry later"),
+        reason::SESSION_TAKEN_OVER => (6208, "kicked offline by another login"),
+        reason::ADMINISTRATIVE_ACTION => (6208, "kicked offline by an administrator"),
+        reason::MAXIMUM_CONNECT_TIME => (70001, "UserSig expired"),
+        reason::SERVER_BUSY => (9508, "server busy, retry later"),
+        reason::SERVER_UNAVAILABLE => (9508, "server unavailable, retry later"),
+        reason::SERVER_SHUTTING_DOWN => (9508, "server shutting down"),
+        _ => (0, "refused"),
+    }
+}
+
+/// Reason string and `im-error-code` user property for a refusal or server DISCONNECT.
+pub fn im_props(code: u32, text: &str) -> Props {
+    Props {
+        reason_string: Some(format!("{code} {text}")),
+        user: vec![("im-error-code".into(), code.to_string())],
+        ..Props::default()
+    }
+}
+
+/// The outcome of a CONNECT.
+pub enum Admission {
+    Refused {
+        code: u8,
+        props: Props,
+    },
+    Accepted {
+        conn_id: u64,
+        session_present: bool,
+        assigned_client_id: Option<String>,
+        sig_expires_at: u64,
+        flush: Arc<Notify>,
+        kill: mpsc::UnboundedReceiver<Kill>,
+        after_login: Option<LoginFault>,
+    },
+}
+
+/// How a connection ended, for counters, wills and session bookkeeping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// Client sent DISCONNECT 0x00.
+    Normal,
+    /// Client sent DISCONNECT 0x04 (disconnect with will).
+    WithWill,
+    /// The sandbox sent DISCONNECT with this code.
+    Server(u8),
+    /// The socket closed or failed without a DISCONNECT.
+    Lost,
+}
+
+impl Shared {
+    pub fn new(settings: Settings, sig_lifetime: Duration) -> Arc<Shared> {
+        let (changed, _) = watch::channel(0);
+        Arc::new(Shared {
+            settings,
+            state: Mutex::new(BrokerState {
+                sessions: HashMap::new(),
+                conns: HashMap::new(),
+                next_conn_id: 1,
+                counters: Counters::default(),
+                faults: Faults::default(),
+                banned: HashSet::new(),
+                expired_sigs: HashSet::new(),
+                issued: HashMap::new(),
+                failed_logins: HashMap::new(),
+                sig_lifetime,
+                provision_clock_offset: 0,
+            }),
+            changed,
+        })
+    }
+
+    /// Lock the state. A poisoned lock (a panic elsewhere) is recovered: the sandbox keeps
+    /// serving rather than cascading the panic.
+    pub fn lock(&self) -> MutexGuard<'_, BrokerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Run `f` on the state and wake everyone waiting on counters.
+    pub fn update<R>(&self, f: impl FnOnce(&mut BrokerState) -> R) -> R {
+        let r = f(&mut self.lock());
+        self.changed.send_modify(|v| *v = v.wrapping_add(1));
+        r
+    }
+
+    pub fn subscribe_changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.lock().counters.clone()
+    }
+
+    /// Decide on a CONNECT, in the order a real IM service checks.
+    pub fn admit(&self, c: &Connect, has_client_cert: bool, now_unix: u64) -> Admission {
+        let s = &self.settings;
+        self.update(|st| {
+            let user = c.username.clone().unwrap_or_default();
+            st.counters
+                .users
+                .entry(user.clone())
+                .or_default()
+                .connect_attempts += 1;
+
+            let refusal = st.refusal_for(s, c, &user, now_unix);
+            if let Some((code, im_code, text)) = refusal {
+                let uc = st.counters.users.entry(user.clone()).or_default();
+                *uc.refusals.entry(code_key(code)).or_default() += 1;
+                if code != reason::CONNECTION_RATE_EXCEEDED {
+                    let now = Instant::now();
+                    let q = st.failed_logins.entry(user).or_default();
+                    q.push_back(now);
+                    while q.len() > s.failed_login_limit as usize + 1 {
+                        q.pop_front();
+                    }
+                }
+                return Admission::Refused {
+                    code,
+                    props: im_props(im_code, &text),
+                };
+            }
+
+            // Accepted: the sig verified above, so decode cannot fail here.
+            let password = c.password.as_deref().unwrap_or_default();
+            let sig_text = String::from_utf8_lossy(password);
+            let decoded = imlink_usersig::decode(&sig_text).ok();
+            let sig_expires_at = decoded.as_ref().map(|d| d.expires_at()).unwrap_or(0);
+            let sig_hmac = decoded.map(|d| d.hmac_base64()).unwrap_or_default();
+
+            let (client_id, assigned) = if c.client_id.is_empty() {
+                let id = format!("auto-{}", st.next_conn_id);
+                (id.clone(), Some(id))
+            } else {
+                (c.client_id.clone(), None)
+            };
+            let conn_id = st.next_conn_id;
+            st.next_conn_id += 1;
+
+            // Takeover: the older connection with this client id is told and closed.
+            if let Some(old) = st.conns.remove(&client_id) {
+                let (im, text) = im_error_for(reason::SESSION_TAKEN_OVER);
+                let _ = old.kill.send(Kill::Disconnect {
+                    code: reason::SESSION_TAKEN_OVER,
+                    text: format!("{im} {text}"),
+                });
+            }
+
+            let now = Instant::now();
+            let reuse = !c.clean_start
+                && st
+                    .sessions
+                    .get(&client_id)
+                    .is_some_and(|sess| !sess.expired(now) && sess.user == user);
+            if !reuse {
+                st.sessions.remove(&client_id);
+            }
+            let session_present = reuse;
+            let session = st
+                .sessions
+                .entry(client_id.clone())
+                .or_insert_with(|| Session::new(&user));
+            session.owner = Some(conn_id);
+            session.offline_since = None;
+            session.expiry = c.session_expiry;
+            session.receive_max = c.receive_maximum.clamp(1, 1024);
+            // Unacknowledged messages go out again first, marked DUP.
+            let inflight = std::mem::take(&mut session.inflight);
+            for (_, mut m) in inflight.into_iter().rev() {
+                m.dup = true;
+                session.pending.push_front(m);
+            }
+
+            let flush = Arc::new(Notify::new());
+            let (kill_tx, kill_rx) = mpsc::unbounded_channel();
+            st.conns.insert(
+                client_id,
+                ConnEntry {
+                    id: conn_id,
+                    user: user.clone(),
+                    sig_hmac,
+                    flush: flush.clone(),
+                    kill: kill_tx,
+                },
+            );
+            let after_login = Armed::fire(&mut st.faults.on_login, &user);
+            let uc = st.counters.users.entry(user.clone()).or_default();
+            uc.logins_accepted += 1;
+            if has_client_cert {
+                uc.client_cert_logins += 1;
+            }
+            st.counters.connections_open += 1;
+            st.failed_logins.remove(&user);
+            Admission::Accepted {
+                conn_id,
+                session_present,
+                assigned_client_id: assigned,
+                sig_expires_at,
+                flush,
+                kill: kill_rx,
+                after_login,
+            }
+        })
+    }
+
+    /// Bookkeeping when a connection ends: counters, the will, the session's fate.
+    pub fn conn_ended(
+        &self,
+        client_id: &str,
+        conn_id: u64,
+        user: &str,
+        ending: Ending,
+        will: Option<codec::Will>,
+        session_expiry: u32,
+    ) {
+        self.update(|st| {
+            st.counters.connections_open = st.counters.connections_open.saturating_sub(1);
+            let uc = st.counters.users.entry(user.to_string()).or_default();
+            match ending {
+                Ending::Normal => uc.disconnects_normal += 1,
+                Ending::WithWill => uc.disconnects_normal += 1,
+                Ending::Server(code) => {
+                    *uc.server_disconnects.entry(code_key(code)).or_default() += 1
+                }
+                Ending::Lost => uc.connections_lost += 1,
+            }
+            if st.conns.get(client_id).is_some_and(|e| e.id == conn_id) {
+                st.conns.remove(client_id);
+            }
+            if let Some(sess) = st.sessions.get_mut(client_id)
+                && sess.owner == Some(conn_id)
+            {
+                sess.owner = None;
+                sess.expiry = session_expiry;
+                sess.offline_since = Some(Instant::now());
+                if session_expiry == 0 {
+                    st.sessions.remove(client_id);
+                }
+            }
+            if ending != Ending::Normal
+                && let Some(w) = will
+            {
+                if let Some(uc) = st.counters.users.get_mut(user) {
+                    uc.wills_published += 1;
+                }
+                let msg = Publish {
+                    dup: false,
+                    qos: w.qos.min(1),
+                    retain: false,
+                    topic: w.topic,
+                    pkid: 0,
+                    properties: Vec::new(),
+                    payload: w.payload,
+                };
+                st.route(&msg, None);
+            }
+        });
+    }
+
+    /// Tell every connection of `user` to go, the given way. Returns how many were told.
+    pub fn kill_user(&self, user: &str, kill: Kill) -> usize {
+        self.update(|st| {
+            st.conns
+                .values()
+                .filter(|e| e.user == user)
+                .filter(|e| e.kill.send(kill.clone()).is_ok())
+                .count()
+        })
+    }
+
+    pub fn kill_all(&self, kill: Kill) -> usize {
+        self.update(|st| {
+            st.conns
+                .values()
+                .filter(|e| e.kill.send(kill.clone()).is_ok())
+                .count()
+        })
+    }
+
+    /// Treat every UserSig issued to or used by `user` so far as expired, and disconnect the
+    /// user's sessions with 0xA0 / 70001.
+    pub fn expire_user_sigs(&self, user: &str) -> usize {
+        self.update(|st| {
+            let issued = st.issued.remove(user).unwrap_or_default();
+            st.expired_sigs.extend(issued);
+            let live: Vec<String> = st
+                .conns
+                .values()
+                .filter(|e| e.user == user)
+                .map(|e| e.sig_hmac.clone())
+                .collect();
+            st.expired_sigs.extend(live);
+        });
+        let (im, text) = im_error_for(reason::MAXIMUM_CONNECT_TIME);
+        self.kill_user(
+            user,
+            Kill::Disconnect {
+                code: reason::MAXIMUM_CONNECT_TIME,
+                text: format!("{im} {text}"),
+            },
+        )
+    }
+
+    /// Route a message to every matching session; returns how many sessions got it.
+    pub fn publish(&self, msg: &Publish, from_client: Option<&str>) -> usize {
+        self.update(|st| st.route(msg, from_client))
+    }
+}
+
+impl BrokerState {
+    /// The refusal (CONNACK code, IM code, text) for a CONNECT, or `None` to accept.
+    fn refusal_for(
+        &mut self,
+        s: &Settings,
+        c: &Connect,
+        user: &str,
+        now_unix: u64,
+    ) -> Option<(u8, u32, String)> {
+        let refuse = |code: u8| {
+            let (im, text) = im_error_for(code);
+            Some((code, im, text.to_string()))
+        };
+        if let Some(code) = Armed::fire(&mut self.faults.refuse, user) {
+            return refuse(code);
+        }
+        if c.auth_method.is_some() {
+            return Some((
+                reason::BAD_AUTH_METHOD,
+                0,
+                "enhanced authentication is not supported".into(),
+            ));
+        }
+        if user.is_empty() {
+            return Some((
+                reason::BAD_USERNAME_OR_PASSWORD,
+                7003,
+                "the user name must be the UserID".into(),
+            ));
+        }
+        let prefix = format!("{}:{}:", s.sdk_app_id, user);
+        if !c.client_id.starts_with(&prefix) || c.client_id.len() > 256 {
+            return Some((
+                reason::CLIENT_ID_NOT_VALID,
+                6017,
+                format!("client id must look like {prefix}<platform>:<instance>"),
+            ));
+        }
+        let now = Instant::now();
+        if let Some(q) = self.failed_logins.get_mut(user) {
+            while q
+                .front()
+                .is_some_and(|t| now.duration_since(*t) > s.failed_login_window)
+            {
+                q.pop_front();
+            }
+            if q.len() >= s.failed_login_limit as usize {
+                return refuse(reason::CONNECTION_RATE_EXCEEDED);
+            }
+        }
+        let password = match c.password.as_deref() {
+            None | Some([]) => {
+                return Some((
+                    reason::BAD_USERNAME_OR_PASSWORD,
+                    70002,
+                    "UserSig is empty".into(),
+                ));
+            }
+            Some(p) => String::from_utf8_lossy(p).into_owned(),
+        };
+        match imlink_usersig::verify(&password, &s.secret_key, s.sdk_app_id, user, now_unix) {
+            Ok(d) if self.expired_sigs.contains(&d.hmac_base64()) => refuse(reason::NOT_AUTHORIZED),
+            Ok(_) if self.banned.contains(user) => refuse(reason::BANNED),
+            Ok(_) => None,
+            Err(imlink_usersig::VerifyError::Expired) => refuse(reason::NOT_AUTHORIZED),
+            Err(e) => Some((
+                reason::BAD_USERNAME_OR_PASSWORD,
+                e.code(),
+                e.to_string()
+                    .split_once(' ')
+                    .map(|(_, t)| t.to_string())
+                    .unwrap_or_default(),
+            )),
+        }
+    }
+
+    fn route(&mut self, msg: &Publish, from_client: Option<&str>) -> usize {
+        let now = Instant::now();
+        self.sessions.retain(|_, s| !s.expired(now));
+        let mut delivered = 0;
+        for (client_id, sess) in self.sessions.iter_mut() {
+            let granted = sess
+                .subs
+                .iter()
+                .filter(|(filter, _, no_local)| {
+                    codec::matches(filter, &msg.topic)
+                        && !(*no_local && from_client == Some(client_id.as_str()))
+                })
+                .map(|(_, qos, _)| *qos)
+                .max();
+            let Some(sub_qos) = granted else { continue };
+            let qos = msg.qos.min(sub_qos);
+            if qos == 0 && sess.owner.is_none() {
+                continue;
+            }
+            if sess.pending.len() >= MAX_PENDING {
+                sess.pending.pop_front();
+            }
+            sess.pending.push_back(Msg {
+                topic: msg.topic.clone(),
+                qos,
+                properties: msg.properties.clone(),
+                payload: msg.payload.clone(),
+                dup: false,
+                pkid: 0,
+            });
+            delivered += 1;
+            if let Some(entry) = self.conns.get(client_id) {
+                entry.flush.notify_one();
+            }
+        }
+        delivered
+    }
+
+    /// Take the next batch of messages a connection may send now (within its receive
+    /// maximum), as encoded PUBLISH packets. QoS 0 messages count as delivered here.
+    pub fn take_outgoing(&mut self, client_id: &str, conn_id: u64) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let Some(sess) = self.sessions.get_mut(client_id) else {
+            return out;
+        };
+        if sess.owner != Some(conn_id) {
+            return out;
+        }
+        let mut qos0 = 0;
+        while (sess.inflight.len() as u16) < sess.receive_max {
+            let Some(mut m) = sess.pending.pop_front() else {
+                break;
+            };
+            if m.qos == 1 {
+                if m.pkid == 0 {
+                    m.pkid = sess.alloc_pkid();
+                }
+                sess.inflight.insert(m.pkid, m.clone());
+            } else {
+                qos0 += 1;
+            }
+            out.push(codec::publish(&Publish {
+                dup: m.dup,
+                qos: m.qos,
+                retain: false,
+                topic: m.topic,
+                pkid: m.pkid,
+                properties: m.properties,
+                payload: m.payload,
+            }));
+        }
+        let user = sess.user.clone();
+        if qos0 > 0 {
+            self.counters
+                .users
+                .entry(user)
+                .or_default()
+                .messages_delivered += qos0;
+        }
+        out
+    }
+
+    /// A PUBACK from the client: the message is delivered.
+    pub fn acked(&mut self, client_id: &str, pkid: u16) {
+        if let Some(sess) = self.sessions.get_mut(client_id)
+            && sess.inflight.remove(&pkid).is_some()
+        {
+            let user = sess.user.clone();
+            self.counters
+                .users
+                .entry(user)
+                .or_default()
+                .messages_delivered += 1;
+        }
+    }
+}
