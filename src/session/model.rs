@@ -1,0 +1,225 @@
+//! The session's observable state and events: what the local API, systemd's STATUS= and the
+//! log show. Wire names here are stable (they are part of the API).
+
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds on the monotonic clock the driver feeds the machine.
+pub type Millis = u64;
+
+/// The one phase enum. Wire names are `snake_case`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Logged out and not trying (initial with `login_on_start = false`, or after `logout`).
+    Idle,
+    /// The wall clock is implausible (before this build) or TLS says a certificate is not yet
+    /// valid: waiting for time sync, retrying slowly.
+    WaitingForClock,
+    /// Fetching a UserSig from the provisioning URL.
+    FetchingSig,
+    /// TLS + CONNECT sent, waiting for CONNACK.
+    Connecting,
+    /// CONNACK success: the session is up.
+    Online,
+    /// Waiting before the next attempt (exponential backoff with jitter).
+    Backoff,
+    /// Sending DISCONNECT (logout, account switch, shutdown).
+    LoggingOut,
+    /// Kicked offline (another login took the session, an administrator, or a suspected
+    /// takeover). No reconnect unless policy or a local app says so.
+    Kicked,
+    /// Stopped on an error a new attempt cannot fix (see `last_error`). No retry until a
+    /// local app logs in, the config is reloaded, or the daemon restarts.
+    Stopped,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Idle => "idle",
+            Phase::WaitingForClock => "waiting_for_clock",
+            Phase::FetchingSig => "fetching_sig",
+            Phase::Connecting => "connecting",
+            Phase::Online => "online",
+            Phase::Backoff => "backoff",
+            Phase::LoggingOut => "logging_out",
+            Phase::Kicked => "kicked",
+            Phase::Stopped => "stopped",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Phase> {
+        [
+            Phase::Idle,
+            Phase::WaitingForClock,
+            Phase::FetchingSig,
+            Phase::Connecting,
+            Phase::Online,
+            Phase::Backoff,
+            Phase::LoggingOut,
+            Phase::Kicked,
+            Phase::Stopped,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == s)
+    }
+}
+
+/// The SDK's `getLoginStatus` values.
+pub mod login_status {
+    pub const LOGINED: u8 = 1;
+    pub const LOGINING: u8 = 2;
+    pub const LOGOUT: u8 = 3;
+}
+
+/// Error classes (brief §3.2): how the engine reacted to an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    Network,
+    Busy,
+    SigExpired,
+    SigRejected,
+    Kicked,
+    Fatal,
+    Clock,
+}
+
+impl ErrorClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::Network => "network",
+            ErrorClass::Busy => "busy",
+            ErrorClass::SigExpired => "sig_expired",
+            ErrorClass::SigRejected => "sig_rejected",
+            ErrorClass::Kicked => "kicked",
+            ErrorClass::Fatal => "fatal",
+            ErrorClass::Clock => "clock",
+        }
+    }
+}
+
+/// An error with its IM code (see `docs/errors.md`), class and a message a human can act on.
+/// Messages never contain a UserSig or a token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastError {
+    pub code: u32,
+    pub class: ErrorClass,
+    pub message: String,
+}
+
+impl LastError {
+    pub fn new(code: u32, class: ErrorClass, message: impl Into<String>) -> LastError {
+        LastError {
+            code,
+            class,
+            message: message.into(),
+        }
+    }
+}
+
+/// Why the session was kicked offline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KickReason {
+    /// DISCONNECT 0x8E: another login with this identity took the session.
+    LoggedInElsewhere,
+    /// DISCONNECT 0x98: an administrator.
+    KickedByAdmin,
+    /// The server kept closing the socket right after login: two devices share an identity.
+    SuspectedTakeover,
+}
+
+/// Notifications, mirroring the SDK's listeners. Serialised with `"event": "<name>"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Connecting {
+        user_id: String,
+    },
+    ConnectSuccess {
+        user_id: String,
+        session_present: bool,
+    },
+    ConnectFailed {
+        code: u32,
+        class: ErrorClass,
+        message: String,
+    },
+    KickedOffline {
+        reason: KickReason,
+        code: u32,
+        message: String,
+    },
+    UserSigExpired {
+        code: u32,
+    },
+    UserSigRefreshed {
+        fingerprint: String,
+        expires_at: Option<i64>,
+    },
+    StateChanged {
+        phase: Phase,
+        login_status: u8,
+        login_user: String,
+        last_error: Option<LastError>,
+    },
+}
+
+impl Event {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::Connecting { .. } => "connecting",
+            Event::ConnectSuccess { .. } => "connect_success",
+            Event::ConnectFailed { .. } => "connect_failed",
+            Event::KickedOffline { .. } => "kicked_offline",
+            Event::UserSigExpired { .. } => "user_sig_expired",
+            Event::UserSigRefreshed { .. } => "user_sig_refreshed",
+            Event::StateChanged { .. } => "state_changed",
+        }
+    }
+}
+
+/// What the session knows of its current UserSig (never the sig itself).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigStatus {
+    pub fingerprint: String,
+    /// Unix seconds (the issuer's clock), when known.
+    pub expires_at: Option<i64>,
+    /// Monotonic deadline derived from `expires_at` and the provisioning server's `Date`.
+    pub deadline_ms: Option<Millis>,
+    /// When the proactive refresh is due (monotonic).
+    pub refresh_at_ms: Option<Millis>,
+    pub refreshing: bool,
+}
+
+/// Counters of what the engine did, for status and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counters {
+    pub connect_attempts: u64,
+    pub logins: u64,
+    pub sig_fetches: u64,
+    pub sig_fetch_failures: u64,
+    pub sig_refreshes: u64,
+    pub kicks: u64,
+    pub messages_received: u64,
+}
+
+/// The whole observable state. Times are on the machine's monotonic clock; the driver turns
+/// them into wall-clock times for display.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub phase: Phase,
+    pub login_status: u8,
+    /// The logged-in UserID; empty unless logged in (SDK `getLoginUser`).
+    pub login_user: String,
+    /// The UserID the daemon logs in as (configured or last requested).
+    pub user_id: String,
+    pub since_ms: Millis,
+    pub last_error: Option<LastError>,
+    pub sig: Option<SigStatus>,
+    pub next_retry_ms: Option<Millis>,
+    pub counters: Counters,
+    /// The last kick or UserSig-expiry event, for late watchers.
+    pub last_event: Option<Event>,
+}

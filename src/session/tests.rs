@@ -1,0 +1,1118 @@
+//! The session machine on a fake clock: every row of brief §3.2, the budgets, the backoff
+//! and its reset window, the UserSig lifecycle, and the local requests.
+
+use super::*;
+
+const WALL0: i64 = 2_000_000_000;
+
+struct H {
+    m: Machine,
+    now: Now,
+    next_fp: u32,
+}
+
+fn alice() -> UserId {
+    UserId::parse("alice").unwrap()
+}
+
+fn bob() -> UserId {
+    UserId::parse("bob").unwrap()
+}
+
+impl H {
+    fn new(policy: Policy) -> H {
+        let now = Now {
+            mono: 1_000,
+            wall: WALL0,
+        };
+        H {
+            m: Machine::new(policy, alice(), now, 7),
+            now,
+            next_fp: 0,
+        }
+    }
+
+    fn started() -> H {
+        let mut h = H::new(Policy::default());
+        h.input(Input::Start);
+        h
+    }
+
+    fn input(&mut self, i: Input) -> Vec<Action> {
+        self.m.handle(self.now, i);
+        self.drain()
+    }
+
+    fn drain(&mut self) -> Vec<Action> {
+        std::iter::from_fn(|| self.m.poll_action()).collect()
+    }
+
+    /// Move the clock forward by `ms`, firing every timer that falls due on the way (at its
+    /// own time), and return all the actions.
+    fn advance(&mut self, ms: u64) -> Vec<Action> {
+        let end = self.now.mono + ms;
+        let mut out = Vec::new();
+        while let Some(t) = self.m.poll_timeout().filter(|t| *t <= end) {
+            let t = t.max(self.now.mono);
+            self.now.wall += ((t - self.now.mono) / 1000) as i64;
+            self.now.mono = t;
+            self.m.handle_timeout(self.now);
+            out.extend(self.drain());
+        }
+        self.now.wall += ((end - self.now.mono) / 1000) as i64;
+        self.now.mono = end;
+        out
+    }
+
+    /// A sig for `user` issued now (server clock = local wall), valid `lifetime_s`.
+    fn sig_for(&mut self, user: UserId, lifetime_s: i64) -> SigInfo {
+        self.next_fp += 1;
+        SigInfo {
+            fingerprint: format!("fp{}", self.next_fp),
+            user_id: user,
+            issued_at: Some(self.now.wall),
+            expires_at: Some(self.now.wall + lifetime_s),
+            server_now: self.now.wall,
+            received_at: self.now.mono,
+        }
+    }
+
+    fn sig(&mut self, lifetime_s: i64) -> SigInfo {
+        self.sig_for(alice(), lifetime_s)
+    }
+
+    /// Start → fetch → connect → online, with a sig of `lifetime_s`.
+    fn online(lifetime_s: i64) -> H {
+        let mut h = H::started();
+        let s = h.sig(lifetime_s);
+        h.input(Input::SigFetched(s));
+        h.input(Input::Connected {
+            session_present: false,
+        });
+        assert_eq!(h.m.phase(), Phase::Online);
+        h
+    }
+
+    fn phase(&self) -> Phase {
+        self.m.phase()
+    }
+
+    fn last_error(&self) -> LastError {
+        self.m.snapshot().last_error.expect("a last_error")
+    }
+
+    fn retry_in(&self) -> u64 {
+        self.m
+            .snapshot()
+            .next_retry_ms
+            .expect("a retry is scheduled")
+            - self.now.mono
+    }
+}
+
+fn fetches(a: &[Action]) -> usize {
+    a.iter()
+        .filter(|a| matches!(a, Action::FetchSig { .. }))
+        .count()
+}
+
+fn connects(a: &[Action]) -> Vec<String> {
+    a.iter()
+        .filter_map(|a| match a {
+            Action::Connect { fingerprint, .. } => Some(fingerprint.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn events(a: &[Action]) -> Vec<&'static str> {
+    a.iter()
+        .filter_map(|a| match a {
+            Action::Emit(e) => Some(e.name()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn has(a: &[Action], want: &Action) -> bool {
+    a.iter().any(|x| x == want)
+}
+
+fn network_closed() -> Input {
+    Input::ConnectionEnded(ConnEnd::Network {
+        kind: NetKind::Closed,
+        detail: "connection closed by peer".into(),
+    })
+}
+
+fn refused(code: u8) -> Input {
+    Input::ConnectionEnded(ConnEnd::Refused { code })
+}
+
+fn server_disconnect(code: u8, reason: &str) -> Input {
+    Input::ConnectionEnded(ConnEnd::ServerDisconnect {
+        code,
+        reason: Some(reason.into()),
+    })
+}
+
+// --- the happy path ---------------------------------------------------------------------------
+
+#[test]
+fn start_fetches_a_sig_then_connects_then_is_online() {
+    let mut h = H::new(Policy::default());
+    assert_eq!(h.m.login_status(), login_status::LOGOUT);
+    let a = h.input(Input::Start);
+    assert_eq!(fetches(&a), 1);
+    assert_eq!(h.phase(), Phase::FetchingSig);
+    assert_eq!(h.m.login_status(), login_status::LOGINING);
+    let s = h.sig(3600);
+    let a = h.input(Input::SigFetched(s));
+    assert!(has(
+        &a,
+        &Action::PersistSig {
+            fingerprint: "fp1".into()
+        }
+    ));
+    assert_eq!(connects(&a), ["fp1"]);
+    assert_eq!(h.phase(), Phase::Connecting);
+    assert_eq!(h.m.login_user(), "", "not logged in until CONNACK");
+    let a = h.input(Input::Connected {
+        session_present: false,
+    });
+    assert_eq!(events(&a), ["connect_success", "state_changed"]);
+    assert_eq!(h.phase(), Phase::Online);
+    assert_eq!(h.m.login_status(), login_status::LOGINED);
+    assert_eq!(h.m.login_user(), "alice");
+    assert_eq!(h.m.snapshot().counters.logins, 1);
+}
+
+#[test]
+fn login_on_start_false_waits_for_a_local_login() {
+    let mut h = H::new(Policy {
+        login_on_start: false,
+        ..Policy::default()
+    });
+    let a = h.input(Input::Start);
+    assert!(a.iter().all(|a| matches!(a, Action::Emit(_))));
+    assert_eq!(h.phase(), Phase::Idle);
+    assert!(
+        h.advance(3_600_000).is_empty(),
+        "nothing happens on its own"
+    );
+    let a = h.input(Input::Login { id: 1, user: None });
+    assert_eq!(fetches(&a), 1);
+}
+
+#[test]
+fn a_valid_cached_sig_logs_in_without_fetching() {
+    let mut h = H::new(Policy::default());
+    let s = h.sig(3600);
+    h.input(Input::CachedSig(s));
+    let a = h.input(Input::Start);
+    assert_eq!(fetches(&a), 0);
+    assert_eq!(connects(&a), ["fp1"]);
+}
+
+#[test]
+fn a_cached_sig_for_another_user_is_ignored() {
+    let mut h = H::new(Policy::default());
+    let s = h.sig_for(bob(), 3600);
+    h.input(Input::CachedSig(s));
+    assert_eq!(fetches(&h.input(Input::Start)), 1);
+}
+
+#[test]
+fn an_expired_sig_is_never_sent_6206_then_a_fresh_one_is_fetched() {
+    let mut h = H::new(Policy::default());
+    let mut s = h.sig(3600);
+    s.server_now = s.expires_at.unwrap() + 5; // loaded after it expired
+    h.input(Input::CachedSig(s));
+    let a = h.input(Input::Start);
+    assert!(connects(&a).is_empty(), "never sent");
+    assert!(events(&a).contains(&"user_sig_expired"));
+    assert!(a.contains(&Action::Emit(Event::UserSigExpired { code: 6206 })));
+    assert!(has(&a, &Action::ForgetSig));
+    assert_eq!(fetches(&a), 1);
+}
+
+// --- network class -----------------------------------------------------------------------------
+
+#[test]
+fn a_network_drop_reconnects_with_the_same_sig_and_no_fetch() {
+    let mut h = H::online(86400);
+    h.advance(60_000);
+    let a = h.input(network_closed());
+    assert_eq!(fetches(&a), 0);
+    assert_eq!(h.phase(), Phase::Backoff);
+    assert_eq!(
+        h.m.login_status(),
+        login_status::LOGINED,
+        "the SDK stays logged in"
+    );
+    assert_eq!(h.m.login_user(), "alice");
+    let delay = h.retry_in();
+    assert!((100..=1_000).contains(&delay), "{delay}");
+    assert!(h.advance(delay - 1).is_empty(), "never before the delay");
+    let a = h.advance(1);
+    assert_eq!(connects(&a), ["fp1"], "same UserSig");
+    assert_eq!(fetches(&a), 0, "no provisioning call");
+}
+
+#[test]
+fn connect_errors_back_off_exponentially_with_jitter_up_to_the_cap() {
+    let mut h = H::online(10 * 86400);
+    h.input(network_closed());
+    let mut ceilings_hit = Vec::new();
+    for i in 0..12u32 {
+        let delay = h.retry_in();
+        let ceiling = (1_000u64 << i).min(300_000);
+        assert!(
+            delay >= 100 && delay <= ceiling,
+            "attempt {i}: {delay} > {ceiling}"
+        );
+        ceilings_hit.push(delay);
+        let a = h.advance(delay);
+        assert_eq!(connects(&a).len(), 1);
+        h.input(Input::ConnectionEnded(ConnEnd::Network {
+            kind: NetKind::Refused,
+            detail: "connection refused".into(),
+        }));
+        assert_eq!(h.last_error().code, 9511);
+        assert_eq!(h.last_error().class, ErrorClass::Network);
+    }
+    // Jittered: not all equal to their ceiling.
+    assert!(ceilings_hit.windows(2).any(|w| w[0] * 2 != w[1]));
+}
+
+#[test]
+fn backoff_resets_only_after_staying_online_for_the_reset_window() {
+    let mut h = H::online(10 * 86400);
+    // Drop, then fail four times: five draws so far.
+    h.input(network_closed());
+    for _ in 0..4 {
+        let d = h.retry_in();
+        h.advance(d);
+        h.input(refused(0x88));
+    }
+    assert_eq!(h.m.connect_backoff.attempts(), 5);
+    let d = h.retry_in();
+    h.advance(d);
+    // Online for one minute only: the backoff does not start over.
+    h.input(Input::Connected {
+        session_present: true,
+    });
+    h.advance(60_000);
+    h.input(network_closed());
+    assert_eq!(
+        h.m.connect_backoff.attempts(),
+        6,
+        "no reset after 1 min online"
+    );
+    assert!(h.retry_in() <= 64_000);
+    // Online for the whole 5-minute window: it starts over.
+    let d = h.retry_in();
+    h.advance(d);
+    h.input(Input::Connected {
+        session_present: true,
+    });
+    h.advance(299_999);
+    assert_eq!(h.m.connect_backoff.attempts(), 6);
+    h.advance(1);
+    assert_eq!(h.m.connect_backoff.attempts(), 0, "reset at exactly 5 min");
+    h.input(network_closed());
+    assert!(h.retry_in() <= 1_000);
+}
+
+#[test]
+fn dns_and_timeout_failures_report_their_sdk_codes() {
+    for (kind, code) in [
+        (NetKind::Dns, 9516),
+        (NetKind::Timeout, 9510),
+        (NetKind::Refused, 9511),
+        (NetKind::Tls, 9508),
+    ] {
+        let mut h = H::started();
+        let s = h.sig(3600);
+        h.input(Input::SigFetched(s));
+        let a = h.input(Input::ConnectionEnded(ConnEnd::Network {
+            kind,
+            detail: "x".into(),
+        }));
+        assert!(a.iter().any(|a| matches!(a, Action::Emit(Event::ConnectFailed { code: c, class: ErrorClass::Network, .. }) if *c == code)));
+        assert_eq!(h.phase(), Phase::Backoff);
+    }
+}
+
+// --- busy class ----------------------------------------------------------------------------------
+
+#[test]
+fn busy_refusals_back_off_with_the_same_sig() {
+    for code in [0x88u8, 0x89, 0x9F] {
+        let mut h = H::started();
+        let s = h.sig(3600);
+        h.input(Input::SigFetched(s));
+        let a = h.input(refused(code));
+        assert_eq!(fetches(&a), 0);
+        assert_eq!(h.last_error().class, ErrorClass::Busy);
+        let d = h.retry_in();
+        assert_eq!(connects(&h.advance(d)), ["fp1"]);
+    }
+    let mut h = H::online(3600);
+    h.input(server_disconnect(0x8B, "shutting down"));
+    assert_eq!(h.last_error().class, ErrorClass::Busy);
+    assert_eq!(h.phase(), Phase::Backoff);
+}
+
+#[test]
+fn provisioning_busy_honours_retry_after() {
+    let mut h = H::started();
+    h.input(Input::SigFetchFailed(FetchFailure {
+        class: ErrorClass::Busy,
+        code: 503,
+        message: "HTTP 503".into(),
+        retry_after: Some(30_000),
+    }));
+    assert_eq!(h.phase(), Phase::Backoff);
+    assert!(h.retry_in() >= 30_000);
+    assert_eq!(fetches(&h.advance(29_999)), 0);
+    assert_eq!(fetches(&h.advance(1)), 1);
+}
+
+#[test]
+fn malformed_provisioning_responses_are_retried_with_backoff() {
+    let mut h = H::started();
+    for _ in 0..5 {
+        h.input(Input::SigFetchFailed(FetchFailure {
+            class: ErrorClass::Busy,
+            code: 6017,
+            message: "malformed".into(),
+            retry_after: None,
+        }));
+        let d = h.retry_in();
+        assert_eq!(fetches(&h.advance(d)), 1);
+    }
+    assert_eq!(h.phase(), Phase::FetchingSig);
+}
+
+// --- sig expired class ---------------------------------------------------------------------------
+
+#[test]
+fn disconnect_0xa0_while_online_fetches_one_new_sig_and_logs_in_again() {
+    let mut h = H::online(3600);
+    let a = h.input(server_disconnect(0xA0, "70001 UserSig expired"));
+    assert!(a.contains(&Action::Emit(Event::UserSigExpired { code: 70001 })));
+    assert_eq!(fetches(&a), 1);
+    assert_eq!(h.m.login_status(), login_status::LOGINING);
+    let s = h.sig(3600);
+    let a = h.input(Input::SigFetched(s));
+    assert_eq!(connects(&a), ["fp2"]);
+    h.input(Input::Connected {
+        session_present: true,
+    });
+    assert_eq!(h.phase(), Phase::Online);
+    assert_eq!(
+        h.m.snapshot().last_event,
+        Some(Event::UserSigExpired { code: 70001 }),
+        "late watchers see the last expiry"
+    );
+}
+
+#[test]
+fn connack_0x87_for_a_sig_past_its_expiry_is_the_expired_path() {
+    let mut h = H::started();
+    let s = h.sig(10);
+    h.input(Input::SigFetched(s));
+    // CONNACK arrives after the deadline; the refresh timer already started a fetch on the
+    // way, and the expiry reuses it rather than starting a second one.
+    let on_the_way = h.advance(11_000);
+    let a = h.input(refused(0x87));
+    assert!(a.contains(&Action::Emit(Event::UserSigExpired { code: 70001 })));
+    assert_eq!(fetches(&on_the_way) + fetches(&a), 1);
+    assert_eq!(h.phase(), Phase::FetchingSig);
+}
+
+#[test]
+fn sig_expired_budget_allows_three_relogins_per_window_then_stops() {
+    let mut h = H::online(3600);
+    let mut relogins = 0;
+    loop {
+        let a = h.input(server_disconnect(0xA0, "70001 UserSig expired"));
+        if h.phase() == Phase::Stopped {
+            assert_eq!(fetches(&a), 0);
+            break;
+        }
+        assert_eq!(fetches(&a), 1);
+        relogins += 1;
+        let s = h.sig(3600);
+        h.input(Input::SigFetched(s));
+        h.input(Input::Connected {
+            session_present: true,
+        });
+        h.advance(1_000);
+    }
+    assert_eq!(relogins, 3);
+    let e = h.last_error();
+    assert_eq!((e.code, e.class), (70001, ErrorClass::SigExpired));
+    assert!(
+        e.message
+            .contains("stopped after 3 UserSig renewals within 10m"),
+        "{}",
+        e.message
+    );
+    assert_eq!(h.m.login_status(), login_status::LOGOUT);
+    // Stopped means stopped: an hour later, nothing was attempted.
+    assert!(
+        h.advance(3_600_000)
+            .iter()
+            .all(|a| matches!(a, Action::Emit(_)))
+    );
+    // An explicit login starts over with a fresh budget.
+    let a = h.input(Input::Login { id: 9, user: None });
+    assert_eq!(fetches(&a), 1);
+}
+
+#[test]
+fn the_sig_expired_budget_window_slides() {
+    let mut h = H::online(3600);
+    for _ in 0..3 {
+        h.input(server_disconnect(0xA0, "70001"));
+        let s = h.sig(3600);
+        h.input(Input::SigFetched(s));
+        h.input(Input::Connected {
+            session_present: true,
+        });
+        h.advance(240_000); // 4 minutes
+    }
+    // The first renewal is now 12 minutes old: outside the 10-minute window.
+    let a = h.input(server_disconnect(0xA0, "70001"));
+    assert_eq!(fetches(&a), 1);
+    assert_ne!(h.phase(), Phase::Stopped);
+}
+
+#[test]
+fn sigs_that_arrive_already_expired_use_the_same_budget() {
+    let mut h = H::started();
+    for _ in 0..3 {
+        let mut s = h.sig(60);
+        s.server_now = s.expires_at.unwrap() + 1; // the provisioning server's own clock says expired
+        let a = h.input(Input::SigFetched(s));
+        assert!(connects(&a).is_empty(), "an expired sig is never sent");
+        assert_eq!(fetches(&a), 1);
+    }
+    let mut s = h.sig(60);
+    s.server_now = s.expires_at.unwrap() + 1;
+    h.input(Input::SigFetched(s));
+    assert_eq!(h.phase(), Phase::Stopped);
+    assert_eq!(h.last_error().code, 6206);
+}
+
+// --- sig rejected class --------------------------------------------------------------------------
+
+#[test]
+fn a_rejected_sig_earns_one_fresh_retry_then_stops() {
+    for code in [0x86u8, 0x87] {
+        let mut h = H::started();
+        let s = h.sig(3600);
+        h.input(Input::SigFetched(s));
+        let a = h.input(refused(code));
+        assert!(has(&a, &Action::ForgetSig));
+        assert_eq!(fetches(&a), 1, "one fresh UserSig");
+        assert_eq!(h.last_error().class, ErrorClass::SigRejected);
+        let s = h.sig(3600);
+        assert_eq!(connects(&h.input(Input::SigFetched(s))), ["fp2"]);
+        let a = h.input(refused(code));
+        assert_eq!(fetches(&a), 0);
+        assert_eq!(h.phase(), Phase::Stopped);
+        let e = h.last_error();
+        assert_eq!((e.code, e.class), (70003, ErrorClass::SigRejected));
+        assert!(e.message.contains("refused too"));
+        assert!(
+            h.advance(3_600_000)
+                .iter()
+                .all(|a| matches!(a, Action::Emit(_)))
+        );
+    }
+}
+
+#[test]
+fn the_fresh_retry_allowance_comes_back_after_a_successful_login() {
+    let mut h = H::started();
+    let s = h.sig(3600);
+    h.input(Input::SigFetched(s));
+    h.input(refused(0x86));
+    let s = h.sig(3600);
+    h.input(Input::SigFetched(s));
+    h.input(Input::Connected {
+        session_present: false,
+    });
+    h.input(server_disconnect(0x87, "70052 revoked"));
+    assert_eq!(h.phase(), Phase::FetchingSig, "one retry again");
+}
+
+#[test]
+fn a_network_error_while_fetching_the_fresh_sig_does_not_grant_another_retry() {
+    let mut h = H::started();
+    let s = h.sig(3600);
+    h.input(Input::SigFetched(s));
+    h.input(refused(0x86));
+    h.input(Input::SigFetchFailed(FetchFailure {
+        class: ErrorClass::Network,
+        code: 9510,
+        message: "timeout".into(),
+        retry_after: None,
+    }));
+    let d = h.retry_in();
+    assert_eq!(fetches(&h.advance(d)), 1);
+    let s = h.sig(3600);
+    h.input(Input::SigFetched(s));
+    h.input(refused(0x86));
+    assert_eq!(h.phase(), Phase::Stopped);
+}
+
+// --- kicked class ----------------------------------------------------------------------------------
+
+#[test]
+fn a_takeover_kick_stays_offline() {
+    let mut h = H::online(3600);
+    let a = h.input(server_disconnect(
+        0x8E,
+        "6208 kicked offline by another login",
+    ));
+    assert!(a.iter().any(|a| matches!(
+        a,
+        Action::Emit(Event::KickedOffline {
+            reason: KickReason::LoggedInElsewhere,
+            code: 6208,
+            ..
+        })
+    )));
+    assert_eq!(h.phase(), Phase::Kicked);
+    assert_eq!(h.m.login_status(), login_status::LOGOUT);
+    assert_eq!(h.m.login_user(), "");
+    assert_eq!(h.last_error().class, ErrorClass::Kicked);
+    let later = h.advance(24 * 3_600_000);
+    assert!(
+        connects(&later).is_empty() && fetches(&later) == 0,
+        "no reconnect"
+    );
+    assert!(matches!(
+        h.m.snapshot().last_event,
+        Some(Event::KickedOffline { .. })
+    ));
+}
+
+#[test]
+fn an_admin_kick_is_a_kick_too() {
+    let mut h = H::online(3600);
+    let a = h.input(server_disconnect(
+        0x98,
+        "6208 kicked offline by an administrator",
+    ));
+    assert!(a.iter().any(|a| matches!(
+        a,
+        Action::Emit(Event::KickedOffline {
+            reason: KickReason::KickedByAdmin,
+            ..
+        })
+    )));
+    assert_eq!(h.phase(), Phase::Kicked);
+}
+
+#[test]
+fn relogin_after_a_cool_down_logs_in_once() {
+    let mut h = H::new(Policy {
+        on_kick: OnKick::ReloginAfter(900_000),
+        ..Policy::default()
+    });
+    h.input(Input::Start);
+    let s = h.sig(86400);
+    h.input(Input::SigFetched(s));
+    h.input(Input::Connected {
+        session_present: false,
+    });
+    h.input(server_disconnect(0x8E, "6208"));
+    assert!(connects(&h.advance(899_999)).is_empty());
+    let a = h.advance(1);
+    assert_eq!(
+        connects(&a),
+        ["fp1"],
+        "one login after the cool-down, same valid sig"
+    );
+    h.input(Input::Connected {
+        session_present: true,
+    });
+    assert_eq!(h.phase(), Phase::Online);
+}
+
+#[test]
+fn three_quick_closes_after_login_are_a_suspected_takeover() {
+    let mut h = H::online(86400);
+    for i in 1..=3 {
+        h.advance(2_000);
+        let a = h.input(network_closed());
+        if i < 3 {
+            assert_eq!(h.phase(), Phase::Backoff);
+            let d = h.retry_in();
+            h.advance(d);
+            h.input(Input::Connected {
+                session_present: true,
+            });
+        } else {
+            assert!(a.iter().any(|a| matches!(
+                a,
+                Action::Emit(Event::KickedOffline {
+                    reason: KickReason::SuspectedTakeover,
+                    ..
+                })
+            )));
+        }
+    }
+    assert_eq!(h.phase(), Phase::Kicked);
+    assert!(
+        connects(&h.advance(3_600_000)).is_empty(),
+        "never fights for the identity"
+    );
+}
+
+#[test]
+fn a_close_long_after_login_resets_the_takeover_count() {
+    let mut h = H::online(86400);
+    for _ in 0..2 {
+        h.advance(2_000);
+        h.input(network_closed());
+        let d = h.retry_in();
+        h.advance(d);
+        h.input(Input::Connected {
+            session_present: true,
+        });
+    }
+    h.advance(20_000); // this one stayed up
+    h.input(network_closed());
+    let d = h.retry_in();
+    h.advance(d);
+    h.input(Input::Connected {
+        session_present: true,
+    });
+    h.advance(2_000);
+    h.input(network_closed());
+    assert_eq!(h.phase(), Phase::Backoff, "count restarted");
+}
+
+// --- fatal class -----------------------------------------------------------------------------------
+
+#[test]
+fn fatal_refusals_stop_without_retrying() {
+    for (code, im) in [(0x8Au8, 70051), (0x85, 6017), (0x84, 6017)] {
+        let mut h = H::started();
+        let s = h.sig(3600);
+        h.input(Input::SigFetched(s));
+        h.input(refused(code));
+        assert_eq!(h.phase(), Phase::Stopped);
+        let e = h.last_error();
+        assert_eq!((e.code, e.class), (im, ErrorClass::Fatal));
+        let later = h.advance(3_600_000);
+        assert!(connects(&later).is_empty() && fetches(&later) == 0);
+    }
+}
+
+#[test]
+fn fatal_provisioning_errors_stop() {
+    for status in [401u32, 403, 404] {
+        let mut h = H::started();
+        h.input(Input::SigFetchFailed(FetchFailure {
+            class: ErrorClass::Fatal,
+            code: status,
+            message: format!("HTTP {status}"),
+            retry_after: None,
+        }));
+        assert_eq!(h.phase(), Phase::Stopped);
+        assert_eq!(h.last_error().code, status);
+        assert_eq!(fetches(&h.advance(3_600_000)), 0);
+    }
+}
+
+#[test]
+fn a_sig_for_another_user_is_fatal() {
+    let mut h = H::started();
+    let s = h.sig_for(bob(), 3600);
+    h.input(Input::SigFetched(s));
+    assert_eq!(h.phase(), Phase::Stopped);
+    assert_eq!(h.last_error().code, 70013);
+}
+
+#[test]
+fn a_reload_is_a_way_out_of_stopped() {
+    let mut h = H::started();
+    h.input(Input::SigFetchFailed(FetchFailure {
+        class: ErrorClass::Fatal,
+        code: 403,
+        message: "x".into(),
+        retry_after: None,
+    }));
+    let a = h.input(Input::Reconfigured {
+        policy: Policy::default(),
+        user: alice(),
+        reconnect: false,
+    });
+    assert_eq!(fetches(&a), 1);
+}
+
+// --- clock class -----------------------------------------------------------------------------------
+
+#[test]
+fn an_implausible_wall_clock_waits_for_time_sync() {
+    let mut h = H::new(Policy {
+        min_wall_clock: WALL0 + 1_000_000,
+        ..Policy::default()
+    });
+    let a = h.input(Input::Start);
+    assert_eq!(fetches(&a), 0);
+    assert_eq!(h.phase(), Phase::WaitingForClock);
+    assert_eq!(h.last_error().class, ErrorClass::Clock);
+    assert_eq!(h.m.snapshot().next_retry_ms, Some(h.now.mono + 30_000));
+    assert_eq!(fetches(&h.advance(60_000)), 0, "still implausible");
+    h.now.wall = WALL0 + 2_000_000; // time sync happened
+    let a = h.advance(30_000);
+    assert_eq!(fetches(&a), 1);
+}
+
+#[test]
+fn certificate_not_yet_valid_waits_for_the_clock_slowly() {
+    let mut h = H::started();
+    let s = h.sig(86400);
+    h.input(Input::SigFetched(s));
+    h.input(Input::ConnectionEnded(ConnEnd::CertNotYetValid {
+        detail: "NotValidYet".into(),
+    }));
+    assert_eq!(h.phase(), Phase::WaitingForClock);
+    assert!(connects(&h.advance(29_999)).is_empty());
+    assert_eq!(connects(&h.advance(1)).len(), 1);
+}
+
+// --- UserSig lifecycle -------------------------------------------------------------------------
+
+#[test]
+fn refresh_happens_at_80_percent_of_the_lifetime_with_jitter() {
+    for seed in 0..50 {
+        let mut h = H::new(Policy::default());
+        h.m = Machine::new(Policy::default(), alice(), h.now, seed);
+        h.input(Input::Start);
+        let s = h.sig(1000);
+        h.input(Input::SigFetched(s));
+        h.input(Input::Connected {
+            session_present: false,
+        });
+        let at = h.m.snapshot().sig.unwrap().refresh_at_ms.unwrap() - h.now.mono;
+        assert!((750_000..=850_000).contains(&at), "seed {seed}: {at}");
+    }
+}
+
+#[test]
+fn refresh_is_anchored_on_the_servers_date_not_the_device_clock() {
+    let mut h = H::started();
+    // The device clock is a day fast; the provisioning server's Date is the truth.
+    let mut s = h.sig(1000);
+    s.server_now -= 86400;
+    s.issued_at = Some(s.server_now);
+    s.expires_at = Some(s.server_now + 1000);
+    h.input(Input::SigFetched(s));
+    h.input(Input::Connected {
+        session_present: false,
+    });
+    let snap = h.m.snapshot().sig.unwrap();
+    assert_eq!(snap.deadline_ms, Some(h.now.mono + 1_000_000));
+    let refresh = snap.refresh_at_ms.unwrap() - h.now.mono;
+    assert!((750_000..=850_000).contains(&refresh));
+}
+
+#[test]
+fn proactive_refresh_moves_the_session_to_the_new_sig_before_expiry() {
+    let mut h = H::online(1000);
+    let a = h.advance(900_000);
+    assert_eq!(fetches(&a), 1, "refresh started");
+    assert_eq!(h.phase(), Phase::Online, "still online while fetching");
+    assert!(h.m.snapshot().sig.unwrap().refreshing);
+    let s = h.sig(1000);
+    let a = h.input(Input::SigFetched(s));
+    // Stored first, then a clean DISCONNECT, then CONNECT with the new sig.
+    let persist = a.iter().position(|x| {
+        *x == Action::PersistSig {
+            fingerprint: "fp2".into(),
+        }
+    });
+    let disconnect = a.iter().position(|x| *x == Action::Disconnect);
+    assert!(persist.unwrap() < disconnect.unwrap());
+    assert!(events(&a).contains(&"user_sig_refreshed"));
+    let a = h.input(Input::Disconnected);
+    assert_eq!(connects(&a), ["fp2"]);
+    assert_eq!(
+        h.m.login_status(),
+        login_status::LOGINED,
+        "a planned move stays logged in"
+    );
+    h.input(Input::Connected {
+        session_present: true,
+    });
+    assert_eq!(h.phase(), Phase::Online);
+}
+
+#[test]
+fn a_refresh_failure_keeps_the_session_and_retries() {
+    let mut h = H::online(1000);
+    h.advance(850_000);
+    for _ in 0..3 {
+        let a = h.input(Input::SigFetchFailed(FetchFailure {
+            class: ErrorClass::Fatal, // even a "fatal" answer is retried while the sig is valid
+            code: 503,
+            message: "HTTP 503".into(),
+            retry_after: None,
+        }));
+        assert!(a.iter().all(|a| !matches!(a, Action::Disconnect)));
+        assert_eq!(h.phase(), Phase::Online);
+        let next = h.m.snapshot().sig.unwrap().refresh_at_ms.unwrap();
+        assert!(next < h.now.mono + 150_000, "retried before the deadline");
+        let d = next - h.now.mono;
+        assert_eq!(fetches(&h.advance(d)), 1);
+    }
+}
+
+#[test]
+fn an_offline_device_refreshes_its_sig_and_uses_it_on_the_next_attempt() {
+    let mut h = H::online(1000);
+    h.input(Input::ConnectionEnded(ConnEnd::Network {
+        kind: NetKind::Refused,
+        detail: "x".into(),
+    }));
+    // Keep failing to connect until the refresh point.
+    let mut fetched = false;
+    while h.now.mono < 1_000 + 900_000 {
+        let d = h.m.poll_timeout().unwrap() - h.now.mono;
+        let a = h.advance(d);
+        if fetches(&a) == 1 {
+            let s = h.sig(1000);
+            let b = h.input(Input::SigFetched(s));
+            assert!(
+                connects(&b).is_empty(),
+                "the backoff timer decides when to connect"
+            );
+            fetched = true;
+        }
+        if !connects(&a).is_empty() {
+            h.input(Input::ConnectionEnded(ConnEnd::Network {
+                kind: NetKind::Refused,
+                detail: "x".into(),
+            }));
+        }
+        if fetched {
+            break;
+        }
+    }
+    assert!(fetched);
+    let d = h.retry_in();
+    assert_eq!(connects(&h.advance(d)), ["fp2"]);
+}
+
+// --- local requests --------------------------------------------------------------------------------
+
+#[test]
+fn a_second_login_while_logging_in_answers_7501() {
+    let mut h = H::new(Policy {
+        login_on_start: false,
+        ..Policy::default()
+    });
+    h.input(Input::Start);
+    assert_eq!(fetches(&h.input(Input::Login { id: 1, user: None })), 1);
+    let a = h.input(Input::Login { id: 2, user: None });
+    assert_eq!(fetches(&a), 0, "never two logins");
+    assert!(a.iter().any(|a| matches!(
+        a,
+        Action::Reply {
+            id: 2,
+            result: Err(RequestError { code: 7501, .. })
+        }
+    )));
+    let s = h.sig(3600);
+    h.input(Input::SigFetched(s));
+    let a = h.input(Input::Connected {
+        session_present: false,
+    });
+    assert!(has(
+        &a,
+        &Action::Reply {
+            id: 1,
+            result: Ok(())
+        }
+    ));
+    // Logged in as the same user: answered at once.
+    let a = h.input(Input::Login { id: 3, user: None });
+    assert!(has(
+        &a,
+        &Action::Reply {
+            id: 3,
+            result: Ok(())
+        }
+    ));
+}
+
+#[test]
+fn an_account_switch_logs_the_first_user_out_cleanly_then_the_second_in() {
+    let mut h = H::online(3600);
+    let a = h.input(Input::Login {
+        id: 5,
+        user: Some(bob()),
+    });
+    assert!(has(&a, &Action::Disconnect));
+    assert_eq!(h.phase(), Phase::LoggingOut);
+    let a = h.input(Input::Disconnected);
+    assert!(has(&a, &Action::FetchSig { user: bob() }));
+    assert_eq!(h.m.login_user(), "");
+    let s = h.sig_for(bob(), 3600);
+    let a = h.input(Input::SigFetched(s));
+    assert!(
+        a.iter()
+            .any(|a| matches!(a, Action::Connect { user, .. } if *user == bob()))
+    );
+    let a = h.input(Input::Connected {
+        session_present: false,
+    });
+    assert!(has(
+        &a,
+        &Action::Reply {
+            id: 5,
+            result: Ok(())
+        }
+    ));
+    assert_eq!(h.m.login_user(), "bob");
+}
+
+#[test]
+fn logout_disconnects_cleanly_and_never_reconnects() {
+    let mut h = H::online(3600);
+    let a = h.input(Input::Logout { id: 4 });
+    assert!(has(&a, &Action::Disconnect));
+    assert_eq!(h.phase(), Phase::LoggingOut);
+    let a = h.input(Input::Login { id: 6, user: None });
+    assert!(a.iter().any(|a| matches!(
+        a,
+        Action::Reply {
+            id: 6,
+            result: Err(RequestError { code: 7502, .. })
+        }
+    )));
+    let a = h.input(Input::Disconnected);
+    assert!(has(
+        &a,
+        &Action::Reply {
+            id: 4,
+            result: Ok(())
+        }
+    ));
+    assert_eq!(h.phase(), Phase::Idle);
+    assert_eq!(h.m.login_status(), login_status::LOGOUT);
+    assert!(
+        h.advance(86_400_000)
+            .iter()
+            .all(|a| matches!(a, Action::Emit(_)))
+    );
+}
+
+#[test]
+fn logout_during_backoff_cancels_the_retry() {
+    let mut h = H::online(3600);
+    h.input(network_closed());
+    let a = h.input(Input::Logout { id: 1 });
+    assert!(has(
+        &a,
+        &Action::Reply {
+            id: 1,
+            result: Ok(())
+        }
+    ));
+    assert_eq!(h.phase(), Phase::Idle);
+    assert!(connects(&h.advance(3_600_000)).is_empty());
+}
+
+#[test]
+fn logout_while_fetching_cancels_the_fetch_and_fails_the_pending_login() {
+    let mut h = H::new(Policy {
+        login_on_start: false,
+        ..Policy::default()
+    });
+    h.input(Input::Start);
+    h.input(Input::Login { id: 1, user: None });
+    let a = h.input(Input::Logout { id: 2 });
+    assert!(has(&a, &Action::CancelFetch));
+    assert!(a.iter().any(|a| matches!(
+        a,
+        Action::Reply {
+            id: 1,
+            result: Err(_)
+        }
+    )));
+    assert!(has(
+        &a,
+        &Action::Reply {
+            id: 2,
+            result: Ok(())
+        }
+    ));
+    // A late fetch result is ignored.
+    let s = h.sig(3600);
+    assert!(connects(&h.input(Input::SigFetched(s))).is_empty());
+}
+
+#[test]
+fn login_after_a_kick_logs_in_again() {
+    let mut h = H::online(3600);
+    h.input(server_disconnect(0x8E, "6208"));
+    let a = h.input(Input::Login { id: 1, user: None });
+    assert_eq!(connects(&a), ["fp1"], "the sig is still valid");
+}
+
+#[test]
+fn shutdown_disconnects_then_exits() {
+    let mut h = H::online(3600);
+    let a = h.input(Input::Shutdown);
+    assert!(has(&a, &Action::Disconnect));
+    let a = h.input(Input::Disconnected);
+    assert!(has(&a, &Action::Exit));
+    let mut h = H::new(Policy::default());
+    assert!(has(&h.input(Input::Shutdown), &Action::Exit));
+}
+
+#[test]
+fn every_state_change_is_emitted_exactly_once() {
+    let mut h = H::new(Policy::default());
+    let mut all = h.input(Input::Start);
+    let s = h.sig(3600);
+    all.extend(h.input(Input::SigFetched(s)));
+    all.extend(h.input(Input::Connected {
+        session_present: false,
+    }));
+    all.extend(h.input(network_closed()));
+    let d = h.retry_in();
+    all.extend(h.advance(d));
+    all.extend(h.input(Input::Connected {
+        session_present: true,
+    }));
+    all.extend(h.input(Input::MessageReceived)); // no state change: no event
+    let phases: Vec<Phase> = all
+        .iter()
+        .filter_map(|a| match a {
+            Action::Emit(Event::StateChanged { phase, .. }) => Some(*phase),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            Phase::FetchingSig,
+            Phase::Connecting,
+            Phase::Online,
+            Phase::Backoff,
+            Phase::Connecting,
+            Phase::Online
+        ]
+    );
+}
