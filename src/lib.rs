@@ -2,5 +2,16 @@
 //!
 //! See `ARCHITECTURE.md` for the code map and the invariants.
 
+pub mod api;
+pub mod config;
+pub mod ctl;
+pub mod daemon;
+pub mod driver;
 pub mod identity;
+pub mod logging;
+pub mod mqtt;
+pub mod provision;
 pub mod session;
+pub mod systemd;
+pub mod tls;
+pub mod usersig;

@@ -314,6 +314,11 @@ impl Sandbox {
     pub fn control(&self) -> &Control {
         &self.control
     }
+
+    /// A shared handle on the control surface, for helpers that outlive a borrow.
+    pub fn control_handle(&self) -> Arc<Control> {
+        self.control.clone()
+    }
 }
 
 impl std::ops::Deref for Sandbox {
@@ -383,6 +388,11 @@ impl Control {
                 }
             }
         }
+    }
+
+    /// Every UserSig text this sandbox has issued (to check that none leaks anywhere).
+    pub fn issued_sigs(&self) -> Vec<String> {
+        self.shared.lock().issued_texts.clone()
     }
 
     /// Issue a UserSig for `user` signed with this sandbox's key.

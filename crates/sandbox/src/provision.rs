@@ -55,6 +55,7 @@ impl Shared {
                     continue;
                 }
                 st.issued.entry(user.to_string()).or_default().push(hmac);
+                st.issued_texts.push(sig.clone());
                 return Issued {
                     user_sig: sig,
                     time,
@@ -141,11 +142,29 @@ async fn handle(shared: &Shared, req: Request) -> Response {
         Some(ProvisionFault::ExpiredSig) => (user.clone(), app, -(lifetime.as_secs() as i64) - 60),
         Some(ProvisionFault::WrongUser) => (format!("{user}x"), app, 0),
         Some(ProvisionFault::WrongApp) => (user.clone(), app + 1, 0),
+        Some(ProvisionFault::WrongKey) => {
+            let now = unix_now() as i64 + offset;
+            let sig = imlink_usersig::generate(&imlink_usersig::SigParams {
+                sdk_app_id: app,
+                secret_key: "not-the-sandbox-key",
+                identifier: &user,
+                time: now.max(0) as u64,
+                expire: lifetime.as_secs(),
+                userbuf: None,
+            });
+            shared.update(|st| st.issued_texts.push(sig.clone()));
+            let mut r = Response::json(
+                200,
+                &serde_json::json!({ "user_id": user, "user_sig": sig, "sdk_app_id": app }),
+            );
+            r.date_offset = offset;
+            return r;
+        }
         Some(ProvisionFault::GarbageSig) => {
             let mut r = Response::json(
                 200,
                 &serde_json::json!({
-                    "user_id": user, "user_sig": "this is not a UserSig", "sdk_app_id": app,
+                    "user_id": user, "user_sig": "opaque-token-that-is-not-a-usersig", "sdk_app_id": app,
                 }),
             );
             r.date_offset = offset;

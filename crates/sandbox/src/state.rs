@@ -90,8 +90,12 @@ pub enum ProvisionFault {
     WrongUser,
     /// A UserSig issued for another SDKAppID.
     WrongApp,
-    /// A `user_sig` that is not a UserSig at all.
+    /// A `user_sig` that is not a TLS-sig-api v2 UserSig at all (an opaque token the broker
+    /// refuses with 0x86 / 70003).
     GarbageSig,
+    /// A well-formed UserSig for the right user and app, signed with the wrong key (the broker
+    /// refuses it with 0x86 / 70009).
+    WrongKey,
 }
 
 /// What the broker does right after accepting a login, on purpose.
@@ -237,6 +241,8 @@ pub struct BrokerState {
     pub expired_sigs: HashSet<String>,
     /// HMACs issued per user (so "expire now" also covers sigs not yet used).
     pub issued: HashMap<String, Vec<String>>,
+    /// Every UserSig text issued, so tests can check none leaks into a log.
+    pub issued_texts: Vec<String>,
     pub failed_logins: HashMap<String, VecDeque<Instant>>,
     pub sig_lifetime: Duration,
     /// Seconds added to the provisioning server's clock (sig `time` and `Date`).
@@ -340,6 +346,7 @@ impl Shared {
                 banned: HashSet::new(),
                 expired_sigs: HashSet::new(),
                 issued: HashMap::new(),
+                issued_texts: Vec::new(),
                 failed_logins: HashMap::new(),
                 sig_lifetime,
                 provision_clock_offset: 0,

@@ -148,6 +148,15 @@ async fn every_provisioning_fault_mode() {
         sb.sdk_app_id()
     );
 
+    sb.provision_fault(ProvisionFault::WrongKey, Some(1), None);
+    let v = get().await.json();
+    let sig = v["user_sig"].as_str().unwrap();
+    assert!(imlink_usersig::decode(sig).is_ok(), "well-formed");
+    assert_eq!(
+        imlink_usersig::verify(sig, sb.secret_key(), sb.sdk_app_id(), "alice", now),
+        Err(imlink_usersig::VerifyError::BadSignature)
+    );
+
     sb.provision_fault(ProvisionFault::GarbageSig, None, Some("alice"));
     for _ in 0..2 {
         let v = get().await.json();

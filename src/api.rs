@@ -1,0 +1,636 @@
+//! The local API: JSON-RPC 2.0, one object per line, over a Unix stream socket.
+//!
+//! Security: the socket is 0660 with a configurable client group; SO_PEERCRED decides the
+//! role: anyone who can connect may read; `login`/`logout` need root, the daemon's uid, or a
+//! configured operator uid/gid. Everything is bounded (clients in all and per uid, line length,
+//! idle time, each watcher's backlog): a client can never crash or stall the daemon: a slow
+//! watcher is told it lagged and is dropped. See `docs/api.md`.
+
+use std::collections::HashMap;
+use std::os::fd::FromRawFd;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{broadcast, oneshot};
+
+use crate::config::ApiConfig;
+use crate::driver::{Command, SessionHandle};
+use crate::identity::UserId;
+use crate::session::{Event, codes, login_status};
+
+/// JSON-RPC error codes (the IM codes are used for IM errors).
+pub mod rpc {
+    pub const PARSE_ERROR: i64 = -32700;
+    pub const INVALID_REQUEST: i64 = -32600;
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    pub const INVALID_PARAMS: i64 = -32602;
+    pub const PERMISSION_DENIED: i64 = -32001;
+    pub const TOO_MANY_CLIENTS: i64 = -32002;
+    pub const LINE_TOO_LONG: i64 = -32003;
+    pub const NOT_AVAILABLE: i64 = -32004;
+    pub const TIMEOUT: i64 = -32005;
+}
+
+/// The API version reported by `version`.
+pub const API_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BindError {
+    #[error("another process is already serving {0} (is imlinkd running twice?)")]
+    InUse(PathBuf),
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+    #[error("creating {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("api.group {0:?}: no such group")]
+    NoSuchGroup(String),
+    #[error("socket activation: {0}")]
+    Activation(String),
+}
+
+/// The listening socket, and the path to remove on exit (none when systemd owns it).
+pub struct Bound {
+    pub listener: UnixListener,
+    pub owned_path: Option<PathBuf>,
+}
+
+/// Take the socket systemd passed (socket activation), or bind the configured path: a stale
+/// socket file is replaced, a live one means another daemon and is an error. The socket is
+/// made 0660 and given the client group.
+pub fn bind(cfg: &ApiConfig) -> Result<Bound, BindError> {
+    if let Some(listener) = activated_socket()? {
+        return Ok(Bound {
+            listener,
+            owned_path: None,
+        });
+    }
+    let path = &cfg.socket;
+    let io = |source| BindError::Io {
+        path: path.clone(),
+        source,
+    };
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(BindError::InUse(path.clone()));
+            }
+            std::fs::remove_file(path).map_err(io)?;
+        }
+        Ok(_) => return Err(BindError::NotASocket(path.clone())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io)?;
+    if let Some(group) = &cfg.group {
+        let gid = nix::unistd::Group::from_name(group)
+            .ok()
+            .flatten()
+            .ok_or_else(|| BindError::NoSuchGroup(group.clone()))?
+            .gid;
+        nix::unistd::chown(path, None, Some(gid))
+            .map_err(|e| io(std::io::Error::from_raw_os_error(e as i32)))?;
+    }
+    Ok(Bound {
+        listener,
+        owned_path: Some(path.clone()),
+    })
+}
+
+fn activated_socket() -> Result<Option<UnixListener>, BindError> {
+    let fds = sd_notify::listen_fds().map_err(|e| BindError::Activation(e.to_string()))?;
+    let Some(fd) = fds.into_iter().next() else {
+        return Ok(None);
+    };
+    // SAFETY: systemd passed this descriptor to us (LISTEN_PID matched) and nothing else in
+    // the process owns it; we take ownership exactly once.
+    let std_listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+    std_listener
+        .set_nonblocking(true)
+        .map_err(|e| BindError::Activation(e.to_string()))?;
+    UnixListener::from_std(std_listener)
+        .map(Some)
+        .map_err(|e| BindError::Activation(e.to_string()))
+}
+
+/// Who is on the other end.
+#[derive(Debug, Clone, Copy)]
+struct Peer {
+    uid: u32,
+    operator: bool,
+}
+
+fn supplementary_groups(pid: Option<i32>) -> Vec<u32> {
+    let Some(pid) = pid else { return Vec::new() };
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+struct Limits {
+    total: usize,
+    per_uid: HashMap<u32, usize>,
+}
+
+/// Releases a client's slot when its connection ends.
+struct Slot {
+    limits: Arc<Mutex<Limits>>,
+    uid: u32,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut l = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+        l.total = l.total.saturating_sub(1);
+        if let Some(n) = l.per_uid.get_mut(&self.uid) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                l.per_uid.remove(&self.uid);
+            }
+        }
+    }
+}
+
+pub struct Server {
+    cfg: ApiConfig,
+    session: SessionHandle,
+    daemon_uid: u32,
+    limits: Arc<Mutex<Limits>>,
+    test_hooks: bool,
+}
+
+impl Server {
+    pub fn new(cfg: ApiConfig, session: SessionHandle) -> Arc<Server> {
+        Arc::new(Server {
+            cfg,
+            session,
+            daemon_uid: nix::unistd::geteuid().as_raw(),
+            limits: Arc::new(Mutex::new(Limits {
+                total: 0,
+                per_uid: HashMap::new(),
+            })),
+            test_hooks: std::env::var("IMLINKD_TEST_HOOKS").is_ok_and(|v| v == "1"),
+        })
+    }
+
+    /// Accept clients until the task is dropped.
+    pub async fn serve(self: Arc<Self>, listener: UnixListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let me = self.clone();
+                    tokio::spawn(async move { me.client(stream).await });
+                }
+                Err(e) => {
+                    // EMFILE and friends: say so, and give the system a moment instead of
+                    // spinning on the same error.
+                    tracing::warn!("API accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn admit(&self, uid: u32) -> Result<Slot, &'static str> {
+        let mut l = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+        if l.total >= self.cfg.max_clients {
+            return Err("too many API clients; try again later");
+        }
+        let mine = l.per_uid.get(&uid).copied().unwrap_or(0);
+        if mine >= self.cfg.max_clients_per_uid {
+            return Err("too many API clients for this user; close some");
+        }
+        l.total += 1;
+        *l.per_uid.entry(uid).or_default() += 1;
+        Ok(Slot {
+            limits: self.limits.clone(),
+            uid,
+        })
+    }
+
+    async fn client(self: Arc<Self>, mut stream: UnixStream) {
+        let Ok(cred) = stream.peer_cred() else {
+            return;
+        };
+        let uid = cred.uid();
+        let _slot = match self.admit(uid) {
+            Ok(s) => s,
+            Err(msg) => {
+                let line = error_line(&Value::Null, rpc::TOO_MANY_CLIENTS, msg, None);
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(200),
+                    stream.write_all(line.as_bytes()),
+                )
+                .await;
+                return;
+            }
+        };
+        let operator = uid == 0
+            || uid == self.daemon_uid
+            || self.cfg.operator_uids.contains(&uid)
+            || self.cfg.operator_gids.contains(&cred.gid())
+            || supplementary_groups(cred.pid())
+                .iter()
+                .any(|g| self.cfg.operator_gids.contains(g));
+        let peer = Peer { uid, operator };
+        let (mut rd, mut wr) = stream.into_split();
+        let mut conn = ClientConn {
+            server: &self,
+            peer,
+            buf: Vec::new(),
+            watch: None,
+        };
+        loop {
+            match conn.next_line(&mut rd).await {
+                Next::Line(line) => {
+                    if let Some(reply) = conn.request(&line).await
+                        && write_line(&mut wr, &reply).await.is_err()
+                    {
+                        return;
+                    }
+                }
+                Next::Notification(line) => {
+                    if write_line(&mut wr, &line).await.is_err() {
+                        return;
+                    }
+                }
+                Next::Close(last) => {
+                    if let Some(line) = last {
+                        let _ = write_line(&mut wr, &line).await;
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// How long a write to one client may take before that client is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn write_line(wr: &mut tokio::net::unix::OwnedWriteHalf, line: &str) -> Result<(), ()> {
+    match tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(line.as_bytes())).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+enum Next {
+    Line(Vec<u8>),
+    Notification(String),
+    Close(Option<String>),
+}
+
+struct ClientConn<'a> {
+    server: &'a Arc<Server>,
+    peer: Peer,
+    buf: Vec<u8>,
+    watch: Option<broadcast::Receiver<Event>>,
+}
+
+impl ClientConn<'_> {
+    /// The next complete request line, or a notification to forward, or the end.
+    async fn next_line(&mut self, rd: &mut tokio::net::unix::OwnedReadHalf) -> Next {
+        let max = self.server.cfg.max_line_bytes;
+        loop {
+            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
+                let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
+                line.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                if line.iter().all(|b| b.is_ascii_whitespace()) {
+                    continue;
+                }
+                return Next::Line(line);
+            }
+            if self.buf.len() > max {
+                return Next::Close(Some(error_line(
+                    &Value::Null,
+                    rpc::LINE_TOO_LONG,
+                    &format!("request line longer than {max} bytes; closing"),
+                    None,
+                )));
+            }
+            let mut chunk = [0u8; 4096];
+            let idle = self.server.cfg.idle_timeout;
+            let watching = self.watch.is_some();
+            let read = async {
+                if watching {
+                    // Watchers may stay quiet as long as they like.
+                    rd.read(&mut chunk).await
+                } else {
+                    match tokio::time::timeout(idle, rd.read(&mut chunk)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "idle")),
+                    }
+                }
+            };
+            let event = async {
+                match self.watch.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                r = read => match r {
+                    Ok(0) => return Next::Close(None),
+                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                        return Next::Close(Some(error_line(&Value::Null, rpc::TIMEOUT, "idle for too long; closing", None)));
+                    }
+                    Err(_) => return Next::Close(None),
+                },
+                ev = event => match ev {
+                    Ok(e) => return Next::Notification(notification(&e)),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        return Next::Close(Some(json!({
+                            "jsonrpc": "2.0",
+                            "method": "lagged",
+                            "params": { "missed": n, "message": "this watcher fell behind and is disconnected; reconnect and watch again" }
+                        }).to_string() + "\n"));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return Next::Close(None),
+                },
+            }
+        }
+    }
+
+    /// Handle one request line; `None` for JSON-RPC notifications (no id).
+    async fn request(&mut self, line: &[u8]) -> Option<String> {
+        let v: Value = match serde_json::from_slice(line) {
+            Ok(v) => v,
+            Err(e) => {
+                let why = if std::str::from_utf8(line).is_err() {
+                    "the request is not UTF-8".to_string()
+                } else {
+                    format!("the request is not JSON ({e})")
+                };
+                return Some(error_line(&Value::Null, rpc::PARSE_ERROR, &why, None));
+            }
+        };
+        let Some(obj) = v.as_object() else {
+            let msg = if v.is_array() {
+                "batch requests are not supported; send one object per line"
+            } else {
+                "a request is a JSON object"
+            };
+            return Some(error_line(&Value::Null, rpc::INVALID_REQUEST, msg, None));
+        };
+        let id = obj.get("id").cloned();
+        let reply_id = id.clone().unwrap_or(Value::Null);
+        if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+            return Some(error_line(
+                &reply_id,
+                rpc::INVALID_REQUEST,
+                "\"jsonrpc\": \"2.0\" is required",
+                None,
+            ));
+        }
+        let Some(method) = obj.get("method").and_then(Value::as_str) else {
+            return Some(error_line(
+                &reply_id,
+                rpc::INVALID_REQUEST,
+                "\"method\" must be a string",
+                None,
+            ));
+        };
+        let params = obj.get("params").cloned().unwrap_or(Value::Null);
+        if !(params.is_null() || params.is_object()) {
+            return Some(error_line(
+                &reply_id,
+                rpc::INVALID_PARAMS,
+                "\"params\" must be an object",
+                None,
+            ));
+        }
+        let result = self.dispatch(method, &params).await;
+        id.as_ref()?;
+        Some(match result {
+            Ok(r) => json!({ "jsonrpc": "2.0", "id": reply_id, "result": r }).to_string() + "\n",
+            Err(e) => error_line(&reply_id, e.code, &e.message, e.data),
+        })
+    }
+
+    fn require_operator(&self, method: &str) -> Result<(), RpcError> {
+        if self.peer.operator {
+            return Ok(());
+        }
+        Err(RpcError::new(
+            rpc::PERMISSION_DENIED,
+            format!(
+                "{method} needs an operator: root, the daemon's user, or a uid/gid listed in \
+                 api.operator_uids / api.operator_gids (you are uid {})",
+                self.peer.uid
+            ),
+        ))
+    }
+
+    async fn dispatch(&mut self, method: &str, params: &Value) -> Result<Value, RpcError> {
+        let session = &self.server.session;
+        match method {
+            "version" => Ok(json!({
+                "name": "imlinkd",
+                "version": env!("CARGO_PKG_VERSION"),
+                "api": API_VERSION,
+            })),
+            "status" => Ok(serde_json::to_value(&*session.status.borrow()).unwrap_or(Value::Null)),
+            "get_login_user" => Ok(json!(session.status.borrow().login_user)),
+            "get_login_status" => Ok(json!(session.status.borrow().login_status)),
+            "watch" => {
+                // Subscribe before taking the snapshot so nothing falls between them.
+                self.watch = Some(session.events.subscribe());
+                let status = serde_json::to_value(&*session.status.borrow()).unwrap_or(Value::Null);
+                Ok(json!({ "status": status }))
+            }
+            "login" => {
+                self.require_operator(method)?;
+                let user = match params.get("user_id") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(s)) => Some(UserId::parse(s).map_err(|e| {
+                        RpcError::new(
+                            i64::from(codes_invalid_identifier()),
+                            format!("user_id {s:?}: {e}"),
+                        )
+                    })?),
+                    Some(_) => {
+                        return Err(RpcError::new(
+                            i64::from(codes::INVALID_PARAMETERS),
+                            "user_id must be a string".into(),
+                        ));
+                    }
+                };
+                let timeout = timeout_param(params)?;
+                let (tx, rx) = oneshot::channel();
+                self.send(Command::Login { user, reply: tx }).await?;
+                self.wait(rx, timeout, "login").await?;
+                let st = session.status.borrow().clone();
+                Ok(json!({ "login_user": st.login_user, "login_status": st.login_status }))
+            }
+            "logout" => {
+                self.require_operator(method)?;
+                let timeout = timeout_param(params)?;
+                let (tx, rx) = oneshot::channel();
+                self.send(Command::Logout { reply: tx }).await?;
+                self.wait(rx, timeout, "logout").await?;
+                Ok(json!({ "login_status": login_status::LOGOUT }))
+            }
+            "send_message" => {
+                self.require_operator(method)?;
+                if session.status.borrow().login_status != login_status::LOGINED {
+                    return Err(RpcError::new(
+                        i64::from(codes::NOT_LOGGED_IN),
+                        "not logged in; run `imlinkctl login` first".into(),
+                    ));
+                }
+                Err(RpcError::new(
+                    rpc::NOT_AVAILABLE,
+                    "messaging is reserved for a later version of imlinkd".into(),
+                ))
+            }
+            "debug_wedge" if self.server.test_hooks => {
+                self.require_operator(method)?;
+                self.send(Command::Wedge).await?;
+                Ok(json!({ "wedged": true }))
+            }
+            other => Err(RpcError::new(
+                rpc::METHOD_NOT_FOUND,
+                format!(
+                    "no method {other:?}; methods: status, get_login_user, get_login_status, \
+                     login, logout, watch, version"
+                ),
+            )),
+        }
+    }
+
+    async fn send(&self, cmd: Command) -> Result<(), RpcError> {
+        self.server
+            .session
+            .commands
+            .send(cmd)
+            .await
+            .map_err(|_| RpcError::new(rpc::NOT_AVAILABLE, "the daemon is shutting down".into()))
+    }
+
+    async fn wait(
+        &self,
+        rx: oneshot::Receiver<Result<(), crate::session::RequestError>>,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<(), RpcError> {
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => {
+                let class = self
+                    .server
+                    .session
+                    .status
+                    .borrow()
+                    .last_error
+                    .as_ref()
+                    .filter(|l| l.code == e.code)
+                    .map(|l| l.class.as_str());
+                Err(RpcError {
+                    code: i64::from(e.code),
+                    message: e.message,
+                    data: class.map(|c| json!({ "class": c })),
+                })
+            }
+            Ok(Err(_)) => Err(RpcError::new(
+                rpc::NOT_AVAILABLE,
+                "the daemon is shutting down".into(),
+            )),
+            Err(_) => {
+                let st = self.server.session.status.borrow().clone();
+                Err(RpcError {
+                    code: i64::from(codes::NET_CONN_TIMEOUT),
+                    message: format!(
+                        "{what} still in progress after {timeout:?} ({}); it goes on in the background: `imlinkctl watch` to follow it",
+                        st.summary
+                    ),
+                    data: Some(json!({ "phase": st.phase })),
+                })
+            }
+        }
+    }
+}
+
+fn codes_invalid_identifier() -> u32 {
+    crate::identity::InvalidUserId::CODE
+}
+
+fn timeout_param(params: &Value) -> Result<Duration, RpcError> {
+    match params.get("timeout_ms") {
+        None | Some(Value::Null) => Ok(Duration::from_secs(30)),
+        Some(v) => v
+            .as_u64()
+            .filter(|ms| (1..=3_600_000).contains(ms))
+            .map(Duration::from_millis)
+            .ok_or_else(|| {
+                RpcError::new(
+                    rpc::INVALID_PARAMS,
+                    "timeout_ms must be a whole number of milliseconds, 1 to 3600000".into(),
+                )
+            }),
+    }
+}
+
+struct RpcError {
+    code: i64,
+    message: String,
+    data: Option<Value>,
+}
+
+impl RpcError {
+    fn new(code: i64, message: String) -> RpcError {
+        RpcError {
+            code,
+            message,
+            data: None,
+        }
+    }
+}
+
+fn error_line(id: &Value, code: i64, message: &str, data: Option<Value>) -> String {
+    let mut err = json!({ "code": code, "message": message });
+    if let (Some(d), Some(map)) = (data, err.as_object_mut()) {
+        map.insert("data".into(), d);
+    }
+    json!({ "jsonrpc": "2.0", "id": id, "error": err }).to_string() + "\n"
+}
+
+/// An event as a JSON-RPC notification: the method is the event name, the params its fields.
+pub fn notification(e: &Event) -> String {
+    let mut params = serde_json::to_value(e).unwrap_or(Value::Null);
+    if let Some(map) = params.as_object_mut() {
+        map.remove("event");
+    }
+    json!({ "jsonrpc": "2.0", "method": e.name(), "params": params }).to_string() + "\n"
+}
+
+/// Remove the socket file on exit (when we created it).
+pub fn cleanup(path: Option<&Path>) {
+    if let Some(p) = path {
+        let _ = std::fs::remove_file(p);
+    }
+}

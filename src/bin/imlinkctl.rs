@@ -1,0 +1,4 @@
+//! The command-line client. Everything lives in the library; see `imlinkd::ctl`.
+fn main() -> std::process::ExitCode {
+    imlinkd::ctl::main()
+}

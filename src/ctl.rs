@@ -1,0 +1,618 @@
+//! `imlinkctl`: the command-line client of the local API (and a UserSig decoder).
+//!
+//! Exit codes: 0 success; 1 the operation failed (login refused, wait timed out, bad UserSig);
+//! 2 usage error; 3 the daemon cannot be reached; 4 permission denied.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+pub const DEFAULT_SOCKET: &str = "/run/imlinkd/api.sock";
+
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+pub const EXIT_UNREACHABLE: u8 = 3;
+pub const EXIT_DENIED: u8 = 4;
+
+const USAGE: &str = "\
+imlinkctl — talk to imlinkd over its local API
+
+USAGE:
+  imlinkctl [--socket PATH] status [--json]      the session's state
+  imlinkctl [--socket PATH] watch [--json]       follow events, one line each (--json: NDJSON)
+  imlinkctl [--socket PATH] login [USER] [--timeout 30s]
+                                                 log in (USER: switch accounts); waits until online
+  imlinkctl [--socket PATH] logout [--timeout 30s]
+  imlinkctl [--socket PATH] wait --phase PHASE [--timeout 30s]
+                                                 exit 0 when the phase is reached, 1 on timeout
+  imlinkctl [--socket PATH] version
+  imlinkctl sig decode [USERSIG|-]               decode a UserSig (stdin with - or no argument)
+
+The socket defaults to $IMLINKD_SOCKET, else /run/imlinkd/api.sock.
+Phases: idle waiting_for_clock fetching_sig connecting online backoff logging_out kicked stopped
+Exit codes: 0 ok, 1 failed, 2 usage, 3 daemon unreachable, 4 permission denied.
+";
+
+struct Fail(u8, String);
+
+impl Fail {
+    fn usage(m: impl Into<String>) -> Fail {
+        Fail(EXIT_USAGE, format!("{}\n\n{USAGE}", m.into()))
+    }
+}
+
+pub fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Fail(code, msg)) => {
+            eprintln!("imlinkctl: {msg}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+fn run(mut args: Vec<String>) -> Result<(), Fail> {
+    let mut socket = std::env::var_os("IMLINKD_SOCKET")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+    if let Some(i) = args.iter().position(|a| a == "--socket") {
+        if i + 1 >= args.len() {
+            return Err(Fail::usage("--socket needs a path"));
+        }
+        socket = PathBuf::from(args.remove(i + 1));
+        args.remove(i);
+    }
+    let flag = |args: &mut Vec<String>, name: &str| -> bool {
+        match args.iter().position(|a| a == name) {
+            Some(i) => {
+                args.remove(i);
+                true
+            }
+            None => false,
+        }
+    };
+    let value = |args: &mut Vec<String>, name: &str| -> Result<Option<String>, Fail> {
+        match args.iter().position(|a| a == name) {
+            Some(i) if i + 1 < args.len() => {
+                let v = args.remove(i + 1);
+                args.remove(i);
+                Ok(Some(v))
+            }
+            Some(_) => Err(Fail::usage(format!("{name} needs a value"))),
+            None => Ok(None),
+        }
+    };
+    let timeout = |args: &mut Vec<String>| -> Result<Duration, Fail> {
+        match value(args, "--timeout")? {
+            None => Ok(Duration::from_secs(30)),
+            Some(t) => crate::config::parse_duration(&t)
+                .ok_or_else(|| Fail::usage(format!("--timeout {t}: use e.g. 30s, 2m"))),
+        }
+    };
+    if args.is_empty() {
+        return Err(Fail::usage("no command given"));
+    }
+    let cmd = args.remove(0);
+    match cmd.as_str() {
+        "-h" | "--help" | "help" => {
+            print!("{USAGE}");
+            Ok(())
+        }
+        "status" => {
+            let json_out = flag(&mut args, "--json");
+            no_more(&args)?;
+            let st = Client::connect(&socket)?.call("status", json!({}))?;
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&st).unwrap_or_default());
+            } else {
+                print!("{}", human_status(&st));
+            }
+            Ok(())
+        }
+        "watch" => {
+            let json_out = flag(&mut args, "--json");
+            no_more(&args)?;
+            watch(&socket, json_out)
+        }
+        "login" => {
+            let t = timeout(&mut args)?;
+            let user = if args.is_empty() {
+                None
+            } else {
+                Some(args.remove(0))
+            };
+            no_more(&args)?;
+            let mut params = json!({ "timeout_ms": t.as_millis() as u64 });
+            if let Some(u) = &user {
+                params["user_id"] = json!(u);
+            }
+            let r = Client::connect(&socket)?.call_with_timeout(
+                "login",
+                params,
+                t + Duration::from_secs(5),
+            )?;
+            println!(
+                "logged in as {}",
+                r.get("login_user").and_then(Value::as_str).unwrap_or("?")
+            );
+            Ok(())
+        }
+        "logout" => {
+            let t = timeout(&mut args)?;
+            no_more(&args)?;
+            Client::connect(&socket)?.call_with_timeout(
+                "logout",
+                json!({ "timeout_ms": t.as_millis() as u64 }),
+                t + Duration::from_secs(5),
+            )?;
+            println!("logged out");
+            Ok(())
+        }
+        "wait" => {
+            let t = timeout(&mut args)?;
+            let phase = value(&mut args, "--phase")?
+                .ok_or_else(|| Fail::usage("wait needs --phase PHASE"))?;
+            if crate::session::Phase::parse(&phase).is_none() {
+                return Err(Fail::usage(format!("{phase:?} is not a phase")));
+            }
+            no_more(&args)?;
+            wait_for_phase(&socket, &phase, t)
+        }
+        "version" => {
+            no_more(&args)?;
+            let v = Client::connect(&socket)?.call("version", json!({}))?;
+            println!(
+                "imlinkctl {}; imlinkd {} (API {})",
+                env!("CARGO_PKG_VERSION"),
+                v.get("version").and_then(Value::as_str).unwrap_or("?"),
+                v.get("api").cloned().unwrap_or(Value::Null)
+            );
+            Ok(())
+        }
+        "sig" => {
+            if args.first().map(String::as_str) != Some("decode") {
+                return Err(Fail::usage(
+                    "the sig command is `imlinkctl sig decode [USERSIG|-]`",
+                ));
+            }
+            args.remove(0);
+            let input = if args.is_empty() {
+                "-".to_string()
+            } else {
+                args.remove(0)
+            };
+            no_more(&args)?;
+            sig_decode(&input)
+        }
+        other => Err(Fail::usage(format!("unknown command {other:?}"))),
+    }
+}
+
+fn no_more(args: &[String]) -> Result<(), Fail> {
+    match args.first() {
+        None => Ok(()),
+        Some(a) => Err(Fail::usage(format!("unexpected argument {a:?}"))),
+    }
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn sig_decode(input: &str) -> Result<(), Fail> {
+    let text = if input == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .take(1 << 20)
+            .read_to_string(&mut s)
+            .map_err(|e| Fail(EXIT_FAILED, format!("reading the UserSig from stdin: {e}")))?;
+        s
+    } else {
+        input.to_string()
+    };
+    let d = imlink_usersig::decode(&text).map_err(|e| {
+        Fail(
+            EXIT_FAILED,
+            format!("not a valid TLS-sig-api v2 UserSig: {e}"),
+        )
+    })?;
+    let mut v = d.public_json();
+    let now = now_secs();
+    let exp = d.expires_at() as i64;
+    if let Some(m) = v.as_object_mut() {
+        m.insert(
+            "fingerprint".into(),
+            json!(imlink_usersig::fingerprint(&text)),
+        );
+        m.insert("expired".into(), json!(d.is_expired_at(now.max(0) as u64)));
+        m.insert("expires_in_secs".into(), json!(exp - now));
+    }
+    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    Ok(())
+}
+
+// --- the client ---------------------------------------------------------------------------------
+
+struct Client {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    socket: PathBuf,
+    next_id: u64,
+}
+
+impl Client {
+    fn connect(socket: &PathBuf) -> Result<Client, Fail> {
+        let stream = UnixStream::connect(socket).map_err(|e| {
+            use std::io::ErrorKind as K;
+            let p = socket.display();
+            match e.kind() {
+                K::NotFound => Fail(
+                    EXIT_UNREACHABLE,
+                    format!("no API socket at {p}: is imlinkd running? (systemctl status imlinkd)"),
+                ),
+                K::ConnectionRefused => Fail(
+                    EXIT_UNREACHABLE,
+                    format!("nothing listens on {p}: imlinkd is not running (the socket is stale)"),
+                ),
+                K::PermissionDenied => Fail(
+                    EXIT_DENIED,
+                    format!(
+                        "permission denied on {p}: add your user to the socket's group \
+                         (`ls -l {p}`; the package uses imlinkd-clients) or run as root"
+                    ),
+                ),
+                _ => Fail(EXIT_UNREACHABLE, format!("connecting to {p}: {e}")),
+            }
+        })?;
+        let writer = stream
+            .try_clone()
+            .map_err(|e| Fail(EXIT_UNREACHABLE, e.to_string()))?;
+        Ok(Client {
+            reader: BufReader::new(stream),
+            writer,
+            socket: socket.clone(),
+            next_id: 1,
+        })
+    }
+
+    fn send(&mut self, method: &str, params: Value) -> Result<u64, Fail> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let line = json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params })
+            .to_string()
+            + "\n";
+        self.writer.write_all(line.as_bytes()).map_err(|e| {
+            Fail(
+                EXIT_UNREACHABLE,
+                format!("writing to {}: {e}", self.socket.display()),
+            )
+        })?;
+        Ok(id)
+    }
+
+    /// Read one line; `None` at EOF.
+    fn read(&mut self, deadline: Option<Instant>) -> Result<Option<Value>, Fail> {
+        let timeout = deadline.map(|d| {
+            d.saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
+        });
+        let _ = self.reader.get_ref().set_read_timeout(timeout);
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => Ok(None),
+            Ok(_) => serde_json::from_str(&line).map(Some).map_err(|e| {
+                Fail(
+                    EXIT_FAILED,
+                    format!("the daemon sent something that is not JSON: {e}"),
+                )
+            }),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(Fail(EXIT_FAILED, "timed out waiting for the daemon".into()))
+            }
+            Err(e) => Err(Fail(
+                EXIT_UNREACHABLE,
+                format!("reading from {}: {e}", self.socket.display()),
+            )),
+        }
+    }
+
+    fn call(&mut self, method: &str, params: Value) -> Result<Value, Fail> {
+        self.call_with_timeout(method, params, Duration::from_secs(10))
+    }
+
+    fn call_with_timeout(
+        &mut self,
+        method: &str,
+        params: Value,
+        t: Duration,
+    ) -> Result<Value, Fail> {
+        let id = self.send(method, params)?;
+        let deadline = Instant::now() + t;
+        loop {
+            let Some(v) = self.read(Some(deadline))? else {
+                return Err(Fail(
+                    EXIT_UNREACHABLE,
+                    "the daemon closed the connection".into(),
+                ));
+            };
+            if v.get("id") != Some(&json!(id)) {
+                if let Some(e) = v.get("error") {
+                    return Err(rpc_fail(e));
+                }
+                continue;
+            }
+            if let Some(e) = v.get("error") {
+                return Err(rpc_fail(e));
+            }
+            return Ok(v.get("result").cloned().unwrap_or(Value::Null));
+        }
+    }
+}
+
+fn rpc_fail(e: &Value) -> Fail {
+    let code = e.get("code").and_then(Value::as_i64).unwrap_or(0);
+    let msg = e.get("message").and_then(Value::as_str).unwrap_or("error");
+    let exit = if code == crate::api::rpc::PERMISSION_DENIED {
+        EXIT_DENIED
+    } else {
+        EXIT_FAILED
+    };
+    Fail(exit, format!("{msg} (code {code})"))
+}
+
+fn watch(socket: &PathBuf, json_out: bool) -> Result<(), Fail> {
+    let mut c = Client::connect(socket)?;
+    let snapshot = c.call("watch", json!({}))?;
+    if json_out {
+        println!("{}", json!({ "snapshot": snapshot }));
+    } else {
+        let st = &snapshot["status"];
+        println!(
+            "{} {}",
+            clock(now_secs()),
+            st["summary"].as_str().unwrap_or("")
+        );
+        if let Some(ev) = st.get("last_event").filter(|e| !e.is_null()) {
+            println!("{} last event: {}", clock(now_secs()), ev);
+        }
+    }
+    let _ = std::io::stdout().flush();
+    loop {
+        let Some(v) = c.read(None)? else {
+            return Err(Fail(
+                EXIT_UNREACHABLE,
+                "the daemon closed the connection".into(),
+            ));
+        };
+        if json_out {
+            println!("{v}");
+        } else {
+            let method = v["method"].as_str().unwrap_or("?");
+            let params = &v["params"];
+            let detail = match method {
+                "state_changed" => format!(
+                    "phase={} login_status={} login_user={}{}",
+                    params["phase"].as_str().unwrap_or("?"),
+                    params["login_status"],
+                    params["login_user"].as_str().unwrap_or(""),
+                    params["last_error"]
+                        .get("message")
+                        .and_then(Value::as_str)
+                        .map(|m| format!(" error={m:?}"))
+                        .unwrap_or_default()
+                ),
+                "lagged" => "this watcher fell behind and was disconnected".into(),
+                _ => params.to_string(),
+            };
+            println!("{} {method} {detail}", clock(now_secs()));
+        }
+        let _ = std::io::stdout().flush();
+        if v["method"] == "lagged" {
+            return Err(Fail(
+                EXIT_FAILED,
+                "disconnected after lagging behind".into(),
+            ));
+        }
+    }
+}
+
+fn wait_for_phase(socket: &PathBuf, phase: &str, t: Duration) -> Result<(), Fail> {
+    let deadline = Instant::now() + t;
+    let mut c = Client::connect(socket)?;
+    let snapshot = c.call("watch", json!({}))?;
+    let mut current = snapshot["status"]["phase"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    while current != phase {
+        if Instant::now() >= deadline {
+            return Err(Fail(
+                EXIT_FAILED,
+                format!("timed out after {t:?}: the phase is {current}, not {phase}"),
+            ));
+        }
+        match c.read(Some(deadline)) {
+            Ok(Some(v)) if v["method"] == "state_changed" => {
+                current = v["params"]["phase"].as_str().unwrap_or("").to_string();
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return Err(Fail(
+                    EXIT_UNREACHABLE,
+                    "the daemon closed the connection".into(),
+                ));
+            }
+            Err(Fail(EXIT_FAILED, _)) => {
+                return Err(Fail(
+                    EXIT_FAILED,
+                    format!("timed out after {t:?}: the phase is {current}, not {phase}"),
+                ));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    println!("{phase}");
+    Ok(())
+}
+
+/// `HH:MM:SS` UTC.
+fn clock(t: i64) -> String {
+    let s = t.rem_euclid(86400);
+    format!("{:02}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+fn ago(t: i64) -> String {
+    let d = t - now_secs();
+    let (n, suffix) = if d >= 0 { (d, "from now") } else { (-d, "ago") };
+    let text = if n >= 2 * 86400 {
+        format!("{}d", n / 86400)
+    } else if n >= 2 * 3600 {
+        format!("{}h", n / 3600)
+    } else if n >= 120 {
+        format!("{}m", n / 60)
+    } else {
+        format!("{n}s")
+    };
+    format!("{text} {suffix}")
+}
+
+fn when(t: Option<i64>) -> String {
+    match t {
+        Some(t) => {
+            let at = UNIX_EPOCH + Duration::from_secs(t.max(0) as u64);
+            format!("{} ({})", httpdate::fmt_http_date(at), ago(t))
+        }
+        None => "—".into(),
+    }
+}
+
+fn human_status(st: &Value) -> String {
+    let s = |k: &str| st[k].as_str().unwrap_or("").to_string();
+    let mut out = String::new();
+    out.push_str(&format!("{}\n", s("summary")));
+    out.push_str(&format!(
+        "  phase:         {} since {}\n",
+        s("phase"),
+        when(st["since"].as_i64())
+    ));
+    let ls = st["login_status"].as_u64().unwrap_or(0);
+    let ls_name = match ls {
+        1 => "LOGINED",
+        2 => "LOGINING",
+        _ => "LOGOUT",
+    };
+    let login_user = s("login_user");
+    out.push_str(&format!(
+        "  login status:  {ls} {ls_name}{}\n",
+        if login_user.is_empty() {
+            String::new()
+        } else {
+            format!(" as {login_user}")
+        }
+    ));
+    out.push_str(&format!(
+        "  user id:       {} (SDKAppID {})\n",
+        s("user_id"),
+        st["sdk_app_id"]
+    ));
+    out.push_str(&format!("  broker:        {}\n", s("broker")));
+    match st.get("sig").filter(|v| !v.is_null()) {
+        Some(sig) => {
+            out.push_str(&format!(
+                "  UserSig:       {}{}\n",
+                sig["fingerprint"].as_str().unwrap_or(""),
+                if sig["refreshing"] == json!(true) {
+                    " (refreshing)"
+                } else {
+                    ""
+                }
+            ));
+            out.push_str(&format!(
+                "    valid until: {}\n",
+                when(sig["valid_until"].as_i64())
+            ));
+            out.push_str(&format!(
+                "    refresh at:  {}\n",
+                when(sig["refresh_at"].as_i64())
+            ));
+        }
+        None => out.push_str("  UserSig:       none\n"),
+    }
+    if let Some(e) = st.get("last_error").filter(|v| !v.is_null()) {
+        out.push_str(&format!(
+            "  last error:    {} [{} {}]\n",
+            e["message"].as_str().unwrap_or(""),
+            e["class"].as_str().unwrap_or(""),
+            e["code"]
+        ));
+    }
+    if let Some(ms) = st["next_retry_at_ms"].as_i64() {
+        out.push_str(&format!("  next attempt:  {}\n", when(Some(ms / 1000))));
+    }
+    if let Some(ev) = st.get("last_event").filter(|v| !v.is_null()) {
+        out.push_str(&format!("  last event:    {ev}\n"));
+    }
+    let c = &st["counters"];
+    out.push_str(&format!(
+        "  counters:      {} connects, {} logins, {} sig fetches ({} failed), {} kicks, {} messages\n",
+        c["connect_attempts"], c["logins"], c["sig_fetches"], c["sig_fetch_failures"], c["kicks"], c["messages_received"]
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clock_and_relative_times_format() {
+        assert_eq!(clock(3661), "01:01:01");
+        assert!(ago(now_secs() + 3 * 3600).ends_with("from now"));
+        assert!(ago(now_secs() - 90).starts_with("90s"));
+        assert_eq!(when(None), "—");
+    }
+
+    #[test]
+    fn usage_errors_exit_2() {
+        assert!(matches!(run(vec![]), Err(Fail(EXIT_USAGE, _))));
+        assert!(matches!(
+            run(vec!["bogus".into()]),
+            Err(Fail(EXIT_USAGE, _))
+        ));
+        assert!(matches!(run(vec!["wait".into()]), Err(Fail(EXIT_USAGE, _))));
+        assert!(matches!(
+            run(vec!["wait".into(), "--phase".into(), "nope".into()]),
+            Err(Fail(EXIT_USAGE, _))
+        ));
+        assert!(matches!(
+            run(vec!["status".into(), "extra".into()]),
+            Err(Fail(EXIT_USAGE, _))
+        ));
+    }
+
+    #[test]
+    fn a_missing_socket_is_exit_3_with_advice() {
+        let r = run(vec![
+            "--socket".into(),
+            "/nonexistent/x.sock".into(),
+            "status".into(),
+        ]);
+        match r {
+            Err(Fail(EXIT_UNREACHABLE, m)) => assert!(m.contains("is imlinkd running")),
+            _ => panic!("expected exit 3"),
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! `imlinkd` itself: load the config, start the session driver and the local API, tell
+//! systemd, handle signals (SIGTERM/SIGINT: log out cleanly and exit; SIGHUP: reload).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::oneshot;
+
+use crate::config::{self, Config};
+use crate::driver::{Command, Driver, SessionHandle};
+use crate::{api, logging, systemd};
+
+/// sysexits.h EX_CONFIG: the unit file's `RestartPreventExitStatus=78` stops restart loops on
+/// a bad config.
+pub const EX_CONFIG: u8 = 78;
+/// How long a clean logout may take on SIGTERM before the daemon exits anyway.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+const USAGE: &str = "\
+imlinkd — keeps one IM login session alive over MQTT v5/TLS
+
+USAGE:
+  imlinkd [--config PATH]          run the daemon (default config /etc/imlinkd/imlinkd.toml)
+  imlinkd --check-config [--config PATH]
+                                   validate the config and exit (0 valid, 78 invalid)
+  imlinkd --version | --help
+
+Environment: IMLINKD__SECTION__KEY overrides a config key (e.g. IMLINKD__BROKER__URL).
+Signals: SIGTERM/SIGINT log out cleanly and exit; SIGHUP reloads the config.
+The local API listens on api.socket (default /run/imlinkd/api.sock); use `imlinkctl`.
+";
+
+enum Mode {
+    Run(PathBuf),
+    Check(PathBuf),
+    Help,
+    Version,
+}
+
+fn parse_args(args: impl Iterator<Item = String>) -> Result<Mode, String> {
+    let mut path = PathBuf::from(config::DEFAULT_PATH);
+    let mut check = false;
+    let mut args = args.skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "-c" | "--config" => {
+                path = PathBuf::from(args.next().ok_or("--config needs a path")?);
+            }
+            s if s.starts_with("--config=") => path = PathBuf::from(&s["--config=".len()..]),
+            "--check-config" => check = true,
+            "-h" | "--help" => return Ok(Mode::Help),
+            "-V" | "--version" => return Ok(Mode::Version),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    Ok(if check {
+        Mode::Check(path)
+    } else {
+        Mode::Run(path)
+    })
+}
+
+pub fn main() -> ExitCode {
+    let mode = match parse_args(std::env::args()) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("imlinkd: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match mode {
+        Mode::Help => {
+            print!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        Mode::Version => {
+            println!("imlinkd {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Mode::Check(path) => match Config::load(&path) {
+            Ok(c) => {
+                for w in &c.warnings {
+                    eprintln!("imlinkd: warning: {w}");
+                }
+                println!("{}: configuration is valid", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("imlinkd: {e}");
+                ExitCode::from(EX_CONFIG)
+            }
+        },
+        Mode::Run(path) => run(&path),
+    }
+}
+
+fn config_failure(message: &str) -> ExitCode {
+    eprintln!("imlinkd: {message}");
+    systemd::failed(
+        &format!("configuration error: {message}"),
+        u32::from(EX_CONFIG),
+    );
+    ExitCode::from(EX_CONFIG)
+}
+
+fn run(path: &Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return config_failure(&e.to_string()),
+    };
+    logging::init(config.log_level);
+    for w in &config.warnings {
+        tracing::warn!("{w}");
+    }
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("imlinkd: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(serve(path, config))
+}
+
+fn prepare_state_dir(dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("state_dir {}: {e}", dir.display()))?;
+    // The cache holds a secret; the directory is the daemon's alone.
+    let meta = std::fs::metadata(dir).map_err(|e| format!("state_dir {}: {e}", dir.display()))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    }
+    Ok(())
+}
+
+async fn serve(path: &Path, config: Config) -> ExitCode {
+    if let Err(e) = prepare_state_dir(&config.state_dir) {
+        return config_failure(&format!("{}: {e}", config.path.display()));
+    }
+    let (driver, session) = match Driver::new(config.clone(), config.api.watcher_queue) {
+        Ok(d) => d,
+        Err(e) => return config_failure(&format!("{}: {e}", config.path.display())),
+    };
+    let bound = match api::bind(&config.api) {
+        Ok(b) => b,
+        Err(e @ api::BindError::NoSuchGroup(_)) => {
+            return config_failure(&format!("{}: {e}", config.path.display()));
+        }
+        Err(e) => {
+            eprintln!("imlinkd: local API: {e}");
+            systemd::failed(&format!("local API: {e}"), 1);
+            return ExitCode::FAILURE;
+        }
+    };
+    let api_server = api::Server::new(config.api.clone(), session.clone());
+    let api_task = tokio::spawn(api_server.serve(bound.listener));
+    let mut driver_task = tokio::spawn(driver.run());
+    // READY: the config is valid and the API serves (being online is not required).
+    systemd::ready(&session.status.borrow().summary.clone());
+    let mirror = tokio::spawn(systemd::mirror_status(session.status.clone()));
+    let watchdog = systemd::spawn_watchdog(session.clone());
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        socket = %config.api.socket.display(),
+        watchdog = ?watchdog,
+        "imlinkd started"
+    );
+
+    let signals = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    );
+    let (mut term, mut int, mut hup) = match signals {
+        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+        _ => {
+            tracing::error!("could not install signal handlers");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut exited = false;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => reload(path, &session).await,
+            _ = &mut driver_task => {
+                exited = true;
+                break;
+            }
+        }
+    }
+    if !exited {
+        systemd::stopping();
+        tracing::info!("stopping: logging out");
+        let _ = session.commands.send(Command::Shutdown).await;
+        if tokio::time::timeout(STOP_TIMEOUT, &mut driver_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the logout did not finish within {STOP_TIMEOUT:?}; exiting anyway");
+        }
+    }
+    api_task.abort();
+    mirror.abort();
+    api::cleanup(bound.owned_path.as_deref());
+    tracing::info!("imlinkd stopped");
+    systemd::flush(Duration::from_secs(1));
+    ExitCode::SUCCESS
+}
+
+/// SIGHUP: load and validate the file again; a bad new config keeps the running one.
+async fn reload(path: &Path, session: &SessionHandle) {
+    systemd::reloading();
+    match Config::load(path) {
+        Ok(config) => {
+            for w in &config.warnings {
+                tracing::warn!("{w}");
+            }
+            let (tx, rx) = oneshot::channel();
+            let sent = session
+                .commands
+                .send(Command::Reload {
+                    config: Box::new(config),
+                    reply: tx,
+                })
+                .await;
+            match (sent, rx.await) {
+                (Ok(()), Ok(Ok(()))) => tracing::info!("configuration reloaded"),
+                (_, Ok(Err(e))) => tracing::error!(
+                    "could not apply the new configuration ({e}); keeping the running one"
+                ),
+                _ => tracing::error!("the session driver is gone; cannot reload"),
+            }
+        }
+        Err(e) => {
+            tracing::error!("the new configuration is invalid, keeping the running one: {e}");
+        }
+    }
+    systemd::ready(&session.status.borrow().summary.clone());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(a: &[&str]) -> impl Iterator<Item = String> {
+        std::iter::once("imlinkd".to_string()).chain(a.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn arguments_parse() {
+        assert!(
+            matches!(parse_args(args(&[])), Ok(Mode::Run(p)) if p == Path::new(config::DEFAULT_PATH))
+        );
+        assert!(
+            matches!(parse_args(args(&["--config", "x.toml"])), Ok(Mode::Run(p)) if p == Path::new("x.toml"))
+        );
+        assert!(
+            matches!(parse_args(args(&["--config=y", "--check-config"])), Ok(Mode::Check(p)) if p == Path::new("y"))
+        );
+        assert!(matches!(parse_args(args(&["-V"])), Ok(Mode::Version)));
+        assert!(parse_args(args(&["--config"])).is_err());
+        assert!(parse_args(args(&["--bogus"])).is_err());
+    }
+}

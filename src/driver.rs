@@ -1,0 +1,847 @@
+//! The tokio driver: the only place where the session meets the world.
+//!
+//! It owns the rumqttc connection, the provisioning fetch, the timers, the UserSig secrets and
+//! their cache, and feeds everything that happens to the [`Machine`] as [`Input`]s; then it
+//! carries out the machine's [`Action`]s. It holds no policy of its own: every decision is the
+//! machine's. Invariants:
+//! * rumqttc's event loop is polled only while the machine wants a connection; a failed
+//!   connection is dropped at once, so rumqttc can never reconnect on its own (its `poll()`
+//!   reconnects immediately) and no stale DISCONNECT is ever replayed;
+//! * the UserSig leaves this module only as the MQTT password and the 0600 cache file;
+//! * every state change goes out once, from [`Driver::emit`], to the log, the local API
+//!   watchers and (through [`Status`]) systemd.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::{AsyncClient, ConnectionError, Event as MqttEvent, EventLoop};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::identity::UserId;
+use crate::mqtt::MqttSettings;
+use crate::provision::{Fetched, Provisioner};
+use crate::session::{
+    Action, Counters, ErrorClass, Event, FetchFailure, Input, LastError, Machine, Millis, Now,
+    Phase, RequestError, RequestId, SigInfo, Snapshot,
+};
+use crate::usersig::{SigCache, UserSig};
+
+/// How long a clean DISCONNECT may take before the connection is simply dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// The loop wakes at least this often, so its heartbeat proves it is alive.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// Requests to the session, from the local API and the signal handlers.
+pub enum Command {
+    Login {
+        user: Option<UserId>,
+        reply: oneshot::Sender<Result<(), RequestError>>,
+    },
+    Logout {
+        reply: oneshot::Sender<Result<(), RequestError>>,
+    },
+    /// A new, validated config (SIGHUP).
+    Reload {
+        config: Box<Config>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Shutdown,
+    /// Test hook (only honoured when `IMLINKD_TEST_HOOKS=1`): the driver loop stops making
+    /// progress, as a wedged daemon would, so the watchdog can be seen to notice.
+    Wedge,
+}
+
+/// The monotonic clock the machine runs on, plus the wall clock.
+#[derive(Clone, Copy)]
+pub struct Clock {
+    start: tokio::time::Instant,
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        Clock {
+            start: tokio::time::Instant::now(),
+        }
+    }
+
+    pub fn now(&self) -> Now {
+        Now {
+            mono: self.start.elapsed().as_millis() as Millis,
+            wall: wall_secs(),
+        }
+    }
+
+    fn instant(&self, mono: Millis) -> tokio::time::Instant {
+        self.start + Duration::from_millis(mono)
+    }
+
+    /// Unix milliseconds of a monotonic instant (via the current wall clock).
+    fn wall_ms(&self, mono: Millis) -> i64 {
+        let now = self.now();
+        wall_ms() - (now.mono as i64 - mono as i64)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+fn wall_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn wall_secs() -> i64 {
+    wall_ms() / 1000
+}
+
+/// What the API shows of the current UserSig (never the sig).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigView {
+    pub fingerprint: String,
+    /// Unix seconds on the issuer's clock.
+    pub expires_at: Option<i64>,
+    /// Local Unix seconds when the daemon considers it expired (from the monotonic deadline).
+    pub valid_until: Option<i64>,
+    /// Local Unix seconds of the next proactive refresh.
+    pub refresh_at: Option<i64>,
+    pub refreshing: bool,
+}
+
+/// The status the local API serves and systemd's STATUS= summarises.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub phase: Phase,
+    /// One human line, e.g. `online as kiosk-0042 (sig valid 41h)`.
+    pub summary: String,
+    pub login_status: u8,
+    pub login_user: String,
+    pub user_id: String,
+    pub sdk_app_id: u64,
+    pub broker: String,
+    /// Unix seconds when the current phase began.
+    pub since: i64,
+    pub last_error: Option<LastError>,
+    pub sig: Option<SigView>,
+    /// Unix milliseconds of the next attempt, when one is scheduled.
+    pub next_retry_at_ms: Option<i64>,
+    pub counters: Counters,
+    /// The last kick or UserSig-expiry event.
+    pub last_event: Option<Event>,
+}
+
+fn short(d_ms: i64) -> String {
+    let s = d_ms.max(0) / 1000;
+    if s >= 2 * 86400 {
+        format!("{}d", s / 86400)
+    } else if s >= 2 * 3600 {
+        format!("{}h", s / 3600)
+    } else if s >= 120 {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// The one-line summary of a snapshot (systemd STATUS=, `imlinkctl status`).
+pub fn summary(s: &Snapshot, broker: &str, now_mono: Millis) -> String {
+    let err = s
+        .last_error
+        .as_ref()
+        .map(|e| format!("{} (code {})", e.message, e.code))
+        .unwrap_or_default();
+    match s.phase {
+        Phase::Online => match s.sig.as_ref().and_then(|g| g.deadline_ms) {
+            Some(d) => format!(
+                "online as {} (sig valid {})",
+                s.login_user,
+                short(d as i64 - now_mono as i64)
+            ),
+            None => format!("online as {}", s.login_user),
+        },
+        Phase::Idle => "logged out — run `imlinkctl login` to log in".into(),
+        Phase::WaitingForClock => format!("waiting for clock sync: {err}"),
+        Phase::FetchingSig => format!("fetching a UserSig for {}", s.user_id),
+        Phase::Connecting => format!("connecting to {broker} as {}", s.user_id),
+        Phase::Backoff => match s.next_retry_ms {
+            Some(t) => format!("retrying in {}: {err}", short(t as i64 - now_mono as i64)),
+            None => format!("retrying: {err}"),
+        },
+        Phase::LoggingOut => "logging out".into(),
+        Phase::Kicked => {
+            let why = match &s.last_event {
+                Some(Event::KickedOffline { reason, .. }) => match reason {
+                    crate::session::KickReason::LoggedInElsewhere => "logged in elsewhere",
+                    crate::session::KickReason::KickedByAdmin => "kicked by an administrator",
+                    crate::session::KickReason::SuspectedTakeover => {
+                        "another device uses this identity"
+                    }
+                },
+                _ => "kicked offline",
+            };
+            match s.next_retry_ms {
+                Some(t) => format!(
+                    "kicked: {why} — logging in again in {}",
+                    short(t as i64 - now_mono as i64)
+                ),
+                None => format!("kicked: {why} — run `imlinkctl login`"),
+            }
+        }
+        Phase::Stopped => format!("stopped: {err} — run `imlinkctl login`"),
+    }
+}
+
+/// The handle the rest of the daemon uses.
+#[derive(Clone)]
+pub struct SessionHandle {
+    pub commands: mpsc::Sender<Command>,
+    pub status: watch::Receiver<Status>,
+    pub events: broadcast::Sender<Event>,
+    /// Monotonic milliseconds (driver clock) of the loop's last iteration.
+    pub heartbeat: Arc<AtomicU64>,
+    pub clock: Clock,
+}
+
+impl SessionHandle {
+    /// Milliseconds since the driver loop last made progress.
+    pub fn heartbeat_age_ms(&self) -> u64 {
+        self.clock
+            .now()
+            .mono
+            .saturating_sub(self.heartbeat.load(Ordering::Relaxed))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnState {
+    Connecting,
+    Online,
+    Closing,
+}
+
+struct Connection {
+    client: AsyncClient,
+    eventloop: EventLoop,
+    state: ConnState,
+    user: UserId,
+}
+
+/// A sig the driver holds, with what is needed to cache it.
+struct HeldSig {
+    sig: UserSig,
+    user: UserId,
+    server_offset: i64,
+    issued_at: Option<i64>,
+    expires_at: Option<i64>,
+}
+
+enum Wake {
+    Command(Option<Command>),
+    Conn(Result<MqttEvent, ConnectionError>),
+    Fetch(Result<Result<Fetched, FetchFailure>, tokio::task::JoinError>),
+    Timer,
+    CloseTimeout,
+    Tick,
+}
+
+pub struct Driver {
+    machine: Machine,
+    clock: Clock,
+    config: Config,
+    mqtt: MqttSettings,
+    provisioner: Provisioner,
+    cache: SigCache,
+    sigs: HashMap<String, HeldSig>,
+    conn: Option<Connection>,
+    close_deadline: Option<tokio::time::Instant>,
+    fetch: Option<JoinHandle<Result<Fetched, FetchFailure>>>,
+    commands: mpsc::Receiver<Command>,
+    status: watch::Sender<Status>,
+    events: broadcast::Sender<Event>,
+    replies: HashMap<RequestId, oneshot::Sender<Result<(), RequestError>>>,
+    next_request: RequestId,
+    heartbeat: Arc<AtomicU64>,
+    test_hooks: bool,
+    exit: bool,
+}
+
+fn seed() -> u64 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+        return wall_ms() as u64 ^ u64::from(std::process::id());
+    }
+    u64::from_le_bytes(b)
+}
+
+impl Driver {
+    /// Build the driver for `config`. A valid cached UserSig (if any) is loaded here.
+    pub fn new(config: Config, watcher_queue: usize) -> Result<(Driver, SessionHandle), String> {
+        let clock = Clock::new();
+        let now = clock.now();
+        let mqtt = MqttSettings::from_config(&config).map_err(|e| format!("broker: {e}"))?;
+        let provisioner = Provisioner::new(
+            &config.provisioning,
+            config.sdk_app_id,
+            &config.platform,
+            &config.instance,
+        )
+        .map_err(|e| format!("provisioning: {e}"))?;
+        let cache = SigCache::new(&config.state_dir);
+        let mut machine = Machine::new(config.policy.clone(), config.user_id.clone(), now, seed());
+        let mut sigs = HashMap::new();
+        match cache.load(&config.user_id, config.sdk_app_id, now.wall) {
+            Ok(Some(c)) => {
+                let fingerprint = c.sig.fingerprint();
+                tracing::info!(fingerprint = %fingerprint, "using the cached UserSig");
+                machine.handle(
+                    now,
+                    Input::CachedSig(SigInfo {
+                        fingerprint: fingerprint.clone(),
+                        user_id: config.user_id.clone(),
+                        issued_at: c.issued_at,
+                        expires_at: c.expires_at,
+                        server_now: c.server_now,
+                        received_at: now.mono,
+                    }),
+                );
+                sigs.insert(
+                    fingerprint,
+                    HeldSig {
+                        sig: c.sig,
+                        user: config.user_id.clone(),
+                        server_offset: c.server_now - now.wall,
+                        issued_at: c.issued_at,
+                        expires_at: c.expires_at,
+                    },
+                );
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!("ignoring the UserSig cache: {e}; a new UserSig will be fetched");
+                let _ = cache.forget();
+            }
+        }
+        let (commands_tx, commands) = mpsc::channel(64);
+        let (events, _) = broadcast::channel(watcher_queue.max(1));
+        let heartbeat = Arc::new(AtomicU64::new(now.mono));
+        let snapshot = machine.snapshot();
+        let status0 = Self::status_of(&snapshot, &config, &mqtt, &clock);
+        let (status, status_rx) = watch::channel(status0);
+        let handle = SessionHandle {
+            commands: commands_tx,
+            status: status_rx,
+            events: events.clone(),
+            heartbeat: heartbeat.clone(),
+            clock,
+        };
+        let test_hooks = std::env::var("IMLINKD_TEST_HOOKS").is_ok_and(|v| v == "1");
+        Ok((
+            Driver {
+                machine,
+                clock,
+                config,
+                mqtt,
+                provisioner,
+                cache,
+                sigs,
+                conn: None,
+                close_deadline: None,
+                fetch: None,
+                commands,
+                status,
+                events,
+                replies: HashMap::new(),
+                next_request: 1,
+                heartbeat,
+                test_hooks,
+                exit: false,
+            },
+            handle,
+        ))
+    }
+
+    fn status_of(s: &Snapshot, config: &Config, mqtt: &MqttSettings, clock: &Clock) -> Status {
+        let now = clock.now();
+        let broker = mqtt.url();
+        Status {
+            phase: s.phase,
+            summary: summary(s, &broker, now.mono),
+            login_status: s.login_status,
+            login_user: s.login_user.clone(),
+            user_id: s.user_id.clone(),
+            sdk_app_id: config.sdk_app_id,
+            broker,
+            since: clock.wall_ms(s.since_ms) / 1000,
+            last_error: s.last_error.clone(),
+            sig: s.sig.as_ref().map(|g| SigView {
+                fingerprint: g.fingerprint.clone(),
+                expires_at: g.expires_at,
+                valid_until: g.deadline_ms.map(|d| clock.wall_ms(d) / 1000),
+                refresh_at: g.refresh_at_ms.map(|d| clock.wall_ms(d) / 1000),
+                refreshing: g.refreshing,
+            }),
+            next_retry_at_ms: s.next_retry_ms.map(|t| clock.wall_ms(t)),
+            counters: s.counters.clone(),
+            last_event: s.last_event.clone(),
+        }
+    }
+
+    fn publish_status(&mut self) {
+        let s = Self::status_of(
+            &self.machine.snapshot(),
+            &self.config,
+            &self.mqtt,
+            &self.clock,
+        );
+        self.status.send_if_modified(|cur| {
+            if *cur != s {
+                *cur = s;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    fn feed(&mut self, input: Input) {
+        let now = self.clock.now();
+        self.machine.handle(now, input);
+    }
+
+    /// Run until the machine says `Exit`.
+    pub async fn run(mut self) {
+        self.feed(Input::Start);
+        let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.run_actions().await;
+            self.publish_status();
+            if self.exit {
+                break;
+            }
+            self.heartbeat
+                .store(self.clock.now().mono, Ordering::Relaxed);
+            let timer = self.machine.poll_timeout().map(|t| self.clock.instant(t));
+            let close_deadline = self.close_deadline;
+            let wake = tokio::select! {
+                cmd = self.commands.recv() => Wake::Command(cmd),
+                ev = next_conn_event(&mut self.conn), if self.conn.is_some() => Wake::Conn(ev),
+                res = next_fetch(&mut self.fetch), if self.fetch.is_some() => Wake::Fetch(res),
+                _ = sleep_until_opt(timer), if timer.is_some() => Wake::Timer,
+                _ = sleep_until_opt(close_deadline), if close_deadline.is_some() => Wake::CloseTimeout,
+                _ = tick.tick() => Wake::Tick,
+            };
+            match wake {
+                Wake::Command(None) => self.feed(Input::Shutdown),
+                Wake::Command(Some(cmd)) => self.on_command(cmd).await,
+                Wake::Conn(ev) => self.on_conn_event(ev),
+                Wake::Fetch(res) => self.on_fetch_done(res),
+                Wake::Timer => {
+                    let now = self.clock.now();
+                    self.machine.handle_timeout(now);
+                }
+                Wake::CloseTimeout => {
+                    tracing::debug!("DISCONNECT did not complete in time; dropping the connection");
+                    self.conn = None;
+                    self.close_deadline = None;
+                    self.feed(Input::Disconnected);
+                }
+                Wake::Tick => {}
+            }
+        }
+        tracing::info!("session driver stopped");
+    }
+
+    async fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Login { user, reply } => {
+                let id = self.next_request;
+                self.next_request += 1;
+                self.replies.insert(id, reply);
+                self.feed(Input::Login { id, user });
+            }
+            Command::Logout { reply } => {
+                let id = self.next_request;
+                self.next_request += 1;
+                self.replies.insert(id, reply);
+                self.feed(Input::Logout { id });
+            }
+            Command::Reload { config, reply } => {
+                let result = self.reload(*config);
+                let _ = reply.send(result);
+            }
+            Command::Shutdown => self.feed(Input::Shutdown),
+            Command::Wedge => {
+                if self.test_hooks {
+                    tracing::warn!("test hook: wedging the session driver");
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
+
+    fn reload(&mut self, config: Config) -> Result<(), String> {
+        let mqtt = MqttSettings::from_config(&config).map_err(|e| format!("broker: {e}"))?;
+        let provisioner = Provisioner::new(
+            &config.provisioning,
+            config.sdk_app_id,
+            &config.platform,
+            &config.instance,
+        )
+        .map_err(|e| format!("provisioning: {e}"))?;
+        let reconnect = self.mqtt.differs(&mqtt) || self.config.broker != config.broker;
+        self.mqtt = mqtt;
+        self.provisioner = provisioner;
+        self.cache = SigCache::new(&config.state_dir);
+        let policy = config.policy.clone();
+        let user = config.user_id.clone();
+        self.config = config;
+        self.feed(Input::Reconfigured {
+            policy,
+            user,
+            reconnect,
+        });
+        Ok(())
+    }
+
+    fn on_conn_event(&mut self, ev: Result<MqttEvent, ConnectionError>) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        match ev {
+            Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
+                if conn.state == ConnState::Connecting {
+                    conn.state = ConnState::Online;
+                    if !ack.session_present {
+                        let filter = self.mqtt.inbox_filter(&conn.user);
+                        if let Err(e) = conn.client.try_subscribe(filter, QoS::AtLeastOnce) {
+                            tracing::warn!("could not queue the inbox subscription: {e}");
+                        }
+                    }
+                    self.feed(Input::Connected {
+                        session_present: ack.session_present,
+                    });
+                }
+            }
+            Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                tracing::debug!(
+                    topic = %String::from_utf8_lossy(&p.topic),
+                    bytes = p.payload.len(),
+                    qos = ?p.qos,
+                    "message received"
+                );
+                self.feed(Input::MessageReceived);
+            }
+            Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                if conn.state == ConnState::Closing {
+                    self.conn = None;
+                    self.close_deadline = None;
+                    self.feed(Input::Disconnected);
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let state = conn.state;
+                // Drop the event loop now: polling it again would reconnect at once.
+                self.conn = None;
+                self.close_deadline = None;
+                if state == ConnState::Closing {
+                    self.feed(Input::Disconnected);
+                } else {
+                    let end = crate::mqtt::classify(&e);
+                    tracing::debug!(error = %e, ?end, "connection ended");
+                    self.feed(Input::ConnectionEnded(end));
+                }
+            }
+        }
+    }
+
+    fn on_fetch_done(
+        &mut self,
+        res: Result<Result<Fetched, FetchFailure>, tokio::task::JoinError>,
+    ) {
+        self.fetch = None;
+        let now = self.clock.now();
+        match res {
+            Ok(Ok(f)) => {
+                let fingerprint = f.sig.fingerprint();
+                let server_now = f.server_date.unwrap_or(now.wall);
+                tracing::info!(
+                    fingerprint = %fingerprint,
+                    expires_at = ?f.expires_at,
+                    "UserSig fetched"
+                );
+                self.sigs.insert(
+                    fingerprint.clone(),
+                    HeldSig {
+                        sig: f.sig,
+                        user: f.user_id.clone(),
+                        server_offset: server_now - now.wall,
+                        issued_at: f.issued_at,
+                        expires_at: f.expires_at,
+                    },
+                );
+                self.feed(Input::SigFetched(SigInfo {
+                    fingerprint,
+                    user_id: f.user_id,
+                    issued_at: f.issued_at,
+                    expires_at: f.expires_at,
+                    server_now,
+                    received_at: now.mono,
+                }));
+            }
+            Ok(Err(failure)) => {
+                if failure.code == crate::session::codes::INVALID_PARAMETERS
+                    || failure.code == crate::session::codes::SVR_SIG_CHECK_FAILED
+                {
+                    tracing::error!(
+                        code = failure.code,
+                        class = failure.class.as_str(),
+                        "UserSig fetch failed: {}",
+                        failure.message
+                    );
+                } else {
+                    tracing::warn!(
+                        code = failure.code,
+                        class = failure.class.as_str(),
+                        "UserSig fetch failed: {}",
+                        failure.message
+                    );
+                }
+                self.feed(Input::SigFetchFailed(failure));
+            }
+            Err(join) => {
+                if join.is_cancelled() {
+                    return;
+                }
+                self.feed(Input::SigFetchFailed(FetchFailure {
+                    class: ErrorClass::Busy,
+                    code: crate::session::codes::NET_DISCONNECT,
+                    message: "the provisioning request failed unexpectedly".into(),
+                    retry_after: None,
+                }));
+            }
+        }
+    }
+
+    async fn run_actions(&mut self) {
+        while let Some(action) = self.machine.poll_action() {
+            match action {
+                Action::FetchSig { user } => {
+                    if let Some(old) = self.fetch.take() {
+                        old.abort();
+                    }
+                    tracing::info!(url = %self.provisioner.url_for(&user), "fetching a UserSig");
+                    let p = self.provisioner.clone();
+                    self.fetch = Some(tokio::spawn(async move { p.fetch(&user).await }));
+                }
+                Action::CancelFetch => {
+                    if let Some(f) = self.fetch.take() {
+                        f.abort();
+                    }
+                }
+                Action::Connect { user, fingerprint } => self.connect(user, &fingerprint),
+                Action::Disconnect => self.disconnect(),
+                Action::PersistSig { fingerprint } => self.persist(&fingerprint).await,
+                Action::ForgetSig => {
+                    if let Err(e) = self.cache.forget() {
+                        tracing::warn!(
+                            "could not delete the UserSig cache {}: {e}",
+                            self.cache.path().display()
+                        );
+                    }
+                    let current = self.machine.snapshot().sig.map(|s| s.fingerprint);
+                    self.sigs.retain(|fp, _| Some(fp) == current.as_ref());
+                }
+                Action::Emit(event) => self.emit(event),
+                Action::Reply { id, result } => {
+                    if let Some(tx) = self.replies.remove(&id) {
+                        let _ = tx.send(result);
+                    }
+                }
+                Action::Exit => self.exit = true,
+            }
+        }
+    }
+
+    fn connect(&mut self, user: UserId, fingerprint: &str) {
+        let Some(held) = self.sigs.get(fingerprint) else {
+            // Cannot happen (the machine only names sigs it was given); fail safe.
+            self.feed(Input::ConnectionEnded(crate::session::ConnEnd::Network {
+                kind: crate::session::NetKind::Other,
+                detail: "internal: the UserSig to connect with is gone".into(),
+            }));
+            return;
+        };
+        let options = self.mqtt.options(&user, &held.sig);
+        tracing::info!(
+            broker = %self.mqtt.url(),
+            client_id = %self.mqtt.client_id(&user),
+            user_id = %user,
+            fingerprint,
+            "connecting"
+        );
+        let (client, eventloop) = AsyncClient::new(options, 10);
+        self.conn = Some(Connection {
+            client,
+            eventloop,
+            state: ConnState::Connecting,
+            user,
+        });
+        // Only the sig in use (and a newer one, if any) needs to stay in memory.
+        let current = self.machine.snapshot().sig.map(|s| s.fingerprint);
+        self.sigs
+            .retain(|fp, _| fp == fingerprint || Some(fp) == current.as_ref());
+    }
+
+    fn disconnect(&mut self) {
+        match self.conn.as_mut() {
+            None => self.feed(Input::Disconnected),
+            Some(c) if c.state == ConnState::Connecting => {
+                // No session yet: abandon the attempt.
+                self.conn = None;
+                self.feed(Input::Disconnected);
+            }
+            Some(c) if c.state == ConnState::Closing => {}
+            Some(c) => {
+                c.state = ConnState::Closing;
+                if c.client.try_disconnect().is_err() {
+                    self.conn = None;
+                    self.feed(Input::Disconnected);
+                } else {
+                    self.close_deadline = Some(tokio::time::Instant::now() + CLOSE_TIMEOUT);
+                }
+            }
+        }
+    }
+
+    async fn persist(&mut self, fingerprint: &str) {
+        let Some(h) = self.sigs.get(fingerprint) else {
+            return;
+        };
+        if let Err(e) = std::fs::create_dir_all(&self.config.state_dir) {
+            tracing::warn!(
+                "could not create the state directory {}: {e}; the UserSig is not cached",
+                self.config.state_dir.display()
+            );
+            return;
+        }
+        let cache = self.cache.clone();
+        let (user, app, sig) = (h.user.clone(), self.config.sdk_app_id, h.sig.clone());
+        let (offset, issued, expires) = (h.server_offset, h.issued_at, h.expires_at);
+        let r = tokio::task::spawn_blocking(move || {
+            cache.store(&user, app, &sig, offset, issued, expires)
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => tracing::debug!(fingerprint, "UserSig cached"),
+            Ok(Err(e)) => tracing::warn!(
+                "could not write the UserSig cache {}: {e}",
+                self.cache.path().display()
+            ),
+            Err(e) => tracing::warn!("could not write the UserSig cache: {e}"),
+        }
+    }
+
+    /// The one emitter: a log line, the API watchers, and (via the status) systemd.
+    fn emit(&mut self, event: Event) {
+        match &event {
+            Event::StateChanged {
+                phase,
+                login_status,
+                login_user,
+                last_error,
+            } => {
+                let snapshot = self.machine.snapshot();
+                let text = summary(&snapshot, &self.mqtt.url(), self.clock.now().mono);
+                match last_error {
+                    Some(e) => tracing::info!(
+                        phase = phase.as_str(),
+                        login_status,
+                        login_user = %login_user,
+                        user_id = %snapshot.user_id,
+                        code = e.code,
+                        class = e.class.as_str(),
+                        "state: {text}"
+                    ),
+                    None => tracing::info!(
+                        phase = phase.as_str(),
+                        login_status,
+                        login_user = %login_user,
+                        user_id = %snapshot.user_id,
+                        "state: {text}"
+                    ),
+                }
+            }
+            Event::ConnectFailed {
+                code,
+                class,
+                message,
+            } => {
+                tracing::warn!(code, class = class.as_str(), "connect failed: {message}");
+            }
+            Event::KickedOffline {
+                reason,
+                code,
+                message,
+            } => {
+                tracing::warn!(code, class = "kicked", reason = ?reason, "kicked offline: {message}");
+            }
+            Event::UserSigExpired { code } => {
+                tracing::warn!(code, class = "sig_expired", "UserSig expired");
+            }
+            Event::UserSigRefreshed {
+                fingerprint,
+                expires_at,
+            } => {
+                tracing::info!(fingerprint = %fingerprint, expires_at = ?expires_at, "UserSig refreshed");
+            }
+            Event::Connecting { .. } => {}
+            Event::ConnectSuccess {
+                user_id,
+                session_present,
+            } => {
+                tracing::info!(user_id = %user_id, session_present, "connected");
+            }
+        }
+        // Status first: a watcher that reacts to the event by asking for the status must
+        // see the state the event announced.
+        self.publish_status();
+        let _ = self.events.send(event);
+    }
+}
+
+async fn next_conn_event(conn: &mut Option<Connection>) -> Result<MqttEvent, ConnectionError> {
+    match conn {
+        Some(c) => c.eventloop.poll().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_fetch(
+    fetch: &mut Option<JoinHandle<Result<Fetched, FetchFailure>>>,
+) -> Result<Result<Fetched, FetchFailure>, tokio::task::JoinError> {
+    match fetch {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,215 @@
+//! rumqttc glue: MQTT v5 options as the field notes prescribe, and the translation of
+//! rumqttc's errors into the session machine's [`ConnEnd`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, DisconnectReasonCode};
+use rumqttc::v5::{ConnectionError, MqttOptions, StateError};
+use rumqttc::{TlsConfiguration, Transport};
+
+use crate::config::Config;
+use crate::identity::{TemplateValues, UserId};
+use crate::session::{ConnEnd, NetKind};
+use crate::usersig::UserSig;
+
+/// Largest packet the daemon accepts (rumqttc's default is only 10 KiB).
+pub const MAX_PACKET: u32 = 256 * 1024;
+/// In-flight limit: rumqttc preallocates for it (the default 65535 costs ~13.5 MiB).
+pub const INFLIGHT: u16 = 32;
+
+/// Everything needed to open a session, built once per config.
+#[derive(Clone)]
+pub struct MqttSettings {
+    pub host: String,
+    pub port: u16,
+    pub sdk_app_id: u64,
+    pub platform: String,
+    pub instance: String,
+    pub client_id: crate::identity::Template,
+    pub keepalive: Duration,
+    pub session_expiry: u32,
+    pub connect_timeout: Duration,
+    pub tls: Arc<rustls::ClientConfig>,
+}
+
+impl MqttSettings {
+    pub fn from_config(c: &Config) -> Result<MqttSettings, String> {
+        Ok(MqttSettings {
+            host: c.broker.host.clone(),
+            port: c.broker.port,
+            sdk_app_id: c.sdk_app_id,
+            platform: c.platform.clone(),
+            instance: c.instance.clone(),
+            client_id: c.broker.client_id.clone(),
+            keepalive: c.broker.keepalive,
+            session_expiry: c.broker.session_expiry_secs,
+            connect_timeout: c.broker.connect_timeout,
+            tls: crate::tls::client_config(&c.broker.ca, c.broker.client_auth.as_ref(), &[])?,
+        })
+    }
+
+    /// Whether a reconnect is needed to apply `other` (anything but the TLS object itself).
+    pub fn differs(&self, other: &MqttSettings) -> bool {
+        (
+            &self.host,
+            self.port,
+            self.sdk_app_id,
+            &self.platform,
+            &self.instance,
+            &self.client_id,
+            self.keepalive,
+            self.session_expiry,
+        ) != (
+            &other.host,
+            other.port,
+            other.sdk_app_id,
+            &other.platform,
+            &other.instance,
+            &other.client_id,
+            other.keepalive,
+            other.session_expiry,
+        )
+    }
+
+    pub fn client_id(&self, user: &UserId) -> String {
+        self.client_id.render(
+            &TemplateValues {
+                sdk_app_id: self.sdk_app_id,
+                user_id: user,
+                platform: &self.platform,
+                instance: &self.instance,
+            },
+            str::to_string,
+        )
+    }
+
+    /// `mqtts://host:port`, for status and logs.
+    pub fn url(&self) -> String {
+        if self.host.contains(':') {
+            format!("mqtts://[{}]:{}", self.host, self.port)
+        } else {
+            format!("mqtts://{}:{}", self.host, self.port)
+        }
+    }
+
+    /// The topic filter for what `user` receives: `im/{sdk_app_id}/u/{user_id}/#`.
+    pub fn inbox_filter(&self, user: &UserId) -> String {
+        format!("im/{}/u/{}/#", self.sdk_app_id, user)
+    }
+
+    /// Options for one connection: persistent session (clean start off, session expiry),
+    /// username = UserID, password = UserSig, TLS with ring.
+    pub fn options(&self, user: &UserId, sig: &UserSig) -> MqttOptions {
+        let mut o = MqttOptions::new(self.client_id(user), self.host.clone(), self.port);
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            self.tls.clone(),
+        )));
+        o.set_credentials(user.as_str(), sig.expose());
+        // Validated at config time: ≥ 5 s (rumqttc panics below that).
+        o.set_keep_alive(self.keepalive);
+        o.set_clean_start(false);
+        o.set_session_expiry_interval(Some(self.session_expiry));
+        o.set_connection_timeout(self.connect_timeout.as_secs().max(1));
+        o.set_outgoing_inflight_upper_limit(INFLIGHT);
+        o.set_max_packet_size(Some(MAX_PACKET));
+        o.set_request_channel_capacity(10);
+        o
+    }
+}
+
+/// The numeric MQTT v5 reason code of a CONNACK refusal.
+pub fn connack_code(c: ConnectReturnCode) -> u8 {
+    use ConnectReturnCode as C;
+    match c {
+        C::Success => 0x00,
+        C::RefusedProtocolVersion | C::UnsupportedProtocolVersion => 0x84,
+        C::BadClientId | C::ClientIdentifierNotValid => 0x85,
+        C::ServiceUnavailable | C::ServerUnavailable => 0x88,
+        C::UnspecifiedError => 0x80,
+        C::MalformedPacket => 0x81,
+        C::ProtocolError => 0x82,
+        C::ImplementationSpecificError => 0x83,
+        C::BadUserNamePassword => 0x86,
+        C::NotAuthorized => 0x87,
+        C::ServerBusy => 0x89,
+        C::Banned => 0x8A,
+        C::BadAuthenticationMethod => 0x8C,
+        C::TopicNameInvalid => 0x90,
+        C::PacketTooLarge => 0x95,
+        C::QuotaExceeded => 0x97,
+        C::PayloadFormatInvalid => 0x99,
+        C::RetainNotSupported => 0x9A,
+        C::QoSNotSupported => 0x9B,
+        C::UseAnotherServer => 0x9C,
+        C::ServerMoved => 0x9D,
+        C::ConnectionRateExceeded => 0x9F,
+    }
+}
+
+/// Translate a rumqttc error into what the session machine classifies.
+pub fn classify(e: &ConnectionError) -> ConnEnd {
+    let net = |kind: NetKind, detail: String| ConnEnd::Network { kind, detail };
+    match e {
+        ConnectionError::ConnectionRefused(code) => ConnEnd::Refused {
+            code: connack_code(*code),
+        },
+        ConnectionError::MqttState(StateError::ServerDisconnect {
+            reason_code,
+            reason_string,
+        }) => ConnEnd::ServerDisconnect {
+            code: disconnect_code(*reason_code),
+            reason: reason_string.clone(),
+        },
+        ConnectionError::MqttState(StateError::ConnectionAborted) => net(
+            NetKind::Closed,
+            "the server closed the connection without a DISCONNECT".into(),
+        ),
+        ConnectionError::MqttState(StateError::AwaitPingResp) => net(
+            NetKind::Timeout,
+            "the server stopped answering keepalive pings".into(),
+        ),
+        ConnectionError::MqttState(StateError::Io(io)) | ConnectionError::Io(io) => io_end(io),
+        ConnectionError::Timeout(_) => net(
+            NetKind::Timeout,
+            "no CONNACK within the connect timeout".into(),
+        ),
+        ConnectionError::Tls(t) => {
+            if crate::tls::is_not_yet_valid(t) {
+                ConnEnd::CertNotYetValid {
+                    detail: t.to_string(),
+                }
+            } else {
+                net(NetKind::Tls, format!("TLS: {t}"))
+            }
+        }
+        other => net(NetKind::Other, other.to_string()),
+    }
+}
+
+fn io_end(io: &std::io::Error) -> ConnEnd {
+    use std::io::ErrorKind as K;
+    if crate::tls::is_not_yet_valid(io) {
+        return ConnEnd::CertNotYetValid {
+            detail: io.to_string(),
+        };
+    }
+    let kind = match io.kind() {
+        K::ConnectionRefused => NetKind::Refused,
+        K::TimedOut => NetKind::Timeout,
+        K::ConnectionReset | K::ConnectionAborted | K::UnexpectedEof | K::BrokenPipe => {
+            NetKind::Closed
+        }
+        _ if io.to_string().contains("lookup") => NetKind::Dns,
+        _ => NetKind::Other,
+    };
+    ConnEnd::Network {
+        kind,
+        detail: io.to_string(),
+    }
+}
+
+fn disconnect_code(c: DisconnectReasonCode) -> u8 {
+    // The enum is `repr(u8)` with the wire values.
+    c as u8
+}

@@ -1,0 +1,739 @@
+//! The provisioning client: `GET {provisioning.url}` → a UserSig.
+//!
+//! A small HTTP/1.1 client over tokio-rustls (ring), which rumqttc already brings: one GET
+//! with `Connection: close`, a response size cap, one overall timeout. HTTPS only, except plain
+//! HTTP to a loopback address (for tests). Failures are classified as brief §3.6 says:
+//! 5xx/429/timeouts → busy (backoff, `Retry-After` honoured); 401/403/404 → fatal; a
+//! malformed answer → busy, logged loudly. Neither the device token nor the UserSig ever
+//! appears in an error.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::ProvisioningConfig;
+use crate::identity::{Template, TemplateValues, UserId};
+use crate::session::{ErrorClass, FetchFailure, codes};
+use crate::usersig::{SigFormat, UserSig, inspect};
+
+const MAX_HEAD: usize = 16 * 1024;
+
+/// A parsed `scheme://host[:port]/path?query`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Url {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    pub path: String,
+}
+
+fn is_loopback(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+pub fn parse_url(url: &str) -> Result<Url, String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("http://") {
+        (false, r)
+    } else {
+        return Err(format!("{url:?}: use an https:// URL"));
+    };
+    let split = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(split);
+    if authority.contains('@') {
+        return Err(format!(
+            "{url:?}: put credentials in token_file, not in the URL"
+        ));
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("{url:?}: unclosed [ in an IPv6 address"))?;
+        (h.to_string(), after.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (authority.to_string(), None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("{url:?}: the host is missing"));
+    }
+    let port = match port {
+        None => {
+            if tls {
+                443
+            } else {
+                80
+            }
+        }
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{url:?}: {p:?} is not a port number"))?,
+    };
+    if !tls && !is_loopback(&host) {
+        return Err(format!(
+            "{url:?}: plain http:// would send the device token in the clear; use https:// \
+             (http:// is accepted only for loopback, for tests)"
+        ));
+    }
+    let path = if path.is_empty() {
+        "/".to_string()
+    } else if path.starts_with('?') {
+        format!("/{path}")
+    } else {
+        path.to_string()
+    };
+    if path.bytes().any(|b| b <= b' ' || b == 0x7F) {
+        return Err(format!(
+            "{url:?}: the path has spaces or control characters"
+        ));
+    }
+    Ok(Url {
+        tls,
+        host,
+        port,
+        path,
+    })
+}
+
+/// Check a URL template at config time (placeholders filled with harmless values).
+pub fn check_url(template: &str) -> Result<(), String> {
+    let filled = template
+        .replace("{sdk_app_id}", "1")
+        .replace("{user_id}", "u")
+        .replace("{platform}", "p")
+        .replace("{instance}", "i");
+    parse_url(&filled).map(|_| ())
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A UserSig as fetched, with what is known about it.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub sig: UserSig,
+    pub user_id: UserId,
+    pub issued_at: Option<i64>,
+    pub expires_at: Option<i64>,
+    /// The server's `Date`, in Unix seconds.
+    pub server_date: Option<i64>,
+}
+
+/// Fetches UserSigs for one device.
+#[derive(Clone)]
+pub struct Provisioner {
+    url: Template,
+    token_file: Option<PathBuf>,
+    tls: Arc<rustls::ClientConfig>,
+    timeout: Duration,
+    max_body: usize,
+    sdk_app_id: u64,
+    platform: String,
+    instance: String,
+}
+
+fn fail(class: ErrorClass, code: u32, message: impl Into<String>) -> FetchFailure {
+    FetchFailure {
+        class,
+        code,
+        message: message.into(),
+        retry_after: None,
+    }
+}
+
+fn io_failure(e: &std::io::Error, what: &str) -> FetchFailure {
+    use std::io::ErrorKind as K;
+    if crate::tls::is_not_yet_valid(e) {
+        return fail(
+            ErrorClass::Clock,
+            0,
+            format!(
+                "{what}: the server certificate is not valid yet: the device clock is probably behind"
+            ),
+        );
+    }
+    let code = match e.kind() {
+        K::ConnectionRefused => codes::NET_CONN_REFUSE,
+        K::TimedOut => codes::NET_CONN_TIMEOUT,
+        _ if e.to_string().contains("lookup") || e.to_string().contains("resolve") => {
+            codes::NET_DNS
+        }
+        _ => codes::NET_DISCONNECT,
+    };
+    fail(ErrorClass::Network, code, format!("{what}: {e}"))
+}
+
+impl Provisioner {
+    pub fn new(
+        cfg: &ProvisioningConfig,
+        sdk_app_id: u64,
+        platform: &str,
+        instance: &str,
+    ) -> Result<Provisioner, String> {
+        let tls = crate::tls::client_config(&cfg.ca, cfg.client_auth.as_ref(), &[b"http/1.1"])?;
+        Ok(Provisioner {
+            url: cfg.url.clone(),
+            token_file: cfg.token_file.clone(),
+            tls,
+            timeout: cfg.timeout,
+            max_body: cfg.max_response_bytes,
+            sdk_app_id,
+            platform: platform.to_string(),
+            instance: instance.to_string(),
+        })
+    }
+
+    /// The URL for `user` (no secrets in it: safe to log).
+    pub fn url_for(&self, user: &UserId) -> String {
+        self.url.render(
+            &TemplateValues {
+                sdk_app_id: self.sdk_app_id,
+                user_id: user,
+                platform: &self.platform,
+                instance: &self.instance,
+            },
+            percent_encode,
+        )
+    }
+
+    /// Fetch a UserSig for `user`.
+    pub async fn fetch(&self, user: &UserId) -> Result<Fetched, FetchFailure> {
+        let url_text = self.url_for(user);
+        let url = parse_url(&url_text)
+            .map_err(|m| fail(ErrorClass::Fatal, codes::INVALID_PARAMETERS, m))?;
+        let token = match &self.token_file {
+            None => None,
+            Some(path) => {
+                let t = tokio::fs::read_to_string(path).await.map_err(|e| {
+                    fail(
+                        ErrorClass::Fatal,
+                        codes::INVALID_PARAMETERS,
+                        format!("reading the device token {}: {e}", path.display()),
+                    )
+                })?;
+                let t = t.trim().to_string();
+                if t.is_empty() || t.bytes().any(|b| b <= b' ' || b == 0x7F) {
+                    return Err(fail(
+                        ErrorClass::Fatal,
+                        codes::INVALID_PARAMETERS,
+                        format!(
+                            "the device token file {} is empty or has spaces/control characters",
+                            path.display()
+                        ),
+                    ));
+                }
+                Some(t)
+            }
+        };
+        let exchange = self.exchange(&url, token.as_deref());
+        let (status, headers, body) = match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(fail(
+                    ErrorClass::Network,
+                    codes::NET_CONN_TIMEOUT,
+                    format!(
+                        "the provisioning server did not answer within {:?}",
+                        self.timeout
+                    ),
+                ));
+            }
+        };
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str())
+        };
+        let server_date = header("date")
+            .and_then(|d| httpdate::parse_http_date(d).ok())
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_secs() as i64);
+        if status != 200 {
+            let retry_after = header("retry-after").and_then(parse_retry_after);
+            let mut f = classify_status(status, &url_text, self.token_file.as_ref());
+            f.retry_after = retry_after;
+            return Err(f);
+        }
+        let mut fetched = self.parse_body(user, &body)?;
+        fetched.server_date = server_date;
+        Ok(fetched)
+    }
+
+    async fn exchange(
+        &self,
+        url: &Url,
+        token: Option<&str>,
+    ) -> Result<(u16, Vec<(String, String)>, Vec<u8>), FetchFailure> {
+        let tcp = TcpStream::connect((url.host.as_str(), url.port))
+            .await
+            .map_err(|e| io_failure(&e, "connecting to the provisioning server"))?;
+        let _ = tcp.set_nodelay(true);
+        let host_header = if url.host.contains(':') {
+            format!("[{}]:{}", url.host, url.port)
+        } else {
+            format!("{}:{}", url.host, url.port)
+        };
+        let mut req = format!(
+            "GET {} HTTP/1.1\r\nHost: {host_header}\r\nUser-Agent: imlinkd/{}\r\nAccept: application/json\r\nConnection: close\r\n",
+            url.path,
+            env!("CARGO_PKG_VERSION")
+        );
+        if let Some(t) = token {
+            req.push_str("Authorization: Bearer ");
+            req.push_str(t);
+            req.push_str("\r\n");
+        }
+        req.push_str("\r\n");
+        if url.tls {
+            let name = rustls_pki_types::ServerName::try_from(url.host.clone()).map_err(|_| {
+                fail(
+                    ErrorClass::Fatal,
+                    codes::INVALID_PARAMETERS,
+                    format!("{:?} is not a valid TLS server name", url.host),
+                )
+            })?;
+            let stream = tokio_rustls::TlsConnector::from(self.tls.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|e| io_failure(&e, "TLS with the provisioning server"))?;
+            self.request(stream, req.as_bytes()).await
+        } else {
+            self.request(tcp, req.as_bytes()).await
+        }
+    }
+
+    async fn request<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        mut s: S,
+        req: &[u8],
+    ) -> Result<(u16, Vec<(String, String)>, Vec<u8>), FetchFailure> {
+        s.write_all(req)
+            .await
+            .map_err(|e| io_failure(&e, "sending the provisioning request"))?;
+        s.flush()
+            .await
+            .map_err(|e| io_failure(&e, "sending the provisioning request"))?;
+        let malformed = |m: String| fail(ErrorClass::Busy, codes::INVALID_PARAMETERS, m);
+        let mut buf = Vec::with_capacity(2048);
+        let mut chunk = [0u8; 4096];
+        let (status, headers, head_len) = loop {
+            let n = read_some(&mut s, &mut chunk).await?;
+            if n == 0 {
+                return Err(malformed(
+                    "the provisioning server closed the connection before answering".into(),
+                ));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let mut hs = [httparse::EMPTY_HEADER; 64];
+            let mut resp = httparse::Response::new(&mut hs);
+            match resp.parse(&buf) {
+                Ok(httparse::Status::Complete(len)) => {
+                    let headers = resp
+                        .headers
+                        .iter()
+                        .map(|h| {
+                            (
+                                h.name.to_string(),
+                                String::from_utf8_lossy(h.value).into_owned(),
+                            )
+                        })
+                        .collect::<Vec<_>>();
+                    break (resp.code.unwrap_or(0), headers, len);
+                }
+                Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => {}
+                Ok(httparse::Status::Partial) => {
+                    return Err(malformed(
+                        "the provisioning response head is too large".into(),
+                    ));
+                }
+                Err(e) => {
+                    return Err(malformed(format!(
+                        "the provisioning response is not HTTP ({e})"
+                    )));
+                }
+            }
+        };
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.trim().to_string())
+        };
+        let mut body = buf.split_off(head_len);
+        let too_large = || {
+            malformed(format!(
+                "the provisioning response is larger than {} bytes",
+                self.max_body
+            ))
+        };
+        if header("transfer-encoding").is_some_and(|te| te.to_ascii_lowercase().contains("chunked"))
+        {
+            let mut decoded = Vec::new();
+            loop {
+                match dechunk(&body, &mut decoded, self.max_body) {
+                    Dechunk::Done => return Ok((status, headers, decoded)),
+                    Dechunk::TooLarge => return Err(too_large()),
+                    Dechunk::Bad => {
+                        return Err(malformed(
+                            "the provisioning response's chunked body is malformed".into(),
+                        ));
+                    }
+                    Dechunk::NeedMore => {}
+                }
+                decoded.clear();
+                let n = read_some(&mut s, &mut chunk).await?;
+                if n == 0 {
+                    return Err(malformed("the provisioning response ended mid-body".into()));
+                }
+                body.extend_from_slice(&chunk[..n]);
+                if body.len() > self.max_body * 2 + 1024 {
+                    return Err(too_large());
+                }
+            }
+        }
+        match header("content-length") {
+            Some(len) => {
+                let len: usize = len
+                    .parse()
+                    .map_err(|_| malformed("Content-Length is not a number".into()))?;
+                if len > self.max_body {
+                    return Err(too_large());
+                }
+                while body.len() < len {
+                    let n = read_some(&mut s, &mut chunk).await?;
+                    if n == 0 {
+                        return Err(malformed(format!(
+                            "the provisioning response ended after {} of {len} bytes",
+                            body.len()
+                        )));
+                    }
+                    body.extend_from_slice(&chunk[..n]);
+                }
+                body.truncate(len);
+            }
+            None => loop {
+                if body.len() > self.max_body {
+                    return Err(too_large());
+                }
+                let n = read_some(&mut s, &mut chunk).await?;
+                if n == 0 {
+                    break;
+                }
+                body.extend_from_slice(&chunk[..n]);
+            },
+        }
+        Ok((status, headers, body))
+    }
+
+    fn parse_body(&self, user: &UserId, body: &[u8]) -> Result<Fetched, FetchFailure> {
+        let malformed = |m: &str| {
+            fail(
+                ErrorClass::Busy,
+                codes::INVALID_PARAMETERS,
+                format!("malformed provisioning response: {m}"),
+            )
+        };
+        let v: serde_json::Value =
+            serde_json::from_slice(body).map_err(|_| malformed("not JSON"))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| malformed("not a JSON object"))?;
+        let user_id = obj
+            .get("user_id")
+            .and_then(|u| u.as_str())
+            .ok_or_else(|| malformed("no \"user_id\" string"))?;
+        if user_id != user.as_str() {
+            return Err(fail(
+                ErrorClass::Fatal,
+                codes::SVR_SIG_MISMATCH_ID,
+                format!(
+                    "the provisioning server answered for user_id {user_id:?}, not {:?}",
+                    user.as_str()
+                ),
+            ));
+        }
+        let sig = obj
+            .get("user_sig")
+            .and_then(|s| s.as_str())
+            .ok_or_else(|| malformed("no \"user_sig\" string"))?;
+        if let Some(app) = obj.get("sdk_app_id") {
+            if app.as_u64() != Some(self.sdk_app_id) {
+                return Err(fail(
+                    ErrorClass::Fatal,
+                    70014,
+                    format!(
+                        "the provisioning server answered for sdk_app_id {app}, not {}",
+                        self.sdk_app_id
+                    ),
+                ));
+            }
+        }
+        let expire_at = obj.get("expire_at").and_then(|e| e.as_i64());
+        let (issued_at, expires_at) = match inspect(sig) {
+            Err(e) => {
+                return Err(fail(
+                    ErrorClass::Busy,
+                    codes::SVR_SIG_CHECK_FAILED,
+                    format!("malformed provisioning response: {e}"),
+                ));
+            }
+            Ok(SigFormat::TlsSigV2 {
+                identifier,
+                sdk_app_id,
+                issued_at,
+                expires_at,
+            }) => {
+                if identifier != user.as_str() {
+                    return Err(fail(
+                        ErrorClass::Fatal,
+                        codes::SVR_SIG_MISMATCH_ID,
+                        format!(
+                            "the provisioning server issued a UserSig for {identifier:?}, not {:?}",
+                            user.as_str()
+                        ),
+                    ));
+                }
+                if sdk_app_id != self.sdk_app_id {
+                    return Err(fail(
+                        ErrorClass::Fatal,
+                        70014,
+                        format!(
+                            "the provisioning server issued a UserSig for SDKAppID {sdk_app_id}, not {}",
+                            self.sdk_app_id
+                        ),
+                    ));
+                }
+                (Some(issued_at), Some(expires_at))
+            }
+            Ok(SigFormat::Jwt {
+                issued_at,
+                expires_at,
+            }) => (issued_at, expires_at.or(expire_at)),
+            Ok(SigFormat::Opaque) => (None, expire_at),
+        };
+        Ok(Fetched {
+            sig: UserSig::new(sig),
+            user_id: user.clone(),
+            issued_at,
+            expires_at,
+            server_date: None,
+        })
+    }
+}
+
+async fn read_some<S: AsyncRead + Unpin>(s: &mut S, buf: &mut [u8]) -> Result<usize, FetchFailure> {
+    match s.read(buf).await {
+        Ok(n) => Ok(n),
+        // A peer that closes without TLS close_notify after the body is common; the framing
+        // (Content-Length/chunked) decides whether the body is whole.
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(0),
+        Err(e) => Err(io_failure(&e, "reading the provisioning response")),
+    }
+}
+
+enum Dechunk {
+    Done,
+    NeedMore,
+    TooLarge,
+    Bad,
+}
+
+/// Decode a chunked body from the start of `raw` into `out`.
+fn dechunk(raw: &[u8], out: &mut Vec<u8>, max: usize) -> Dechunk {
+    let mut pos = 0;
+    loop {
+        let Some(line_end) = raw[pos..].windows(2).position(|w| w == b"\r\n") else {
+            return if raw.len() - pos > 64 {
+                Dechunk::Bad
+            } else {
+                Dechunk::NeedMore
+            };
+        };
+        let line = &raw[pos..pos + line_end];
+        let size_text = std::str::from_utf8(line)
+            .ok()
+            .map(|l| l.split(';').next().unwrap_or("").trim());
+        let Some(size) = size_text.and_then(|t| usize::from_str_radix(t, 16).ok()) else {
+            return Dechunk::Bad;
+        };
+        pos += line_end + 2;
+        if size == 0 {
+            return Dechunk::Done;
+        }
+        if out.len() + size > max {
+            return Dechunk::TooLarge;
+        }
+        if raw.len() < pos + size + 2 {
+            return Dechunk::NeedMore;
+        }
+        out.extend_from_slice(&raw[pos..pos + size]);
+        if &raw[pos + size..pos + size + 2] != b"\r\n" {
+            return Dechunk::Bad;
+        }
+        pos += size + 2;
+    }
+}
+
+/// `Retry-After`: delay-seconds or an HTTP date. In milliseconds, capped at one hour.
+pub fn parse_retry_after(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let secs = match v.parse::<u64>() {
+        Ok(s) => s,
+        Err(_) => {
+            let at = httpdate::parse_http_date(v).ok()?;
+            at.duration_since(SystemTime::now())
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        }
+    };
+    Some(secs.min(3600) * 1000)
+}
+
+fn classify_status(status: u16, url: &str, token_file: Option<&PathBuf>) -> FetchFailure {
+    let token = token_file
+        .map(|p| format!("the device token in {}", p.display()))
+        .unwrap_or_else(|| "the device's credentials".into());
+    let code = u32::from(status);
+    match status {
+        401 | 403 => fail(
+            ErrorClass::Fatal,
+            code,
+            format!("the provisioning server refused this device (HTTP {status}): check {token}"),
+        ),
+        404 | 410 => fail(
+            ErrorClass::Fatal,
+            code,
+            format!(
+                "the provisioning server has no such endpoint or user (HTTP {status} for {url}): check provisioning.url and user_id"
+            ),
+        ),
+        408 | 425 | 429 | 500..=599 => fail(
+            ErrorClass::Busy,
+            code,
+            format!("the provisioning server is unavailable for now (HTTP {status}); retrying"),
+        ),
+        300..=399 => fail(
+            ErrorClass::Busy,
+            code,
+            format!(
+                "the provisioning server redirected (HTTP {status}); redirects are not followed: configure the final URL (a captive portal can cause this too)"
+            ),
+        ),
+        400..=499 => fail(
+            ErrorClass::Fatal,
+            code,
+            format!(
+                "the provisioning server rejected the request (HTTP {status} for {url}): check provisioning.url"
+            ),
+        ),
+        _ => fail(
+            ErrorClass::Busy,
+            code,
+            format!("unexpected provisioning answer HTTP {status}; retrying"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_https_or_loopback_http() {
+        let u = parse_url("https://prov.example.com/v1/usersig?user_id=a").unwrap();
+        assert_eq!(
+            (u.tls, u.host.as_str(), u.port, u.path.as_str()),
+            (true, "prov.example.com", 443, "/v1/usersig?user_id=a")
+        );
+        let u = parse_url("http://127.0.0.1:8080?x=1").unwrap();
+        assert_eq!((u.tls, u.port, u.path.as_str()), (false, 8080, "/?x=1"));
+        assert!(parse_url("http://[::1]:80/").is_ok());
+        assert!(parse_url("http://localhost/").is_ok());
+        assert!(
+            parse_url("http://prov.example.com/")
+                .unwrap_err()
+                .contains("in the clear")
+        );
+        assert!(parse_url("ftp://x/").is_err());
+        assert!(parse_url("https://user:pw@x/").is_err());
+        assert!(parse_url("https://:443/").is_err());
+        assert!(parse_url("https://x:99999/").is_err());
+        assert!(check_url("https://x/{user_id}").is_ok());
+    }
+
+    #[test]
+    fn template_values_are_percent_encoded() {
+        assert_eq!(percent_encode("a b/c"), "a%20b%2Fc");
+        assert_eq!(percent_encode("kiosk-0042_x.y~"), "kiosk-0042_x.y~");
+    }
+
+    #[test]
+    fn chunked_bodies_decode_and_are_capped() {
+        let mut out = Vec::new();
+        assert!(matches!(
+            dechunk(b"3\r\nabc\r\n2;ext\r\nde\r\n0\r\n\r\n", &mut out, 100),
+            Dechunk::Done
+        ));
+        assert_eq!(out, b"abcde");
+        out.clear();
+        assert!(matches!(
+            dechunk(b"3\r\nab", &mut out, 100),
+            Dechunk::NeedMore
+        ));
+        out.clear();
+        assert!(matches!(dechunk(b"zz\r\n", &mut out, 100), Dechunk::Bad));
+        out.clear();
+        assert!(matches!(
+            dechunk(b"ff\r\n", &mut out, 100),
+            Dechunk::TooLarge
+        ));
+        out.clear();
+        assert!(matches!(
+            dechunk(b"1\r\nab\r\n", &mut out, 100),
+            Dechunk::Bad
+        ));
+    }
+
+    #[test]
+    fn statuses_are_classified_as_the_brief_says() {
+        for s in [401u16, 403, 404] {
+            assert_eq!(classify_status(s, "u", None).class, ErrorClass::Fatal);
+        }
+        for s in [429u16, 500, 502, 503, 504, 408] {
+            assert_eq!(classify_status(s, "u", None).class, ErrorClass::Busy);
+        }
+        assert_eq!(classify_status(302, "u", None).class, ErrorClass::Busy);
+        assert_eq!(classify_status(400, "u", None).class, ErrorClass::Fatal);
+        assert_eq!(classify_status(403, "u", None).code, 403);
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_or_a_date() {
+        assert_eq!(parse_retry_after("7"), Some(7_000));
+        assert_eq!(parse_retry_after("999999"), Some(3_600_000));
+        let later = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(120));
+        let ms = parse_retry_after(&later).unwrap();
+        assert!((110_000..=120_000).contains(&ms), "{ms}");
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+}

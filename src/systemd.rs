@@ -1,0 +1,172 @@
+//! systemd integration: the sd_notify protocol (READY, STATUS, RELOADING, STOPPING, ERRNO) and a
+//! watchdog that pings only while the session driver makes progress.
+//!
+//! Everything here is a no-op without `NOTIFY_SOCKET` / `WATCHDOG_USEC`, so the daemon runs
+//! unchanged outside systemd.
+
+use std::sync::OnceLock;
+use std::sync::mpsc::{SyncSender, TrySendError, sync_channel};
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+use tokio::sync::watch;
+
+use crate::driver::{SessionHandle, Status};
+
+/// One notification, owned, on its way to the notifier thread.
+enum Note {
+    Ready,
+    Reloading,
+    Stopping,
+    Status(String),
+    Errno(u32),
+    /// Answer once everything before it was sent.
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
+/// Notifications are sent from one dedicated thread: the sd_notify socket is a blocking
+/// datagram socket, and a manager that stops reading it must never stall the session (it
+/// did, in a test whose fake manager read lazily). If the queue fills, new notes are dropped.
+fn notifier() -> &'static SyncSender<Vec<Note>> {
+    static TX: OnceLock<SyncSender<Vec<Note>>> = OnceLock::new();
+    TX.get_or_init(|| {
+        let (tx, rx) = sync_channel::<Vec<Note>>(64);
+        let spawned = std::thread::Builder::new()
+            .name("imlinkd-notify".into())
+            .spawn(move || {
+                while let Ok(notes) = rx.recv() {
+                    let mut states = Vec::new();
+                    for n in &notes {
+                        match n {
+                            Note::Ready => states.push(NotifyState::Ready),
+                            Note::Reloading => states.push(NotifyState::Reloading),
+                            Note::Stopping => states.push(NotifyState::Stopping),
+                            Note::Status(s) => states.push(NotifyState::Status(s)),
+                            Note::Errno(e) => states.push(NotifyState::Errno(*e)),
+                            Note::Flush(done) => {
+                                let _ = done.send(());
+                            }
+                        }
+                    }
+                    if !states.is_empty()
+                        && let Err(e) = sd_notify::notify(&states)
+                    {
+                        tracing::debug!("sd_notify failed: {e}");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("could not start the sd_notify thread: {e}");
+        }
+        tx
+    })
+}
+
+fn send(notes: Vec<Note>) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    match notifier().try_send(notes) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_)) => {
+            tracing::debug!("the service manager is not reading sd_notify messages; dropping one")
+        }
+        Err(TrySendError::Disconnected(_)) => {}
+    }
+}
+
+/// Wait (at most `timeout`) until every notification queued so far has been sent: before
+/// exiting, so STOPPING/ERRNO are not lost.
+pub fn flush(timeout: Duration) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    if notifier().try_send(vec![Note::Flush(tx)]).is_ok() {
+        let _ = rx.recv_timeout(timeout);
+    }
+}
+
+/// READY=1 with the current summary: config valid and the API socket serving.
+pub fn ready(status: &str) {
+    send(vec![Note::Ready, Note::Status(status.to_string())]);
+}
+
+pub fn reloading() {
+    send(vec![
+        Note::Reloading,
+        Note::Status("reloading the configuration".into()),
+    ]);
+}
+
+pub fn stopping() {
+    send(vec![
+        Note::Stopping,
+        Note::Status("stopping: logging out".into()),
+    ]);
+}
+
+/// A fatal start-up error: STATUS= says why, ERRNO= the exit status.
+pub fn failed(status: &str, errno: u32) {
+    send(vec![Note::Status(status.to_string()), Note::Errno(errno)]);
+    flush(Duration::from_secs(1));
+}
+
+pub fn status(text: &str) {
+    send(vec![Note::Status(text.to_string())]);
+}
+
+/// Keep STATUS= in step with the session's summary line.
+pub async fn mirror_status(mut rx: watch::Receiver<Status>) {
+    let mut last = String::new();
+    loop {
+        let summary = rx.borrow_and_update().summary.clone();
+        if summary != last {
+            status(&summary);
+            last = summary;
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// When systemd asked for a watchdog, ping at half its interval — but only while the session
+/// driver's heartbeat is fresh (younger than half the interval). A wedged driver stops the
+/// pings, and systemd restarts the service. Runs on its own OS thread so it judges the driver
+/// from outside the runtime the driver runs on.
+pub fn spawn_watchdog(session: SessionHandle) -> Option<Duration> {
+    let interval = sd_notify::watchdog_enabled()?;
+    let half = interval / 2;
+    let period = half.max(Duration::from_millis(50));
+    let spawned = std::thread::Builder::new()
+        .name("imlinkd-watchdog".into())
+        .spawn(move || {
+            let mut warned = false;
+            loop {
+                let age = Duration::from_millis(session.heartbeat_age_ms());
+                if age < half {
+                    // Straight from this thread: a manager that stops reading stalls only the
+                    // pings, which is what a watchdog should do then.
+                    if let Err(e) = sd_notify::notify(&[NotifyState::Watchdog]) {
+                        tracing::debug!("sd_notify WATCHDOG failed: {e}");
+                    }
+                    warned = false;
+                } else if !warned {
+                    tracing::error!(
+                        stalled_ms = age.as_millis() as u64,
+                        "the session driver has made no progress for {age:?}; withholding watchdog pings so systemd restarts the service"
+                    );
+                    warned = true;
+                }
+                std::thread::sleep(period);
+            }
+        });
+    match spawned {
+        Ok(_) => Some(interval),
+        Err(e) => {
+            tracing::error!("could not start the watchdog thread: {e}");
+            None
+        }
+    }
+}

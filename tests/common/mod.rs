@@ -1,0 +1,463 @@
+//! The integration-test harness: a real `imlinkd` process against an in-process
+//! `imlink-sandbox` (real TLS, real MQTT v5, real HTTPS), observed through its real local API
+//! and a real sd_notify socket. No sleeps for synchronisation: READY=1 arrives on the notify
+//! socket, phases arrive as `watch` notifications, sandbox counters are awaited on change.
+//!
+//! Every daemon logs at trace level to a file; [`Daemon::finish`] (and `Drop`) asserts that no
+//! UserSig the sandbox issued, no device token and no app key appears in it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use imlink_sandbox::{Sandbox, SandboxOptions};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixDatagram, UnixStream};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_imlinkd");
+pub const CTL: &str = env!("CARGO_BIN_EXE_imlinkctl");
+pub const WAIT: Duration = Duration::from_secs(20);
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh directory for one daemon (short: socket paths are limited to 108 bytes).
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!("imlk-{}-{tag}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub async fn sandbox() -> Sandbox {
+    Sandbox::start(SandboxOptions::default()).await.unwrap()
+}
+
+pub async fn sandbox_with(opts: SandboxOptions) -> Sandbox {
+    Sandbox::start(opts).await.unwrap()
+}
+
+/// How to configure one daemon. The `*_extra` strings are TOML lines added to that section.
+#[derive(Clone)]
+pub struct Opts {
+    pub user: String,
+    pub instance: String,
+    pub top_extra: String,
+    pub broker_extra: String,
+    pub provisioning_extra: String,
+    pub session_extra: String,
+    pub api_extra: String,
+    pub env: Vec<(String, String)>,
+    /// Override the broker URL (e.g. a mosquitto instance).
+    pub broker_url: Option<String>,
+    pub ca_pem: Option<String>,
+    /// Reuse this directory (state, socket) — e.g. to restart a daemon.
+    pub dir: Option<PathBuf>,
+    /// Wait for READY=1 (almost always wanted).
+    pub wait_ready: bool,
+}
+
+impl Opts {
+    pub fn user(user: &str) -> Opts {
+        Opts {
+            user: user.into(),
+            instance: "0".into(),
+            top_extra: String::new(),
+            broker_extra: String::new(),
+            provisioning_extra: String::new(),
+            session_extra: String::new(),
+            api_extra: String::new(),
+            env: Vec::new(),
+            broker_url: None,
+            ca_pem: None,
+            dir: None,
+            wait_ready: true,
+        }
+    }
+}
+
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub log: PathBuf,
+    pub config: PathBuf,
+    /// Every sd_notify datagram received, in order (a task drains the socket continuously,
+    /// as systemd does).
+    pub notify_log: Arc<Mutex<Vec<String>>>,
+    notify_changed: watch::Receiver<usize>,
+    notify_task: tokio::task::JoinHandle<()>,
+    secrets: Vec<String>,
+    issued: Box<dyn Fn() -> Vec<String> + Send + Sync>,
+    finished: bool,
+}
+
+/// Write the config for `sb` and `o` into `dir`; returns its path.
+pub fn write_config(sb: &Sandbox, o: &Opts, dir: &Path) -> PathBuf {
+    let e = sb.endpoints();
+    std::fs::write(dir.join("ca.pem"), o.ca_pem.as_deref().unwrap_or(&e.ca_pem)).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, format!("{}\n", e.device_token)).unwrap();
+    std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let cfg = format!(
+        r#"user_id = "{user}"
+sdk_app_id = {app}
+instance = "{instance}"
+state_dir = "{dir}/state"
+log_level = "trace"
+{top}
+[broker]
+url = "{mqtt}"
+ca_file = "{dir}/ca.pem"
+keepalive = "30s"
+connect_timeout = "5s"
+{broker}
+[provisioning]
+url = "{prov}"
+token_file = "{dir}/token"
+ca_file = "{dir}/ca.pem"
+timeout = "5s"
+{provisioning}
+[session]
+backoff_base = "200ms"
+backoff_cap = "2s"
+{session}
+[api]
+socket = "{dir}/api.sock"
+{api}
+"#,
+        user = o.user,
+        app = sb.sdk_app_id(),
+        instance = o.instance,
+        dir = dir.display(),
+        top = o.top_extra,
+        mqtt = o.broker_url.clone().unwrap_or_else(|| e.mqtt_url.clone()),
+        broker = o.broker_extra,
+        prov = e.provisioning_url_template,
+        provisioning = o.provisioning_extra,
+        session = o.session_extra,
+        api = o.api_extra,
+    );
+    let path = dir.join("imlinkd.toml");
+    std::fs::write(&path, cfg).unwrap();
+    path
+}
+
+impl Daemon {
+    pub async fn start(sb: &Sandbox, o: Opts) -> Daemon {
+        let dir = o.dir.clone().unwrap_or_else(|| temp_dir(&o.user));
+        let config = write_config(sb, &o, &dir);
+        Self::spawn(sb, o, dir, config).await
+    }
+
+    /// Spawn with an already written config.
+    pub async fn spawn(sb: &Sandbox, o: Opts, dir: PathBuf, config: PathBuf) -> Daemon {
+        let notify_path = dir.join("notify.sock");
+        let _ = std::fs::remove_file(&notify_path);
+        let notify = UnixDatagram::bind(&notify_path).unwrap();
+        let log = dir.join(format!(
+            "imlinkd-{}.log",
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        let log_file = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--config")
+            .arg(&config)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("LISTEN_FDS")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log_file))
+            .kill_on_drop(true);
+        for (k, v) in &o.env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap();
+        let secrets = vec![
+            sb.endpoints().device_token.clone(),
+            sb.secret_key().to_string(),
+        ];
+        let ctl = sb.control_handle();
+        let notify_log = Arc::new(Mutex::new(Vec::new()));
+        let (count_tx, notify_changed) = watch::channel(0usize);
+        let log_for_task = notify_log.clone();
+        let notify_task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = notify.recv(&mut buf).await {
+                let mut l = log_for_task.lock().unwrap();
+                l.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+                let _ = count_tx.send(l.len());
+            }
+        });
+        let mut d = Daemon {
+            child: Some(child),
+            socket: dir.join("api.sock"),
+            dir,
+            log,
+            config,
+            notify_log,
+            notify_changed,
+            notify_task,
+            secrets,
+            issued: Box::new(move || ctl.issued_sigs()),
+            finished: false,
+        };
+        if o.wait_ready {
+            d.wait_notify("READY=1").await;
+        }
+        d
+    }
+
+    /// Wait for a datagram on the notify socket containing `needle`; returns it.
+    pub async fn wait_notify(&mut self, needle: &str) -> String {
+        self.wait_notify_after(0, needle).await
+    }
+
+    /// Like [`Daemon::wait_notify`], looking only at datagrams from index `from` on.
+    pub async fn wait_notify_after(&mut self, from: usize, needle: &str) -> String {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(m) = self
+                .notify_log
+                .lock()
+                .unwrap()
+                .iter()
+                .skip(from)
+                .find(|m| m.contains(needle))
+            {
+                return m.clone();
+            }
+            if tokio::time::timeout_at(deadline, self.notify_changed.changed())
+                .await
+                .is_err()
+            {
+                panic!(
+                    "no {needle:?} on the notify socket within {WAIT:?}; got {:?}\nlog:\n{}",
+                    self.notify_log.lock().unwrap(),
+                    self.log_text()
+                );
+            }
+        }
+    }
+
+    /// All sd_notify datagrams so far.
+    pub fn notes(&self) -> Vec<String> {
+        self.notify_log.lock().unwrap().clone()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.socket).await
+    }
+
+    pub async fn rpc(&self, method: &str, params: Value) -> Value {
+        self.client().await.call(method, params).await
+    }
+
+    pub async fn status(&self) -> Value {
+        let r = self.rpc("status", json!({})).await;
+        r["result"].clone()
+    }
+
+    /// Wait (on `watch` notifications) until the phase is `phase`; returns the status then.
+    pub async fn wait_phase(&self, phase: &str) -> Value {
+        self.wait_phase_within(phase, WAIT).await
+    }
+
+    pub async fn wait_phase_within(&self, phase: &str, within: Duration) -> Value {
+        let mut w = self.client().await;
+        let snap = w.call("watch", json!({})).await;
+        let mut current = snap["result"]["status"]["phase"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let deadline = tokio::time::Instant::now() + within;
+        while current != phase {
+            let v = tokio::time::timeout_at(deadline, w.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "phase {phase:?} not reached within {within:?} (still {current:?})\nlog:\n{}",
+                        self.log_text()
+                    )
+                });
+            if v["method"] == "state_changed" {
+                current = v["params"]["phase"].as_str().unwrap_or("").to_string();
+            }
+        }
+        self.status().await
+    }
+
+    /// Send SIGTERM and wait for the exit status.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        if let Some(pid) = child.id() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let status = tokio::time::timeout(WAIT, child.wait())
+            .await
+            .expect("imlinkd exits within the wait")
+            .unwrap();
+        self.child = None;
+        status
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        if let Some(pid) = self.child.as_ref().and_then(|c| c.id()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+        }
+    }
+
+    /// Assert the log holds no secret (every UserSig the sandbox issued, the device token,
+    /// the app key).
+    pub fn assert_no_secrets_logged(&self) {
+        let log = self.log_text();
+        assert!(!log.is_empty(), "the daemon logged nothing at trace level?");
+        let mut secrets = self.secrets.clone();
+        secrets.extend((self.issued)());
+        for s in &secrets {
+            assert!(
+                !log.contains(s.as_str()),
+                "a secret appears in the daemon log {}",
+                self.log.display()
+            );
+            // Also no long fragment of it (a truncated dump is a leak too).
+            if s.len() >= 48 {
+                let mid = &s[s.len() / 2 - 12..s.len() / 2 + 12];
+                assert!(
+                    !log.contains(mid),
+                    "a fragment of a secret appears in {}",
+                    self.log.display()
+                );
+            }
+        }
+    }
+
+    /// Stop the daemon (SIGTERM), check it exited 0 and logged no secret.
+    pub async fn finish(mut self) {
+        if self.child.is_some() {
+            let status = self.terminate().await;
+            assert!(
+                status.success(),
+                "imlinkd exited with {status:?}\n{}",
+                self.log_text()
+            );
+        }
+        self.assert_no_secrets_logged();
+        self.finished = true;
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.notify_task.abort();
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.start_kill();
+        }
+        if !self.finished && !std::thread::panicking() {
+            self.assert_no_secrets_logged();
+        }
+    }
+}
+
+/// A JSON-RPC client over the daemon's socket.
+pub struct Client {
+    reader: BufReader<tokio::net::unix::OwnedReadHalf>,
+    writer: tokio::net::unix::OwnedWriteHalf,
+    next_id: u64,
+}
+
+impl Client {
+    pub async fn connect(path: &Path) -> Client {
+        let s = UnixStream::connect(path)
+            .await
+            .unwrap_or_else(|e| panic!("connecting to {}: {e}", path.display()));
+        let (r, w) = s.into_split();
+        Client {
+            reader: BufReader::new(r),
+            writer: w,
+            next_id: 1,
+        }
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).await.unwrap();
+    }
+
+    /// The next line from the daemon, as JSON.
+    pub async fn next(&mut self) -> Value {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).await.unwrap();
+        assert!(n > 0, "the daemon closed the connection");
+        serde_json::from_str(&line).unwrap()
+    }
+
+    /// The next line, or `None` at EOF.
+    pub async fn next_or_eof(&mut self) -> Option<Value> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line).await {
+            Ok(0) | Err(_) => None,
+            Ok(_) => serde_json::from_str(&line).ok(),
+        }
+    }
+
+    /// Call and return the whole response object (`result` or `error`).
+    pub async fn call(&mut self, method: &str, params: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        let line = json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params })
+            .to_string()
+            + "\n";
+        self.writer.write_all(line.as_bytes()).await.unwrap();
+        loop {
+            let v = tokio::time::timeout(Duration::from_secs(60), self.next())
+                .await
+                .expect("a response within 60 s");
+            if v.get("id") == Some(&json!(id)) {
+                return v;
+            }
+        }
+    }
+}
+
+/// Wait until the sandbox counters satisfy `pred`.
+pub async fn counters_until(
+    sb: &Sandbox,
+    what: &str,
+    pred: impl FnMut(&imlink_sandbox::Counters) -> bool,
+) -> imlink_sandbox::Counters {
+    sb.wait_for(what, WAIT, pred)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Assert the user's CONNECT and provisioning counters do not move for `secs` seconds.
+pub async fn assert_flat(sb: &Sandbox, user: &str, secs: u64) {
+    let before = sb.user(user);
+    let r = sb
+        .wait_for("any new attempt", Duration::from_secs(secs), |c| {
+            let u = c.user(user);
+            u.connect_attempts != before.connect_attempts
+                || u.provision_requests != before.provision_requests
+        })
+        .await;
+    assert!(
+        r.is_err(),
+        "{user}: attempts continued: before {before:?}, after {:?}",
+        sb.user(user)
+    );
+}
