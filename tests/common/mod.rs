@@ -61,6 +61,8 @@ pub struct Opts {
     pub dir: Option<PathBuf>,
     /// Wait for READY=1 (almost always wanted).
     pub wait_ready: bool,
+    /// A device token other than the sandbox's.
+    pub token: Option<String>,
 }
 
 impl Opts {
@@ -78,6 +80,7 @@ impl Opts {
             ca_pem: None,
             dir: None,
             wait_ready: true,
+            token: None,
         }
     }
 }
@@ -103,7 +106,11 @@ pub fn write_config(sb: &Sandbox, o: &Opts, dir: &Path) -> PathBuf {
     let e = sb.endpoints();
     std::fs::write(dir.join("ca.pem"), o.ca_pem.as_deref().unwrap_or(&e.ca_pem)).unwrap();
     let token = dir.join("token");
-    std::fs::write(&token, format!("{}\n", e.device_token)).unwrap();
+    std::fs::write(
+        &token,
+        format!("{}\n", o.token.as_deref().unwrap_or(&e.device_token)),
+    )
+    .unwrap();
     std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let cfg = format!(
         r#"user_id = "{user}"

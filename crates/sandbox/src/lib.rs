@@ -355,6 +355,27 @@ impl Control {
         &self.pki.client_key_pem
     }
 
+    pub fn server_cert_pem(&self) -> &str {
+        &self.pki.server_cert_pem
+    }
+
+    pub fn server_key_pem(&self) -> &str {
+        &self.pki.server_key_pem
+    }
+
+    /// Make the provisioning endpoint answer `user` with exactly `user_sig` (until cleared
+    /// with `None`): for brokers that hold a fixed password, like mosquitto in tests.
+    pub fn pin_sig(&self, user: &str, user_sig: Option<&str>) {
+        self.shared.update(|st| match user_sig {
+            Some(s) => {
+                st.pinned.insert(user.to_string(), s.to_string());
+            }
+            None => {
+                st.pinned.remove(user);
+            }
+        });
+    }
+
     pub fn counters(&self) -> Counters {
         self.shared.counters()
     }

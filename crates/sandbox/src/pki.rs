@@ -17,6 +17,8 @@ pub struct Pki {
     pub server_cert_pem: String,
     pub client_cert_pem: String,
     pub client_key_pem: String,
+    /// The server's private key (for running another broker, e.g. mosquitto, in tests).
+    pub server_key_pem: String,
     server_chain: Vec<CertificateDer<'static>>,
     server_key: PrivatePkcs8KeyDer<'static>,
     ca_der: CertificateDer<'static>,
@@ -83,6 +85,7 @@ impl Pki {
             server_cert_pem: server_cert.pem(),
             client_cert_pem: client_cert.pem(),
             client_key_pem: client_key.serialize_pem(),
+            server_key_pem: server_key.serialize_pem(),
             server_chain: vec![server_cert.der().clone(), ca_cert.der().clone()],
             server_key: PrivatePkcs8KeyDer::from(server_key.serialize_der()),
             ca_der: ca_cert.der().clone(),

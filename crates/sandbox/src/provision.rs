@@ -97,11 +97,12 @@ async fn handle(shared: &Shared, req: Request) -> Response {
     if !valid_user_id(&user) {
         return Response::error(400, "user_id must be 1-32 bytes of [A-Za-z0-9_-]");
     }
-    let (fault, lifetime, offset) = shared.update(|st| {
+    let (fault, lifetime, offset, pinned) = shared.update(|st| {
         (
             Armed::fire(&mut st.faults.provision, &user),
             st.sig_lifetime,
             st.provision_clock_offset,
+            st.pinned.get(&user).cloned(),
         )
     });
     let app = shared.settings.sdk_app_id;
@@ -172,6 +173,21 @@ async fn handle(shared: &Shared, req: Request) -> Response {
         }
         None => (user.clone(), app, 0),
     };
+    if let (Some(sig), None) = (&pinned, &fault) {
+        shared.update(|st| {
+            st.counters
+                .users
+                .entry(user.clone())
+                .or_default()
+                .sigs_issued += 1;
+        });
+        let mut r = Response::json(
+            200,
+            &serde_json::json!({ "user_id": user, "user_sig": sig, "sdk_app_id": app }),
+        );
+        r.date_offset = offset;
+        return r;
+    }
     let issued = shared.issue_sig(&sig_user, sig_app, lifetime, extra_offset);
     shared.update(|st| {
         st.counters

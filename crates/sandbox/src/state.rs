@@ -243,6 +243,9 @@ pub struct BrokerState {
     pub issued: HashMap<String, Vec<String>>,
     /// Every UserSig text issued, so tests can check none leaks into a log.
     pub issued_texts: Vec<String>,
+    /// UserSigs the provisioning endpoint returns as they are, per user (interop tests with a
+    /// broker that holds a fixed password).
+    pub pinned: HashMap<String, String>,
     pub failed_logins: HashMap<String, VecDeque<Instant>>,
     pub sig_lifetime: Duration,
     /// Seconds added to the provisioning server's clock (sig `time` and `Date`).
@@ -347,6 +350,7 @@ impl Shared {
                 expired_sigs: HashSet::new(),
                 issued: HashMap::new(),
                 issued_texts: Vec::new(),
+                pinned: HashMap::new(),
                 failed_logins: HashMap::new(),
                 sig_lifetime,
                 provision_clock_offset: 0,

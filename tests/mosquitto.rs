@@ -1,0 +1,257 @@
+//! Interop with a real broker: Debian's mosquitto 2.0.11, started here with TLS on an
+//! ephemeral port and a password file holding a sandbox-issued UserSig. mosquitto says less
+//! than the IM service (0x87 with no reason string for any bad password; a client-id takeover
+//! just closes the old socket), and the engine must still do the right thing.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+struct Mosquitto {
+    _child: Child,
+    url: String,
+    /// mosquitto's log lines, as they arrive.
+    lines: Arc<Mutex<Vec<String>>>,
+    changed: watch::Receiver<usize>,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Mosquitto {
+    /// Start mosquitto with TLS (the sandbox's server certificate) and one user/password.
+    async fn start(
+        sb: &imlink_sandbox::Sandbox,
+        dir: &Path,
+        user: &str,
+        password: &str,
+    ) -> Mosquitto {
+        let write = |name: &str, text: &str| -> PathBuf {
+            let p = dir.join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let ca = write("mq-ca.pem", &sb.endpoints().ca_pem);
+        let cert = write("mq-cert.pem", sb.server_cert_pem());
+        let key = write("mq-key.pem", sb.server_key_pem());
+        let pw = dir.join("mq-passwd");
+        let st = std::process::Command::new("mosquitto_passwd")
+            .arg("-c")
+            .arg("-b")
+            .arg(&pw)
+            .arg(user)
+            .arg(password)
+            .status()
+            .expect("mosquitto_passwd (Debian package mosquitto; .ci/run installs it)");
+        assert!(st.success());
+        let port = free_port();
+        let run_as_root = nix::unistd::geteuid().is_root();
+        let conf = write(
+            "mosquitto.conf",
+            &format!(
+                "listener {port} 127.0.0.1\n\
+                 cafile {ca}\ncertfile {cert}\nkeyfile {key}\n\
+                 allow_anonymous false\npassword_file {pw}\n\
+                 persistence false\nlog_dest stderr\nlog_type all\nconnection_messages true\n{user_line}",
+                ca = ca.display(),
+                cert = cert.display(),
+                key = key.display(),
+                pw = pw.display(),
+                user_line = if run_as_root { "user root\n" } else { "" },
+            ),
+        );
+        let mut child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("mosquitto is installed (.ci/run installs it)");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, changed) = watch::channel(0usize);
+        for out in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let lines = lines.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut r = BufReader::new(out).lines();
+                while let Ok(Some(l)) = r.next_line().await {
+                    let mut v = lines.lock().unwrap();
+                    v.push(l);
+                    let _ = tx.send(v.len());
+                }
+            });
+        }
+        let mut m = Mosquitto {
+            _child: child,
+            url: format!("mqtts://127.0.0.1:{port}"),
+            lines,
+            changed,
+        };
+        m.wait_line("running").await;
+        m
+    }
+
+    async fn wait_line(&mut self, needle: &str) -> String {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(l) = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return l.clone();
+            }
+            if tokio::time::timeout_at(deadline, self.changed.changed())
+                .await
+                .is_err()
+            {
+                panic!(
+                    "mosquitto never logged {needle:?}: {:?}",
+                    self.lines.lock().unwrap()
+                );
+            }
+        }
+    }
+
+    /// How many CONNECTs mosquitto has seen (its "New client connected" lines).
+    fn connects(&self) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("New client connected"))
+            .count()
+    }
+
+    fn refusals(&self) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("not authorised"))
+            .count()
+    }
+}
+
+fn opts_for(m: &Mosquitto, user: &str) -> Opts {
+    let mut o = Opts::user(user);
+    o.broker_url = Some(m.url.clone());
+    o
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_in_to_mosquitto_over_tls() {
+    let sb = sandbox().await;
+    let dir = temp_dir("mq-login");
+    let sig = sb.issue_sig("dev-1", Duration::from_secs(3600));
+    sb.pin_sig("dev-1", Some(&sig));
+    let mut m = Mosquitto::start(&sb, &dir, "dev-1", &sig).await;
+    let d = Daemon::start(&sb, opts_for(&m, "dev-1")).await;
+    let st = d.wait_phase("online").await;
+    assert_eq!(st["login_user"], "dev-1");
+    let line = m.wait_line("New client connected").await;
+    assert!(line.contains("as 1400000000:dev-1:linux:0"), "{line}");
+    assert!(line.contains("p5"), "MQTT v5: {line}");
+    d.finish().await;
+    m.wait_line("disconnected").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_password_gets_one_fresh_sig_then_stops() {
+    let sb = sandbox().await;
+    let dir = temp_dir("mq-wrong");
+    let good = sb.issue_sig("dev-2", Duration::from_secs(3600));
+    let m = Mosquitto::start(&sb, &dir, "dev-2", &good).await;
+    // Provisioning hands out a sig mosquitto does not know: CONNACK 0x87, no reason string.
+    let stale = sb.issue_sig("dev-2", Duration::from_secs(7200));
+    sb.pin_sig("dev-2", Some(&stale));
+    let d = Daemon::start(&sb, opts_for(&m, "dev-2")).await;
+    let st = d.wait_phase("stopped").await;
+    assert_eq!(st["last_error"]["class"], "sig_rejected");
+    assert!(
+        st["last_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("0x87")
+    );
+    assert_eq!(sb.user("dev-2").provision_requests, 2, "one fresh sig");
+    assert_flat(&sb, "dev-2", 5).await;
+    assert_eq!(
+        d.status().await["counters"]["connect_attempts"],
+        2,
+        "exactly two CONNECTs"
+    );
+    assert_eq!(m.connects(), 0, "mosquitto accepted none");
+    assert_eq!(
+        m.refusals(),
+        2,
+        "mosquitto refused two CONNECTs: {:?}",
+        m.lines.lock().unwrap()
+    );
+    d.finish().await;
+}
+
+/// Two daemons with one identity: mosquitto silently closes the older socket on each
+/// takeover. The suspected-takeover rule must end the fight within 3 reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_with_one_client_id_do_not_fight() {
+    let sb = sandbox().await;
+    let dir = temp_dir("mq-fight");
+    let sig = sb.issue_sig("dev-3", Duration::from_secs(3600));
+    sb.pin_sig("dev-3", Some(&sig));
+    let m = Mosquitto::start(&sb, &dir, "dev-3", &sig).await;
+    let a = Daemon::start(&sb, opts_for(&m, "dev-3")).await;
+    a.wait_phase("online").await;
+    let b = Daemon::start(&sb, opts_for(&m, "dev-3")).await;
+    // The fight ends with one of them kicked (suspected takeover).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (kicked, other) = loop {
+        let (sa, sb_) = (a.status().await, b.status().await);
+        if sa["phase"] == "kicked" {
+            break (sa, sb_);
+        }
+        if sb_["phase"] == "kicked" {
+            break (sb_, sa);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still fighting: {sa} / {sb_}"
+        );
+        // Status polling at a modest rate is the observation here, not synchronisation of
+        // the daemons themselves.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        kicked["last_event"]["reason"], "suspected_takeover",
+        "{kicked}"
+    );
+    let reconnects = kicked["counters"]["connect_attempts"].as_u64().unwrap() - 1;
+    assert!(reconnects <= 3, "stopped within 3 reconnects: {kicked}");
+    // And the fight is really over: mosquitto sees no new connection for 10 s.
+    let settled = m.connects();
+    assert!(settled <= 8, "mosquitto saw {settled} connections");
+    tokio::time::sleep(Duration::from_secs(10)).await; // the quiet period under test
+    assert_eq!(m.connects(), settled, "no more connections after the fight");
+    let _ = other;
+    a.finish().await;
+    b.finish().await;
+}
