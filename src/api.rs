@@ -96,11 +96,17 @@ pub fn bind(cfg: &ApiConfig) -> Result<Bound, BindError> {
     let listener = UnixListener::bind(path).map_err(io)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io)?;
     if let Some(group) = &cfg.group {
-        let gid = nix::unistd::Group::from_name(group)
-            .ok()
-            .flatten()
-            .ok_or_else(|| BindError::NoSuchGroup(group.clone()))?
-            .gid;
+        // A group name, or a numeric gid.
+        let gid = match group.parse::<u32>() {
+            Ok(n) => nix::unistd::Gid::from_raw(n),
+            Err(_) => {
+                nix::unistd::Group::from_name(group)
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| BindError::NoSuchGroup(group.clone()))?
+                    .gid
+            }
+        };
         nix::unistd::chown(path, None, Some(gid))
             .map_err(|e| io(std::io::Error::from_raw_os_error(e as i32)))?;
     }
@@ -632,5 +638,103 @@ pub fn notification(e: &Event) -> String {
 pub fn cleanup(path: Option<&Path>) {
     if let Some(p) = path {
         let _ = std::fs::remove_file(p);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::{Clock, Status};
+    use crate::session::{Counters, ErrorClass, LastError, Phase};
+    use std::sync::atomic::AtomicU64;
+    use tokio::io::AsyncBufReadExt;
+
+    fn status() -> Status {
+        Status {
+            phase: Phase::Online,
+            summary: "online".into(),
+            login_status: 1,
+            login_user: "alice".into(),
+            user_id: "alice".into(),
+            sdk_app_id: 1,
+            broker: "mqtts://x:1".into(),
+            since: 0,
+            last_error: None,
+            sig: None,
+            next_retry_at_ms: None,
+            counters: Counters::default(),
+            last_event: None,
+        }
+    }
+
+    /// A watcher that stops reading while events pour in is told it lagged, then dropped;
+    /// the sender (the session) never waits for it.
+    #[tokio::test]
+    async fn a_watcher_that_falls_behind_is_told_it_lagged_and_dropped() {
+        let dir = std::env::temp_dir().join(format!("imlinkd-lag-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("api.sock");
+        let (commands, _keep) = tokio::sync::mpsc::channel(4);
+        let (_status_tx, status_rx) = tokio::sync::watch::channel(status());
+        let (events, _) = broadcast::channel(8);
+        let session = SessionHandle {
+            commands,
+            status: status_rx,
+            events: events.clone(),
+            heartbeat: Arc::new(AtomicU64::new(0)),
+            clock: Clock::new(),
+        };
+        let cfg = ApiConfig {
+            socket: socket.clone(),
+            group: None,
+            operator_uids: vec![],
+            operator_gids: vec![],
+            max_clients: 4,
+            max_clients_per_uid: 4,
+            max_line_bytes: 4096,
+            watcher_queue: 8,
+            idle_timeout: Duration::from_secs(60),
+        };
+        let bound = bind(&cfg).unwrap();
+        tokio::spawn(Server::new(cfg, session).serve(bound.listener));
+        let mut s = UnixStream::connect(&socket).await.unwrap();
+        s.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"watch\"}\n")
+            .await
+            .unwrap();
+        let mut r = tokio::io::BufReader::new(s);
+        let mut line = String::new();
+        r.read_line(&mut line).await.unwrap();
+        assert!(line.contains("\"result\""), "{line}");
+        // 400 events of ~4 KiB: far more than the socket buffer and the 8-event queue hold.
+        let big = LastError::new(1, ErrorClass::Network, "x".repeat(4000));
+        let started = std::time::Instant::now();
+        for _ in 0..400 {
+            let _ = events.send(Event::StateChanged {
+                phase: Phase::Backoff,
+                login_status: 1,
+                login_user: "alice".into(),
+                last_error: Some(big.clone()),
+            });
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "sending never waits for a watcher"
+        );
+        // Now read everything: some events, then the `lagged` notice, then EOF.
+        let mut all = String::new();
+        tokio::time::timeout(Duration::from_secs(10), r.read_to_string(&mut all))
+            .await
+            .unwrap()
+            .unwrap();
+        let last = all.lines().last().unwrap();
+        assert!(
+            last.contains("\"method\":\"lagged\""),
+            "{}",
+            &last[..last.len().min(200)]
+        );
+        assert!(all.lines().count() < 400, "the backlog was bounded");
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -405,6 +405,11 @@ impl Client {
         self.writer.write_all(bytes).await.unwrap();
     }
 
+    /// Like `send_raw`, reporting a closed connection instead of panicking.
+    pub async fn send_raw_checked(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.writer.write_all(bytes).await
+    }
+
     /// The next line from the daemon, as JSON.
     pub async fn next(&mut self) -> Value {
         let mut line = String::new();
