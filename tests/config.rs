@@ -16,9 +16,15 @@ fn example_in(dir: &Path) -> String {
     std::fs::write(dir.join("device.key"), &pki.client_key_pem).unwrap();
     std::fs::write(dir.join("device-token"), "token\n").unwrap();
     for f in ["device.key", "device-token"] {
-        std::fs::set_permissions(dir.join(f), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(
+            dir.join(f),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
     }
-    let example = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/imlinkd.toml")).unwrap();
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/imlinkd.toml"))
+            .unwrap();
     example
         .replace("/etc/imlinkd/", &format!("{}/", dir.display()))
         .replace("/var/lib/imlinkd", &dir.join("state").display().to_string())
@@ -70,9 +76,13 @@ fn the_example_config_is_complete_and_valid() {
     ] {
         let text = example.replace(marker, &format!("{marker}\nzz_unknown = 1"));
         let (_, _, err) = check(&write(&dir, &text), &[]);
-        let listed = err.split("expected one of ").nth(1).unwrap_or_else(|| panic!("{section}: {err}"));
+        let listed = err
+            .split("expected one of ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("{section}: {err}"));
         for key in listed.split(", ").map(|k| k.split('`').nth(1).unwrap()) {
-            let present = example.contains(&format!("\n{key} =")) || example.contains(&format!("\n[{key}]"));
+            let present =
+                example.contains(&format!("\n{key} =")) || example.contains(&format!("\n[{key}]"));
             assert!(present, "[{section}] {key} is not in config/imlinkd.toml");
         }
     }
@@ -91,7 +101,10 @@ fn mistakes_exit_78_and_name_the_file_the_key_and_the_fix() {
         ),
         (
             "unknown top-level key",
-            good.replace("log_level = \"info\"", "log_level = \"info\"\nlog_levle = \"x\""),
+            good.replace(
+                "log_level = \"info\"",
+                "log_level = \"info\"\nlog_levle = \"x\"",
+            ),
             vec!["unknown field `log_levle`", "top level"],
         ),
         (
@@ -111,7 +124,11 @@ fn mistakes_exit_78_and_name_the_file_the_key_and_the_fix() {
         ),
         (
             "missing CA file",
-            good.replacen(&format!("{}/ca.pem", dir.display()), "/nonexistent/ca.pem", 1),
+            good.replacen(
+                &format!("{}/ca.pem", dir.display()),
+                "/nonexistent/ca.pem",
+                1,
+            ),
             vec!["broker.ca_file", "/nonexistent/ca.pem", "No such file"],
         ),
         (
@@ -136,17 +153,27 @@ fn mistakes_exit_78_and_name_the_file_the_key_and_the_fix() {
         ),
         (
             "client cert without key",
-            good.replacen(&format!("client_key = \"{}/device.key\"", dir.display()), "", 1),
+            good.replacen(
+                &format!("client_key = \"{}/device.key\"", dir.display()),
+                "",
+                1,
+            ),
             vec!["broker.client_cert", "both or neither"],
         ),
         (
             "provisioning over plain http",
-            good.replace("https://provisioning.example.com", "http://provisioning.example.com"),
+            good.replace(
+                "https://provisioning.example.com",
+                "http://provisioning.example.com",
+            ),
             vec!["provisioning.url", "loopback"],
         ),
         (
             "client id without the user",
-            good.replace("client_id = \"{sdk_app_id}:{user_id}:{platform}:{instance}\"", "client_id = \"fixed\""),
+            good.replace(
+                "client_id = \"{sdk_app_id}:{user_id}:{platform}:{instance}\"",
+                "client_id = \"fixed\"",
+            ),
             vec!["broker.client_id", "{user_id}"],
         ),
         (
@@ -159,14 +186,20 @@ fn mistakes_exit_78_and_name_the_file_the_key_and_the_fix() {
         let path = write(&dir, &text);
         let (code, _, err) = check(&path, &[]);
         assert_eq!(code, 78, "{what}: {err}");
-        assert!(err.contains(&path.display().to_string()), "{what}: the file is named: {err}");
+        assert!(
+            err.contains(&path.display().to_string()),
+            "{what}: the file is named: {err}"
+        );
         for w in words {
             assert!(err.contains(w), "{what}: {w:?} missing from: {err}");
         }
     }
     let (code, _, err) = check(&dir.join("missing.toml"), &[]);
     assert_eq!(code, 78);
-    assert!(err.contains("no such file") && err.contains("--config"), "{err}");
+    assert!(
+        err.contains("no such file") && err.contains("--config"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -177,10 +210,16 @@ fn environment_overrides_apply_and_are_named_in_errors() {
     assert_eq!(code, 0, "{err}");
     let (code, _, err) = check(&path, &[("IMLINKD__BROKER__URL", "mqtt://x:1")]);
     assert_eq!(code, 78);
-    assert!(err.contains("broker.url") && err.contains("IMLINKD__BROKER__URL"), "{err}");
+    assert!(
+        err.contains("broker.url") && err.contains("IMLINKD__BROKER__URL"),
+        "{err}"
+    );
     let (code, _, err) = check(&path, &[("IMLINKD__BROKER__NOPE", "1")]);
     assert_eq!(code, 78);
-    assert!(err.contains("unknown field `nope`") && err.contains("IMLINKD__BROKER__NOPE"), "{err}");
+    assert!(
+        err.contains("unknown field `nope`") && err.contains("IMLINKD__BROKER__NOPE"),
+        "{err}"
+    );
     let (code, _, err) = check(&path, &[("IMLINKD__USER_ID", "has space")]);
     assert_eq!(code, 78);
     assert!(err.contains("7003"), "{err}");
@@ -191,10 +230,17 @@ fn secret_files_readable_by_others_are_warned_about() {
     let dir = temp_dir("perm");
     let path = write(&dir, &example_in(&dir));
     for f in ["device-token", "device.key"] {
-        std::fs::set_permissions(dir.join(f), std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(
+            dir.join(f),
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        )
+        .unwrap();
     }
     let (code, _, err) = check(&path, &[]);
     assert_eq!(code, 0);
-    assert!(err.contains("provisioning.token_file") && err.contains("chmod 600"), "{err}");
+    assert!(
+        err.contains("provisioning.token_file") && err.contains("chmod 600"),
+        "{err}"
+    );
     assert!(err.contains("broker.client_key"), "{err}");
 }
