@@ -1,0 +1,161 @@
+//! `imlinkctl` against a real daemon: output, exit codes, and `sig decode`.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use common::*;
+
+fn ctl(socket: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(CTL).arg("--socket").arg(socket).args(args).output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_login_logout_wait_and_watch() {
+    let sb = sandbox().await;
+    let d = Daemon::start(&sb, Opts::user("alice")).await;
+    let s = d.socket.clone();
+    let out = tokio::task::spawn_blocking({
+        let s = s.clone();
+        move || ctl(&s, &["wait", "--phase", "online", "--timeout", "20s"])
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let out = ctl(&s, &["status"]);
+    assert!(out.status.success());
+    let t = text(&out);
+    assert!(t.starts_with("online as alice (sig valid"), "{t}");
+    assert!(t.contains("login status:  1 LOGINED as alice"), "{t}");
+    assert!(t.contains("UserSig:       sha256:"), "{t}");
+    for sig in sb.issued_sigs() {
+        assert!(!t.contains(&sig), "the UserSig never appears");
+    }
+    let out = ctl(&s, &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["phase"], "online");
+
+    // A phase that does not come: exit 1 after the timeout.
+    let out = ctl(&s, &["wait", "--phase", "kicked", "--timeout", "500ms"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the phase is online, not kicked"));
+
+    // watch --json prints NDJSON: a snapshot line, then one line per event.
+    let mut watch = Command::new(CTL)
+        .arg("--socket")
+        .arg(&s)
+        .args(["watch", "--json"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = watch.stdout.take().unwrap();
+    let (first_tx, first_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut lines = Vec::new();
+        for l in std::io::BufReader::new(stdout).lines() {
+            let l = l.unwrap();
+            let done = l.contains("\"phase\":\"idle\"");
+            if lines.is_empty() {
+                let _ = first_tx.send(());
+            }
+            lines.push(l);
+            if done {
+                break;
+            }
+        }
+        lines
+    });
+    // The snapshot line means the watcher is subscribed; then logging out makes the events.
+    tokio::task::spawn_blocking(move || first_rx.recv_timeout(WAIT))
+        .await
+        .unwrap()
+        .expect("the watcher's snapshot line");
+    let out = tokio::task::spawn_blocking({
+        let s = s.clone();
+        move || ctl(&s, &["logout"])
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success());
+    assert_eq!(text(&out).trim(), "logged out");
+    let lines = reader.join().unwrap();
+    let _ = watch.kill();
+    let first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert!(first.get("snapshot").is_some(), "{lines:?}");
+    for l in &lines[1..] {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert!(v["method"].is_string(), "{l}");
+    }
+
+    let out = ctl(&s, &["login"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(text(&out).trim(), "logged in as alice");
+    let out = ctl(&s, &["login", "not valid"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("7003"));
+    let out = ctl(&s, &["version"]);
+    assert!(text(&out).contains("imlinkd 0.1.0 (API 1)"), "{}", text(&out));
+    d.finish().await;
+}
+
+#[test]
+fn sig_decode_prints_the_fields_never_the_hmac() {
+    let vectors: serde_json::Value =
+        serde_json::from_str(include_str!("../crates/usersig/tests/data/usersig-v2.json")).unwrap();
+    let case = &vectors["cases"][2];
+    let sig = case["usersig"].as_str().unwrap();
+    let out = Command::new(CTL).args(["sig", "decode", sig]).output().unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["identifier"], "xiaojun");
+    assert_eq!(v["sdk_app_id"], 1_400_000_000u64);
+    assert_eq!(v["expires_at"], 1_569_910_200u64 + 15_552_000);
+    assert_eq!(v["expired"], true);
+    assert!(v["fingerprint"].as_str().unwrap().starts_with("sha256:"));
+    let hmac = case["sig_hmac_b64"].as_str().unwrap();
+    assert!(!text(&out).contains(hmac) && !text(&out).contains(&hmac[..16]));
+
+    // From stdin, with a trailing newline (as from a file).
+    let mut child = Command::new(CTL)
+        .args(["sig", "decode", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(format!("{sig}\n").as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+
+    // A bad sig: exit 1 and a clear reason, without echoing the input.
+    let out = Command::new(CTL).args(["sig", "decode", "eJxgarbage+"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not a valid TLS-sig-api v2 UserSig") && err.contains("alphabet"), "{err}");
+    assert!(!err.contains("eJxgarbage"));
+}
+
+#[test]
+fn exit_codes_say_what_went_wrong() {
+    let out = Command::new(CTL).args(["--socket", "/nonexistent/api.sock", "status"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is imlinkd running?"));
+    // A stale socket: nothing listens.
+    let dir = temp_dir("stale");
+    let path = dir.join("api.sock");
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    let out = ctl(&path, &["status"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not running"));
+    let out = Command::new(CTL).arg("frobnicate").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(CTL).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    assert!(text(&out).contains("Exit codes"));
+}
