@@ -107,8 +107,13 @@ pub fn bind(cfg: &ApiConfig) -> Result<Bound, BindError> {
                     .gid
             }
         };
-        nix::unistd::chown(path, None, Some(gid))
-            .map_err(|e| io(std::io::Error::from_raw_os_error(e as i32)))?;
+        // Under the packaged unit the daemon's primary group already is the clients' group, and
+        // the system call filter forbids chown: only change what needs changing.
+        use std::os::unix::fs::MetadataExt;
+        if std::fs::metadata(path).map_err(io)?.gid() != gid.as_raw() {
+            nix::unistd::chown(path, None, Some(gid))
+                .map_err(|e| io(std::io::Error::from_raw_os_error(e as i32)))?;
+        }
     }
     Ok(Bound {
         listener,
@@ -139,18 +144,38 @@ struct Peer {
     operator: bool,
 }
 
-fn supplementary_groups(pid: Option<i32>) -> Vec<u32> {
-    let Some(pid) = pid else { return Vec::new() };
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
-                g.split_whitespace()
-                    .filter_map(|x| x.parse().ok())
-                    .collect()
-            })
-        })
-        .unwrap_or_default()
+/// The peer's supplementary groups, as the kernel recorded them at connect time
+/// (`SO_PEERGROUPS`, Linux 4.13+): no /proc lookup, so no race with pid reuse, and it works
+/// under `ProtectProc=invisible`.
+fn peer_groups(stream: &UnixStream) -> Vec<u32> {
+    use std::os::fd::AsRawFd;
+    let mut groups = vec![0u32; 64];
+    for _ in 0..2 {
+        let mut len = (groups.len() * std::mem::size_of::<u32>()) as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `groups`, which is that large.
+        let r = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let n = len as usize / std::mem::size_of::<u32>();
+        if r == 0 {
+            groups.truncate(n);
+            return groups;
+        }
+        // ERANGE: `len` now says how much room is needed.
+        if std::io::Error::last_os_error().raw_os_error() == Some(libc::ERANGE) && n > groups.len()
+        {
+            groups.resize(n, 0);
+            continue;
+        }
+        break;
+    }
+    Vec::new()
 }
 
 struct Limits {
@@ -255,7 +280,7 @@ impl Server {
             || uid == self.daemon_uid
             || self.cfg.operator_uids.contains(&uid)
             || self.cfg.operator_gids.contains(&cred.gid())
-            || supplementary_groups(cred.pid())
+            || peer_groups(&stream)
                 .iter()
                 .any(|g| self.cfg.operator_gids.contains(g));
         let peer = Peer { uid, operator };

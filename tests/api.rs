@@ -267,14 +267,33 @@ async fn logout_disconnects_cleanly_and_stays_logged_out() {
 // --- roles -------------------------------------------------------------------------------------
 
 fn ctl_as(uid: u32, gid: u32, socket: &std::path::Path, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(CTL)
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .uid(uid)
-        .gid(gid)
-        .output()
-        .unwrap()
+    ctl_as_with_groups(uid, gid, &[], socket, args)
+}
+
+fn ctl_as_with_groups(
+    uid: u32,
+    gid: u32,
+    groups: &[u32],
+    socket: &std::path::Path,
+    args: &[&str],
+) -> std::process::Output {
+    let groups = groups.to_vec();
+    let mut cmd = std::process::Command::new(CTL);
+    cmd.arg("--socket").arg(socket).args(args);
+    // SAFETY: setgroups/setgid/setuid are async-signal-safe; they run in the child before
+    // exec, in the order that keeps the privilege to make each change.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::setgid(gid) != 0
+                || libc::setuid(uid) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.output().unwrap()
 }
 
 /// Roles with real uids: the suite runs as root (CI does), and the clients run as throwaway
@@ -289,9 +308,13 @@ async fn roles_follow_the_peer_credentials() {
     const READER: u32 = 61_002;
     const OUTSIDER: u32 = 61_003;
     const OPERATOR: u32 = 61_004;
+    const OPERATOR_GROUP: u32 = 61_005;
+    const GROUP_OPERATOR: u32 = 61_006;
     let sb = sandbox().await;
     let mut o = Opts::user("alice");
-    o.api_extra = format!("group = \"{CLIENTS_GID}\"\noperator_uids = [{OPERATOR}]");
+    o.api_extra = format!(
+        "group = \"{CLIENTS_GID}\"\noperator_uids = [{OPERATOR}]\noperator_gids = [{OPERATOR_GROUP}]"
+    );
     let d = Daemon::start(&sb, o).await;
     d.wait_phase("online").await;
     // The socket: 0660, the clients' group. The directory must let others reach it.

@@ -8,7 +8,12 @@ use std::process::{Command, Output, Stdio};
 use common::*;
 
 fn ctl(socket: &std::path::Path, args: &[&str]) -> Output {
-    Command::new(CTL).arg("--socket").arg(socket).args(args).output().unwrap()
+    Command::new(CTL)
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn text(o: &Output) -> String {
@@ -26,7 +31,11 @@ async fn status_login_logout_wait_and_watch() {
     })
     .await
     .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let out = ctl(&s, &["status"]);
     assert!(out.status.success());
@@ -95,13 +104,21 @@ async fn status_login_logout_wait_and_watch() {
     }
 
     let out = ctl(&s, &["login"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(text(&out).trim(), "logged in as alice");
     let out = ctl(&s, &["login", "not valid"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("7003"));
     let out = ctl(&s, &["version"]);
-    assert!(text(&out).contains("imlinkd 0.1.0 (API 1)"), "{}", text(&out));
+    assert!(
+        text(&out).contains("imlinkd 0.1.0 (API 1)"),
+        "{}",
+        text(&out)
+    );
     d.finish().await;
 }
 
@@ -111,7 +128,10 @@ fn sig_decode_prints_the_fields_never_the_hmac() {
         serde_json::from_str(include_str!("../crates/usersig/tests/data/usersig-v2.json")).unwrap();
     let case = &vectors["cases"][2];
     let sig = case["usersig"].as_str().unwrap();
-    let out = Command::new(CTL).args(["sig", "decode", sig]).output().unwrap();
+    let out = Command::new(CTL)
+        .args(["sig", "decode", sig])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["identifier"], "xiaojun");
@@ -129,21 +149,35 @@ fn sig_decode_prints_the_fields_never_the_hmac() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(format!("{sig}\n").as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{sig}\n").as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
 
     // A bad sig: exit 1 and a clear reason, without echoing the input.
-    let out = Command::new(CTL).args(["sig", "decode", "eJxgarbage+"]).output().unwrap();
+    let out = Command::new(CTL)
+        .args(["sig", "decode", "eJxgarbage+"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not a valid TLS-sig-api v2 UserSig") && err.contains("alphabet"), "{err}");
+    assert!(
+        err.contains("not a valid TLS-sig-api v2 UserSig") && err.contains("alphabet"),
+        "{err}"
+    );
     assert!(!err.contains("eJxgarbage"));
 }
 
 #[test]
 fn exit_codes_say_what_went_wrong() {
-    let out = Command::new(CTL).args(["--socket", "/nonexistent/api.sock", "status"]).output().unwrap();
+    let out = Command::new(CTL)
+        .args(["--socket", "/nonexistent/api.sock", "status"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is imlinkd running?"));
     // A stale socket: nothing listens.
