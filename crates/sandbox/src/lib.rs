@@ -45,7 +45,8 @@ pub struct SandboxOptions {
     pub secret_key: Option<String>,
     /// Lifetime of the UserSigs the provisioning endpoint issues.
     pub sig_lifetime: Duration,
-    /// Where to write `endpoints.json`, `ca.pem`, `client.pem`, `client.key`.
+    /// Where to write `endpoints.json` (and `endpoints.env` for shells), `ca.pem`,
+    /// `client.pem`, `client.key`, `device-token`.
     pub state_dir: Option<PathBuf>,
     /// Require a client certificate (signed by the sandbox CA) on MQTT and provisioning.
     pub require_client_cert: bool,
@@ -279,6 +280,18 @@ impl Sandbox {
             endpoints.client_key_path = Some(key);
             let json = serde_json::to_vec_pretty(&endpoints).unwrap_or_default();
             write_file(&dir.join("endpoints.json"), &json, 0o600)?;
+            // The same, for shell scripts: `. endpoints.env`.
+            let env = format!(
+                "MQTT_URL='{}'\nPROVISIONING_URL_TEMPLATE='{}'\nADMIN_URL='{}'\nADMIN_TOKEN='{}'\nDEVICE_TOKEN='{}'\nSDK_APP_ID='{}'\nCA_PATH='{}'\n",
+                endpoints.mqtt_url,
+                endpoints.provisioning_url_template,
+                endpoints.admin_url,
+                endpoints.admin_token,
+                endpoints.device_token,
+                endpoints.sdk_app_id,
+                dir.join("ca.pem").display(),
+            );
+            write_file(&dir.join("endpoints.env"), env.as_bytes(), 0o600)?;
         }
 
         let control = Arc::new(Control {
