@@ -214,10 +214,11 @@ async fn serve(path: &Path, config: Config) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// SIGHUP: load and validate the file again; a bad new config keeps the running one.
+/// SIGHUP: load and validate the file again; a bad new config keeps the running one, and
+/// STATUS= says so.
 async fn reload(path: &Path, session: &SessionHandle) {
     systemd::reloading();
-    match Config::load(path) {
+    let problem = match Config::load(path) {
         Ok(config) => {
             for w in &config.warnings {
                 tracing::warn!("{w}");
@@ -231,18 +232,26 @@ async fn reload(path: &Path, session: &SessionHandle) {
                 })
                 .await;
             match (sent, rx.await) {
-                (Ok(()), Ok(Ok(()))) => tracing::info!("configuration reloaded"),
-                (_, Ok(Err(e))) => tracing::error!(
-                    "could not apply the new configuration ({e}); keeping the running one"
-                ),
-                _ => tracing::error!("the session driver is gone; cannot reload"),
+                (Ok(()), Ok(Ok(()))) => {
+                    tracing::info!("configuration reloaded");
+                    None
+                }
+                (_, Ok(Err(e))) => Some(format!("could not apply the new configuration ({e})")),
+                _ => Some("the session driver is gone".to_string()),
             }
         }
-        Err(e) => {
-            tracing::error!("the new configuration is invalid, keeping the running one: {e}");
+        Err(e) => Some(format!("the new configuration is invalid: {e}")),
+    };
+    let summary = session.status.borrow().summary.clone();
+    match problem {
+        None => systemd::ready(&summary),
+        Some(p) => {
+            tracing::error!("{p}; keeping the running one");
+            systemd::ready(&format!(
+                "{summary} (reload failed, running configuration kept: {p})"
+            ));
         }
     }
-    systemd::ready(&session.status.borrow().summary.clone());
 }
 
 #[cfg(test)]

@@ -248,7 +248,8 @@ struct HeldSig {
 
 enum Wake {
     Command(Option<Command>),
-    Conn(Result<MqttEvent, ConnectionError>),
+    // Boxed: rumqttc's event is large and most wake-ups are something else.
+    Conn(Box<Result<MqttEvent, ConnectionError>>),
     Fetch(Result<Result<Fetched, FetchFailure>, tokio::task::JoinError>),
     Timer,
     CloseTimeout,
@@ -437,7 +438,7 @@ impl Driver {
             let close_deadline = self.close_deadline;
             let wake = tokio::select! {
                 cmd = self.commands.recv() => Wake::Command(cmd),
-                ev = next_conn_event(&mut self.conn), if self.conn.is_some() => Wake::Conn(ev),
+                ev = next_conn_event(&mut self.conn), if self.conn.is_some() => Wake::Conn(Box::new(ev)),
                 res = next_fetch(&mut self.fetch), if self.fetch.is_some() => Wake::Fetch(res),
                 _ = sleep_until_opt(timer), if timer.is_some() => Wake::Timer,
                 _ = sleep_until_opt(close_deadline), if close_deadline.is_some() => Wake::CloseTimeout,
@@ -446,7 +447,7 @@ impl Driver {
             match wake {
                 Wake::Command(None) => self.feed(Input::Shutdown),
                 Wake::Command(Some(cmd)) => self.on_command(cmd).await,
-                Wake::Conn(ev) => self.on_conn_event(ev),
+                Wake::Conn(ev) => self.on_conn_event(*ev),
                 Wake::Fetch(res) => self.on_fetch_done(res),
                 Wake::Timer => {
                     let now = self.clock.now();
@@ -524,11 +525,12 @@ impl Driver {
             Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
                 if conn.state == ConnState::Connecting {
                     conn.state = ConnState::Online;
-                    if !ack.session_present {
-                        let filter = self.mqtt.inbox_filter(&conn.user);
-                        if let Err(e) = conn.client.try_subscribe(filter, QoS::AtLeastOnce) {
-                            tracing::warn!("could not queue the inbox subscription: {e}");
-                        }
+                    // Subscribe on every login, not only when the broker has no session: a
+                    // session can exist without the subscription (a drop between CONNACK and
+                    // SUBACK), and subscribing again is idempotent.
+                    let filter = self.mqtt.inbox_filter(&conn.user);
+                    if let Err(e) = conn.client.try_subscribe(filter, QoS::AtLeastOnce) {
+                        tracing::warn!("could not queue the inbox subscription: {e}");
                     }
                     self.feed(Input::Connected {
                         session_present: ack.session_present,

@@ -33,6 +33,8 @@ pub fn stderr_is_journal() -> bool {
         return false;
     };
     match nix::sys::stat::fstat(std::io::stderr().as_fd()) {
+        // The casts are no-ops on x86_64 but not on every target (32-bit ARM's ino_t).
+        #[allow(clippy::unnecessary_cast)]
         Ok(st) => st.st_dev as u64 == dev && st.st_ino as u64 == ino,
         Err(_) => false,
     }

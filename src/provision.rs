@@ -476,17 +476,17 @@ impl Provisioner {
             .get("user_sig")
             .and_then(|s| s.as_str())
             .ok_or_else(|| malformed("no \"user_sig\" string"))?;
-        if let Some(app) = obj.get("sdk_app_id") {
-            if app.as_u64() != Some(self.sdk_app_id) {
-                return Err(fail(
-                    ErrorClass::Fatal,
-                    70014,
-                    format!(
-                        "the provisioning server answered for sdk_app_id {app}, not {}",
-                        self.sdk_app_id
-                    ),
-                ));
-            }
+        if let Some(app) = obj.get("sdk_app_id")
+            && app.as_u64() != Some(self.sdk_app_id)
+        {
+            return Err(fail(
+                ErrorClass::Fatal,
+                70014,
+                format!(
+                    "the provisioning server answered for sdk_app_id {app}, not {}",
+                    self.sdk_app_id
+                ),
+            ));
         }
         let expire_at = obj.get("expire_at").and_then(|e| e.as_i64());
         let (issued_at, expires_at) = match inspect(sig) {

@@ -353,6 +353,24 @@ async fn roles_follow_the_peer_credentials() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(d.status().await["phase"], "idle");
+    // So may a member of an operator group, through a supplementary group (SO_PEERGROUPS).
+    let out = ctl_as_with_groups(
+        GROUP_OPERATOR,
+        CLIENTS_GID,
+        &[OPERATOR_GROUP],
+        &d.socket,
+        &["login"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(d.status().await["phase"], "online");
+    // Without that group, the same user is a reader.
+    let out = ctl_as(GROUP_OPERATOR, CLIENTS_GID, &d.socket, &["logout"]);
+    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(d.status().await["phase"], "online");
     d.finish().await;
 }
 
@@ -549,10 +567,10 @@ async fn abuse_does_not_disturb_the_session() {
         halves.push(s);
     }
     // Meanwhile the session lives on: three UserSig expiries and renewals.
-    for _ in 0..3 {
+    for i in 1..=3 {
         sb.expire_sig("alice");
         counters_until(&sb, "back online", |c| {
-            c.user("alice").logins_accepted >= before.logins_accepted + 1
+            c.user("alice").logins_accepted >= before.logins_accepted + i
         })
         .await;
         d.wait_phase("online").await;

@@ -96,6 +96,7 @@ async fn status_login_logout_wait_and_watch() {
     assert_eq!(text(&out).trim(), "logged out");
     let lines = reader.join().unwrap();
     let _ = watch.kill();
+    let _ = watch.wait();
     let first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
     assert!(first.get("snapshot").is_some(), "{lines:?}");
     for l in &lines[1..] {

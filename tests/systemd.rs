@@ -154,7 +154,11 @@ async fn sighup_reloads_and_a_bad_new_config_keeps_the_running_one() {
     std::fs::write(&d.config, "this is = = not toml").unwrap();
     let n = d.notes().len();
     d.signal(nix::sys::signal::Signal::SIGHUP);
-    d.wait_notify_after(n, "READY=1").await;
+    let ready = d.wait_notify_after(n, "READY=1").await;
+    assert!(
+        ready.contains("reload failed, running configuration kept"),
+        "{ready}"
+    );
     assert!(d.log_text().contains("keeping the running one"));
     let st = d.status().await;
     assert_eq!(

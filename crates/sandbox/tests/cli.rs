@@ -102,6 +102,16 @@ fn serving_prints_and_writes_the_endpoints() {
     assert_eq!(mode("endpoints.json"), 0o600, "it holds the tokens");
     assert_eq!(mode("client.key"), 0o600);
     assert_eq!(mode("device-token"), 0o600);
+    assert_eq!(mode("endpoints.env"), 0o600);
+    let env = std::fs::read_to_string(dir.join("endpoints.env")).unwrap();
+    assert!(
+        env.contains(&format!(
+            "MQTT_URL='{}'",
+            shown["mqtt_url"].as_str().unwrap()
+        )),
+        "{env}"
+    );
+    assert!(env.contains("ADMIN_TOKEN='") && env.contains("PROVISIONING_URL_TEMPLATE='https://"));
     assert!(
         std::fs::read_to_string(dir.join("ca.pem"))
             .unwrap()

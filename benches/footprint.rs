@@ -1,0 +1,305 @@
+//! `cargo bench --bench footprint` — what imlinkd costs and how fast it answers, measured on the
+//! release binary against the bundled sandbox on loopback:
+//!
+//! - start-up: process start → READY=1, → online (fetch + TLS + CONNECT);
+//! - a full login (logout → login → online) and a proactive UserSig refresh move;
+//! - memory once online and idle (RSS, PSS, private anonymous, peak);
+//! - API latency idle, and under abuse (1,000 connections from another uid, a 10 MiB line, a
+//!   watcher that never reads): p50 / p99 / max of a fresh connection + `status`.
+//!   The target: other clients are still served within 100 ms.
+//!
+//! Run as root (the abuse part connects as another uid). Prints a Markdown table and writes it to
+//! `target/footprint.md`. The README shows a run.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use imlink_sandbox::{Sandbox, SandboxOptions};
+use serde_json::{Value, json};
+
+const BIN: &str = env!("CARGO_BIN_EXE_imlinkd");
+
+fn call(sock: &Path, method: &str, params: Value) -> Value {
+    let mut s = UnixStream::connect(sock).expect("connect");
+    let line = json!({"jsonrpc":"2.0","id":1,"method":method,"params":params}).to_string() + "\n";
+    s.write_all(line.as_bytes()).unwrap();
+    let mut r = BufReader::new(s);
+    let mut out = String::new();
+    r.read_line(&mut out).unwrap();
+    serde_json::from_str(&out).unwrap()
+}
+
+/// Block until the daemon reports `phase` (via `watch`).
+fn wait_phase(sock: &Path, phase: &str) {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"watch\"}\n")
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let v: Value = serde_json::from_str(&line).unwrap();
+    if v["result"]["status"]["phase"] == phase {
+        return;
+    }
+    loop {
+        line.clear();
+        r.read_line(&mut line).expect("events until the phase");
+        let v: Value = serde_json::from_str(&line).unwrap();
+        if v["method"] == "state_changed" && v["params"]["phase"] == phase {
+            return;
+        }
+    }
+}
+
+fn proc_kib(pid: u32, file: &str, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after = stat.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
+}
+
+struct Stats {
+    p50: Duration,
+    p99: Duration,
+    max: Duration,
+}
+
+fn stats(mut v: Vec<Duration>) -> Stats {
+    v.sort();
+    let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
+    Stats {
+        p50: at(0.5),
+        p99: at(0.99),
+        max: *v.last().unwrap(),
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn api_latency(sock: &Path, n: usize) -> Stats {
+    let samples = (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            let v = call(sock, "status", json!({}));
+            assert!(v.get("result").is_some());
+            t.elapsed()
+        })
+        .collect();
+    stats(samples)
+}
+
+fn write_config(sb: &Sandbox, dir: &Path) -> PathBuf {
+    let e = sb.endpoints();
+    std::fs::write(dir.join("ca.pem"), &e.ca_pem).unwrap();
+    std::fs::write(dir.join("token"), &e.device_token).unwrap();
+    let cfg = format!(
+        "user_id = \"bench\"\nsdk_app_id = {}\nstate_dir = \"{d}/state\"\nlog_level = \"info\"\n\
+         [broker]\nurl = \"{}\"\nca_file = \"{d}/ca.pem\"\n\
+         [provisioning]\nurl = \"{}\"\ntoken_file = \"{d}/token\"\nca_file = \"{d}/ca.pem\"\n\
+         [api]\nsocket = \"{d}/api.sock\"\nidle_timeout = \"2s\"\n",
+        sb.sdk_app_id(),
+        e.mqtt_url,
+        e.provisioning_url_template,
+        d = dir.display()
+    );
+    let p = dir.join("imlinkd.toml");
+    std::fs::write(&p, cfg).unwrap();
+    p
+}
+
+fn main() {
+    // libtest-style arguments from `cargo bench` (e.g. --bench) are ignored.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let sb = rt
+        .block_on(Sandbox::start(SandboxOptions {
+            sig_lifetime: Duration::from_secs(3600),
+            ..Default::default()
+        }))
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("imlinkd-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = write_config(&sb, &dir);
+    let sock = dir.join("api.sock");
+    let notify = UnixDatagram::bind(dir.join("notify.sock")).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+
+    let t0 = Instant::now();
+    let mut child: Child = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .env("NOTIFY_SOCKET", dir.join("notify.sock"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = notify.recv(&mut buf).expect("READY=1");
+        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+            break;
+        }
+    }
+    let to_ready = t0.elapsed();
+    wait_phase(&sock, "online");
+    let to_online = t0.elapsed();
+    // Drain the notify socket in the background, as systemd would.
+    std::thread::spawn(move || while notify.recv(&mut buf).is_ok() {});
+
+    // Full logins: logout → login → online.
+    let logins: Vec<Duration> = (0..20)
+        .map(|_| {
+            call(&sock, "logout", json!({}));
+            let t = Instant::now();
+            let v = call(&sock, "login", json!({}));
+            assert_eq!(v["result"]["login_status"], 1, "{v}");
+            t.elapsed()
+        })
+        .collect();
+    let logins = stats(logins);
+    // The login above reused the cached sig; a refresh move includes a fetch. Trigger one by
+    // expiring the sig at the server (0xA0 → fetch → CONNECT).
+    let moves: Vec<Duration> = (0..10)
+        .map(|_| {
+            let t = Instant::now();
+            sb.expire_sig("bench");
+            rt.block_on(sb.wait_for("re-login", Duration::from_secs(30), |c| {
+                c.user("bench")
+                    .server_disconnects
+                    .get("0xA0")
+                    .copied()
+                    .unwrap_or(0)
+                    > 0
+            }))
+            .unwrap();
+            wait_phase(&sock, "online");
+            t.elapsed()
+        })
+        .collect();
+    let moves = stats(moves);
+
+    // Idle, online.
+    let cpu0 = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(10)); // the idle period being measured
+    let cpu_idle = cpu_ticks(pid) - cpu0;
+    let rss = proc_kib(pid, "status", "VmRSS:");
+    let pss = proc_kib(pid, "smaps_rollup", "Pss:");
+    let anon = proc_kib(pid, "smaps_rollup", "Private_Dirty:");
+    let threads = proc_kib(pid, "status", "Threads:");
+    let idle_api = api_latency(&sock, 2000);
+
+    // Abuse: 1,000 connections from another uid, a 10 MiB line, a watcher that never reads.
+    let abuser = std::thread::spawn({
+        let sock = sock.clone();
+        move || {
+            // SAFETY: thread-local credential change (raw syscalls), this thread only.
+            unsafe {
+                libc::syscall(libc::SYS_setresgid, 0, 0, 0);
+                libc::syscall(libc::SYS_setresuid, 61_010, 61_010, 61_010);
+            }
+            let conns: Vec<UnixStream> = (0..1000)
+                .filter_map(|_| UnixStream::connect(&sock).ok())
+                .collect();
+            conns
+        }
+    })
+    .join()
+    .unwrap();
+    let mut lazy = UnixStream::connect(&sock).unwrap();
+    lazy.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"watch\"}\n")
+        .unwrap();
+    let big = std::thread::spawn({
+        let sock = sock.clone();
+        move || {
+            let mut s = UnixStream::connect(&sock).unwrap();
+            let chunk = vec![b'x'; 1 << 20];
+            for _ in 0..10 {
+                if s.write_all(&chunk).is_err() {
+                    break;
+                }
+            }
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+        }
+    });
+    let abuse_api = api_latency(&sock, 500);
+    big.join().unwrap();
+    let peak = proc_kib(pid, "status", "VmHWM:");
+    drop(abuser);
+    drop(lazy);
+
+    let _ = Command::new("kill").arg(pid.to_string()).status();
+    let _ = child.wait();
+    let size = std::fs::metadata(BIN).map(|m| m.len()).unwrap_or(0);
+    let hz = 100.0; // USER_HZ on Linux
+    let table = format!(
+        "| measure | value |\n|---|---|\n\
+         | binary size (this build) | {:.2} MB |\n\
+         | start → READY=1 | {} |\n\
+         | start → online (fetch + TLS + CONNECT) | {} |\n\
+         | login (cached sig) p50 / p99 / max | {} / {} / {} |\n\
+         | UserSig expired → new sig → online p50 / p99 / max | {} / {} / {} |\n\
+         | RSS / PSS / private dirty, online idle | {} / {} / {} KiB |\n\
+         | threads | {} |\n\
+         | CPU while idle online (10 s) | {:.2} % |\n\
+         | API `status` (new connection) idle p50 / p99 / max | {} / {} / {} |\n\
+         | same, under abuse (1,000 conns, 10 MiB line, stuck watcher) p50 / p99 / max | {} / {} / {} |\n\
+         | peak RSS (VmHWM) after abuse | {} KiB |\n",
+        size as f64 / 1e6,
+        ms(to_ready),
+        ms(to_online),
+        ms(logins.p50),
+        ms(logins.p99),
+        ms(logins.max),
+        ms(moves.p50),
+        ms(moves.p99),
+        ms(moves.max),
+        rss,
+        pss,
+        anon,
+        threads,
+        cpu_idle as f64 / hz / 10.0 * 100.0,
+        ms(idle_api.p50),
+        ms(idle_api.p99),
+        ms(idle_api.max),
+        ms(abuse_api.p50),
+        ms(abuse_api.p99),
+        ms(abuse_api.max),
+        peak,
+    );
+    println!("{table}");
+    let verdict = if abuse_api.max <= Duration::from_millis(100) {
+        "met"
+    } else {
+        "MISSED"
+    };
+    println!(
+        "target: other clients served within 100 ms under abuse: {verdict} (max {})",
+        ms(abuse_api.max)
+    );
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/footprint.md");
+    let _ = std::fs::write(out, &table);
+    let _ = std::fs::remove_dir_all(&dir);
+}
