@@ -230,11 +230,45 @@ enum ConnState {
     Closing,
 }
 
+/// One MQTT connection. Its rumqttc event loop runs in a task of its own that is **never
+/// cancelled mid-poll**: `EventLoop::poll` is not cancel-safe (dropping it during the connect
+/// abandons a connection the broker already accepted, and the next poll silently opens another),
+/// so the driver's `select!` only ever waits on the channel the task feeds. The task ends at the
+/// first error, so rumqttc can never reconnect on its own; dropping the `Connection` aborts it.
 struct Connection {
     client: AsyncClient,
-    eventloop: EventLoop,
+    events: mpsc::Receiver<Result<MqttEvent, ConnectionError>>,
+    task: JoinHandle<()>,
     state: ConnState,
     user: UserId,
+}
+
+impl Connection {
+    fn open(client: AsyncClient, mut eventloop: EventLoop, user: UserId) -> Connection {
+        let (tx, events) = mpsc::channel(32);
+        let task = tokio::spawn(async move {
+            loop {
+                let event = eventloop.poll().await;
+                let failed = event.is_err();
+                if tx.send(event).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        Connection {
+            client,
+            events,
+            task,
+            state: ConnState::Connecting,
+            user,
+        }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 /// A sig the driver holds, with what is needed to cache it.
@@ -547,16 +581,17 @@ impl Driver {
                 self.feed(Input::MessageReceived);
             }
             Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Disconnect)) => {
-                if conn.state == ConnState::Closing {
-                    self.conn = None;
-                    self.close_deadline = None;
-                    self.feed(Input::Disconnected);
-                }
+                // DISCONNECT is on the wire. Keep reading until the broker closes its side (it
+                // must, after a DISCONNECT): dropping the socket now, with anything unread in
+                // flight, would send a TCP reset that can destroy the DISCONNECT on the broker's
+                // side and turn a clean logout into a lost connection (and a published will).
+                // CLOSE_TIMEOUT bounds the wait.
+                tracing::debug!("DISCONNECT sent; waiting for the broker to close");
             }
             Ok(_) => {}
             Err(e) => {
                 let state = conn.state;
-                // Drop the event loop now: polling it again would reconnect at once.
+                // The task already stopped polling; drop the connection (and the task) now.
                 self.conn = None;
                 self.close_deadline = None;
                 if state == ConnState::Closing {
@@ -696,12 +731,7 @@ impl Driver {
             "connecting"
         );
         let (client, eventloop) = AsyncClient::new(options, 10);
-        self.conn = Some(Connection {
-            client,
-            eventloop,
-            state: ConnState::Connecting,
-            user,
-        });
+        self.conn = Some(Connection::open(client, eventloop, user));
         // Only the sig in use (and a newer one, if any) needs to stay in memory.
         let current = self.machine.snapshot().sig.map(|s| s.fingerprint);
         self.sigs
@@ -767,7 +797,12 @@ impl Driver {
                 last_error,
             } => {
                 let snapshot = self.machine.snapshot();
-                let text = summary(&snapshot, &self.mqtt.url(), self.clock.now().mono);
+                // The summary describes the current state; an older queued event gets its phase.
+                let text = if snapshot.phase == *phase {
+                    summary(&snapshot, &self.mqtt.url(), self.clock.now().mono)
+                } else {
+                    phase.as_str().to_string()
+                };
                 match last_error {
                     Some(e) => tracing::info!(
                         phase = phase.as_str(),
@@ -825,9 +860,14 @@ impl Driver {
     }
 }
 
+/// The next event of the current connection (cancel-safe: a channel receive).
 async fn next_conn_event(conn: &mut Option<Connection>) -> Result<MqttEvent, ConnectionError> {
     match conn {
-        Some(c) => c.eventloop.poll().await,
+        Some(c) => c.events.recv().await.unwrap_or_else(|| {
+            Err(ConnectionError::Io(std::io::Error::other(
+                "the connection task ended",
+            )))
+        }),
         None => std::future::pending().await,
     }
 }

@@ -48,7 +48,7 @@ async fn logs_in_and_a_restart_with_a_valid_cached_sig_fetches_nothing() {
         u.provision_requests, 1,
         "zero provisioning requests after the restart"
     );
-    assert_eq!(u.logins_accepted, 2);
+    assert_eq!(u.logins_accepted, 2, "{u:?}");
     d.finish().await;
 }
 
@@ -656,5 +656,24 @@ async fn login_on_start_false_waits_for_a_local_login() {
     let r = d.rpc("login", json!({})).await;
     assert_eq!(r["result"]["login_user"], "kiosk-18", "{r}");
     assert_eq!(sb.user("kiosk-18").logins_accepted, 1);
+    d.finish().await;
+}
+
+/// A slow link: CONNACK takes longer than the driver's heartbeat. The connect must not be
+/// abandoned and retried under the broker's feet (rumqttc's poll is not cancel-safe; the
+/// driver keeps it in a task of its own): exactly one CONNECT, one login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_connack_is_waited_for_not_abandoned() {
+    let sb = sandbox().await;
+    sb.set_connack_delay(Duration::from_millis(2_500));
+    let d = Daemon::start(&sb, Opts::user("kiosk-19")).await;
+    // Meanwhile the driver is woken by its heartbeat and by API requests.
+    for _ in 0..5 {
+        d.rpc("login", json!({"timeout_ms": 100})).await;
+    }
+    d.wait_phase("online").await;
+    let u = sb.user("kiosk-19");
+    assert_eq!((u.connect_attempts, u.logins_accepted), (1, 1), "{u:?}");
+    assert_eq!(u.connections_lost, 0);
     d.finish().await;
 }

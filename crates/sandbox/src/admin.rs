@@ -14,6 +14,7 @@
 //! | `POST /provisioning/fault` + JSON body `{"mode": …, "count": N, "user_id": U}` | provisioning failure modes |
 //! | `POST /provisioning/clock-offset?seconds=S` | skew the provisioning clock |
 //! | `POST /sig-lifetime?seconds=S` | lifetime of newly issued UserSigs |
+//! | `POST /connack-delay?ms=N` | wait before each successful CONNACK (a slow link) |
 //! | `POST /faults/clear` | disarm everything |
 //! | `POST /publish?topic=T[&qos=1]` + body | publish as the service |
 //! | `POST /issue-sig?user_id=U[&seconds=S]` | a UserSig for U (for broker-only tests) |
@@ -152,6 +153,13 @@ async fn handle(c: &Control, req: Request) -> Response {
                 ok(serde_json::json!({ "sig_lifetime": s }))
             }
             _ => Response::error(400, "seconds must be a whole number"),
+        },
+        ("/connack-delay", _, true) => match req.query("ms").map(str::parse::<u64>) {
+            Some(Ok(ms)) => {
+                c.set_connack_delay(Duration::from_millis(ms));
+                ok(serde_json::json!({ "connack_delay_ms": ms }))
+            }
+            _ => Response::error(400, "ms must be a whole number"),
         },
         ("/faults/clear", _, true) => {
             c.clear_faults();

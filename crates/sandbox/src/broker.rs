@@ -169,6 +169,10 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, acceptor: 
             };
             let mut session_expiry = connect.session_expiry;
             let mut will = connect.will.clone();
+            let delay = shared.lock().connack_delay;
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             let ending = if conn
                 .write(&codec::connack(session_present, reason::SUCCESS, &props))
                 .await

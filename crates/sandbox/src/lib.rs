@@ -533,6 +533,11 @@ impl Control {
         self.shared.update(|st| st.provision_clock_offset = seconds);
     }
 
+    /// Wait this long before each successful CONNACK (a slow link or a busy broker).
+    pub fn set_connack_delay(&self, delay: Duration) {
+        self.shared.update(|st| st.connack_delay = delay);
+    }
+
     pub fn set_sig_lifetime(&self, lifetime: Duration) {
         self.shared.update(|st| st.sig_lifetime = lifetime);
     }
@@ -543,6 +548,7 @@ impl Control {
             st.faults = state::Faults::default();
             st.banned.clear();
             st.provision_clock_offset = 0;
+            st.connack_delay = Duration::ZERO;
         });
     }
 

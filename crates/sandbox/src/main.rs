@@ -163,6 +163,23 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async {
+        // Handlers first: whoever reads the endpoints may send SIGTERM right away.
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("imlink-sandbox: installing the SIGTERM handler: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+        let mut int =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("imlink-sandbox: installing the SIGINT handler: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
         let sandbox = match Sandbox::start(args.opts).await {
             Ok(s) => s,
             Err(e) => {
@@ -174,20 +191,9 @@ fn main() -> ExitCode {
         if let Some(m) = shown.as_object_mut() {
             m.remove("ca_pem");
         }
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&shown).unwrap_or_default()
-        );
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    eprintln!("imlink-sandbox: installing the SIGTERM handler: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
+        println!("{}", serde_json::to_string_pretty(&shown).unwrap_or_default());
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = int.recv() => {}
             _ = term.recv() => {}
         }
         tracing::info!("imlink-sandbox stopping");

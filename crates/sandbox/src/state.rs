@@ -250,6 +250,8 @@ pub struct BrokerState {
     pub sig_lifetime: Duration,
     /// Seconds added to the provisioning server's clock (sig `time` and `Date`).
     pub provision_clock_offset: i64,
+    /// How long the broker waits before sending a successful CONNACK (a slow link).
+    pub connack_delay: Duration,
 }
 
 /// Fixed settings of one sandbox.
@@ -354,6 +356,7 @@ impl Shared {
                 failed_logins: HashMap::new(),
                 sig_lifetime,
                 provision_clock_offset: 0,
+                connack_delay: Duration::ZERO,
             }),
             changed,
         })
