@@ -72,6 +72,16 @@ fn cpu_ticks(pid: u32) -> u64 {
         + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
 }
 
+/// The daemon dies with the bench, even when the bench panics.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 struct Stats {
     p50: Duration,
     p99: Duration,
@@ -112,6 +122,8 @@ fn write_config(sb: &Sandbox, dir: &Path) -> PathBuf {
         "user_id = \"bench\"\nsdk_app_id = {}\nstate_dir = \"{d}/state\"\nlog_level = \"info\"\n\
          [broker]\nurl = \"{}\"\nca_file = \"{d}/ca.pem\"\n\
          [provisioning]\nurl = \"{}\"\ntoken_file = \"{d}/token\"\nca_file = \"{d}/ca.pem\"\n\
+         [session]\n# the bench expires the sig on purpose, more often than the default budget allows\n\
+         sig_expired_budget = 1000\n\
          [api]\nsocket = \"{d}/api.sock\"\nidle_timeout = \"2s\"\n",
         sb.sdk_app_id(),
         e.mqtt_url,
@@ -147,14 +159,17 @@ fn main() {
         .unwrap();
 
     let t0 = Instant::now();
-    let mut child: Child = Command::new(BIN)
+    let child: Child = Command::new(BIN)
         .arg("--config")
         .arg(&config)
         .env("NOTIFY_SOCKET", dir.join("notify.sock"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let pid = child.id();
+    let mut daemon = KillOnDrop(child);
     let mut buf = [0u8; 4096];
     loop {
         let n = notify.recv(&mut buf).expect("READY=1");
@@ -251,7 +266,7 @@ fn main() {
     drop(lazy);
 
     let _ = Command::new("kill").arg(pid.to_string()).status();
-    let _ = child.wait();
+    let _ = daemon.0.wait();
     let size = std::fs::metadata(BIN).map(|m| m.len()).unwrap_or(0);
     let hz = 100.0; // USER_HZ on Linux
     let table = format!(
