@@ -642,6 +642,31 @@ fn ms(d: Dur) -> u64 {
     u64::try_from(d.0.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// `host[:port]` or `[v6][:port]` → (host, port), `default` when no port is given. Errors
+/// quote `url`.
+pub fn host_port(authority: &str, default: u16, url: &str) -> Result<(String, u16), String> {
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, after) = v6
+            .split_once(']')
+            .ok_or_else(|| format!("{url:?}: unclosed [ in an IPv6 address"))?;
+        (h.to_string(), after.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (authority.to_string(), None),
+        }
+    };
+    let port = match port {
+        None => default,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{url:?}: {p:?} is not a port number"))?,
+    };
+    Ok((host, port))
+}
+
 /// `mqtts://host[:port]` → (host, port). Port 8883 by default. Plain `mqtt://` is refused:
 /// the UserSig is a password.
 pub fn parse_broker_url(url: &str) -> Result<(String, u16), String> {
@@ -658,25 +683,7 @@ pub fn parse_broker_url(url: &str) -> Result<(String, u16), String> {
             "{url:?}: use mqtts://host:port (no path or user info)"
         ));
     }
-    let (host, port) = if let Some(v6) = rest.strip_prefix('[') {
-        let (h, after) = v6
-            .split_once(']')
-            .ok_or_else(|| format!("{url:?}: unclosed [ in an IPv6 address"))?;
-        (h.to_string(), after.strip_prefix(':'))
-    } else {
-        match rest.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), Some(p)),
-            None => (rest.to_string(), None),
-        }
-    };
-    let port = match port {
-        None => 8883,
-        Some(p) => p
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| format!("{url:?}: {p:?} is not a port number"))?,
-    };
+    let (host, port) = host_port(rest, 8883, url)?;
     if host.is_empty() {
         return Err(format!("{url:?}: the host is missing"));
     }

@@ -320,19 +320,25 @@ fn seed() -> u64 {
     u64::from_le_bytes(b)
 }
 
+/// The broker and provisioning clients a config describes (their TLS set up).
+fn endpoints(config: &Config) -> Result<(MqttSettings, Provisioner), String> {
+    let mqtt = MqttSettings::from_config(config).map_err(|e| format!("broker: {e}"))?;
+    let provisioner = Provisioner::new(
+        &config.provisioning,
+        config.sdk_app_id,
+        &config.platform,
+        &config.instance,
+    )
+    .map_err(|e| format!("provisioning: {e}"))?;
+    Ok((mqtt, provisioner))
+}
+
 impl Driver {
     /// Build the driver for `config`. A valid cached UserSig (if any) is loaded here.
     pub fn new(config: Config, watcher_queue: usize) -> Result<(Driver, SessionHandle), String> {
         let clock = Clock::new();
         let now = clock.now();
-        let mqtt = MqttSettings::from_config(&config).map_err(|e| format!("broker: {e}"))?;
-        let provisioner = Provisioner::new(
-            &config.provisioning,
-            config.sdk_app_id,
-            &config.platform,
-            &config.instance,
-        )
-        .map_err(|e| format!("provisioning: {e}"))?;
+        let (mqtt, provisioner) = endpoints(&config)?;
         let cache = SigCache::new(&config.state_dir);
         let mut machine = Machine::new(config.policy.clone(), config.user_id.clone(), now, seed());
         let mut sigs = HashMap::new();
@@ -528,14 +534,7 @@ impl Driver {
     }
 
     fn reload(&mut self, config: Config) -> Result<(), String> {
-        let mqtt = MqttSettings::from_config(&config).map_err(|e| format!("broker: {e}"))?;
-        let provisioner = Provisioner::new(
-            &config.provisioning,
-            config.sdk_app_id,
-            &config.platform,
-            &config.instance,
-        )
-        .map_err(|e| format!("provisioning: {e}"))?;
+        let (mqtt, provisioner) = endpoints(&config)?;
         let reconnect = self.mqtt.differs(&mqtt) || self.config.broker != config.broker;
         self.mqtt = mqtt;
         self.provisioner = provisioner;

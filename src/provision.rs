@@ -51,34 +51,10 @@ pub fn parse_url(url: &str) -> Result<Url, String> {
             "{url:?}: put credentials in token_file, not in the URL"
         ));
     }
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (h, after) = v6
-            .split_once(']')
-            .ok_or_else(|| format!("{url:?}: unclosed [ in an IPv6 address"))?;
-        (h.to_string(), after.strip_prefix(':'))
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), Some(p)),
-            None => (authority.to_string(), None),
-        }
-    };
+    let (host, port) = crate::config::host_port(authority, if tls { 443 } else { 80 }, url)?;
     if host.is_empty() {
         return Err(format!("{url:?}: the host is missing"));
     }
-    let port = match port {
-        None => {
-            if tls {
-                443
-            } else {
-                80
-            }
-        }
-        Some(p) => p
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| format!("{url:?}: {p:?} is not a port number"))?,
-    };
     if !tls && !is_loopback(&host) {
         return Err(format!(
             "{url:?}: plain http:// would send the device token in the clear; use https:// \

@@ -173,14 +173,17 @@ async fn handle(shared: &Shared, req: Request) -> Response {
         }
         None => (user.clone(), app, 0),
     };
-    if let (Some(sig), None) = (&pinned, &fault) {
+    let count_issued = || {
         shared.update(|st| {
             st.counters
                 .users
                 .entry(user.clone())
                 .or_default()
-                .sigs_issued += 1;
-        });
+                .sigs_issued += 1
+        })
+    };
+    if let (Some(sig), None) = (&pinned, &fault) {
+        count_issued();
         let mut r = Response::json(
             200,
             &serde_json::json!({ "user_id": user, "user_sig": sig, "sdk_app_id": app }),
@@ -189,13 +192,7 @@ async fn handle(shared: &Shared, req: Request) -> Response {
         return r;
     }
     let issued = shared.issue_sig(&sig_user, sig_app, lifetime, extra_offset);
-    shared.update(|st| {
-        st.counters
-            .users
-            .entry(user.clone())
-            .or_default()
-            .sigs_issued += 1;
-    });
+    count_issued();
     let mut r = Response::json(
         200,
         &serde_json::json!({
