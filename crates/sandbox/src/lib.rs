@@ -125,6 +125,7 @@ pub enum SandboxError {
 pub struct Control {
     shared: Arc<Shared>,
     listener: mpsc::Sender<broker::ListenerCmd>,
+    mqtt_addr: SocketAddr,
     pki: pki::Pki,
 }
 
@@ -173,13 +174,15 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), SandboxErro
     std::fs::rename(&tmp, path).map_err(err)
 }
 
+/// Bind an HTTP listener; returns it with the address it really got (the port may be 0).
 async fn bind_http(
     addr: SocketAddr,
     what: &'static str,
-) -> Result<tokio::net::TcpListener, SandboxError> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| SandboxError::Bind { what, addr, source })
+) -> Result<(tokio::net::TcpListener, SocketAddr), SandboxError> {
+    let err = |source| SandboxError::Bind { what, addr, source };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(err)?;
+    let bound = listener.local_addr().map_err(err)?;
+    Ok((listener, bound))
 }
 
 impl Sandbox {
@@ -213,30 +216,16 @@ impl Sandbox {
                 }
             })?;
 
-        let prov_listener = bind_http(
+        let (prov_listener, prov_addr) = bind_http(
             SocketAddr::new(opts.listen, opts.provisioning_port),
             "the provisioning listener",
         )
         .await?;
-        let prov_addr = prov_listener
-            .local_addr()
-            .map_err(|source| SandboxError::Bind {
-                what: "the provisioning listener",
-                addr: mqtt_addr,
-                source,
-            })?;
-        let admin_listener = bind_http(
+        let (admin_listener, admin_addr) = bind_http(
             SocketAddr::new(opts.listen, opts.admin_port),
             "the admin listener",
         )
         .await?;
-        let admin_addr = admin_listener
-            .local_addr()
-            .map_err(|source| SandboxError::Bind {
-                what: "the admin listener",
-                addr: mqtt_addr,
-                source,
-            })?;
 
         let host = |a: SocketAddr| match a.ip() {
             IpAddr::V6(ip) => format!("[{ip}]:{}", a.port()),
@@ -297,6 +286,7 @@ impl Sandbox {
         let control = Arc::new(Control {
             shared: shared.clone(),
             listener: listener_tx,
+            mqtt_addr,
             pki,
         });
         let prov_task = http::serve(
@@ -489,7 +479,7 @@ impl Control {
             .map_err(|_| SandboxError::ListenerGone)?
             .map_err(|source| SandboxError::Bind {
                 what: "the MQTT listener",
-                addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+                addr: self.mqtt_addr,
                 source,
             })
     }
