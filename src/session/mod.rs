@@ -1039,7 +1039,8 @@ impl Machine {
                 self.timers.clock = Some(self.now.mono + self.policy.clock_retry);
             }
             _ => {
-                // Keep the purpose's meaning for the retry: a rejected-sig retry stays the one.
+                // The retry fetches anew; if this was the fresh-sig retry after a refusal, it stays
+                // used (`rejected_retry_used` is reset only by a successful login).
                 self.backoff(err, WhichBackoff::Fetch, f.retry_after);
             }
         }
