@@ -477,16 +477,7 @@ fn clock(t: i64) -> String {
 fn ago(t: i64) -> String {
     let d = t - now_secs();
     let (n, suffix) = if d >= 0 { (d, "from now") } else { (-d, "ago") };
-    let text = if n >= 2 * 86400 {
-        format!("{}d", n / 86400)
-    } else if n >= 2 * 3600 {
-        format!("{}h", n / 3600)
-    } else if n >= 120 {
-        format!("{}m", n / 60)
-    } else {
-        format!("{n}s")
-    };
-    format!("{text} {suffix}")
+    format!("{} {suffix}", crate::driver::short(n * 1000))
 }
 
 fn when(t: Option<i64>) -> String {

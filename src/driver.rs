@@ -141,7 +141,8 @@ pub struct Status {
     pub last_event: Option<Event>,
 }
 
-fn short(d_ms: i64) -> String {
+/// A duration, coarsely: `45s`, `3m`, `41h`, `3d` (negative counts as zero).
+pub fn short(d_ms: i64) -> String {
     let s = d_ms.max(0) / 1000;
     if s >= 2 * 86400 {
         format!("{}d", s / 86400)

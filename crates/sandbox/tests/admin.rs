@@ -11,11 +11,7 @@ use rumqttc::v5::{ConnectionError, StateError};
 #[tokio::test]
 async fn admin_needs_its_token() {
     let sb = sandbox().await;
-    let url = sb
-        .endpoints()
-        .admin_url
-        .trim_start_matches("http://")
-        .to_string();
+    let url = admin_host(&sb);
     let tcp = tokio::net::TcpStream::connect(url).await.unwrap();
     let mut s = tcp;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

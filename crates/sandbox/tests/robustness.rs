@@ -133,11 +133,7 @@ async fn malformed_and_oversized_mqtt_packets_get_a_disconnect() {
 #[tokio::test]
 async fn junk_http_gets_4xx_and_the_endpoint_keeps_serving() {
     let sb = sandbox().await;
-    let url = sb
-        .endpoints()
-        .admin_url
-        .trim_start_matches("http://")
-        .to_string();
+    let url = admin_host(&sb);
     let send = |bytes: Vec<u8>| {
         let url = url.clone();
         async move {

@@ -344,14 +344,17 @@ pub async fn provision_get(sb: &Sandbox, target: &str, token: Option<&str>) -> H
     .await
 }
 
-/// A request to the admin endpoint (plain HTTP on loopback).
-pub async fn admin(sb: &Sandbox, method: &str, target: &str, body: &str) -> HttpReply {
-    let url = sb
-        .endpoints()
+/// The admin endpoint's `host:port`.
+pub fn admin_host(sb: &Sandbox) -> String {
+    sb.endpoints()
         .admin_url
         .trim_start_matches("http://")
-        .to_string();
-    let tcp = TcpStream::connect(url).await.unwrap();
+        .to_string()
+}
+
+/// A request to the admin endpoint (plain HTTP on loopback).
+pub async fn admin(sb: &Sandbox, method: &str, target: &str, body: &str) -> HttpReply {
+    let tcp = TcpStream::connect(admin_host(sb)).await.unwrap();
     let token = &sb.endpoints().admin_token;
     exchange(
         tcp,
