@@ -544,6 +544,11 @@ impl ClientConn<'_> {
                 self.send(Command::Wedge).await?;
                 Ok(json!({ "wedged": true }))
             }
+            "debug_panic" if self.server.test_hooks => {
+                self.require_operator(method)?;
+                self.send(Command::Panic).await?;
+                Ok(json!({ "panicking": true }))
+            }
             other => Err(RpcError::new(
                 rpc::METHOD_NOT_FOUND,
                 format!(

@@ -214,6 +214,9 @@ struct RawSession {
     sig_expired_window: Dur,
     takeover_closes: u32,
     takeover_window: Dur,
+    takeover_cooldown: Dur,
+    takeover_cooldown_max: Dur,
+    protocol_budget: u32,
     clock_retry: Dur,
 }
 
@@ -231,6 +234,9 @@ impl Default for RawSession {
             sig_expired_window: ms(p.sig_expired_window),
             takeover_closes: p.takeover_closes,
             takeover_window: ms(p.takeover_window),
+            takeover_cooldown: ms(p.takeover_cooldown),
+            takeover_cooldown_max: ms(p.takeover_cooldown_max),
+            protocol_budget: p.protocol_budget,
             clock_retry: ms(p.clock_retry),
         }
     }
@@ -535,10 +541,14 @@ fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigErr
             ));
         }
         RawOnKick::Relogin { relogin_after } => {
-            if relogin_after.0 < Duration::from_secs(1) {
+            if ms(relogin_after) < crate::session::RELOGIN_FLOOR {
                 return Err(err(
                     "session.on_kick.relogin_after",
-                    "must be at least 1s (a kick must never turn into a fight)".into(),
+                    format!(
+                        "{:?} is too short: at least \"1m\" (two devices sharing an identity \
+                         would take the session from each other every cool-down)",
+                        relogin_after.0
+                    ),
                 ));
             }
             OnKick::ReloginAfter(ms(relogin_after))
@@ -558,13 +568,26 @@ fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigErr
             "must be at least session.backoff_base".into(),
         ));
     }
-    if s.sig_expired_budget == 0 || s.takeover_closes == 0 {
-        let key = if s.sig_expired_budget == 0 {
-            "session.sig_expired_budget"
-        } else {
-            "session.takeover_closes"
-        };
-        return Err(err(key, "must be at least 1".into()));
+    for (key, v) in [
+        ("session.sig_expired_budget", s.sig_expired_budget),
+        ("session.takeover_closes", s.takeover_closes),
+        ("session.protocol_budget", s.protocol_budget),
+    ] {
+        if v == 0 {
+            return Err(err(key, "must be at least 1".into()));
+        }
+    }
+    if ms(s.takeover_cooldown) < 60_000 {
+        return Err(err(
+            "session.takeover_cooldown",
+            "must be at least \"1m\" (two devices sharing an identity must never fight)".into(),
+        ));
+    }
+    if s.takeover_cooldown_max.0 < s.takeover_cooldown.0 {
+        return Err(err(
+            "session.takeover_cooldown_max",
+            "must be at least session.takeover_cooldown".into(),
+        ));
     }
     let policy = Policy {
         login_on_start: raw.login_on_start,
@@ -574,10 +597,16 @@ fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigErr
         on_kick,
         sig_expired_budget: s.sig_expired_budget,
         sig_expired_window: ms(s.sig_expired_window),
+        protocol_budget: s.protocol_budget,
         takeover_closes: s.takeover_closes,
         takeover_window: ms(s.takeover_window),
+        takeover_cooldown: ms(s.takeover_cooldown),
+        takeover_cooldown_max: ms(s.takeover_cooldown_max),
         min_wall_clock: BUILD_UNIX,
         clock_retry: ms(s.clock_retry).max(1_000),
+        fetch_timeout: p.timeout.0.as_millis() as u64,
+        connect_timeout: b.connect_timeout.0.as_millis() as u64,
+        close_timeout: Policy::default().close_timeout,
     };
 
     // [api]

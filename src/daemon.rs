@@ -16,6 +16,9 @@ use crate::{api, logging, systemd};
 /// sysexits.h EX_CONFIG: the unit file's `RestartPreventExitStatus=78` stops restart loops on
 /// a bad config.
 pub const EX_CONFIG: u8 = 78;
+/// sysexits.h EX_SOFTWARE: an internal error (the session driver panicked). Non-zero, so
+/// `Restart=on-failure` restarts too, not only the unit's `Restart=always`.
+pub const EX_SOFTWARE: u8 = 70;
 /// How long a clean logout may take on SIGTERM before the daemon exits anyway.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -184,13 +187,20 @@ async fn serve(path: &Path, config: Config) -> ExitCode {
         }
     };
     let mut exited = false;
+    let mut code = ExitCode::SUCCESS;
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => reload(path, &session).await,
-            _ = &mut driver_task => {
+            ended = &mut driver_task => {
                 exited = true;
+                if let Err(e) = ended {
+                    // A bug, not a policy: exit non-zero so the service manager restarts us.
+                    tracing::error!("the session driver failed: {}", driver_failure(&e));
+                    systemd::failed("the session driver failed (a bug); restarting", u32::from(EX_SOFTWARE));
+                    code = ExitCode::from(EX_SOFTWARE);
+                }
                 break;
             }
         }
@@ -211,7 +221,17 @@ async fn serve(path: &Path, config: Config) -> ExitCode {
     api::cleanup(bound.owned_path.as_deref());
     tracing::info!("imlinkd stopped");
     systemd::flush(Duration::from_secs(1));
-    ExitCode::SUCCESS
+    code
+}
+
+/// What a failed driver task says, without its payload (a panic message could quote
+/// anything; it is not echoed).
+fn driver_failure(e: &tokio::task::JoinError) -> &'static str {
+    if e.is_panic() {
+        "it panicked"
+    } else {
+        "it was cancelled"
+    }
 }
 
 /// SIGHUP: load and validate the file again; a bad new config keeps the running one, and

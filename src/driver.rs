@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
@@ -23,18 +23,17 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::clock::{BootTimer, wall_ms};
 use crate::config::Config;
 use crate::identity::UserId;
 use crate::mqtt::MqttSettings;
 use crate::provision::{Fetched, Provisioner};
 use crate::session::{
-    Action, Counters, ErrorClass, Event, FetchFailure, Input, LastError, Machine, Millis, Now,
-    Phase, RequestError, RequestId, SigInfo, Snapshot,
+    Action, Counters, ErrorClass, Event, FetchFailure, Input, LastError, Machine, Millis, Phase,
+    RequestError, RequestId, SigInfo, Snapshot,
 };
 use crate::usersig::{SigCache, UserSig};
 
-/// How long a clean DISCONNECT may take before the connection is simply dropped.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// The loop wakes at least this often, so its heartbeat proves it is alive.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 
@@ -56,55 +55,12 @@ pub enum Command {
     /// Test hook (only honoured when `IMLINKD_TEST_HOOKS=1`): the driver loop stops making
     /// progress, as a wedged daemon would, so the watchdog can be seen to notice.
     Wedge,
+    /// Test hook (same gate): the driver panics, as a bug would, so the exit status can be
+    /// seen to say so.
+    Panic,
 }
 
-/// The monotonic clock the machine runs on, plus the wall clock.
-#[derive(Clone, Copy)]
-pub struct Clock {
-    start: tokio::time::Instant,
-}
-
-impl Clock {
-    pub fn new() -> Clock {
-        Clock {
-            start: tokio::time::Instant::now(),
-        }
-    }
-
-    pub fn now(&self) -> Now {
-        Now {
-            mono: self.start.elapsed().as_millis() as Millis,
-            wall: wall_secs(),
-        }
-    }
-
-    fn instant(&self, mono: Millis) -> tokio::time::Instant {
-        self.start + Duration::from_millis(mono)
-    }
-
-    /// Unix milliseconds of a monotonic instant (via the current wall clock).
-    fn wall_ms(&self, mono: Millis) -> i64 {
-        let now = self.now();
-        wall_ms() - (now.mono as i64 - mono as i64)
-    }
-}
-
-impl Default for Clock {
-    fn default() -> Self {
-        Clock::new()
-    }
-}
-
-fn wall_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
-fn wall_secs() -> i64 {
-    wall_ms() / 1000
-}
+pub use crate::clock::Clock;
 
 /// What the API shows of the current UserSig (never the sig).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,67 +97,7 @@ pub struct Status {
     pub last_event: Option<Event>,
 }
 
-/// A duration, coarsely: `45s`, `3m`, `41h`, `3d` (negative counts as zero).
-pub fn short(d_ms: i64) -> String {
-    let s = d_ms.max(0) / 1000;
-    if s >= 2 * 86400 {
-        format!("{}d", s / 86400)
-    } else if s >= 2 * 3600 {
-        format!("{}h", s / 3600)
-    } else if s >= 120 {
-        format!("{}m", s / 60)
-    } else {
-        format!("{s}s")
-    }
-}
-
-/// The one-line summary of a snapshot (systemd STATUS=, `imlinkctl status`).
-pub fn summary(s: &Snapshot, broker: &str, now_mono: Millis) -> String {
-    let err = s
-        .last_error
-        .as_ref()
-        .map(|e| format!("{} (code {})", e.message, e.code))
-        .unwrap_or_default();
-    match s.phase {
-        Phase::Online => match s.sig.as_ref().and_then(|g| g.deadline_ms) {
-            Some(d) => format!(
-                "online as {} (sig valid {})",
-                s.login_user,
-                short(d as i64 - now_mono as i64)
-            ),
-            None => format!("online as {}", s.login_user),
-        },
-        Phase::Idle => "logged out — run `imlinkctl login` to log in".into(),
-        Phase::WaitingForClock => format!("waiting for clock sync: {err}"),
-        Phase::FetchingSig => format!("fetching a UserSig for {}", s.user_id),
-        Phase::Connecting => format!("connecting to {broker} as {}", s.user_id),
-        Phase::Backoff => match s.next_retry_ms {
-            Some(t) => format!("retrying in {}: {err}", short(t as i64 - now_mono as i64)),
-            None => format!("retrying: {err}"),
-        },
-        Phase::LoggingOut => "logging out".into(),
-        Phase::Kicked => {
-            let why = match &s.last_event {
-                Some(Event::KickedOffline { reason, .. }) => match reason {
-                    crate::session::KickReason::LoggedInElsewhere => "logged in elsewhere",
-                    crate::session::KickReason::KickedByAdmin => "kicked by an administrator",
-                    crate::session::KickReason::SuspectedTakeover => {
-                        "another device uses this identity"
-                    }
-                },
-                _ => "kicked offline",
-            };
-            match s.next_retry_ms {
-                Some(t) => format!(
-                    "kicked: {why} — logging in again in {}",
-                    short(t as i64 - now_mono as i64)
-                ),
-                None => format!("kicked: {why} — run `imlinkctl login`"),
-            }
-        }
-        Phase::Stopped => format!("stopped: {err} — run `imlinkctl login`"),
-    }
-}
+pub use crate::session::{short, summary};
 
 /// The handle the rest of the daemon uses.
 #[derive(Clone)]
@@ -241,11 +137,10 @@ struct Connection {
     events: mpsc::Receiver<Result<MqttEvent, ConnectionError>>,
     task: JoinHandle<()>,
     state: ConnState,
-    user: UserId,
 }
 
 impl Connection {
-    fn open(client: AsyncClient, mut eventloop: EventLoop, user: UserId) -> Connection {
+    fn open(client: AsyncClient, mut eventloop: EventLoop) -> Connection {
         let (tx, events) = mpsc::channel(32);
         let task = tokio::spawn(async move {
             loop {
@@ -261,7 +156,6 @@ impl Connection {
             events,
             task,
             state: ConnState::Connecting,
-            user,
         }
     }
 }
@@ -279,6 +173,9 @@ struct HeldSig {
     server_offset: i64,
     issued_at: Option<i64>,
     expires_at: Option<i64>,
+    /// The issuer's time at `received`, when this boot received it (not for a sig cached in
+    /// an earlier boot).
+    anchor: Option<(i64, Millis)>,
 }
 
 enum Wake {
@@ -287,7 +184,6 @@ enum Wake {
     Conn(Box<Result<MqttEvent, ConnectionError>>),
     Fetch(Result<Result<Fetched, FetchFailure>, tokio::task::JoinError>),
     Timer,
-    CloseTimeout,
     Tick,
 }
 
@@ -300,7 +196,8 @@ pub struct Driver {
     cache: SigCache,
     sigs: HashMap<String, HeldSig>,
     conn: Option<Connection>,
-    close_deadline: Option<tokio::time::Instant>,
+    timer: BootTimer,
+    boot_id: Option<String>,
     fetch: Option<JoinHandle<Result<Fetched, FetchFailure>>>,
     commands: mpsc::Receiver<Command>,
     status: watch::Sender<Status>,
@@ -343,10 +240,34 @@ impl Driver {
         let cache = SigCache::new(&config.state_dir);
         let mut machine = Machine::new(config.policy.clone(), config.user_id.clone(), now, seed());
         let mut sigs = HashMap::new();
-        match cache.load(&config.user_id, config.sdk_app_id, now.wall) {
+        let boot_id = crate::clock::boot_id();
+        match cache.load(&config.user_id, config.sdk_app_id) {
             Ok(Some(c)) => {
                 let fingerprint = c.sig.fingerprint();
-                tracing::info!(fingerprint = %fingerprint, "using the cached UserSig");
+                // Within the boot that cached it, the anchor is exact; after a reboot only the
+                // wall clock (corrected by the issuer's offset) can place the deadline.
+                let same_boot = c.anchor.as_ref().filter(|a| {
+                    Some(&a.boot_id) == boot_id.as_ref() && a.received_boot_ms <= now.mono
+                });
+                let (server_now, received_at, wall_anchored, anchor) = match same_boot {
+                    Some(a) => (
+                        a.server_now,
+                        a.received_boot_ms,
+                        false,
+                        Some((a.server_now, a.received_boot_ms)),
+                    ),
+                    None => (
+                        now.wall.saturating_add(c.server_offset),
+                        now.mono,
+                        true,
+                        None,
+                    ),
+                };
+                tracing::info!(
+                    fingerprint = %fingerprint,
+                    same_boot = same_boot.is_some(),
+                    "found a cached UserSig"
+                );
                 machine.handle(
                     now,
                     Input::CachedSig(SigInfo {
@@ -354,8 +275,9 @@ impl Driver {
                         user_id: config.user_id.clone(),
                         issued_at: c.issued_at,
                         expires_at: c.expires_at,
-                        server_now: c.server_now,
-                        received_at: now.mono,
+                        server_now,
+                        received_at,
+                        wall_anchored,
                     }),
                 );
                 sigs.insert(
@@ -363,9 +285,10 @@ impl Driver {
                     HeldSig {
                         sig: c.sig,
                         user: config.user_id.clone(),
-                        server_offset: c.server_now - now.wall,
+                        server_offset: c.server_offset,
                         issued_at: c.issued_at,
                         expires_at: c.expires_at,
+                        anchor,
                     },
                 );
             }
@@ -375,6 +298,8 @@ impl Driver {
                 let _ = cache.forget();
             }
         }
+        let timer =
+            BootTimer::new().map_err(|e| format!("creating a CLOCK_BOOTTIME timer: {e}"))?;
         let (commands_tx, commands) = mpsc::channel(64);
         let (events, _) = broadcast::channel(watcher_queue.max(1));
         let heartbeat = Arc::new(AtomicU64::new(now.mono));
@@ -399,7 +324,8 @@ impl Driver {
                 cache,
                 sigs,
                 conn: None,
-                close_deadline: None,
+                timer,
+                boot_id,
                 fetch: None,
                 commands,
                 status,
@@ -475,14 +401,16 @@ impl Driver {
             }
             self.heartbeat
                 .store(self.clock.now().mono, Ordering::Relaxed);
-            let timer = self.machine.poll_timeout().map(|t| self.clock.instant(t));
-            let close_deadline = self.close_deadline;
+            if let Err(e) = self.timer.arm(self.machine.poll_timeout()) {
+                // Cannot happen with a valid timerfd; the heartbeat tick still drives the
+                // machine, a second late at worst.
+                tracing::error!("arming the session timer: {e}");
+            }
             let wake = tokio::select! {
                 cmd = self.commands.recv() => Wake::Command(cmd),
                 ev = next_conn_event(&mut self.conn), if self.conn.is_some() => Wake::Conn(Box::new(ev)),
                 res = next_fetch(&mut self.fetch), if self.fetch.is_some() => Wake::Fetch(res),
-                _ = sleep_until_opt(timer), if timer.is_some() => Wake::Timer,
-                _ = sleep_until_opt(close_deadline), if close_deadline.is_some() => Wake::CloseTimeout,
+                _ = self.timer.fired() => Wake::Timer,
                 _ = tick.tick() => Wake::Tick,
             };
             match wake {
@@ -490,17 +418,10 @@ impl Driver {
                 Wake::Command(Some(cmd)) => self.on_command(cmd).await,
                 Wake::Conn(ev) => self.on_conn_event(*ev),
                 Wake::Fetch(res) => self.on_fetch_done(res),
-                Wake::Timer => {
+                Wake::Timer | Wake::Tick => {
                     let now = self.clock.now();
                     self.machine.handle_timeout(now);
                 }
-                Wake::CloseTimeout => {
-                    tracing::debug!("DISCONNECT did not complete in time; dropping the connection");
-                    self.conn = None;
-                    self.close_deadline = None;
-                    self.feed(Input::Disconnected);
-                }
-                Wake::Tick => {}
             }
         }
         tracing::info!("session driver stopped");
@@ -531,6 +452,12 @@ impl Driver {
                     std::future::pending::<()>().await;
                 }
             }
+            Command::Panic => {
+                if self.test_hooks {
+                    tracing::warn!("test hook: the session driver panics");
+                    panic!("test hook: the session driver panics");
+                }
+            }
         }
     }
 
@@ -559,13 +486,6 @@ impl Driver {
             Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
                 if conn.state == ConnState::Connecting {
                     conn.state = ConnState::Online;
-                    // Subscribe on every login, not only when the broker has no session: a
-                    // session can exist without the subscription (a drop between CONNACK and
-                    // SUBACK), and subscribing again is idempotent.
-                    let filter = self.mqtt.inbox_filter(&conn.user);
-                    if let Err(e) = conn.client.try_subscribe(filter, QoS::AtLeastOnce) {
-                        tracing::warn!("could not queue the inbox subscription: {e}");
-                    }
                     self.feed(Input::Connected {
                         session_present: ack.session_present,
                     });
@@ -593,7 +513,6 @@ impl Driver {
                 let state = conn.state;
                 // The task already stopped polling; drop the connection (and the task) now.
                 self.conn = None;
-                self.close_deadline = None;
                 if state == ConnState::Closing {
                     self.feed(Input::Disconnected);
                 } else {
@@ -625,9 +544,10 @@ impl Driver {
                     HeldSig {
                         sig: f.sig,
                         user: f.user_id.clone(),
-                        server_offset: server_now - now.wall,
+                        server_offset: server_now.saturating_sub(now.wall),
                         issued_at: f.issued_at,
                         expires_at: f.expires_at,
+                        anchor: Some((server_now, now.mono)),
                     },
                 );
                 self.feed(Input::SigFetched(SigInfo {
@@ -637,6 +557,7 @@ impl Driver {
                     expires_at: f.expires_at,
                     server_now,
                     received_at: now.mono,
+                    wall_anchored: false,
                 }));
             }
             Ok(Err(failure)) => {
@@ -663,12 +584,11 @@ impl Driver {
                 if join.is_cancelled() {
                     return;
                 }
-                self.feed(Input::SigFetchFailed(FetchFailure {
-                    class: ErrorClass::Busy,
-                    code: crate::session::codes::NET_DISCONNECT,
-                    message: "the provisioning request failed unexpectedly".into(),
-                    retry_after: None,
-                }));
+                self.feed(Input::SigFetchFailed(FetchFailure::new(
+                    ErrorClass::Busy,
+                    crate::session::codes::NET_DISCONNECT,
+                    "the provisioning request failed unexpectedly",
+                )));
             }
         }
     }
@@ -690,7 +610,20 @@ impl Driver {
                     }
                 }
                 Action::Connect { user, fingerprint } => self.connect(user, &fingerprint),
+                Action::Subscribe { user } => {
+                    if let Some(c) = self.conn.as_ref() {
+                        let filter = self.mqtt.inbox_filter(&user);
+                        if let Err(e) = c.client.try_subscribe(filter, QoS::AtLeastOnce) {
+                            tracing::warn!("could not queue the inbox subscription: {e}");
+                        }
+                    }
+                }
                 Action::Disconnect => self.disconnect(),
+                Action::Abandon => {
+                    if self.conn.take().is_some() {
+                        tracing::debug!("connection dropped without waiting");
+                    }
+                }
                 Action::PersistSig { fingerprint } => self.persist(&fingerprint).await,
                 Action::ForgetSig => {
                     if let Err(e) = self.cache.forget() {
@@ -699,8 +632,9 @@ impl Driver {
                             self.cache.path().display()
                         );
                     }
-                    let current = self.machine.snapshot().sig.map(|s| s.fingerprint);
-                    self.sigs.retain(|fp, _| Some(fp) == current.as_ref());
+                }
+                Action::ReleaseSig { fingerprint } => {
+                    self.sigs.remove(&fingerprint);
                 }
                 Action::Emit(event) => self.emit(event),
                 Action::Reply { id, result } => {
@@ -715,7 +649,7 @@ impl Driver {
 
     fn connect(&mut self, user: UserId, fingerprint: &str) {
         let Some(held) = self.sigs.get(fingerprint) else {
-            // Cannot happen (the machine only names sigs it was given); fail safe.
+            // Cannot happen (the machine only names sigs it has not released); fail safe.
             self.feed(Input::ConnectionEnded(crate::session::ConnEnd::Network {
                 kind: crate::session::NetKind::Other,
                 detail: "internal: the UserSig to connect with is gone".into(),
@@ -731,29 +665,24 @@ impl Driver {
             "connecting"
         );
         let (client, eventloop) = AsyncClient::new(options, 10);
-        self.conn = Some(Connection::open(client, eventloop, user));
-        // Only the sig in use (and a newer one, if any) needs to stay in memory.
-        let current = self.machine.snapshot().sig.map(|s| s.fingerprint);
-        self.sigs
-            .retain(|fp, _| fp == fingerprint || Some(fp) == current.as_ref());
+        self.conn = Some(Connection::open(client, eventloop));
     }
 
+    /// Send DISCONNECT and keep reading until the broker closes (the machine bounds the wait
+    /// and says `Abandon` when it is over).
     fn disconnect(&mut self) {
         match self.conn.as_mut() {
             None => self.feed(Input::Disconnected),
+            Some(c) if c.state == ConnState::Closing => {}
             Some(c) if c.state == ConnState::Connecting => {
-                // No session yet: abandon the attempt.
                 self.conn = None;
                 self.feed(Input::Disconnected);
             }
-            Some(c) if c.state == ConnState::Closing => {}
             Some(c) => {
                 c.state = ConnState::Closing;
                 if c.client.try_disconnect().is_err() {
                     self.conn = None;
                     self.feed(Input::Disconnected);
-                } else {
-                    self.close_deadline = Some(tokio::time::Instant::now() + CLOSE_TIMEOUT);
                 }
             }
         }
@@ -773,8 +702,24 @@ impl Driver {
         let cache = self.cache.clone();
         let (user, app, sig) = (h.user.clone(), self.config.sdk_app_id, h.sig.clone());
         let (offset, issued, expires) = (h.server_offset, h.issued_at, h.expires_at);
+        let anchor = match (&self.boot_id, h.anchor) {
+            (Some(id), Some((server_now, received))) => Some(crate::usersig::BootAnchor {
+                boot_id: id.clone(),
+                received_boot_ms: received,
+                server_now,
+            }),
+            _ => None,
+        };
         let r = tokio::task::spawn_blocking(move || {
-            cache.store(&user, app, &sig, offset, issued, expires)
+            cache.store(&crate::usersig::CacheEntry {
+                user: &user,
+                app,
+                sig: &sig,
+                server_offset: offset,
+                issued_at: issued,
+                expires_at: expires,
+                anchor,
+            })
         })
         .await;
         match r {
@@ -877,13 +822,6 @@ async fn next_fetch(
 ) -> Result<Result<Fetched, FetchFailure>, tokio::task::JoinError> {
     match fetch {
         Some(f) => f.await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
     }
 }

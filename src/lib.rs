@@ -3,6 +3,7 @@
 //! See `ARCHITECTURE.md` for the code map and the invariants.
 
 pub mod api;
+pub mod clock;
 pub mod config;
 pub mod ctl;
 pub mod daemon;

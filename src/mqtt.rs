@@ -153,6 +153,7 @@ pub fn classify(e: &ConnectionError) -> ConnEnd {
     match e {
         ConnectionError::ConnectionRefused(code) => ConnEnd::Refused {
             code: connack_code(*code),
+            reason: None,
         },
         ConnectionError::MqttState(StateError::ServerDisconnect {
             reason_code,

@@ -128,12 +128,16 @@ pub struct Provisioner {
 }
 
 fn fail(class: ErrorClass, code: u32, message: impl Into<String>) -> FetchFailure {
-    FetchFailure {
-        class,
-        code,
-        message: message.into(),
-        retry_after: None,
-    }
+    FetchFailure::new(class, code, message)
+}
+
+/// Failures that may be momentary but must not be retried forever (a device token file
+/// mid-rotation, an odd 4xx): this many in a row, then stop.
+pub const GIVE_UP_AFTER: u32 = 3;
+
+fn limited(mut f: FetchFailure) -> FetchFailure {
+    f.give_up_after = Some(GIVE_UP_AFTER);
+    f
 }
 
 fn io_failure(e: &std::io::Error, what: &str) -> FetchFailure {
@@ -199,20 +203,29 @@ impl Provisioner {
         let token = match &self.token_file {
             None => None,
             Some(path) => {
+                // Missing or empty may be a rotation in progress (the new file not yet renamed
+                // into place): retry with backoff, give up after a few tries.
                 let t = tokio::fs::read_to_string(path).await.map_err(|e| {
-                    fail(
-                        ErrorClass::Fatal,
+                    limited(fail(
+                        ErrorClass::Busy,
                         codes::INVALID_PARAMETERS,
                         format!("reading the device token {}: {e}", path.display()),
-                    )
+                    ))
                 })?;
                 let t = t.trim().to_string();
-                if t.is_empty() || t.bytes().any(|b| b <= b' ' || b == 0x7F) {
+                if t.is_empty() {
+                    return Err(limited(fail(
+                        ErrorClass::Busy,
+                        codes::INVALID_PARAMETERS,
+                        format!("the device token file {} is empty", path.display()),
+                    )));
+                }
+                if t.bytes().any(|b| b <= b' ' || b == 0x7F) {
                     return Err(fail(
                         ErrorClass::Fatal,
                         codes::INVALID_PARAMETERS,
                         format!(
-                            "the device token file {} is empty or has spaces/control characters",
+                            "the device token file {} has spaces or control characters",
                             path.display()
                         ),
                     ));
@@ -603,7 +616,8 @@ fn classify_status(status: u16, url: &str, token_file: Option<&PathBuf>) -> Fetc
                 "the provisioning server has no such endpoint or user (HTTP {status} for {url}): check provisioning.url and user_id"
             ),
         ),
-        408 | 425 | 429 | 500..=599 => fail(
+        // 421: a load balancer sent us to a node that is not the right one (for now).
+        408 | 421 | 425 | 429 | 500..=599 => fail(
             ErrorClass::Busy,
             code,
             format!("the provisioning server is unavailable for now (HTTP {status}); retrying"),
@@ -615,13 +629,15 @@ fn classify_status(status: u16, url: &str, token_file: Option<&PathBuf>) -> Fetc
                 "the provisioning server redirected (HTTP {status}); redirects are not followed: configure the final URL (a captive portal can cause this too)"
             ),
         ),
-        400..=499 => fail(
-            ErrorClass::Fatal,
+        // Any other 4xx: maybe a proxy's passing mood, maybe a wrong URL. A few tries, then
+        // stop.
+        400..=499 => limited(fail(
+            ErrorClass::Busy,
             code,
             format!(
                 "the provisioning server rejected the request (HTTP {status} for {url}): check provisioning.url"
             ),
-        ),
+        )),
         _ => fail(
             ErrorClass::Busy,
             code,
@@ -699,7 +715,13 @@ mod tests {
             assert_eq!(classify_status(s, "u", None).class, ErrorClass::Busy);
         }
         assert_eq!(classify_status(302, "u", None).class, ErrorClass::Busy);
-        assert_eq!(classify_status(400, "u", None).class, ErrorClass::Fatal);
+        let odd = classify_status(400, "u", None);
+        assert_eq!(
+            (odd.class, odd.give_up_after),
+            (ErrorClass::Busy, Some(GIVE_UP_AFTER))
+        );
+        assert_eq!(classify_status(421, "u", None).class, ErrorClass::Busy);
+        assert_eq!(classify_status(421, "u", None).give_up_after, None);
         assert_eq!(classify_status(403, "u", None).code, 403);
     }
 

@@ -109,28 +109,54 @@ pub fn inspect(sig: &str) -> Result<SigFormat, String> {
 
 // --- the cache ------------------------------------------------------------------------------
 
-/// What the cache file holds.
+/// What the cache file holds (version 2; version 1 files, without the boot-time anchor, are
+/// still read).
 #[derive(Serialize, Deserialize)]
 struct CacheFile {
     version: u32,
     user_id: String,
     sdk_app_id: u64,
     user_sig: String,
-    /// The issuer's clock minus the local wall clock at receipt, in seconds: applied to the
-    /// wall clock after a restart so a wrong device clock is corrected the same way.
+    /// The issuer's clock minus the local wall clock at receipt, in seconds: after a reboot it
+    /// is applied to the wall clock, so a device clock that was wrong then is corrected the
+    /// same way.
     server_offset: i64,
     issued_at: Option<i64>,
     expires_at: Option<i64>,
+    /// The exact anchor, valid within the boot that wrote it: the issuer's time at receipt,
+    /// and the boot-time milliseconds of the receipt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    anchor: Option<BootAnchor>,
 }
 
-/// A cached sig, as loaded.
+/// Where a sig's deadline is anchored: the issuer's time at a boot-time instant of one boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootAnchor {
+    pub boot_id: String,
+    pub received_boot_ms: u64,
+    pub server_now: i64,
+}
+
+/// A cached sig, as loaded. Whether it is still valid is the session machine's call.
 #[derive(Debug, Clone)]
 pub struct Cached {
     pub sig: UserSig,
     pub issued_at: Option<i64>,
     pub expires_at: Option<i64>,
-    /// The issuer's "now" per the stored offset.
-    pub server_now: i64,
+    pub server_offset: i64,
+    pub anchor: Option<BootAnchor>,
+}
+
+/// What is stored with a sig.
+#[derive(Debug, Clone)]
+pub struct CacheEntry<'a> {
+    pub user: &'a UserId,
+    pub app: u64,
+    pub sig: &'a UserSig,
+    pub server_offset: i64,
+    pub issued_at: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub anchor: Option<BootAnchor>,
 }
 
 /// The UserSig cache: one JSON file in the state directory, mode 0600, written atomically.
@@ -150,9 +176,9 @@ impl SigCache {
         &self.path
     }
 
-    /// Load the cached sig for `user`/`app`, if there is one that is still valid at
-    /// `wall_now`. `Err` means the file is corrupt (the caller logs it and fetches anew).
-    pub fn load(&self, user: &UserId, app: u64, wall_now: i64) -> Result<Option<Cached>, String> {
+    /// Load the cached sig for `user`/`app`, if there is one. `Err` means the file is corrupt
+    /// (the caller logs it and fetches anew).
+    pub fn load(&self, user: &UserId, app: u64) -> Result<Option<Cached>, String> {
         let bytes = match std::fs::read(&self.path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -160,7 +186,7 @@ impl SigCache {
         };
         let f: CacheFile = serde_json::from_slice(&bytes)
             .map_err(|e| format!("{}: not a UserSig cache ({e})", self.path.display()))?;
-        if f.version != 1 {
+        if !(1..=2).contains(&f.version) {
             return Err(format!(
                 "{}: unknown cache version {}",
                 self.path.display(),
@@ -182,38 +208,27 @@ impl SigCache {
                 self.path.display()
             ));
         }
-        let server_now = wall_now + f.server_offset;
-        if f.expires_at.is_some_and(|e| server_now >= e) {
-            return Ok(None);
-        }
         Ok(Some(Cached {
             sig: UserSig(f.user_sig),
             issued_at: f.issued_at,
             expires_at: f.expires_at,
-            server_now,
+            server_offset: f.server_offset,
+            anchor: f.anchor,
         }))
     }
 
     /// Store a sig: write a 0600 temp file in the same directory, fsync, rename over the
     /// cache, fsync the directory. A crash leaves either the old or the new file, whole.
-    #[allow(clippy::too_many_arguments)]
-    pub fn store(
-        &self,
-        user: &UserId,
-        app: u64,
-        sig: &UserSig,
-        server_offset: i64,
-        issued_at: Option<i64>,
-        expires_at: Option<i64>,
-    ) -> std::io::Result<()> {
+    pub fn store(&self, e: &CacheEntry<'_>) -> std::io::Result<()> {
         let f = CacheFile {
-            version: 1,
-            user_id: user.to_string(),
-            sdk_app_id: app,
-            user_sig: sig.expose().to_string(),
-            server_offset,
-            issued_at,
-            expires_at,
+            version: 2,
+            user_id: e.user.to_string(),
+            sdk_app_id: e.app,
+            user_sig: e.sig.expose().to_string(),
+            server_offset: e.server_offset,
+            issued_at: e.issued_at,
+            expires_at: e.expires_at,
+            anchor: e.anchor.clone(),
         };
         let json = serde_json::to_vec(&f).map_err(std::io::Error::other)?;
         write_atomic(&self.path, &json, 0o600)
@@ -305,18 +320,28 @@ mod tests {
     }
 
     #[test]
-    fn the_cache_round_trips_at_0600_and_ignores_what_does_not_fit() {
+    fn the_cache_round_trips_at_0600_with_its_anchor_and_ignores_what_does_not_fit() {
         let dir = std::env::temp_dir().join(format!("imlinkd-cache-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let cache = SigCache::new(&dir);
         let alice = UserId::parse("alice").unwrap();
-        assert!(
-            cache.load(&alice, 7, 1000).unwrap().is_none(),
-            "no file yet"
-        );
+        assert!(cache.load(&alice, 7).unwrap().is_none(), "no file yet");
         let sig = UserSig::new(sig_for("alice", 7, 1000, 100));
+        let anchor = BootAnchor {
+            boot_id: "b1".into(),
+            received_boot_ms: 5_000,
+            server_now: 1005,
+        };
         cache
-            .store(&alice, 7, &sig, 5, Some(1000), Some(1100))
+            .store(&CacheEntry {
+                user: &alice,
+                app: 7,
+                sig: &sig,
+                server_offset: 5,
+                issued_at: Some(1000),
+                expires_at: Some(1100),
+                anchor: Some(anchor.clone()),
+            })
             .unwrap();
         let mode = std::fs::metadata(cache.path())
             .unwrap()
@@ -324,21 +349,32 @@ mod tests {
             .mode()
             & 0o777;
         assert_eq!(mode, 0o600);
-        let c = cache.load(&alice, 7, 1050).unwrap().unwrap();
+        let c = cache.load(&alice, 7).unwrap().unwrap();
         assert_eq!(c.sig, sig);
-        assert_eq!(c.server_now, 1055, "the stored clock offset is applied");
-        // Expired (by the corrected clock), other user, other app: not used.
-        assert!(cache.load(&alice, 7, 1095).unwrap().is_none());
+        assert_eq!(c.server_offset, 5);
+        assert_eq!(c.anchor, Some(anchor));
+        assert_eq!((c.issued_at, c.expires_at), (Some(1000), Some(1100)));
+        // Other user, other app: not used.
         assert!(
             cache
-                .load(&UserId::parse("bob").unwrap(), 7, 1050)
+                .load(&UserId::parse("bob").unwrap(), 7)
                 .unwrap()
                 .is_none()
         );
-        assert!(cache.load(&alice, 8, 1050).unwrap().is_none());
-        // Corrupt: an error to log, not a panic.
+        assert!(cache.load(&alice, 8).unwrap().is_none());
+        // A version 1 file (no anchor) still loads.
+        let v1 = serde_json::json!({"version": 1, "user_id": "alice", "sdk_app_id": 7,
+            "user_sig": sig.expose(), "server_offset": -3, "issued_at": 1000, "expires_at": 1100});
+        std::fs::write(cache.path(), v1.to_string()).unwrap();
+        let c = cache.load(&alice, 7).unwrap().unwrap();
+        assert_eq!((c.server_offset, c.anchor), (-3, None));
+        // Corrupt or from the future: an error to log, not a panic.
         std::fs::write(cache.path(), b"{garbage").unwrap();
-        assert!(cache.load(&alice, 7, 1050).is_err());
+        assert!(cache.load(&alice, 7).is_err());
+        let v9 = serde_json::json!({"version": 9, "user_id": "alice", "sdk_app_id": 7,
+            "user_sig": sig.expose(), "server_offset": 0, "issued_at": null, "expires_at": null});
+        std::fs::write(cache.path(), v9.to_string()).unwrap();
+        assert!(cache.load(&alice, 7).unwrap_err().contains("version 9"));
         cache.forget().unwrap();
         cache.forget().unwrap();
         let _ = std::fs::remove_dir_all(dir);

@@ -147,6 +147,19 @@ fn mistakes_exit_78_and_name_the_file_the_key_and_the_fix() {
             vec!["session.on_kick", "relogin_after"],
         ),
         (
+            "a relogin cool-down that would be a fight",
+            good.replace(
+                "on_kick = \"stay_offline\"",
+                "on_kick = { relogin_after = \"1s\" }",
+            ),
+            vec!["session.on_kick.relogin_after", "at least \"1m\""],
+        ),
+        (
+            "a takeover cool-down that would be a fight",
+            good.replace("takeover_cooldown = \"10m\"", "takeover_cooldown = \"5s\""),
+            vec!["session.takeover_cooldown", "1m"],
+        ),
+        (
             "missing token file",
             good.replace("device-token\"", "no-such-token\""),
             vec!["provisioning.token_file", "no-such-token"],

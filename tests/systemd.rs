@@ -127,6 +127,36 @@ async fn the_watchdog_pings_only_while_the_driver_makes_progress() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_the_session_driver_exits_non_zero_so_systemd_restarts_it() {
+    // The landed daemon exited 0 ("imlinkd stopped"): Restart=on-failure never fired.
+    let sb = sandbox().await;
+    let mut o = Opts::user("alice");
+    o.env = vec![("IMLINKD_TEST_HOOKS".into(), "1".into())];
+    let mut d = Daemon::start(&sb, o).await;
+    d.wait_phase("online").await;
+    let mut c = d.client().await;
+    c.send_raw(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"debug_panic\"}\n")
+        .await;
+    let status = tokio::time::timeout(WAIT, d.child.as_mut().unwrap().wait())
+        .await
+        .expect("imlinkd exits after the driver panics")
+        .unwrap();
+    d.child = None;
+    assert_eq!(
+        status.code(),
+        Some(70),
+        "EX_SOFTWARE, not success: {status:?}"
+    );
+    let n = d.notes();
+    assert!(
+        n.iter().any(|m| m.contains("ERRNO=70")),
+        "systemd is told why: {n:?}"
+    );
+    assert!(d.log_text().contains("the session driver failed"));
+    d.assert_no_secrets_logged();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_and_a_bad_new_config_keeps_the_running_one() {
     let sb = sandbox().await;
     let mut d = Daemon::start(&sb, Opts::user("alice")).await;

@@ -22,6 +22,11 @@ impl Rng {
         z ^ (z >> 31)
     }
 
+    /// True with probability 1/`n`.
+    pub fn one_in(&mut self, n: u64) -> bool {
+        self.next_u64().is_multiple_of(n.max(1))
+    }
+
     /// Uniform in `lo..=hi` (returns `lo` when `hi <= lo`).
     pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
         if hi <= lo {
@@ -71,6 +76,11 @@ impl Backoff {
         let floor = (p.base / 10).min(ceiling);
         self.attempt = self.attempt.saturating_add(1);
         rng.range(floor, ceiling)
+    }
+
+    /// Count an attempt that went without a delay (the first of a series).
+    pub fn count(&mut self) {
+        self.attempt = self.attempt.saturating_add(1);
     }
 
     pub fn reset(&mut self) {

@@ -1,27 +1,39 @@
 //! The session engine: a sans-IO state machine.
 //!
 //! [`Machine`] is a pure `(state, input) → (state, actions)`: no tokio, no sockets, no clock
-//! reads. The driver ([`crate::driver`]) feeds it [`Input`]s stamped with [`Now`] (monotonic
-//! milliseconds plus the wall clock), fires [`Machine::handle_timeout`] at
+//! reads. The driver ([`crate::driver`]) feeds it [`Input`]s stamped with [`Now`] (boot-time
+//! milliseconds plus the wall clock), calls [`Machine::handle_timeout`] at
 //! [`Machine::poll_timeout`], and carries out the [`Action`]s it drains with
-//! [`Machine::poll_action`]. Every policy of brief §3 lives here and is tested on a fake clock
-//! (`tests.rs`).
+//! [`Machine::poll_action`]. Every policy of the brief §3 lives here, and so does every timeout
+//! (fetch, connect, close): what the simulator (`sim`) cannot see, it cannot prove.
 //!
-//! Invariants:
-//! * at most one provisioning fetch and one connection at a time, and never a connect or a
-//!   fetch while the phase is `idle`, `kicked` or `stopped`;
-//! * errors a new UserSig cannot fix stop the engine; the sig-expired path has a budget
-//!   (3 per 10 min by default) and a rejected sig earns exactly one fresh retry;
-//! * network errors reconnect with the same UserSig and no provisioning call;
+//! **Shape.** Inputs and timeouts only *record* what happened (a failure spends a budget and
+//! arms a retry time, a success stores a sig, a request changes the goal). Then one function,
+//! [`Machine::next_step`], looks at the whole state and decides what to do next; the phase
+//! shown to the world is *derived* from the same state ([`Machine::phase`]). So a due timer
+//! always acts (it cannot be cleared by one handler while another was meant to act on it), and
+//! the phase cannot disagree with what is in flight.
+//!
+//! Invariants (the simulator asserts them after every step, `docs/login-policy.md`):
+//! * at most one provisioning fetch and one connection at a time;
+//! * wanting to be online and not online, stopped or kicked ⇒ a timer is armed (every fetch and
+//!   connection in flight has a deadline here);
+//! * `online` exactly when a CONNACKed connection is up; login status follows the phase;
+//! * errors a new UserSig cannot fix stop the engine; budgets per class bound every retry, and
+//!   only network/busy errors retry forever, never faster than the backoff;
+//! * never a connect with a sig this machine believes expired, or one for another user; a
+//!   refresh failure never stops a session whose sig is valid;
 //! * every change of the observable state is emitted exactly once, as one
 //!   [`Event::StateChanged`], after the specific events of the same step.
 
 mod backoff;
 mod model;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
 #[cfg(test)]
 mod tests;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 
 pub use backoff::{Backoff, BackoffPolicy, Rng};
 pub use model::*;
@@ -43,24 +55,39 @@ pub mod codes {
     pub const SVR_SIG_EXPIRED: u32 = 70001;
     pub const SVR_SIG_CHECK_FAILED: u32 = 70003;
     pub const SVR_SIG_MISMATCH_ID: u32 = 70013;
+    pub const SVR_SIG_MISMATCH_APP: u32 = 70014;
     pub const SVR_FREQ_LIMIT: u32 = 70050;
     pub const SVR_BANNED: u32 = 70051;
 }
 
-/// "Now", as the driver reads it: monotonic milliseconds since the driver started, and Unix
-/// seconds from the wall clock (only used to judge whether the clock is plausible).
+/// `relogin_after` is never shorter than this (a kick must never turn into a fight).
+pub const RELOGIN_FLOOR: Millis = 60_000;
+/// Repeated kicks double the `relogin_after` cool-down up to this.
+pub const RELOGIN_MAX: Millis = 24 * 3_600_000;
+/// Kicks are remembered this long for the doubling.
+pub const KICK_MEMORY: Millis = 24 * 3_600_000;
+/// The refresh floor's bounds (see [`Machine::refresh_floor`]).
+pub const REFRESH_FLOOR_MIN: Millis = 10_000;
+pub const REFRESH_FLOOR_MAX: Millis = 30_000;
+/// Pending `login` requests joined to one attempt, at most.
+const MAX_PENDING_LOGINS: usize = 16;
+
+/// "Now", as the driver reads it: milliseconds on the boot-time clock (`CLOCK_BOOTTIME`: it
+/// keeps counting through suspend), and Unix seconds from the wall clock (only used to judge
+/// whether the clock is plausible, and as the server's time when it sends no `Date`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Now {
     pub mono: Millis,
     pub wall: i64,
 }
 
-/// What to do when kicked offline.
+/// What to do when kicked offline (DISCONNECT 0x8E or 0x98).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnKick {
     /// Stay logged out until a local app logs in (default).
     StayOffline,
-    /// Log in again after this cool-down.
+    /// Log in again after this cool-down (at least [`RELOGIN_FLOOR`]), doubled for every
+    /// other kick within [`KICK_MEMORY`], up to [`RELOGIN_MAX`].
     ReloginAfter(Millis),
 }
 
@@ -74,18 +101,35 @@ pub struct Policy {
     /// ± jitter around the refresh point, as a fraction of the lifetime (default 0.05).
     pub refresh_jitter: f64,
     pub on_kick: OnKick,
-    /// Sig-expired re-logins allowed per window before stopping (default 3 per 10 min).
+    /// Premature sig-expired renewals allowed per window before stopping (default 3 / 10 min).
     pub sig_expired_budget: u32,
     pub sig_expired_window: Millis,
+    /// Protocol-class failures allowed before stopping (default 3), restored by a login that
+    /// stays up for the backoff reset window.
+    pub protocol_budget: u32,
     /// Socket closes within `takeover_window` of CONNACK, this many in a row, mean a
     /// suspected takeover (default 3 within 10 s).
     pub takeover_closes: u32,
     pub takeover_window: Millis,
+    /// Cool-down after a suspected takeover (default 10 min, ± 25 % jitter), doubling on
+    /// each further one up to `takeover_cooldown_max` (default 1 h).
+    pub takeover_cooldown: Millis,
+    pub takeover_cooldown_max: Millis,
     /// A wall clock before this Unix time is implausible (default: the build date).
     pub min_wall_clock: i64,
     /// How often to look again while waiting for the clock.
     pub clock_retry: Millis,
+    /// A fetch with no answer after this (plus slack: the driver's own timeout normally fires
+    /// first) is abandoned as a timeout.
+    pub fetch_timeout: Millis,
+    /// A connection with no CONNACK after this (plus slack) is abandoned as a timeout.
+    pub connect_timeout: Millis,
+    /// A clean DISCONNECT that has not completed after this is abandoned (default 3 s).
+    pub close_timeout: Millis,
 }
+
+/// Added to the driver's own fetch and connect timeouts: the machine's deadline is a backstop.
+pub const TIMEOUT_SLACK: Millis = 2_000;
 
 impl Default for Policy {
     fn default() -> Self {
@@ -97,10 +141,16 @@ impl Default for Policy {
             on_kick: OnKick::StayOffline,
             sig_expired_budget: 3,
             sig_expired_window: 600_000,
+            protocol_budget: 3,
             takeover_closes: 3,
             takeover_window: 10_000,
+            takeover_cooldown: 600_000,
+            takeover_cooldown_max: 3_600_000,
             min_wall_clock: 0,
             clock_retry: 30_000,
+            fetch_timeout: 15_000,
+            connect_timeout: 10_000,
+            close_timeout: 3_000,
         }
     }
 }
@@ -115,18 +165,22 @@ pub struct SigInfo {
     pub issued_at: Option<i64>,
     /// Unix seconds on the issuer's clock; `None`: unknown (opaque sig) → reactive refresh only.
     pub expires_at: Option<i64>,
-    /// The issuer's "now" when the sig was received: the provisioning server's `Date` (or the
-    /// local wall clock when it sent none). Anchors the deadline.
+    /// The issuer's "now" at `received_at`: the provisioning server's `Date` (or the local
+    /// wall clock when it sent none). Anchors the deadline.
     pub server_now: i64,
-    /// Monotonic time the sig was received (or loaded from the cache).
+    /// Boot-time milliseconds the sig was received (for a cache written in this boot: when it
+    /// was fetched, so the anchor is exact).
     pub received_at: Millis,
+    /// `server_now` was estimated from the local wall clock (a cache written in an earlier
+    /// boot): meaningless while the wall clock is implausible, so such a sig is not used then.
+    pub wall_anchored: bool,
 }
 
 /// Why a connection attempt or an established session ended, as the driver observed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnEnd {
-    /// CONNACK with a failure reason code.
-    Refused { code: u8 },
+    /// CONNACK with a failure reason code (and the reason string, when the broker sent one).
+    Refused { code: u8, reason: Option<String> },
     /// The server sent DISCONNECT.
     ServerDisconnect { code: u8, reason: Option<String> },
     /// DNS, TCP, TLS I/O, timeouts, the socket closing without DISCONNECT.
@@ -165,6 +219,21 @@ pub struct FetchFailure {
     pub message: String,
     /// `Retry-After`, in milliseconds.
     pub retry_after: Option<Millis>,
+    /// Retry with backoff, but stop after this many failures with this code in a row (a device
+    /// token file that is empty mid-rotation, an odd 4xx): neither fatal at once nor forever.
+    pub give_up_after: Option<u32>,
+}
+
+impl FetchFailure {
+    pub fn new(class: ErrorClass, code: u32, message: impl Into<String>) -> FetchFailure {
+        FetchFailure {
+            class,
+            code,
+            message: message.into(),
+            retry_after: None,
+            give_up_after: None,
+        }
+    }
 }
 
 /// Identifies a local request (login/logout) so its reply can be routed back.
@@ -181,7 +250,7 @@ pub struct RequestError {
 pub enum Input {
     /// The daemon started: log in if `login_on_start`.
     Start,
-    /// A valid cached UserSig was found at start (give before `Start`).
+    /// A cached UserSig was found at start (give before `Start`).
     CachedSig(SigInfo),
     /// A local app asks to log in (optionally as another user: account switch).
     Login {
@@ -193,8 +262,9 @@ pub enum Input {
     },
     /// SIGTERM: disconnect cleanly, then [`Action::Exit`].
     Shutdown,
-    /// The config was reloaded. `user` is the configured UserID; `reconnect` says the
-    /// connection settings changed.
+    /// The config was reloaded. `user` is the configured UserID (compared with the previously
+    /// *configured* one, so a reload does not undo a local app's account switch); `reconnect`
+    /// says the connection settings changed.
     Reconfigured {
         policy: Policy,
         user: UserId,
@@ -208,7 +278,7 @@ pub enum Input {
     },
     /// The connection attempt or the session ended (not by our own DISCONNECT).
     ConnectionEnded(ConnEnd),
-    /// Our own DISCONNECT went out (or the attempt was abandoned).
+    /// Our own DISCONNECT completed (the broker closed its side).
     Disconnected,
     MessageReceived,
 }
@@ -222,12 +292,21 @@ pub enum Action {
     /// Connect as `user` with the sig that has this fingerprint; answer with `Connected` or
     /// `ConnectionEnded`.
     Connect { user: UserId, fingerprint: String },
-    /// Send DISCONNECT (or abandon the attempt); answer with `Disconnected`.
+    /// Subscribe to `user`'s inbox on the connection that just came up (on every login: a
+    /// session can exist without its subscription, and subscribing again is idempotent).
+    Subscribe { user: UserId },
+    /// Send DISCONNECT on the established connection; answer with `Disconnected` once the
+    /// broker has closed its side.
     Disconnect,
+    /// Drop the connection now, without waiting (an attempt with no CONNACK yet, or a clean
+    /// close that took longer than the close timeout). No answer.
+    Abandon,
     /// Store the sig with this fingerprint in the cache (0600, atomic).
     PersistSig { fingerprint: String },
     /// Delete the cached sig.
     ForgetSig,
+    /// The machine will never name this sig again: the driver may drop the secret.
+    ReleaseSig { fingerprint: String },
     /// Tell the API, systemd and the log.
     Emit(Event),
     /// Answer a local request.
@@ -240,35 +319,55 @@ pub enum Action {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum FetchPurpose {
-    /// No usable sig: the first fetch of a login.
-    Initial,
-    /// The sig expired (locally, or the server said so).
-    Expired,
-    /// The server refused the sig: the one fresh retry.
-    Rejected,
-    /// Proactive refresh before expiry.
+enum Purpose {
+    /// The session needs a sig to log in (none, expired, or refused).
+    Login,
+    /// Proactive refresh beside a session whose sig is still good.
     Refresh,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fetch {
+    purpose: Purpose,
+    deadline: Millis,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Conn {
     None,
-    Connecting { fingerprint: String },
-    Online { since: Millis, fingerprint: String },
-    Closing { then: AfterClose },
+    Connecting {
+        fingerprint: String,
+        user: UserId,
+        deadline: Millis,
+    },
+    Online {
+        fingerprint: String,
+        user: UserId,
+        since: Millis,
+    },
+    /// Our DISCONNECT is out; waiting for the broker to close (bounded by `deadline`).
+    Closing {
+        user: UserId,
+        deadline: Millis,
+    },
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum AfterClose {
-    /// Planned move to a new UserSig or new settings: connect again.
-    Reconnect,
-    /// Account switch: log in as this user.
-    Switch(UserId),
-    Logout,
-    /// Close after a stop; the phase stays `stopped`.
-    Stay,
-    Shutdown,
+/// What the engine is trying to do. The phase is derived from this and from what is in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Goal {
+    /// Logged out and not trying (initial with `login_on_start = false`, or after `logout`).
+    Idle,
+    /// Logged in, or trying to be.
+    Online,
+    /// Stopped on an error a new attempt cannot fix.
+    Stopped,
+    /// Kicked offline; `relogin_at`: one more login then (policy or suspected takeover).
+    Kicked {
+        reason: KickReason,
+        relogin_at: Option<Millis>,
+    },
+    /// Shutting down: close, then [`Action::Exit`].
+    Exit,
 }
 
 #[derive(Debug, Clone)]
@@ -276,47 +375,59 @@ struct Sig {
     info: SigInfo,
     deadline: Option<Millis>,
     refresh_at: Option<Millis>,
-}
-
-#[derive(Debug, Default, Clone)]
-struct Timers {
-    /// Backoff: try again (connect or fetch, whatever is next).
-    retry: Option<Millis>,
-    /// Proactive UserSig refresh (or its retry).
-    refresh: Option<Millis>,
-    /// Online long enough: reset the backoff.
-    backoff_reset: Option<Millis>,
-    /// `on_kick.relogin_after` cool-down.
-    relogin: Option<Millis>,
-    /// Look at the wall clock again.
-    clock: Option<Millis>,
+    /// Lifetime in milliseconds (from issue when known, else what was left at receipt).
+    lifetime: Option<Millis>,
 }
 
 /// The session engine. See the module docs.
 pub struct Machine {
     policy: Policy,
     now: Now,
-    phase: Phase,
-    since: Millis,
-    /// Whom we log in as.
+    /// The UserID in the config (a reload compares against it, not against `user`).
+    configured_user: UserId,
+    /// Whom we log in as (the configured user, or the last account switch).
     user: UserId,
-    /// A login is wanted (not idle, kicked or stopped).
-    want_online: bool,
+    goal: Goal,
     /// The current login reached CONNACK (SDK LOGINED); survives network reconnects.
     logged_in: bool,
+    /// The best sig for `user`.
     sig: Option<Sig>,
-    fetch: Option<FetchPurpose>,
+    /// Fingerprints of the sigs the driver holds secrets for.
+    held: BTreeSet<String>,
+    fetch: Option<Fetch>,
     conn: Conn,
+    /// No attempt (connect or login fetch) before this: backoff, or the clock wait.
+    retry_at: Option<Millis>,
+    /// `retry_at` is a wait for the wall clock (phase `waiting_for_clock`).
+    clock_wait: bool,
+    /// When the last connect or login fetch started (a local login never forces attempts
+    /// closer together than the backoff base).
+    last_attempt: Option<Millis>,
+    /// When to start the next proactive refresh (or retry a failed one).
+    refresh_due: Option<Millis>,
+    /// A refresh failed fatally while the sig is past its deadline: no more refreshes on this
+    /// connection (it still works); the next login fetch decides.
+    refresh_blocked: bool,
+    /// The session has been up since this CONNACK without an unplanned end; at this time it
+    /// counts as stable and every budget is restored.
+    stable_at: Option<Millis>,
     connect_backoff: Backoff,
     fetch_backoff: Backoff,
+    expired_backoff: Backoff,
     refresh_backoff: Backoff,
-    timers: Timers,
-    /// When sig-expired re-logins happened, within the budget window.
+    /// When premature sig-expired renewals happened, within the budget window.
     expiry_spent: VecDeque<Millis>,
     /// The one fresh-sig retry after a refusal has been used.
     rejected_retry_used: bool,
+    protocol_spent: u32,
+    /// Consecutive fetch failures with a `give_up_after` limit: (code, count).
+    limited: Option<(u32, u32)>,
     /// Consecutive socket closes shortly after CONNACK.
     early_closes: u32,
+    /// Suspected takeovers since the session was last stable (doubles the cool-down).
+    suspect_level: u32,
+    /// Confirmed kicks within [`KICK_MEMORY`] (doubles `relogin_after`).
+    kick_times: VecDeque<Millis>,
     pending_logins: Vec<RequestId>,
     pending_logouts: Vec<RequestId>,
     last_error: Option<LastError>,
@@ -324,8 +435,23 @@ pub struct Machine {
     counters: Counters,
     rng: Rng,
     actions: VecDeque<Action>,
+    exit_sent: bool,
+    /// The derived phase as of the last emit, and since when.
+    phase: Phase,
+    since: Millis,
     /// What the last StateChanged said, to emit each change exactly once.
     emitted: Option<(Phase, u8, String, Option<LastError>)>,
+}
+
+/// What a classified failure says to do.
+struct Classified {
+    class: ErrorClass,
+    err: LastError,
+    /// For `Kicked`: which kind.
+    kick: Option<KickReason>,
+    /// For `SigExpired`: the server called a sig expired that our clock says is still good
+    /// (spends the budget); otherwise the sig simply reached its end.
+    premature: bool,
 }
 
 impl Machine {
@@ -333,21 +459,31 @@ impl Machine {
         Machine {
             policy,
             now,
-            phase: Phase::Idle,
-            since: now.mono,
+            configured_user: user.clone(),
             user,
-            want_online: false,
+            goal: Goal::Idle,
             logged_in: false,
             sig: None,
+            held: BTreeSet::new(),
             fetch: None,
             conn: Conn::None,
+            retry_at: None,
+            clock_wait: false,
+            last_attempt: None,
+            refresh_due: None,
+            refresh_blocked: false,
+            stable_at: None,
             connect_backoff: Backoff::default(),
             fetch_backoff: Backoff::default(),
+            expired_backoff: Backoff::default(),
             refresh_backoff: Backoff::default(),
-            timers: Timers::default(),
             expiry_spent: VecDeque::new(),
             rejected_retry_used: false,
+            protocol_spent: 0,
+            limited: None,
             early_closes: 0,
+            suspect_level: 0,
+            kick_times: VecDeque::new(),
             pending_logins: Vec::new(),
             pending_logouts: Vec::new(),
             last_error: None,
@@ -355,6 +491,9 @@ impl Machine {
             counters: Counters::default(),
             rng: Rng::new(seed),
             actions: VecDeque::new(),
+            exit_sent: false,
+            phase: Phase::Idle,
+            since: now.mono,
             emitted: None,
         }
     }
@@ -365,17 +504,11 @@ impl Machine {
         self.now = now;
         match input {
             Input::Start => {
-                if self.policy.login_on_start {
+                if self.policy.login_on_start && self.goal == Goal::Idle {
                     self.begin_login();
                 }
             }
-            Input::CachedSig(info) => {
-                if info.user_id == self.user {
-                    let sig = self.derive(info);
-                    self.sig = Some(sig);
-                    self.arm_refresh();
-                }
-            }
+            Input::CachedSig(info) => self.on_cached_sig(info),
             Input::Login { id, user } => self.on_login_request(id, user),
             Input::Logout { id } => self.on_logout_request(id),
             Input::Shutdown => self.on_shutdown(),
@@ -388,47 +521,47 @@ impl Machine {
             Input::SigFetchFailed(f) => self.on_fetch_failed(f),
             Input::Connected { session_present } => self.on_connected(session_present),
             Input::ConnectionEnded(end) => self.on_connection_ended(end),
-            Input::Disconnected => self.on_disconnected(),
+            Input::Disconnected => {
+                if matches!(self.conn, Conn::Closing { .. }) {
+                    self.conn = Conn::None;
+                }
+            }
             Input::MessageReceived => self.counters.messages_received += 1,
         }
+        self.next_step();
         self.emit_state();
     }
 
-    /// Fire every timer that is due at `now`.
+    /// Time passed: act on whatever is due at `now`.
     pub fn handle_timeout(&mut self, now: Now) {
         self.now = now;
-        let due = |t: &mut Option<Millis>| {
-            if t.is_some_and(|at| at <= now.mono) {
-                *t = None;
-                true
-            } else {
-                false
-            }
-        };
-        if due(&mut self.timers.backoff_reset) {
-            self.connect_backoff.reset();
-        }
-        if due(&mut self.timers.clock) && self.want_online && self.idle_io() {
-            self.proceed();
-        }
-        if due(&mut self.timers.retry) && self.want_online && self.idle_io() {
-            self.proceed();
-        }
-        if due(&mut self.timers.refresh) && self.want_online && self.fetch.is_none() {
-            self.start_fetch(FetchPurpose::Refresh);
-        }
-        if due(&mut self.timers.relogin) && !self.want_online {
-            self.begin_login();
-        }
+        self.next_step();
         self.emit_state();
     }
 
-    /// The next instant [`Machine::handle_timeout`] should be called at.
+    /// The next instant [`Machine::handle_timeout`] should be called at. Only future instants:
+    /// a deadline that is due but waits on something in flight is not returned (what it waits
+    /// on has its own deadline).
     pub fn poll_timeout(&self) -> Option<Millis> {
-        let t = &self.timers;
-        [t.retry, t.refresh, t.backoff_reset, t.relogin, t.clock]
+        let now = self.now.mono;
+        let fetch = self.fetch.map(|f| f.deadline);
+        let conn = match &self.conn {
+            Conn::Connecting { deadline, .. } | Conn::Closing { deadline, .. } => Some(*deadline),
+            _ => None,
+        };
+        let relogin = match self.goal {
+            Goal::Kicked { relogin_at, .. } => relogin_at,
+            _ => None,
+        };
+        let online_goal = self.goal == Goal::Online;
+        let refresh = self
+            .refresh_due
+            .filter(|_| online_goal && !self.refresh_blocked);
+        let retry = self.retry_at.filter(|_| online_goal);
+        [fetch, conn, relogin, refresh, retry, self.stable_at]
             .into_iter()
             .flatten()
+            .filter(|t| *t > now)
             .min()
     }
 
@@ -437,32 +570,67 @@ impl Machine {
     }
 
     pub fn snapshot(&self) -> Snapshot {
+        let next_retry_ms = match self.goal {
+            Goal::Kicked { relogin_at, .. } => relogin_at,
+            Goal::Online if self.conn == Conn::None => self.retry_at,
+            _ => None,
+        };
         Snapshot {
-            phase: self.phase,
+            phase: self.phase(),
             login_status: self.login_status(),
             login_user: self.login_user(),
             user_id: self.user.to_string(),
-            since_ms: self.since,
+            since_ms: if self.phase() == self.phase {
+                self.since
+            } else {
+                self.now.mono
+            },
             last_error: self.last_error.clone(),
             sig: self.sig.as_ref().map(|s| SigStatus {
                 fingerprint: s.info.fingerprint.clone(),
                 expires_at: s.info.expires_at,
                 deadline_ms: s.deadline,
-                refresh_at_ms: self.timers.refresh.or(s.refresh_at),
-                refreshing: self.fetch == Some(FetchPurpose::Refresh),
+                refresh_at_ms: if self.refresh_blocked {
+                    None
+                } else {
+                    self.refresh_due
+                },
+                refreshing: self.fetch.is_some_and(|f| f.purpose == Purpose::Refresh),
             }),
-            next_retry_ms: self
-                .timers
-                .retry
-                .or(self.timers.relogin)
-                .or(self.timers.clock),
+            next_retry_ms,
             counters: self.counters.clone(),
             last_event: self.last_event.clone(),
         }
     }
 
+    /// The phase, derived from the goal and from what is in flight.
     pub fn phase(&self) -> Phase {
-        self.phase
+        match self.goal {
+            Goal::Stopped => Phase::Stopped,
+            Goal::Kicked { .. } => Phase::Kicked,
+            Goal::Idle | Goal::Exit => match self.conn {
+                Conn::None => Phase::Idle,
+                _ => Phase::LoggingOut,
+            },
+            Goal::Online => match &self.conn {
+                Conn::Online { user, .. } if *user == self.user => Phase::Online,
+                Conn::Online { .. } => Phase::LoggingOut,
+                Conn::Closing { user, .. } if *user != self.user => Phase::LoggingOut,
+                Conn::Closing { .. } | Conn::Connecting { .. } => Phase::Connecting,
+                Conn::None => {
+                    if self.clock_wait {
+                        Phase::WaitingForClock
+                    } else if self.retry_at.is_some_and(|t| t > self.now.mono) {
+                        Phase::Backoff
+                    } else if self.fetch.is_some() {
+                        Phase::FetchingSig
+                    } else {
+                        // Only between an input and `next_step`.
+                        Phase::Connecting
+                    }
+                }
+            },
+        }
     }
 
     pub fn user(&self) -> &UserId {
@@ -477,7 +645,7 @@ impl Machine {
     pub fn login_status(&self) -> u8 {
         if self.logged_in {
             login_status::LOGINED
-        } else if self.want_online {
+        } else if self.goal == Goal::Online {
             login_status::LOGINING
         } else {
             login_status::LOGOUT
@@ -490,6 +658,189 @@ impl Machine {
             self.user.to_string()
         } else {
             String::new()
+        }
+    }
+
+    // --- the one place that decides -------------------------------------------------------
+
+    /// Look at the whole state and take the next step. Called after every input and timeout.
+    fn next_step(&mut self) {
+        let now = self.now.mono;
+        // Deadlines of what is in flight.
+        if self.fetch.is_some_and(|f| f.deadline <= now) {
+            self.act(Action::CancelFetch);
+            self.on_fetch_failed(FetchFailure::new(
+                ErrorClass::Network,
+                codes::NET_CONN_TIMEOUT,
+                format!(
+                    "the provisioning server did not answer within {}",
+                    human_ms(self.policy.fetch_timeout)
+                ),
+            ));
+        }
+        match &self.conn {
+            Conn::Connecting { deadline, .. } if *deadline <= now => {
+                self.act(Action::Abandon);
+                self.on_connection_ended(ConnEnd::Network {
+                    kind: NetKind::Timeout,
+                    detail: format!(
+                        "no CONNACK within {}",
+                        human_ms(self.policy.connect_timeout)
+                    ),
+                });
+            }
+            Conn::Closing { deadline, .. } if *deadline <= now => {
+                // The broker did not close after our DISCONNECT: drop the socket.
+                self.act(Action::Abandon);
+                self.conn = Conn::None;
+            }
+            _ => {}
+        }
+        if self.stable_at.is_some_and(|t| t <= now) {
+            self.stable_at = None;
+            if matches!(self.conn, Conn::Online { .. }) {
+                self.on_stable();
+            }
+        }
+        if let Goal::Kicked {
+            relogin_at: Some(t),
+            ..
+        } = self.goal
+            && t <= now
+        {
+            // The cool-down is over: one more login, with the budgets as they are (a
+            // suspected takeover stays one early close away from the next, longer cool-down).
+            self.goal = Goal::Online;
+            self.retry_at = None;
+            self.clock_wait = false;
+        }
+        match self.goal {
+            Goal::Online => self.step_online(),
+            _ => self.step_offline(),
+        }
+        self.release_unused_sigs();
+    }
+
+    fn step_offline(&mut self) {
+        if self.fetch.take().is_some() {
+            self.act(Action::CancelFetch);
+        }
+        if matches!(self.conn, Conn::Online { .. } | Conn::Connecting { .. }) {
+            // An attempt is abandoned at once; a session gets a clean DISCONNECT.
+            self.begin_close();
+        }
+        if self.conn == Conn::None {
+            if matches!(self.goal, Goal::Idle | Goal::Exit) {
+                self.reply_logouts();
+            }
+            if self.goal == Goal::Exit && !self.exit_sent {
+                self.exit_sent = true;
+                self.act(Action::Exit);
+            }
+        }
+    }
+
+    fn step_online(&mut self) {
+        let now = self.now.mono;
+        match &self.conn {
+            Conn::Closing { .. } => return,
+            Conn::Connecting { user, .. } if *user != self.user => self.begin_close(),
+            Conn::Connecting { .. } => {
+                self.maybe_refresh();
+                return;
+            }
+            Conn::Online {
+                user, fingerprint, ..
+            } => {
+                if *user != self.user {
+                    // Account switch: log the old user out cleanly first.
+                    return self.begin_close();
+                }
+                let newer = self
+                    .usable_sig()
+                    .is_some_and(|s| s.info.fingerprint != *fingerprint);
+                if newer {
+                    // Move the session to the new sig: clean DISCONNECT (the persistent
+                    // session keeps QoS 1 messages), then CONNECT with the new sig.
+                    return self.begin_close();
+                }
+                self.maybe_refresh();
+                return;
+            }
+            Conn::None => {}
+        }
+        // Not connected: wait for the retry time, the clock, or what is in flight.
+        if self.retry_at.is_some_and(|t| t > now) {
+            self.maybe_refresh();
+            return;
+        }
+        self.retry_at = None;
+        self.clock_wait = false;
+        if self.now.wall < self.policy.min_wall_clock {
+            let err = LastError::new(
+                0,
+                ErrorClass::Clock,
+                format!(
+                    "the wall clock reads Unix time {}, before this build ({}): waiting for time sync",
+                    self.now.wall, self.policy.min_wall_clock
+                ),
+            );
+            return self.wait_for_clock(err);
+        }
+        if self.usable_sig().is_some() {
+            return self.connect();
+        }
+        if self.sig.is_some() {
+            // The sig reached its end on our own clock while we held it: renew it. This is not
+            // the server calling fresh sigs expired, so it spends no budget; it only happens
+            // when an attempt is due, so backoff paces it.
+            self.sig = None;
+            self.refresh_due = None;
+            self.logged_in = false;
+            self.event(Event::UserSigExpired {
+                code: codes::USER_SIG_EXPIRED,
+            });
+            self.act(Action::ForgetSig);
+        }
+        match &mut self.fetch {
+            Some(f) if f.purpose == Purpose::Refresh => {
+                // The refresh under way becomes the login fetch.
+                f.purpose = Purpose::Login;
+            }
+            Some(_) => {}
+            None => self.start_fetch(Purpose::Login),
+        }
+    }
+
+    /// Start the proactive refresh when it is due and the fetch slot is free.
+    fn maybe_refresh(&mut self) {
+        if self.fetch.is_none()
+            && !self.refresh_blocked
+            && self.sig.is_some()
+            && self.refresh_due.is_some_and(|t| t <= self.now.mono)
+        {
+            self.start_fetch(Purpose::Refresh);
+        }
+    }
+
+    /// Tell the driver to forget every sig this machine no longer refers to.
+    fn release_unused_sigs(&mut self) {
+        let current = self.sig.as_ref().map(|s| s.info.fingerprint.as_str());
+        let in_use = match &self.conn {
+            Conn::Connecting { fingerprint, .. } | Conn::Online { fingerprint, .. } => {
+                Some(fingerprint.as_str())
+            }
+            _ => None,
+        };
+        let unused: Vec<String> = self
+            .held
+            .iter()
+            .filter(|fp| Some(fp.as_str()) != current && Some(fp.as_str()) != in_use)
+            .cloned()
+            .collect();
+        for fingerprint in unused {
+            self.held.remove(&fingerprint);
+            self.act(Action::ReleaseSig { fingerprint });
         }
     }
 
@@ -509,16 +860,14 @@ impl Machine {
         self.act(Action::Emit(e));
     }
 
-    fn set_phase(&mut self, p: Phase) {
-        if self.phase != p {
-            self.phase = p;
+    fn emit_state(&mut self) {
+        let phase = self.phase();
+        if phase != self.phase {
+            self.phase = phase;
             self.since = self.now.mono;
         }
-    }
-
-    fn emit_state(&mut self) {
         let cur = (
-            self.phase,
+            phase,
             self.login_status(),
             self.login_user(),
             self.last_error.clone(),
@@ -532,11 +881,6 @@ impl Machine {
                 last_error: cur.3,
             }));
         }
-    }
-
-    /// No fetch and no connection in flight.
-    fn idle_io(&self) -> bool {
-        self.fetch.is_none() && self.conn == Conn::None
     }
 
     fn reply_logins(&mut self, result: Result<(), RequestError>) {
@@ -560,30 +904,61 @@ impl Machine {
                 info,
                 deadline: None,
                 refresh_at: None,
+                lifetime: None,
             };
         };
-        let remaining_s = expires_at - info.server_now;
-        let deadline = offset(info.received_at, remaining_s * 1000);
-        // Lifetime: from issue when known, else what was left at receipt.
+        // Saturating everywhere: these numbers come from outside.
+        let remaining_ms = expires_at
+            .saturating_sub(info.server_now)
+            .saturating_mul(1000);
+        let deadline = offset(info.received_at, remaining_ms);
         let (start, lifetime_s) = match info.issued_at {
-            Some(t) if t < expires_at => (t, expires_at - t),
-            _ => (info.server_now, remaining_s.max(0)),
+            Some(t) if t < expires_at => (t, expires_at.saturating_sub(t)),
+            _ => (
+                info.server_now,
+                expires_at.saturating_sub(info.server_now).max(0),
+            ),
         };
-        let point_s = start as f64 + lifetime_s as f64 * self.policy.refresh_fraction;
-        let jitter_ms = (lifetime_s as f64 * 1000.0 * self.policy.refresh_jitter) as u64;
-        let jitter = self.rng.range(0, 2 * jitter_ms) as i64 - jitter_ms as i64;
-        let refresh_ms = ((point_s - info.server_now as f64) * 1000.0) as i64 + jitter;
-        let mut refresh_at = offset(info.received_at, refresh_ms).max(self.now.mono);
+        let lifetime = (lifetime_s.max(0) as u64).saturating_mul(1000);
+        let point_ms = (start.saturating_sub(info.server_now) as f64 * 1000.0
+            + lifetime as f64 * self.policy.refresh_fraction) as i64;
+        let jitter_ms = (lifetime as f64 * self.policy.refresh_jitter) as u64;
+        let jitter = self.rng.range(0, jitter_ms.saturating_mul(2)) as i64 - jitter_ms as i64;
+        let now = self.now.mono;
+        let mut refresh_at = offset(info.received_at, point_ms.saturating_add(jitter)).max(now);
         // Always leave room before the deadline (a tenth of what remains, at least 1 s).
-        let margin = ((deadline.saturating_sub(self.now.mono)) / 10).max(1_000);
-        refresh_at = refresh_at
-            .min(deadline.saturating_sub(margin))
-            .max(self.now.mono);
+        let margin = (deadline.saturating_sub(now) / 10).max(1_000);
+        refresh_at = refresh_at.min(deadline.saturating_sub(margin)).max(now);
+        // A sig so short-lived that any fresh one would be due again within the refresh
+        // floor is never refreshed proactively: it is renewed when it ends (paced by backoff).
+        let refreshable = (lifetime as f64 * self.policy.refresh_fraction) as Millis
+            >= Self::refresh_floor(Some(lifetime));
         Sig {
             info,
             deadline: Some(deadline),
-            refresh_at: Some(refresh_at),
+            refresh_at: refreshable.then_some(refresh_at),
+            lifetime: Some(lifetime),
         }
+    }
+
+    /// A refresh answer due for refresh again sooner than this is a failed refresh: a tenth
+    /// of its lifetime, between 10 s and 30 s. So planned reconnects are never closer than
+    /// 10 s apart, whatever lifetimes the provisioning server hands out.
+    pub fn refresh_floor(lifetime: Option<Millis>) -> Millis {
+        lifetime.map_or(REFRESH_FLOOR_MAX, |l| {
+            (l / 10).clamp(REFRESH_FLOOR_MIN, REFRESH_FLOOR_MAX)
+        })
+    }
+
+    fn sig_valid(s: &Sig, now: Millis) -> bool {
+        s.deadline.is_none_or(|d| now < d)
+    }
+
+    /// The current sig, if it can be sent: for our user and not expired on our clock.
+    fn usable_sig(&self) -> Option<&Sig> {
+        self.sig
+            .as_ref()
+            .filter(|s| s.info.user_id == self.user && Self::sig_valid(s, self.now.mono))
     }
 
     fn sig_expired_locally(&self) -> bool {
@@ -593,71 +968,50 @@ impl Machine {
             .is_some_and(|d| self.now.mono >= d)
     }
 
-    fn arm_refresh(&mut self) {
-        self.timers.refresh = self.sig.as_ref().and_then(|s| s.refresh_at);
-    }
-
     // --- login flow -----------------------------------------------------------------------
 
-    /// Start (or restart) a login from scratch: budgets and retries start over.
+    /// Start a login from scratch: budgets, backoffs and cool-downs start over (a local
+    /// login, a reload out of `stopped`, or the start).
     fn begin_login(&mut self) {
-        self.want_online = true;
+        self.goal = Goal::Online;
         self.rejected_retry_used = false;
         self.expiry_spent.clear();
+        self.protocol_spent = 0;
+        self.limited = None;
         self.early_closes = 0;
+        self.suspect_level = 0;
+        self.kick_times.clear();
         self.connect_backoff.reset();
         self.fetch_backoff.reset();
-        self.timers.relogin = None;
-        self.timers.retry = None;
-        if self.idle_io() {
-            self.proceed();
-        }
+        self.expired_backoff.reset();
+        self.retry_at = None;
+        self.clock_wait = false;
+        self.refresh_blocked = false;
     }
 
-    /// Take the next step toward online: check the clock, then connect with a usable sig or
-    /// fetch one. Only called with nothing in flight.
-    fn proceed(&mut self) {
-        if !self.want_online || !self.idle_io() {
-            return;
-        }
-        self.timers.retry = None;
-        self.timers.clock = None;
-        if self.now.wall < self.policy.min_wall_clock {
-            self.set_phase(Phase::WaitingForClock);
-            self.last_error = Some(LastError::new(
-                0,
-                ErrorClass::Clock,
-                format!(
-                    "the wall clock reads Unix time {}, before this build ({}): waiting for time sync",
-                    self.now.wall, self.policy.min_wall_clock
-                ),
-            ));
-            self.timers.clock = Some(self.now.mono + self.policy.clock_retry);
-            return;
-        }
-        match &self.sig {
-            Some(s) if s.info.user_id != self.user => {
-                self.sig = None;
-                self.start_fetch(FetchPurpose::Initial);
-            }
-            Some(_) if self.sig_expired_locally() => self.on_sig_expired(
-                codes::USER_SIG_EXPIRED,
-                "the UserSig expired before it could be used".into(),
-            ),
-            Some(_) => self.connect(),
-            None => self.start_fetch(FetchPurpose::Initial),
-        }
+    /// The session stayed up for the reset window: every budget and backoff is restored.
+    fn on_stable(&mut self) {
+        self.connect_backoff.reset();
+        self.fetch_backoff.reset();
+        self.expired_backoff.reset();
+        self.rejected_retry_used = false;
+        self.protocol_spent = 0;
+        self.limited = None;
+        self.early_closes = 0;
+        self.suspect_level = 0;
     }
 
     fn connect(&mut self) {
-        let Some(sig) = &self.sig else {
-            return self.start_fetch(FetchPurpose::Initial);
+        let Some(sig) = self.usable_sig() else {
+            return;
         };
         let fingerprint = sig.info.fingerprint.clone();
         self.conn = Conn::Connecting {
             fingerprint: fingerprint.clone(),
+            user: self.user.clone(),
+            deadline: self.now.mono + self.policy.connect_timeout + TIMEOUT_SLACK,
         };
-        self.set_phase(Phase::Connecting);
+        self.last_attempt = Some(self.now.mono);
         self.counters.connect_attempts += 1;
         self.event(Event::Connecting {
             user_id: self.user.to_string(),
@@ -668,24 +1022,40 @@ impl Machine {
         });
     }
 
-    fn start_fetch(&mut self, purpose: FetchPurpose) {
+    fn start_fetch(&mut self, purpose: Purpose) {
         if self.fetch.is_some() {
             return;
         }
-        self.fetch = Some(purpose);
-        self.counters.sig_fetches += 1;
-        if purpose == FetchPurpose::Refresh {
-            // A refresh happens beside whatever the session is doing.
-            self.timers.refresh = None;
-        } else {
-            self.set_phase(Phase::FetchingSig);
+        self.fetch = Some(Fetch {
+            purpose,
+            deadline: self.now.mono + self.policy.fetch_timeout + TIMEOUT_SLACK,
+        });
+        if purpose == Purpose::Login {
+            self.last_attempt = Some(self.now.mono);
         }
+        self.refresh_due = None;
+        self.counters.sig_fetches += 1;
         self.act(Action::FetchSig {
             user: self.user.clone(),
         });
     }
 
-    /// Backoff before the next step; `retry_after` (the server's word) is a floor.
+    /// Close the connection: DISCONNECT an established one, abandon an attempt.
+    fn begin_close(&mut self) {
+        match std::mem::replace(&mut self.conn, Conn::None) {
+            Conn::Online { user, .. } => {
+                self.act(Action::Disconnect);
+                self.conn = Conn::Closing {
+                    user,
+                    deadline: self.now.mono + self.policy.close_timeout,
+                };
+            }
+            Conn::Connecting { .. } => self.act(Action::Abandon),
+            other => self.conn = other,
+        }
+    }
+
+    /// Backoff before the next attempt; `retry_after` (the server's word) is a floor.
     fn backoff(&mut self, err: LastError, which: WhichBackoff, retry_after: Option<Millis>) {
         let b = match which {
             WhichBackoff::Connect => &mut self.connect_backoff,
@@ -694,29 +1064,35 @@ impl Machine {
         let delay = b
             .next(&self.policy.backoff, &mut self.rng)
             .max(retry_after.unwrap_or(0));
-        self.timers.retry = Some(self.now.mono + delay);
+        self.retry_later(self.now.mono + delay);
         self.last_error = Some(err);
-        self.set_phase(Phase::Backoff);
+    }
+
+    /// No attempt before `at`. A failure never brings the next attempt closer than a wait
+    /// already set (a background refresh failing during a backoff must not cut it short).
+    fn retry_later(&mut self, at: Millis) {
+        let now = self.now.mono;
+        self.retry_at = Some(match self.retry_at {
+            Some(t) if t > now => t.max(at),
+            _ => at,
+        });
+    }
+
+    fn wait_for_clock(&mut self, err: LastError) {
+        self.clock_wait = true;
+        self.retry_at = Some(self.now.mono + self.policy.clock_retry);
+        self.last_error = Some(err);
     }
 
     /// Stop: no more attempts until a local login, a reload or a restart.
     fn stop(&mut self, err: LastError) {
-        self.want_online = false;
+        self.goal = Goal::Stopped;
         self.logged_in = false;
-        self.timers = Timers {
-            backoff_reset: None,
-            ..Timers::default()
-        };
+        self.retry_at = None;
+        self.clock_wait = false;
         if self.fetch.take().is_some() {
             self.act(Action::CancelFetch);
         }
-        if !matches!(self.conn, Conn::None | Conn::Closing { .. }) {
-            self.conn = Conn::Closing {
-                then: AfterClose::Stay,
-            };
-            self.act(Action::Disconnect);
-        }
-        self.set_phase(Phase::Stopped);
         self.reply_logins(Err(RequestError {
             code: err.code,
             message: err.message.clone(),
@@ -725,14 +1101,48 @@ impl Machine {
     }
 
     fn kicked(&mut self, reason: KickReason, message: String) {
-        self.want_online = false;
+        let relogin_at = match reason {
+            KickReason::SuspectedTakeover => {
+                // Never permanent, never a fight: a long jittered cool-down, doubling.
+                let base = self
+                    .policy
+                    .takeover_cooldown
+                    .saturating_mul(1u64 << self.suspect_level.min(20))
+                    .min(self.policy.takeover_cooldown_max);
+                self.suspect_level = self.suspect_level.saturating_add(1);
+                // One more early close after the cool-down is the next suspected takeover.
+                self.early_closes = self.policy.takeover_closes.saturating_sub(1);
+                Some(self.now.mono + self.rng.range(base - base / 4, base + base / 4))
+            }
+            _ => match self.policy.on_kick {
+                OnKick::StayOffline => None,
+                OnKick::ReloginAfter(after) => {
+                    let now = self.now.mono;
+                    while self
+                        .kick_times
+                        .front()
+                        .is_some_and(|t| now.saturating_sub(*t) >= KICK_MEMORY)
+                    {
+                        self.kick_times.pop_front();
+                    }
+                    let doublings = self.kick_times.len().min(20) as u32;
+                    self.kick_times.push_back(now);
+                    let cool = after
+                        .max(RELOGIN_FLOOR)
+                        .saturating_mul(1u64 << doublings)
+                        .min(RELOGIN_MAX);
+                    Some(now + cool)
+                }
+            },
+        };
+        self.goal = Goal::Kicked { reason, relogin_at };
         self.logged_in = false;
-        self.timers = Timers::default();
+        self.retry_at = None;
+        self.clock_wait = false;
         if self.fetch.take().is_some() {
             self.act(Action::CancelFetch);
         }
         self.counters.kicks += 1;
-        self.set_phase(Phase::Kicked);
         let code = codes::KICKED_OFF_BY_OTHER;
         self.event(Event::KickedOffline {
             reason,
@@ -744,56 +1154,67 @@ impl Machine {
             message: message.clone(),
         }));
         self.last_error = Some(LastError::new(code, ErrorClass::Kicked, message));
-        if let OnKick::ReloginAfter(after) = self.policy.on_kick {
-            self.timers.relogin = Some(self.now.mono + after);
-        }
     }
 
-    /// The sig expired (server said so, or the local clock): renew within the budget.
-    fn on_sig_expired(&mut self, code: u32, why: String) {
+    /// The sig is over (the server said so, or it arrived expired): renew it. A premature
+    /// expiry (the server calls a sig expired that our clock says is good, or provisioning
+    /// hands out expired sigs) spends the budget; every renewal after the first is paced by
+    /// backoff.
+    fn on_sig_expired(&mut self, premature: bool, code: u32, why: String) {
         self.logged_in = false;
         self.event(Event::UserSigExpired { code });
-        self.sig = None;
-        self.timers.refresh = None;
-        self.act(Action::ForgetSig);
-        let window = self.policy.sig_expired_window;
-        let now = self.now.mono;
-        while self
-            .expiry_spent
-            .front()
-            .is_some_and(|t| now.saturating_sub(*t) >= window)
-        {
-            self.expiry_spent.pop_front();
+        if self.sig.take().is_some() {
+            self.act(Action::ForgetSig);
         }
-        if self.expiry_spent.len() >= self.policy.sig_expired_budget as usize {
-            return self.stop(LastError::new(
-                code,
-                ErrorClass::SigExpired,
-                format!(
-                    "{why}; stopped after {} UserSig renewals within {}: the IM service keeps \
-                     calling fresh UserSigs expired (check the provisioning and IM servers' \
-                     clocks), then run `imlinkctl login`",
-                    self.expiry_spent.len(),
-                    human_ms(window)
-                ),
-            ));
+        self.refresh_due = None;
+        if premature {
+            let window = self.policy.sig_expired_window;
+            let now = self.now.mono;
+            while self
+                .expiry_spent
+                .front()
+                .is_some_and(|t| now.saturating_sub(*t) >= window)
+            {
+                self.expiry_spent.pop_front();
+            }
+            if self.expiry_spent.len() >= self.policy.sig_expired_budget as usize {
+                return self.stop(LastError::new(
+                    code,
+                    ErrorClass::SigExpired,
+                    format!(
+                        "{why}; stopped after {} UserSig renewals within {}: the IM service keeps \
+                         calling fresh UserSigs expired (check the provisioning and IM servers' \
+                         clocks), then run `imlinkctl login`",
+                        self.expiry_spent.len(),
+                        human_ms(window)
+                    ),
+                ));
+            }
+            self.expiry_spent.push_back(now);
         }
-        self.expiry_spent.push_back(now);
-        self.last_error = Some(LastError::new(code, ErrorClass::SigExpired, why));
-        if self.fetch.is_none() {
-            self.start_fetch(FetchPurpose::Expired);
+        let err = LastError::new(code, ErrorClass::SigExpired, why);
+        self.last_error = Some(err);
+        if self.expired_backoff.attempts() == 0 {
+            // The first renewal goes at once (a refresh under way counts as it).
+            self.expired_backoff.count();
         } else {
-            // A refresh is already under way: let it count as the renewal.
-            self.fetch = Some(FetchPurpose::Expired);
-            self.set_phase(Phase::FetchingSig);
+            let delay = self
+                .expired_backoff
+                .next(&self.policy.backoff, &mut self.rng);
+            self.retry_later(self.now.mono + delay);
+            // The renewal waits: a refresh under way must not renew early behind its back.
+            if self.fetch.take().is_some() {
+                self.act(Action::CancelFetch);
+            }
         }
     }
 
     /// The server refused a sig that is not expired: one fresh sig, then stop.
     fn on_sig_rejected(&mut self, err: LastError) {
-        self.sig = None;
-        self.timers.refresh = None;
-        self.act(Action::ForgetSig);
+        if self.sig.take().is_some() {
+            self.act(Action::ForgetSig);
+        }
+        self.refresh_due = None;
         if self.rejected_retry_used {
             let message = format!(
                 "{}; a freshly fetched UserSig was refused too, so the engine stopped \
@@ -805,10 +1226,38 @@ impl Machine {
         }
         self.rejected_retry_used = true;
         self.last_error = Some(err);
-        self.start_fetch(FetchPurpose::Rejected);
+        // `next_step` fetches the fresh sig at once.
+    }
+
+    fn on_protocol_error(&mut self, err: LastError) {
+        self.protocol_spent += 1;
+        if self.protocol_spent >= self.policy.protocol_budget {
+            let message = format!(
+                "{}; stopped after {} such errors without a stable session (a reconnect does \
+                 not fix this: check the broker's limits and ACLs), then run `imlinkctl login`",
+                err.message, self.protocol_spent
+            );
+            return self.stop(LastError { message, ..err });
+        }
+        self.backoff(err, WhichBackoff::Connect, None);
     }
 
     // --- inputs ---------------------------------------------------------------------------
+
+    fn on_cached_sig(&mut self, info: SigInfo) {
+        if info.user_id != self.user || self.sig.is_some() {
+            return;
+        }
+        self.held.insert(info.fingerprint.clone());
+        if info.wall_anchored && self.now.wall < self.policy.min_wall_clock {
+            // Its deadline would be anchored on a clock we know is wrong.
+            return;
+        }
+        // Kept even when already expired: the next attempt then says so (6206) and fetches.
+        let sig = self.derive(info);
+        self.refresh_due = sig.refresh_at;
+        self.sig = Some(sig);
+    }
 
     fn on_login_request(&mut self, id: RequestId, user: Option<UserId>) {
         let user = user.unwrap_or_else(|| self.user.clone());
@@ -819,141 +1268,156 @@ impl Machine {
                 message: message.to_string(),
             }),
         };
-        if self.phase == Phase::LoggingOut {
+        if self.goal == Goal::Exit {
+            return self.act(reply_err(
+                codes::LOGOUT_IN_PROCESS,
+                "the daemon is shutting down",
+            ));
+        }
+        if self.goal == Goal::Idle && self.conn != Conn::None {
             return self.act(reply_err(
                 codes::LOGOUT_IN_PROCESS,
                 "a logout is in progress; try again when it is done",
             ));
         }
-        if self.logged_in && user == self.user {
-            return self.act(Action::Reply { id, result: Ok(()) });
+        if self.goal == Goal::Online && user == self.user {
+            if matches!(self.conn, Conn::Online { .. }) && self.phase() == Phase::Online {
+                return self.act(Action::Reply { id, result: Ok(()) });
+            }
+            let waiting = self.conn == Conn::None
+                && self.retry_at.is_some_and(|t| t > self.now.mono)
+                && self.fetch.is_none_or(|f| f.purpose == Purpose::Refresh);
+            if (waiting || self.logged_in) && self.pending_logins.len() < MAX_PENDING_LOGINS {
+                // Join the login under way. While only a timer is pending, an operator's
+                // login cuts the wait short (never closer than the backoff base to the last
+                // attempt): a daemon that looks stuck gets moving.
+                self.pending_logins.push(id);
+                if waiting {
+                    let earliest = self
+                        .last_attempt
+                        .map_or(0, |t| t + self.policy.backoff.base);
+                    self.retry_at = Some(earliest.max(self.now.mono));
+                    if self.retry_at.is_some_and(|t| t <= self.now.mono) {
+                        self.retry_at = None;
+                        self.clock_wait = false;
+                    }
+                }
+                return;
+            }
+            return self.act(reply_err(
+                codes::LOGIN_IN_PROCESS,
+                "a login is already in progress",
+            ));
         }
-        if self.want_online && !self.logged_in {
+        if self.goal == Goal::Online && !self.logged_in {
             return self.act(reply_err(
                 codes::LOGIN_IN_PROCESS,
                 "a login is already in progress",
             ));
         }
         self.pending_logins.push(id);
-        if self.logged_in {
-            // Account switch: log the current user out cleanly, then log in as `user`.
-            self.timers = Timers::default();
+        if user != self.user {
+            // Account switch (or a login as someone else): the old user's sig is of no use.
+            self.user = user;
+            self.logged_in = false;
+            if self.sig.take().is_some() {
+                self.act(Action::ForgetSig);
+            }
+            self.refresh_due = None;
             if self.fetch.take().is_some() {
                 self.act(Action::CancelFetch);
             }
-            self.close_then(AfterClose::Switch(user));
-            return;
-        }
-        if user != self.user {
-            self.user = user;
-            self.sig = None;
-        }
-        self.last_error = None;
-        self.begin_login();
-    }
-
-    /// Close the connection (if any), then carry out `then`. Never sends a second
-    /// DISCONNECT while one is under way.
-    fn close_then(&mut self, then: AfterClose) {
-        match self.conn {
-            Conn::None => {
-                self.conn = Conn::Closing { then };
-                self.on_disconnected();
-            }
-            Conn::Closing { .. } => self.conn = Conn::Closing { then },
-            Conn::Connecting { .. } | Conn::Online { .. } => {
-                self.conn = Conn::Closing { then };
-                self.set_phase(Phase::LoggingOut);
-                self.act(Action::Disconnect);
-            }
-        }
-    }
-
-    fn switch_to(&mut self, user: UserId) {
-        self.logged_in = false;
-        if user != self.user {
-            self.user = user;
-            self.sig = None;
-            self.act(Action::ForgetSig);
         }
         self.last_error = None;
         self.begin_login();
     }
 
     fn on_logout_request(&mut self, id: RequestId) {
-        self.want_online = false;
-        self.timers = Timers::default();
+        self.pending_logouts.push(id);
+        if self.goal == Goal::Exit {
+            return;
+        }
+        self.goal = Goal::Idle;
+        self.logged_in = false;
+        self.retry_at = None;
+        self.clock_wait = false;
         self.reply_logins(Err(RequestError {
             code: codes::LOGOUT_IN_PROCESS,
             message: "login cancelled by a logout".into(),
         }));
-        if self.fetch.take().is_some() {
-            self.act(Action::CancelFetch);
-        }
-        self.pending_logouts.push(id);
-        let shutting_down = self.conn
-            == Conn::Closing {
-                then: AfterClose::Shutdown,
-            };
-        self.close_then(if shutting_down {
-            AfterClose::Shutdown
-        } else {
-            AfterClose::Logout
-        });
     }
 
     fn on_shutdown(&mut self) {
-        self.want_online = false;
-        self.timers = Timers::default();
+        self.goal = Goal::Exit;
+        self.logged_in = false;
+        self.retry_at = None;
+        self.clock_wait = false;
         self.reply_logins(Err(RequestError {
             code: codes::LOGOUT_IN_PROCESS,
             message: "the daemon is shutting down".into(),
         }));
-        if self.fetch.take().is_some() {
-            self.act(Action::CancelFetch);
-        }
-        self.close_then(AfterClose::Shutdown);
     }
 
     fn on_reconfigured(&mut self, policy: Policy, user: UserId, reconnect: bool) {
         self.policy = policy;
-        if user != self.user && (self.want_online || self.logged_in) {
-            // The configured identity changed: switch accounts.
+        if self.goal == Goal::Exit {
+            return;
+        }
+        let configured_changed = user != self.configured_user;
+        self.configured_user = user.clone();
+        if configured_changed && user != self.user {
+            // The configured identity changed: switch accounts (or just remember whom to log
+            // in as). A reload that leaves `user_id` alone keeps a local app's switch.
+            self.user = user;
+            self.logged_in = false;
+            if self.sig.take().is_some() {
+                self.act(Action::ForgetSig);
+            }
+            self.refresh_due = None;
             if self.fetch.take().is_some() {
                 self.act(Action::CancelFetch);
             }
-            self.timers = Timers::default();
-            self.close_then(AfterClose::Switch(user));
-            return;
-        }
-        if user != self.user {
-            self.user = user;
-            self.sig = None;
-        }
-        match self.phase {
-            // A reload is one of the three ways out of `stopped`.
-            Phase::Stopped if self.policy.login_on_start => {
+            self.reply_logins(Err(RequestError {
+                code: codes::LOGIN_IN_PROCESS,
+                message: "the configured user_id changed; logging in as the new user".into(),
+            }));
+            if self.goal == Goal::Online {
                 self.last_error = None;
                 self.begin_login();
             }
-            Phase::Online if reconnect => {
-                self.conn = Conn::Closing {
-                    then: AfterClose::Reconnect,
-                };
-                self.act(Action::Disconnect);
+        }
+        if self.goal == Goal::Stopped && self.policy.login_on_start {
+            // A reload is one of the three ways out of `stopped`.
+            self.last_error = None;
+            self.begin_login();
+        }
+        if reconnect && self.goal == Goal::Online {
+            // New connection settings: apply them now, also to an attempt under way.
+            if matches!(self.conn, Conn::Online { .. } | Conn::Connecting { .. }) {
+                self.begin_close();
             }
-            _ => {}
+            self.retry_at = None;
+            self.clock_wait = false;
         }
     }
 
     fn on_sig_fetched(&mut self, info: SigInfo) {
-        let Some(purpose) = self.fetch.take() else {
+        self.held.insert(info.fingerprint.clone());
+        let Some(fetch) = self.fetch.take() else {
             return; // cancelled
         };
+        match self.judge(info, fetch.purpose) {
+            Ok(sig) => self.adopt(sig),
+            Err(f) => self.fetch_outcome_failed(fetch.purpose, f),
+        }
+    }
+
+    /// Is a fetched sig fit to use? A refresh answer must also be an improvement.
+    fn judge(&mut self, info: SigInfo, purpose: Purpose) -> Result<Sig, FetchFailure> {
         if info.user_id != self.user {
-            return self.stop(LastError::new(
-                codes::SVR_SIG_MISMATCH_ID,
+            return Err(FetchFailure::new(
                 ErrorClass::Fatal,
+                codes::SVR_SIG_MISMATCH_ID,
                 format!(
                     "the provisioning server returned a UserSig for {:?}, not {:?}",
                     info.user_id.as_str(),
@@ -961,22 +1425,60 @@ impl Machine {
                 ),
             ));
         }
+        let same = self
+            .sig
+            .as_ref()
+            .is_some_and(|s| s.info.fingerprint == info.fingerprint);
         let sig = self.derive(info);
-        if sig.deadline.is_some_and(|d| d <= self.now.mono) {
-            // Expired on arrival (by the issuer's own Date): never sent.
-            self.counters.sig_fetch_failures += 1;
-            return self.on_sig_expired(
+        let now = self.now.mono;
+        if !Self::sig_valid(&sig, now) {
+            return Err(FetchFailure::new(
+                ErrorClass::SigExpired,
                 codes::USER_SIG_EXPIRED,
-                "the provisioning server issued a UserSig that had already expired".into(),
-            );
+                "the provisioning server issued a UserSig that had already expired",
+            ));
         }
+        if purpose == Purpose::Refresh {
+            let useless = |why: String| {
+                FetchFailure::new(
+                    ErrorClass::Busy,
+                    codes::SVR_SIG_CHECK_FAILED,
+                    format!("the UserSig refresh brought nothing new: {why}"),
+                )
+            };
+            if same {
+                return Err(useless(
+                    "the provisioning server returned the UserSig in use".into(),
+                ));
+            }
+            let floor = Self::refresh_floor(sig.lifetime);
+            if let Some(d) = sig.deadline
+                && sig.refresh_at.is_none_or(|r| r < now + floor)
+            {
+                return Err(useless(format!(
+                    "the new UserSig would be due for refresh again within {} (it expires in {})",
+                    human_ms(floor),
+                    human_ms(d.saturating_sub(now))
+                )));
+            }
+        }
+        Ok(sig)
+    }
+
+    fn adopt(&mut self, sig: Sig) {
         self.counters.sig_refreshes += 1;
         self.fetch_backoff.reset();
         self.refresh_backoff.reset();
+        self.limited = None;
+        self.refresh_blocked = false;
         let fingerprint = sig.info.fingerprint.clone();
         let expires_at = sig.info.expires_at;
+        self.refresh_due = sig.refresh_at;
         self.sig = Some(sig);
-        self.arm_refresh();
+        if matches!(self.conn, Conn::Online { .. }) {
+            // A refresh failure shown beside a working session is over.
+            self.last_error = None;
+        }
         self.act(Action::PersistSig {
             fingerprint: fingerprint.clone(),
         });
@@ -984,205 +1486,204 @@ impl Machine {
             fingerprint,
             expires_at,
         });
-        if !self.want_online {
-            return;
-        }
-        match &self.conn {
-            Conn::Online { .. } if purpose == FetchPurpose::Refresh => {
-                // Move the session to the new sig: clean DISCONNECT (the persistent session
-                // keeps QoS 1 messages), then CONNECT with the new sig.
-                self.conn = Conn::Closing {
-                    then: AfterClose::Reconnect,
-                };
-                self.act(Action::Disconnect);
-            }
-            Conn::None if self.phase == Phase::FetchingSig => self.proceed(),
-            // Connecting: `on_connected` notices the newer sig. Backoff: the timer connects
-            // with the new sig.
-            _ => {}
-        }
     }
 
     fn on_fetch_failed(&mut self, f: FetchFailure) {
-        let Some(purpose) = self.fetch.take() else {
+        let Some(fetch) = self.fetch.take() else {
             return; // cancelled
         };
+        self.fetch_outcome_failed(fetch.purpose, f);
+    }
+
+    fn fetch_outcome_failed(&mut self, purpose: Purpose, f: FetchFailure) {
         self.counters.sig_fetch_failures += 1;
+        let online = matches!(self.conn, Conn::Online { .. });
+        let current_valid = self.usable_sig().is_some();
+        if purpose == Purpose::Refresh && (current_valid || online) {
+            return self.refresh_failed(f);
+        }
+        if self.goal != Goal::Online {
+            return;
+        }
         let err = LastError::new(f.code, f.class, f.message.clone());
-        let current_valid = self.sig.is_some() && !self.sig_expired_locally();
-        if purpose == FetchPurpose::Refresh && current_valid {
-            // Never fatal while the current sig is valid: retry, keep the session.
-            let delay = self
-                .refresh_backoff
-                .next(&self.policy.backoff, &mut self.rng)
-                .max(f.retry_after.unwrap_or(0));
-            let deadline = self.sig.as_ref().and_then(|s| s.deadline);
-            let at = self.now.mono + delay;
-            // Try at least once more shortly before the deadline.
-            self.timers.refresh = Some(match deadline {
-                Some(d) if at >= d => {
-                    self.now.mono + delay.min(d.saturating_sub(self.now.mono) / 2).max(1_000)
-                }
-                _ => at,
-            });
-            self.last_error = Some(err);
-            return;
-        }
-        if !self.want_online {
-            return;
-        }
         match f.class {
-            ErrorClass::Fatal => self.stop(err),
-            ErrorClass::Clock => {
-                self.set_phase(Phase::WaitingForClock);
-                self.last_error = Some(err);
-                self.timers.clock = Some(self.now.mono + self.policy.clock_retry);
-            }
-            _ => {
-                // The retry fetches anew; if this was the fresh-sig retry after a refusal, it stays
-                // used (`rejected_retry_used` is reset only by a successful login).
+            ErrorClass::Fatal | ErrorClass::Kicked => self.stop(err),
+            ErrorClass::Clock => self.wait_for_clock(err),
+            ErrorClass::SigExpired => self.on_sig_expired(true, f.code, f.message),
+            ErrorClass::SigRejected | ErrorClass::Protocol => self.on_protocol_error(err),
+            ErrorClass::Network | ErrorClass::Busy => {
+                if let Some(limit) = f.give_up_after {
+                    let n = match self.limited {
+                        Some((code, n)) if code == f.code => n + 1,
+                        _ => 1,
+                    };
+                    self.limited = Some((f.code, n));
+                    if n >= limit {
+                        let message = format!("{}; gave up after {n} tries", f.message);
+                        return self.stop(LastError::new(f.code, ErrorClass::Fatal, message));
+                    }
+                }
+                // Other failures in between do not reset the count: only a sig does.
+                // The retry fetches anew; a fresh-sig retry after a refusal stays used.
                 self.backoff(err, WhichBackoff::Fetch, f.retry_after);
             }
         }
     }
 
-    fn on_connected(&mut self, session_present: bool) {
-        let Conn::Connecting { fingerprint } = &self.conn else {
+    /// A proactive refresh failed: never fatal while the sig is valid or the session is up.
+    fn refresh_failed(&mut self, f: FetchFailure) {
+        let now = self.now.mono;
+        let deadline = self.sig.as_ref().and_then(|s| s.deadline);
+        if matches!(self.conn, Conn::Online { .. }) || self.last_error.is_none() {
+            // Beside a working session, say why the refresh failed; in a backoff, the
+            // connection's error stays the one shown.
+            self.last_error = Some(LastError::new(
+                f.code,
+                f.class,
+                format!(
+                    "UserSig refresh failed (the session continues): {}",
+                    f.message
+                ),
+            ));
+        }
+        if f.class == ErrorClass::Fatal && deadline.is_some_and(|d| d <= now) {
+            // Past its deadline, on a broker that does not enforce it: keep the working
+            // session, stop asking; the next login fetch decides.
+            self.refresh_blocked = true;
+            self.refresh_due = None;
             return;
+        }
+        // Refresh attempts are never closer than the refresh floor's minimum.
+        let delay = self
+            .refresh_backoff
+            .next(&self.policy.backoff, &mut self.rng)
+            .max(f.retry_after.unwrap_or(0))
+            .max(REFRESH_FLOOR_MIN);
+        let mut at = now + delay;
+        if let Some(d) = deadline
+            && d > now
+            && at >= d
+        {
+            // Try at least once more shortly before the deadline.
+            at = now + delay.min((d - now) / 2).max(REFRESH_FLOOR_MIN);
+        }
+        self.refresh_due = Some(at);
+    }
+
+    fn on_connected(&mut self, session_present: bool) {
+        let Conn::Connecting {
+            fingerprint, user, ..
+        } = std::mem::replace(&mut self.conn, Conn::None)
+        else {
+            return; // stale
         };
-        let fingerprint = fingerprint.clone();
         self.conn = Conn::Online {
+            fingerprint,
+            user: user.clone(),
             since: self.now.mono,
-            fingerprint: fingerprint.clone(),
         };
         self.logged_in = true;
-        self.rejected_retry_used = false;
-        self.last_error = None;
         self.counters.logins += 1;
-        self.set_phase(Phase::Online);
-        self.timers.retry = None;
-        self.timers.backoff_reset = Some(self.now.mono + self.policy.backoff.reset_after);
-        if self.fetch.is_none() && self.timers.refresh.is_none() {
-            self.arm_refresh();
+        self.retry_at = None;
+        self.clock_wait = false;
+        if self.stable_at.is_none() {
+            self.stable_at = Some(self.now.mono + self.policy.backoff.reset_after);
         }
+        self.last_error = None;
+        self.act(Action::Subscribe { user: user.clone() });
         self.event(Event::ConnectSuccess {
-            user_id: self.user.to_string(),
+            user_id: user.to_string(),
             session_present,
         });
         self.reply_logins(Ok(()));
-        let newer = self
-            .sig
-            .as_ref()
-            .is_some_and(|s| s.info.fingerprint != fingerprint);
-        if newer {
-            // The sig was refreshed while connecting: move to it.
-            self.conn = Conn::Closing {
-                then: AfterClose::Reconnect,
-            };
-            self.act(Action::Disconnect);
-        }
     }
 
     fn on_connection_ended(&mut self, end: ConnEnd) {
-        let was = std::mem::replace(&mut self.conn, Conn::None);
-        let online_since = match was {
+        let online_since = match std::mem::replace(&mut self.conn, Conn::None) {
             Conn::Online { since, .. } => Some(since),
             Conn::Connecting { .. } => None,
-            Conn::Closing { then } => {
-                // We were closing anyway: treat as done.
-                self.conn = Conn::Closing { then };
-                return self.on_disconnected();
-            }
-            Conn::None => return, // stale
+            // We were closing anyway: done.
+            Conn::Closing { .. } | Conn::None => return,
         };
-        self.timers.backoff_reset = None;
-        let (class, err) = self.classify(&end, online_since);
+        self.stable_at = None;
+        let c = self.classify(&end, online_since);
         if online_since.is_none() {
             self.event(Event::ConnectFailed {
-                code: err.code,
-                class,
-                message: err.message.clone(),
+                code: c.err.code,
+                class: c.class,
+                message: c.err.message.clone(),
             });
         }
-        if !self.want_online {
+        if self.goal != Goal::Online {
             return;
         }
-        match class {
+        match c.class {
             ErrorClass::Network | ErrorClass::Busy => {
-                if let ConnEnd::Network {
-                    kind: NetKind::Closed,
-                    ..
-                } = end
-                {
-                    let early = online_since.is_some_and(|s| {
-                        self.now.mono.saturating_sub(s) < self.policy.takeover_window
-                    });
+                if let Some(since) = online_since {
+                    let closed = matches!(
+                        end,
+                        ConnEnd::Network {
+                            kind: NetKind::Closed,
+                            ..
+                        }
+                    );
+                    let early =
+                        closed && self.now.mono.saturating_sub(since) < self.policy.takeover_window;
                     self.early_closes = if early { self.early_closes + 1 } else { 0 };
                     if self.early_closes >= self.policy.takeover_closes {
-                        return self.kicked(
-                            KickReason::SuspectedTakeover,
-                            format!(
-                                "the server closed the session {} times within {} of login: \
-                                 another device is probably logged in with this identity; \
-                                 staying offline instead of fighting for it",
-                                self.early_closes,
-                                human_ms(self.policy.takeover_window)
-                            ),
+                        let message = format!(
+                            "the server closed the session {} times within {} of login: another \
+                             device is probably logged in with this identity; not fighting for it",
+                            self.early_closes,
+                            human_ms(self.policy.takeover_window)
                         );
+                        return self.kicked(KickReason::SuspectedTakeover, message);
                     }
-                } else if online_since.is_some() {
-                    self.early_closes = 0;
                 }
-                self.backoff(err, WhichBackoff::Connect, None);
+                self.backoff(c.err, WhichBackoff::Connect, None);
             }
-            ErrorClass::SigExpired => self.on_sig_expired(err.code, err.message),
-            ErrorClass::SigRejected => self.on_sig_rejected(err),
-            ErrorClass::Kicked => {
-                let reason = match end {
-                    ConnEnd::ServerDisconnect { code: 0x98, .. } => KickReason::KickedByAdmin,
-                    _ => KickReason::LoggedInElsewhere,
-                };
-                self.kicked(reason, err.message)
-            }
-            ErrorClass::Fatal => self.stop(err),
-            ErrorClass::Clock => {
-                self.set_phase(Phase::WaitingForClock);
-                self.last_error = Some(err);
-                self.timers.clock = Some(self.now.mono + self.policy.clock_retry);
-            }
+            ErrorClass::SigExpired => self.on_sig_expired(c.premature, c.err.code, c.err.message),
+            ErrorClass::SigRejected => self.on_sig_rejected(c.err),
+            ErrorClass::Protocol => self.on_protocol_error(c.err),
+            ErrorClass::Kicked => self.kicked(
+                c.kick.unwrap_or(KickReason::LoggedInElsewhere),
+                c.err.message,
+            ),
+            ErrorClass::Fatal => self.stop(c.err),
+            ErrorClass::Clock => self.wait_for_clock(c.err),
         }
     }
 
-    fn on_disconnected(&mut self) {
-        let Conn::Closing { then } = std::mem::replace(&mut self.conn, Conn::None) else {
-            return;
-        };
-        match then {
-            AfterClose::Reconnect => {
-                if self.want_online {
-                    self.proceed();
-                }
-            }
-            AfterClose::Switch(user) => self.switch_to(user),
-            AfterClose::Logout => {
-                self.logged_in = false;
-                self.set_phase(Phase::Idle);
-                self.reply_logouts();
-            }
-            AfterClose::Stay => self.reply_logouts(),
-            AfterClose::Shutdown => {
-                self.logged_in = false;
-                self.reply_logouts();
-                self.act(Action::Exit);
-            }
-        }
-    }
-
-    /// Classify an ended connection (brief §3.2) into a class and an error.
-    fn classify(&self, end: &ConnEnd, online_since: Option<Millis>) -> (ErrorClass, LastError) {
+    /// Classify an ended connection (brief §3.2).
+    fn classify(&self, end: &ConnEnd, online_since: Option<Millis>) -> Classified {
         use ErrorClass::*;
-        let e =
-            |class: ErrorClass, code: u32, msg: String| (class, LastError::new(code, class, msg));
+        let c = |class: ErrorClass, code: u32, msg: String| Classified {
+            class,
+            err: LastError::new(code, class, msg),
+            kick: None,
+            premature: false,
+        };
+        let said = |reason: &Option<String>| {
+            reason
+                .as_deref()
+                .map(|r| format!(": {}", quote_external(r, MAX_REASON_CHARS)))
+                .unwrap_or_default()
+        };
+        let says_expired = |reason: &Option<String>| {
+            reason
+                .as_deref()
+                .is_some_and(|r| r.trim_start().starts_with("70001"))
+        };
+        let expired_here = self.sig_expired_locally();
+        // "Near" its end: the server's clock may run a little ahead of ours.
+        // Unknown (an opaque sig): not near, so the budget bounds it.
+        let near_end = self.sig.as_ref().is_some_and(|s| match s.deadline {
+            Some(d) => {
+                let grace = s.lifetime.map_or(60_000, |l| (l / 10).min(60_000));
+                d <= self.now.mono + grace
+            }
+            None => false,
+        });
         match end {
             ConnEnd::Network { kind, detail } => {
                 let what = if online_since.is_some() {
@@ -1190,9 +1691,9 @@ impl Machine {
                 } else {
                     "could not connect"
                 };
-                e(Network, kind.code(), format!("{what}: {detail}"))
+                c(Network, kind.code(), format!("{what}: {detail}"))
             }
-            ConnEnd::CertNotYetValid { detail } => e(
+            ConnEnd::CertNotYetValid { detail } => c(
                 Clock,
                 0,
                 format!(
@@ -1200,114 +1701,162 @@ impl Machine {
                      clock is probably behind; waiting for time sync"
                 ),
             ),
-            ConnEnd::Refused { code } => match *code {
-                0x87 if self.sig_expired_locally() => e(
-                    SigExpired,
-                    codes::SVR_SIG_EXPIRED,
-                    "the IM service refused the UserSig (CONNACK 0x87) and it is past its expiry"
-                        .into(),
-                ),
-                0x87 | 0x86 => e(
-                    SigRejected,
-                    codes::SVR_SIG_CHECK_FAILED,
-                    format!(
-                        "the IM service refused the UserSig (CONNACK 0x{code:02X} {})",
-                        if *code == 0x87 {
-                            "Not authorized"
-                        } else {
-                            "Bad user name or password"
-                        }
-                    ),
-                ),
-                0x8A => e(
-                    Fatal,
-                    codes::SVR_BANNED,
-                    "the IM service says this account is banned (CONNACK 0x8A); ask the app's \
-                     administrator, then run `imlinkctl login`"
-                        .into(),
-                ),
-                0x85 => e(
-                    Fatal,
-                    codes::INVALID_PARAMETERS,
-                    "the IM service refused the MQTT client id (CONNACK 0x85); check \
-                     broker.client_id in the config"
-                        .into(),
-                ),
-                0x84 | 0x8C => e(
-                    Fatal,
-                    codes::INVALID_PARAMETERS,
-                    format!("the IM service does not accept this client (CONNACK 0x{code:02X})"),
-                ),
-                0x9F => e(
-                    Busy,
-                    codes::SVR_FREQ_LIMIT,
-                    "the IM service limits the login rate (CONNACK 0x9F); retrying later".into(),
-                ),
-                _ => e(
-                    Busy,
-                    codes::NET_DISCONNECT,
-                    format!("the IM service refused the connection for now (CONNACK 0x{code:02X})"),
-                ),
-            },
-            ConnEnd::ServerDisconnect { code, reason } => {
-                let said = reason
-                    .as_deref()
-                    .map(|r| format!(": {r}"))
-                    .unwrap_or_default();
+            ConnEnd::Refused { code, reason } => {
+                let r = said(reason);
                 match *code {
-                    0x8E => e(
-                        Kicked,
-                        codes::KICKED_OFF_BY_OTHER,
+                    0x87 | 0x86 if expired_here => c(
+                        SigExpired,
+                        codes::SVR_SIG_EXPIRED,
                         format!(
-                            "logged in elsewhere: another login took the session (DISCONNECT 0x8E{said})"
+                            "the IM service refused the UserSig (CONNACK 0x{code:02X}{r}) and it \
+                             is past its expiry"
                         ),
                     ),
-                    0x98 => e(
-                        Kicked,
-                        codes::KICKED_OFF_BY_OTHER,
-                        format!("kicked offline by an administrator (DISCONNECT 0x98{said})"),
-                    ),
-                    0xA0 => {
-                        let says_sig = reason.as_deref().is_none_or(|r| r.starts_with("70001"));
-                        let near_expiry = self
-                            .sig
-                            .as_ref()
-                            .and_then(|s| s.deadline)
-                            .is_some_and(|d| d <= self.now.mono + 60_000);
-                        if says_sig || near_expiry {
-                            e(
-                                SigExpired,
-                                codes::SVR_SIG_EXPIRED,
-                                format!("the UserSig expired while online (DISCONNECT 0xA0{said})"),
-                            )
-                        } else {
-                            e(
-                                Network,
-                                codes::NET_DISCONNECT,
-                                format!("the server ended the session (DISCONNECT 0xA0{said})"),
-                            )
-                        }
-                    }
-                    0x87 => e(
+                    0x87 | 0x86 if says_expired(reason) => Classified {
+                        premature: true,
+                        ..c(
+                            SigExpired,
+                            codes::SVR_SIG_EXPIRED,
+                            format!(
+                                "the IM service says the UserSig expired (CONNACK 0x{code:02X}{r})"
+                            ),
+                        )
+                    },
+                    0x87 | 0x86 => c(
                         SigRejected,
-                        codes::SVR_SIG_CHECK_FAILED,
-                        format!("the IM service revoked the UserSig (DISCONNECT 0x87{said})"),
+                        server_code(reason).unwrap_or(codes::SVR_SIG_CHECK_FAILED),
+                        format!(
+                            "the IM service refused the UserSig (CONNACK 0x{code:02X} {}{r})",
+                            if *code == 0x87 {
+                                "Not authorized"
+                            } else {
+                                "Bad user name or password"
+                            }
+                        ),
                     ),
-                    0x89 | 0x8B | 0x97 | 0x96 => e(
+                    0x8A => c(
+                        Fatal,
+                        codes::SVR_BANNED,
+                        format!(
+                            "the IM service says this account is banned (CONNACK 0x8A{r}); ask \
+                             the app's administrator, then run `imlinkctl login`"
+                        ),
+                    ),
+                    0x85 => c(
+                        Fatal,
+                        codes::INVALID_PARAMETERS,
+                        format!(
+                            "the IM service refused the MQTT client id (CONNACK 0x85{r}); check \
+                             broker.client_id in the config"
+                        ),
+                    ),
+                    0x84 | 0x8C => c(
+                        Fatal,
+                        codes::INVALID_PARAMETERS,
+                        format!(
+                            "the IM service does not accept this client (CONNACK 0x{code:02X}{r})"
+                        ),
+                    ),
+                    0x9F => c(
+                        Busy,
+                        codes::SVR_FREQ_LIMIT,
+                        format!(
+                            "the IM service limits the login rate (CONNACK 0x9F{r}); retrying later"
+                        ),
+                    ),
+                    0x81 | 0x82 | 0x90 | 0x95 | 0x99 | 0x9A | 0x9B => c(
+                        Protocol,
+                        codes::NET_DISCONNECT,
+                        format!(
+                            "the IM service refused the CONNECT as invalid (CONNACK 0x{code:02X}{r})"
+                        ),
+                    ),
+                    _ => c(
                         Busy,
                         codes::NET_DISCONNECT,
                         format!(
-                            "the server is busy or shutting down (DISCONNECT 0x{code:02X}{said})"
+                            "the IM service refused the connection for now (CONNACK 0x{code:02X}{r})"
                         ),
                     ),
-                    _ => e(
+                }
+            }
+            ConnEnd::ServerDisconnect { code, reason } => {
+                let r = said(reason);
+                match *code {
+                    0x8E => Classified {
+                        kick: Some(KickReason::LoggedInElsewhere),
+                        ..c(
+                            Kicked,
+                            codes::KICKED_OFF_BY_OTHER,
+                            format!(
+                                "logged in elsewhere: another login took the session (DISCONNECT 0x8E{r})"
+                            ),
+                        )
+                    },
+                    0x98 => Classified {
+                        kick: Some(KickReason::KickedByAdmin),
+                        ..c(
+                            Kicked,
+                            codes::KICKED_OFF_BY_OTHER,
+                            format!("kicked offline by an administrator (DISCONNECT 0x98{r})"),
+                        )
+                    },
+                    0xA0 if reason.is_none() || says_expired(reason) || near_end => Classified {
+                        premature: !near_end,
+                        ..c(
+                            SigExpired,
+                            codes::SVR_SIG_EXPIRED,
+                            format!("the UserSig expired while online (DISCONNECT 0xA0{r})"),
+                        )
+                    },
+                    0x87 | 0x86 if says_expired(reason) || expired_here => Classified {
+                        premature: !near_end,
+                        ..c(
+                            SigExpired,
+                            codes::SVR_SIG_EXPIRED,
+                            format!(
+                                "the IM service says the UserSig expired (DISCONNECT 0x{code:02X}{r})"
+                            ),
+                        )
+                    },
+                    0x87 | 0x86 => c(
+                        SigRejected,
+                        server_code(reason).unwrap_or(codes::SVR_SIG_CHECK_FAILED),
+                        format!("the IM service revoked the UserSig (DISCONNECT 0x{code:02X}{r})"),
+                    ),
+                    0x89 | 0x8B | 0x96 | 0x97 => c(
+                        Busy,
+                        codes::NET_DISCONNECT,
+                        format!("the server is busy or shutting down (DISCONNECT 0x{code:02X}{r})"),
+                    ),
+                    0x81 | 0x82 | 0x8C | 0x8F | 0x90 | 0x93 | 0x94 | 0x95 | 0x99 | 0x9A | 0x9B
+                    | 0x9E | 0xA1 | 0xA2 => c(
+                        Protocol,
+                        codes::NET_DISCONNECT,
+                        format!(
+                            "the server ended the session for a reason a reconnect does not fix \
+                             (DISCONNECT 0x{code:02X}{r})"
+                        ),
+                    ),
+                    _ => c(
                         Network,
                         codes::NET_DISCONNECT,
-                        format!("the server ended the session (DISCONNECT 0x{code:02X}{said})"),
+                        format!("the server ended the session (DISCONNECT 0x{code:02X}{r})"),
                     ),
                 }
             }
         }
+    }
+}
+
+/// The IM code at the start of a reason string (`"70009 signature mismatch"`), when there is one.
+fn server_code(reason: &Option<String>) -> Option<u32> {
+    let r = reason.as_deref()?.trim_start();
+    let digits: String = r.chars().take_while(|c| c.is_ascii_digit()).collect();
+    if digits.len() == 5 {
+        digits.parse().ok().filter(|c| (70000..80000).contains(c))
+    } else {
+        None
     }
 }
 
@@ -1316,7 +1865,7 @@ enum WhichBackoff {
     Fetch,
 }
 
-/// `base + delta` on the monotonic clock, clamped at 0.
+/// `base + delta` on the boot-time clock, clamped at 0.
 fn offset(base: Millis, delta_ms: i64) -> Millis {
     if delta_ms >= 0 {
         base.saturating_add(delta_ms as u64)

@@ -80,6 +80,9 @@ pub enum ErrorClass {
     Busy,
     SigExpired,
     SigRejected,
+    /// A DISCONNECT or CONNACK code a reconnect cannot fix (malformed packet, protocol error,
+    /// topic invalid, packet too large, …): a few tries with backoff, then stop.
+    Protocol,
     Kicked,
     Fatal,
     Clock,
@@ -92,6 +95,7 @@ impl ErrorClass {
             ErrorClass::Busy => "busy",
             ErrorClass::SigExpired => "sig_expired",
             ErrorClass::SigRejected => "sig_rejected",
+            ErrorClass::Protocol => "protocol",
             ErrorClass::Kicked => "kicked",
             ErrorClass::Fatal => "fatal",
             ErrorClass::Clock => "clock",
@@ -117,6 +121,33 @@ impl LastError {
         }
     }
 }
+
+/// Text that came from outside (a broker's reason string, an HTTP body, API input), made safe
+/// to put in a log line, `STATUS=`, an error or the API: control characters (newlines
+/// included: each one would start a new sd_notify assignment) become spaces, at most
+/// `max_chars` characters are kept, and the result is quoted so it reads as the server's words.
+pub fn quote_external(text: &str, max_chars: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max_chars) + 2);
+    out.push('"');
+    for (n, c) in text.chars().enumerate() {
+        if n == max_chars {
+            out.push('…');
+            break;
+        }
+        let c = match c {
+            '"' => '\'',
+            '\\' => '/',
+            c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => ' ',
+            c => c,
+        };
+        out.push(c);
+    }
+    out.push('"');
+    out
+}
+
+/// How much of a server's reason string is kept.
+pub const MAX_REASON_CHARS: usize = 160;
 
 /// Why the session was kicked offline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -222,4 +253,62 @@ pub struct Snapshot {
     pub counters: Counters,
     /// The last kick or UserSig-expiry event, for late watchers.
     pub last_event: Option<Event>,
+}
+
+/// A duration, coarsely: `45s`, `3m`, `41h`, `3d` (negative counts as zero).
+pub fn short(d_ms: i64) -> String {
+    let s = d_ms.max(0) / 1000;
+    if s >= 2 * 86400 {
+        format!("{}d", s / 86400)
+    } else if s >= 2 * 3600 {
+        format!("{}h", s / 3600)
+    } else if s >= 120 {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// The one-line summary of a snapshot: systemd's `STATUS=`, `imlinkctl status`, the state
+/// log line. Pure, so the simulator checks it after every step.
+pub fn summary(s: &Snapshot, broker: &str, now_mono: Millis) -> String {
+    let err = s
+        .last_error
+        .as_ref()
+        .map(|e| format!("{} (code {})", e.message, e.code))
+        .unwrap_or_default();
+    let until = |t: Millis| short(t as i64 - now_mono as i64);
+    match s.phase {
+        Phase::Online => match s.sig.as_ref().and_then(|g| g.deadline_ms) {
+            Some(d) if d > now_mono => {
+                format!("online as {} (sig valid {})", s.login_user, until(d))
+            }
+            Some(_) => format!("online as {} (sig past its expiry, renewing)", s.login_user),
+            None => format!("online as {}", s.login_user),
+        },
+        Phase::Idle => "logged out — run `imlinkctl login` to log in".into(),
+        Phase::WaitingForClock => format!("waiting for clock sync: {err}"),
+        Phase::FetchingSig => format!("fetching a UserSig for {}", s.user_id),
+        Phase::Connecting => format!("connecting to {broker} as {}", s.user_id),
+        Phase::Backoff => match s.next_retry_ms {
+            Some(t) => format!("retrying in {}: {err}", until(t)),
+            None => format!("retrying: {err}"),
+        },
+        Phase::LoggingOut => "logging out".into(),
+        Phase::Kicked => {
+            let why = match &s.last_event {
+                Some(Event::KickedOffline { reason, .. }) => match reason {
+                    KickReason::LoggedInElsewhere => "logged in elsewhere",
+                    KickReason::KickedByAdmin => "kicked by an administrator",
+                    KickReason::SuspectedTakeover => "another device uses this identity",
+                },
+                _ => "kicked offline",
+            };
+            match s.next_retry_ms {
+                Some(t) => format!("kicked: {why} — logging in again in {}", until(t)),
+                None => format!("kicked: {why} — run `imlinkctl login`"),
+            }
+        }
+        Phase::Stopped => format!("stopped: {err} — run `imlinkctl login`"),
+    }
 }

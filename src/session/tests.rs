@@ -64,6 +64,32 @@ impl H {
         out
     }
 
+    /// Move the clock forward timer by timer until an action matching `pred` comes out (at
+    /// most `max` ms); returns every action on the way.
+    fn advance_until(&mut self, max: u64, pred: impl Fn(&Action) -> bool) -> Vec<Action> {
+        let end = self.now.mono + max;
+        let mut out = Vec::new();
+        while let Some(t) = self.m.poll_timeout().filter(|t| *t <= end) {
+            let t = t.max(self.now.mono);
+            self.now.wall += ((t - self.now.mono) / 1000) as i64;
+            self.now.mono = t;
+            self.m.handle_timeout(self.now);
+            out.extend(self.drain());
+            if out.iter().any(&pred) {
+                return out;
+            }
+        }
+        panic!("no such action within {max} ms; got {out:?}");
+    }
+
+    fn advance_to_fetch(&mut self, max: u64) -> Vec<Action> {
+        self.advance_until(max, |a| matches!(a, Action::FetchSig { .. }))
+    }
+
+    fn advance_to_connect(&mut self, max: u64) -> Vec<Action> {
+        self.advance_until(max, |a| matches!(a, Action::Connect { .. }))
+    }
+
     /// A sig for `user` issued now (server clock = local wall), valid `lifetime_s`.
     fn sig_for(&mut self, user: UserId, lifetime_s: i64) -> SigInfo {
         self.next_fp += 1;
@@ -74,6 +100,7 @@ impl H {
             expires_at: Some(self.now.wall + lifetime_s),
             server_now: self.now.wall,
             received_at: self.now.mono,
+            wall_anchored: false,
         }
     }
 
@@ -146,7 +173,7 @@ fn network_closed() -> Input {
 }
 
 fn refused(code: u8) -> Input {
-    Input::ConnectionEnded(ConnEnd::Refused { code })
+    Input::ConnectionEnded(ConnEnd::Refused { code, reason: None })
 }
 
 fn server_disconnect(code: u8, reason: &str) -> Input {
@@ -372,6 +399,7 @@ fn provisioning_busy_honours_retry_after() {
         code: 503,
         message: "HTTP 503".into(),
         retry_after: Some(30_000),
+        give_up_after: None,
     }));
     assert_eq!(h.phase(), Phase::Backoff);
     assert!(h.retry_in() >= 30_000);
@@ -388,6 +416,7 @@ fn malformed_provisioning_responses_are_retried_with_backoff() {
             code: 6017,
             message: "malformed".into(),
             retry_after: None,
+            give_up_after: None,
         }));
         let d = h.retry_in();
         assert_eq!(fetches(&h.advance(d)), 1);
@@ -437,12 +466,20 @@ fn sig_expired_budget_allows_three_relogins_per_window_then_stops() {
     let mut h = H::online(3600);
     let mut relogins = 0;
     loop {
+        let before = h.now.mono;
         let a = h.input(server_disconnect(0xA0, "70001 UserSig expired"));
         if h.phase() == Phase::Stopped {
             assert_eq!(fetches(&a), 0);
             break;
         }
-        assert_eq!(fetches(&a), 1);
+        if relogins == 0 {
+            assert_eq!(fetches(&a), 1, "the first renewal goes at once");
+        } else {
+            assert_eq!(fetches(&a), 0, "later renewals are paced by backoff");
+            assert_eq!(h.phase(), Phase::Backoff);
+            assert_eq!(fetches(&h.advance_to_fetch(60_000)), 1);
+            assert!(h.now.mono >= before + 100, "never at once");
+        }
         relogins += 1;
         let s = h.sig(3600);
         h.input(Input::SigFetched(s));
@@ -477,6 +514,9 @@ fn the_sig_expired_budget_window_slides() {
     let mut h = H::online(3600);
     for _ in 0..3 {
         h.input(server_disconnect(0xA0, "70001"));
+        if h.phase() == Phase::Backoff {
+            h.advance_to_fetch(60_000);
+        }
         let s = h.sig(3600);
         h.input(Input::SigFetched(s));
         h.input(Input::Connected {
@@ -485,20 +525,72 @@ fn the_sig_expired_budget_window_slides() {
         h.advance(240_000); // 4 minutes
     }
     // The first renewal is now 12 minutes old: outside the 10-minute window.
-    let a = h.input(server_disconnect(0xA0, "70001"));
-    assert_eq!(fetches(&a), 1);
+    h.input(server_disconnect(0xA0, "70001"));
     assert_ne!(h.phase(), Phase::Stopped);
+    assert_eq!(fetches(&h.advance_to_fetch(60_000)), 1);
+}
+
+#[test]
+fn an_expiry_at_the_sigs_natural_end_spends_no_budget_but_is_paced() {
+    // A broker that ends sessions when the sig runs out, and a provisioning server that hands
+    // out 20 s sigs while refreshes fail: renewals go on (they are not the server calling
+    // fresh sigs expired), paced by backoff, never stopped by the budget.
+    let mut h = H::online(20);
+    let mut renewals = 0;
+    let start = h.now.mono;
+    while h.now.mono < start + 1_800_000 {
+        // Every refresh fails; the sig runs out and the broker says so.
+        let d = h.m.snapshot().sig.unwrap().deadline_ms.unwrap();
+        while h.now.mono < d {
+            let step = (d - h.now.mono).min(1_000);
+            if fetches(&h.advance(step)) > 0 {
+                h.input(Input::SigFetchFailed(FetchFailure::new(
+                    ErrorClass::Busy,
+                    503,
+                    "unavailable",
+                )));
+            }
+        }
+        assert_eq!(
+            h.phase(),
+            Phase::Online,
+            "a refresh failure never ends the session"
+        );
+        h.input(server_disconnect(0xA0, "70001 UserSig expired"));
+        assert_ne!(
+            h.phase(),
+            Phase::Stopped,
+            "natural expiries spend no budget"
+        );
+        h.advance_to_fetch(400_000);
+        renewals += 1;
+        let s = h.sig(20);
+        h.input(Input::SigFetched(s));
+        h.input(Input::Connected {
+            session_present: true,
+        });
+    }
+    assert!(renewals >= 5, "{renewals}");
+    assert!(
+        renewals <= 30,
+        "paced by backoff: {renewals} renewals in 30 min"
+    );
 }
 
 #[test]
 fn sigs_that_arrive_already_expired_use_the_same_budget() {
     let mut h = H::started();
-    for _ in 0..3 {
+    for i in 0..3 {
         let mut s = h.sig(60);
         s.server_now = s.expires_at.unwrap() + 1; // the provisioning server's own clock says expired
         let a = h.input(Input::SigFetched(s));
         assert!(connects(&a).is_empty(), "an expired sig is never sent");
-        assert_eq!(fetches(&a), 1);
+        if i == 0 {
+            assert_eq!(fetches(&a), 1);
+        } else {
+            assert_eq!(fetches(&a), 0);
+            assert_eq!(fetches(&h.advance_to_fetch(60_000)), 1, "after a backoff");
+        }
     }
     let mut s = h.sig(60);
     s.server_now = s.expires_at.unwrap() + 1;
@@ -536,7 +628,7 @@ fn a_rejected_sig_earns_one_fresh_retry_then_stops() {
 }
 
 #[test]
-fn the_fresh_retry_allowance_comes_back_after_a_successful_login() {
+fn the_fresh_retry_allowance_comes_back_only_after_a_login_stays_up_for_the_reset_window() {
     let mut h = H::started();
     let s = h.sig(3600);
     h.input(Input::SigFetched(s));
@@ -546,8 +638,33 @@ fn the_fresh_retry_allowance_comes_back_after_a_successful_login() {
     h.input(Input::Connected {
         session_present: false,
     });
+    h.advance(300_000); // stayed up for the reset window
     h.input(server_disconnect(0x87, "70052 revoked"));
     assert_eq!(h.phase(), Phase::FetchingSig, "one retry again");
+}
+
+#[test]
+fn a_disconnect_0x87_after_every_connack_stops_after_the_one_fresh_retry() {
+    // The landed engine restored the retry on every CONNACK: 2,474 CONNECTs in 30 s.
+    let mut h = H::started();
+    let mut connects_seen = 0;
+    let mut fetches_seen = 1;
+    for _ in 0..10 {
+        let s = h.sig(3600);
+        let a = h.input(Input::SigFetched(s));
+        connects_seen += connects(&a).len();
+        h.input(Input::Connected {
+            session_present: false,
+        });
+        let a = h.input(server_disconnect(0x87, "not authorized"));
+        fetches_seen += fetches(&a);
+        if h.phase() == Phase::Stopped {
+            break;
+        }
+    }
+    assert_eq!(h.phase(), Phase::Stopped);
+    assert_eq!((connects_seen, fetches_seen), (2, 2));
+    assert_eq!(h.last_error().class, ErrorClass::SigRejected);
 }
 
 #[test]
@@ -561,6 +678,7 @@ fn a_network_error_while_fetching_the_fresh_sig_does_not_grant_another_retry() {
         code: 9510,
         message: "timeout".into(),
         retry_after: None,
+        give_up_after: None,
     }));
     let d = h.retry_in();
     assert_eq!(fetches(&h.advance(d)), 1);
@@ -646,8 +764,48 @@ fn relogin_after_a_cool_down_logs_in_once() {
 }
 
 #[test]
-fn three_quick_closes_after_login_are_a_suspected_takeover() {
-    let mut h = H::online(86400);
+fn relogin_after_doubles_on_repeated_kicks_so_two_devices_do_not_swap_forever() {
+    let mut h = H::new(Policy {
+        on_kick: OnKick::ReloginAfter(900_000),
+        ..Policy::default()
+    });
+    h.input(Input::Start);
+    let s = h.sig(86400 * 30);
+    h.input(Input::SigFetched(s));
+    h.input(Input::Connected {
+        session_present: false,
+    });
+    let mut waits = Vec::new();
+    for _ in 0..8 {
+        h.input(server_disconnect(0x8E, "6208"));
+        let kicked_at = h.now.mono;
+        h.advance_to_connect(48 * 3_600_000);
+        waits.push((h.now.mono - kicked_at) / 60_000);
+        h.input(Input::Connected {
+            session_present: true,
+        });
+        h.advance(60_000);
+    }
+    assert_eq!(&waits[..5], &[15, 30, 60, 120, 240], "{waits:?}");
+    assert!(
+        waits.iter().all(|w| *w <= 24 * 60),
+        "capped at a day: {waits:?}"
+    );
+    // A local login forgets the kicks.
+    h.input(server_disconnect(0x8E, "6208"));
+    h.input(Input::Login { id: 1, user: None });
+    h.input(Input::Connected {
+        session_present: true,
+    });
+    h.input(server_disconnect(0x8E, "6208"));
+    let at = h.now.mono;
+    h.advance_to_connect(48 * 3_600_000);
+    assert_eq!((h.now.mono - at) / 60_000, 15);
+}
+
+#[test]
+fn three_quick_closes_after_login_are_a_suspected_takeover_with_a_doubling_cool_down() {
+    let mut h = H::online(86400 * 30);
     for i in 1..=3 {
         h.advance(2_000);
         let a = h.input(network_closed());
@@ -669,10 +827,43 @@ fn three_quick_closes_after_login_are_a_suspected_takeover() {
         }
     }
     assert_eq!(h.phase(), Phase::Kicked);
+    assert_eq!(h.m.login_status(), login_status::LOGOUT);
+    // Never permanent, never a fight: one more try after each cool-down (10 min ± 25 %,
+    // doubling to 1 h), and one early close is the next suspected takeover.
+    let mut cool_downs = Vec::new();
+    for _ in 0..5 {
+        let kicked_at = h.now.mono;
+        assert!(h.m.snapshot().next_retry_ms.is_some(), "a timer is armed");
+        let a = h.advance_to_connect(2 * 3_600_000);
+        assert_eq!(connects(&a).len(), 1);
+        cool_downs.push(h.now.mono - kicked_at);
+        h.input(Input::Connected {
+            session_present: true,
+        });
+        h.advance(1_000);
+        h.input(network_closed());
+        assert_eq!(
+            h.phase(),
+            Phase::Kicked,
+            "one early close after the cool-down"
+        );
+    }
+    let mins: Vec<u64> = cool_downs.iter().map(|c| c / 60_000).collect();
+    assert!((7..=12).contains(&mins[0]), "{mins:?}");
+    assert!((15..=25).contains(&mins[1]), "{mins:?}");
+    assert!((30..=50).contains(&mins[2]), "{mins:?}");
     assert!(
-        connects(&h.advance(3_600_000)).is_empty(),
-        "never fights for the identity"
+        mins[3..].iter().all(|m| (45..=75).contains(m)),
+        "capped at 1 h: {mins:?}"
     );
+    // A login that stays up for the reset window forgets it all.
+    h.advance_to_connect(2 * 3_600_000);
+    h.input(Input::Connected {
+        session_present: true,
+    });
+    h.advance(300_000);
+    h.input(network_closed());
+    assert_eq!(h.phase(), Phase::Backoff);
 }
 
 #[test]
@@ -725,6 +916,7 @@ fn fatal_provisioning_errors_stop() {
             code: status,
             message: format!("HTTP {status}"),
             retry_after: None,
+            give_up_after: None,
         }));
         assert_eq!(h.phase(), Phase::Stopped);
         assert_eq!(h.last_error().code, status);
@@ -749,6 +941,7 @@ fn a_reload_is_a_way_out_of_stopped() {
         code: 403,
         message: "x".into(),
         retry_after: None,
+        give_up_after: None,
     }));
     let a = h.input(Input::Reconfigured {
         policy: Policy::default(),
@@ -829,7 +1022,7 @@ fn refresh_is_anchored_on_the_servers_date_not_the_device_clock() {
 #[test]
 fn proactive_refresh_moves_the_session_to_the_new_sig_before_expiry() {
     let mut h = H::online(1000);
-    let a = h.advance(900_000);
+    let a = h.advance_to_fetch(900_000);
     assert_eq!(fetches(&a), 1, "refresh started");
     assert_eq!(h.phase(), Phase::Online, "still online while fetching");
     assert!(h.m.snapshot().sig.unwrap().refreshing);
@@ -867,6 +1060,7 @@ fn a_refresh_failure_keeps_the_session_and_retries() {
             code: 503,
             message: "HTTP 503".into(),
             retry_after: None,
+            give_up_after: None,
         }));
         assert!(a.iter().all(|a| !matches!(a, Action::Disconnect)));
         assert_eq!(h.phase(), Phase::Online);
@@ -1115,4 +1309,445 @@ fn every_state_change_is_emitted_exactly_once() {
             Phase::Online
         ]
     );
+}
+
+// --- regressions: the defects of the interleaving review (issue 8), one test each -------------
+
+fn fail(class: ErrorClass, code: u32) -> Input {
+    Input::SigFetchFailed(FetchFailure::new(class, code, "test failure"))
+}
+
+#[test]
+fn the_backoff_retry_acts_even_while_a_slow_refresh_is_in_flight() {
+    // The landed wedge: in backoff after a drop, a slow refresh was under way when the retry
+    // fell due; the retry was cleared with no effect and the refresh answer did nothing.
+    let mut h = H::online(100);
+    h.advance_to_fetch(100_000);
+    assert!(
+        h.m.snapshot().sig.unwrap().refreshing,
+        "the refresh is in flight"
+    );
+    h.input(network_closed());
+    assert_eq!(h.phase(), Phase::Backoff);
+    // The retry falls due during the slow fetch: it connects with the still valid sig.
+    let a = h.advance_to_connect(10_000);
+    assert_eq!(connects(&a), ["fp1"]);
+    assert!(
+        h.m.snapshot().sig.unwrap().refreshing,
+        "the refresh is still in flight"
+    );
+    // The slow refresh lands; the connection comes up and moves to the new sig.
+    let s = h.sig(100);
+    h.input(Input::SigFetched(s));
+    let a = h.input(Input::Connected {
+        session_present: true,
+    });
+    assert!(has(&a, &Action::Disconnect), "moves to the new sig");
+    let a = h.input(Input::Disconnected);
+    assert_eq!(connects(&a), ["fp2"]);
+}
+
+#[test]
+fn a_refusal_while_a_refresh_is_in_flight_does_not_leave_a_logined_device_offline() {
+    let mut h = H::online(1000);
+    h.advance_to_fetch(900_000);
+    assert!(h.m.snapshot().sig.unwrap().refreshing);
+    // The broker ends the session as "not authorized" while the refresh is under way.
+    h.input(server_disconnect(0x87, "70052 revoked"));
+    assert_ne!(h.phase(), Phase::Online);
+    // The refresh answer is the fresh sig: it is used at once.
+    let s = h.sig(1000);
+    let a = h.input(Input::SigFetched(s));
+    assert_eq!(connects(&a).len(), 1, "{a:?}");
+    assert_eq!(h.phase(), Phase::Connecting);
+}
+
+#[test]
+fn a_refresh_answer_with_the_same_sig_is_a_failed_refresh_not_a_reconnect() {
+    let mut h = H::online(3600);
+    h.advance_to_fetch(3_600_000);
+    let same = h.m.snapshot().sig.unwrap().fingerprint;
+    let mut again = h.sig(3600);
+    again.fingerprint = same;
+    let a = h.input(Input::SigFetched(again));
+    assert!(!has(&a, &Action::Disconnect) && connects(&a).is_empty());
+    assert!(!events(&a).contains(&"user_sig_refreshed"));
+    assert_eq!(h.phase(), Phase::Online);
+    let next = h.m.snapshot().sig.unwrap().refresh_at_ms.unwrap() - h.now.mono;
+    assert!(
+        next >= REFRESH_FLOOR_MIN,
+        "retried after a backoff, not at once: {next}"
+    );
+}
+
+#[test]
+fn short_lived_sigs_never_refresh_in_a_tight_loop() {
+    // A 1 s sig used to refresh every 0 ms. Now: used until it ends, never refreshed
+    // proactively; a refresh answer due again within the floor is a failed refresh.
+    let mut h = H::online(1);
+    assert_eq!(h.m.snapshot().sig.unwrap().refresh_at_ms, None);
+    let a = h.advance(60_000);
+    assert_eq!(fetches(&a), 0);
+    assert_eq!(
+        h.phase(),
+        Phase::Online,
+        "a broker that does not enforce expiry keeps it"
+    );
+    // A 12 s sig: its refresh point (9.6 s) is inside the 10 s floor.
+    let h = H::online(12);
+    assert_eq!(h.m.snapshot().sig.unwrap().refresh_at_ms, None);
+    // A 20 s sig is refreshed (at 16 s); an answer due again within 10 s is refused.
+    let mut h = H::online(20);
+    h.advance_to_fetch(20_000);
+    let short = h.sig(8);
+    let a = h.input(Input::SigFetched(short));
+    assert!(!has(&a, &Action::Disconnect));
+    assert_eq!(h.phase(), Phase::Online);
+}
+
+#[test]
+fn an_expired_refresh_answer_keeps_the_good_sig_and_the_session() {
+    let mut h = H::online(3600);
+    h.advance_to_fetch(3_600_000);
+    let current = h.m.snapshot().sig.unwrap().fingerprint;
+    for _ in 0..6 {
+        let mut s = h.sig(60);
+        s.server_now = s.expires_at.unwrap() + 1;
+        let a = h.input(Input::SigFetched(s));
+        assert!(!has(&a, &Action::ForgetSig), "the good sig is kept");
+        assert_eq!(h.phase(), Phase::Online);
+        assert_eq!(h.m.login_status(), login_status::LOGINED);
+        assert_eq!(h.m.snapshot().sig.unwrap().fingerprint, current);
+        // A login meanwhile answers at once, not 7501.
+        let a = h.input(Input::Login { id: 5, user: None });
+        assert!(has(
+            &a,
+            &Action::Reply {
+                id: 5,
+                result: Ok(())
+            }
+        ));
+        let d = h.m.snapshot().sig.unwrap().refresh_at_ms.unwrap() - h.now.mono;
+        h.advance(d);
+    }
+    assert_ne!(
+        h.phase(),
+        Phase::Stopped,
+        "expired answers never stop a healthy session"
+    );
+}
+
+#[test]
+fn login_and_sighup_during_a_close_never_wedge() {
+    // The landed engine: a login or SIGHUP while a stop was closing the connection left it
+    // `stopped` with login_status 2, no timer, no reply, 7501 forever.
+    // A logout close under way: a login answers 7502, a SIGHUP changes nothing, and the
+    // close still ends with the logout answered.
+    let mut h = H::online(3600);
+    h.input(Input::Logout { id: 1 });
+    assert_eq!(h.phase(), Phase::LoggingOut);
+    let a = h.input(Input::Login { id: 2, user: None });
+    assert!(
+        a.iter()
+            .any(|x| matches!(x, Action::Reply { id: 2, result: Err(e) } if e.code == 7502))
+    );
+    h.input(Input::Reconfigured {
+        policy: Policy::default(),
+        user: alice(),
+        reconnect: true,
+    });
+    let a = h.input(Input::Disconnected);
+    assert!(has(
+        &a,
+        &Action::Reply {
+            id: 1,
+            result: Ok(())
+        }
+    ));
+    assert_eq!(h.phase(), Phase::Idle);
+    // An account switch's close under way, then a stop for the new user: a login moves on.
+    let mut h = H::online(3600);
+    h.input(Input::Login {
+        id: 3,
+        user: Some(bob()),
+    });
+    assert_eq!(h.phase(), Phase::LoggingOut);
+    let a = h.input(Input::Disconnected);
+    assert_eq!(fetches(&a), 1);
+    let a = h.input(fail(ErrorClass::Fatal, 403));
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::Reply {
+            id: 3,
+            result: Err(_)
+        }
+    )));
+    assert_eq!(h.phase(), Phase::Stopped);
+    assert_eq!(h.m.login_status(), login_status::LOGOUT);
+    let a = h.input(Input::Login { id: 4, user: None });
+    assert_eq!(
+        fetches(&a),
+        1,
+        "a login always gets a stopped engine moving"
+    );
+    let s = h.sig_for(bob(), 3600);
+    h.input(Input::SigFetched(s));
+    let a = h.input(Input::Connected {
+        session_present: false,
+    });
+    assert!(has(
+        &a,
+        &Action::Reply {
+            id: 4,
+            result: Ok(())
+        }
+    ));
+    // A close that never completes: the close timeout ends it, then the next step follows.
+    let mut h = H::online(3600);
+    h.input(Input::Reconfigured {
+        policy: Policy::default(),
+        user: alice(),
+        reconnect: true,
+    });
+    let a = h.advance(Policy::default().close_timeout);
+    assert!(has(&a, &Action::Abandon));
+    assert_eq!(connects(&a).len(), 1);
+}
+
+#[test]
+fn a_refresh_failing_after_the_deadline_on_a_broker_that_does_not_enforce_it_keeps_the_session() {
+    // mosquitto and most brokers never end a session when the sig runs out.
+    let mut h = H::online(100);
+    let mut statuses = 0;
+    while h.now.mono < 1_000 + 300_000 {
+        let a = h.advance(1_000);
+        if fetches(&a) > 0 {
+            statuses += 1;
+            let status = if statuses < 5 { 503 } else { 401 };
+            let class = if status == 401 {
+                ErrorClass::Fatal
+            } else {
+                ErrorClass::Busy
+            };
+            h.input(fail(class, status));
+        }
+        assert_eq!(h.phase(), Phase::Online, "never backoff while online");
+    }
+    assert!(statuses >= 5, "{statuses}");
+    assert_eq!(
+        h.m.snapshot().sig.unwrap().refresh_at_ms,
+        None,
+        "401 past the deadline: stop asking"
+    );
+    // When the connection drops, the expired sig needs a fetch; 401 then stops, as it must.
+    h.input(network_closed());
+    let a = h.advance_to_fetch(60_000);
+    assert!(events(&a).contains(&"user_sig_expired"));
+    h.input(fail(ErrorClass::Fatal, 401));
+    assert_eq!(h.phase(), Phase::Stopped);
+}
+
+#[test]
+fn a_cached_sig_anchored_on_a_wall_clock_at_1970_is_not_used() {
+    let mut h = H::new(Policy {
+        min_wall_clock: WALL0 - 86_400,
+        ..Policy::default()
+    });
+    h.now.wall = 3_600; // no RTC: 1970
+    let mut s = h.sig(86_400);
+    // The driver estimated the issuer's time as the wall clock + the stored offset.
+    s.server_now = h.now.wall;
+    s.wall_anchored = true;
+    h.input(Input::CachedSig(s));
+    assert!(
+        h.m.snapshot().sig.is_none(),
+        "its deadline would be ~55 years away"
+    );
+    assert_eq!(h.input(Input::Start).len(), 1, "only the state change");
+    assert_eq!(h.phase(), Phase::WaitingForClock);
+    // Time sync: the next look fetches a sig (anchored on the server's Date).
+    h.now.wall = WALL0;
+    let a = h.advance_to_fetch(60_000);
+    assert_eq!(fetches(&a), 1);
+}
+
+#[test]
+fn a_suspend_past_the_refresh_point_refreshes_on_wake_and_never_sends_an_expired_sig() {
+    // Boot time keeps counting through suspend: the machine wakes up at the real time.
+    let mut h = H::online(3_600);
+    h.now.mono += 5 * 3_600_000; // slept five hours; the session is dead but not yet seen so
+    h.now.wall += 5 * 3_600;
+    let a = h.advance(0);
+    assert!(fetches(&a) <= 1);
+    h.input(Input::ConnectionEnded(ConnEnd::Network {
+        kind: NetKind::Timeout,
+        detail: "keepalive".into(),
+    }));
+    let a = h.advance_to_fetch(60_000);
+    assert!(connects(&a).is_empty(), "the expired sig is never sent");
+}
+
+#[test]
+fn a_broker_change_during_connecting_is_applied_at_once() {
+    let mut h = H::started();
+    let s = h.sig(3600);
+    h.input(Input::SigFetched(s));
+    assert_eq!(h.phase(), Phase::Connecting);
+    let a = h.input(Input::Reconfigured {
+        policy: Policy::default(),
+        user: alice(),
+        reconnect: true,
+    });
+    assert!(has(&a, &Action::Abandon), "{a:?}");
+    assert_eq!(
+        connects(&a).len(),
+        1,
+        "connects again with the new settings"
+    );
+}
+
+#[test]
+fn an_unrelated_reload_keeps_a_local_account_switch() {
+    let mut h = H::online(3600);
+    h.input(Input::Login {
+        id: 1,
+        user: Some(bob()),
+    });
+    h.input(Input::Disconnected);
+    let s = h.sig_for(bob(), 3600);
+    h.input(Input::SigFetched(s));
+    h.input(Input::Connected {
+        session_present: false,
+    });
+    assert_eq!(h.m.login_user(), "bob");
+    let a = h.input(Input::Reconfigured {
+        policy: Policy::default(),
+        user: alice(), // the file still says alice, as before
+        reconnect: false,
+    });
+    assert!(!has(&a, &Action::Disconnect));
+    assert_eq!(h.m.login_user(), "bob");
+    // A reload that changes user_id does switch.
+    h.input(Input::Reconfigured {
+        policy: Policy::default(),
+        user: UserId::parse("carol").unwrap(),
+        reconnect: false,
+    });
+    assert_eq!(h.m.user().as_str(), "carol");
+}
+
+#[test]
+fn protocol_disconnects_are_bounded_like_rejections() {
+    for code in [0x81u8, 0x82, 0x8F, 0x90, 0x95] {
+        let mut h = H::online(86400);
+        let mut connects_seen = 1;
+        for _ in 0..10 {
+            h.input(server_disconnect(code, "bad"));
+            if h.phase() == Phase::Stopped {
+                break;
+            }
+            assert_eq!(h.phase(), Phase::Backoff, "with backoff");
+            connects_seen += connects(&h.advance_to_connect(600_000)).len();
+            h.input(Input::Connected {
+                session_present: true,
+            });
+        }
+        assert_eq!(h.phase(), Phase::Stopped, "0x{code:02X}");
+        assert_eq!(h.last_error().class, ErrorClass::Protocol);
+        assert_eq!(connects_seen, 3, "0x{code:02X}: three tries");
+    }
+}
+
+#[test]
+fn transient_provisioning_failures_and_a_missing_token_back_off_then_give_up() {
+    // 421 from a load balancer: backoff, forever (busy).
+    let mut h = H::started();
+    for _ in 0..10 {
+        h.input(fail(ErrorClass::Busy, 421));
+        assert_eq!(h.phase(), Phase::Backoff);
+        h.advance_to_fetch(600_000);
+    }
+    // An empty token file mid-rotation: backoff, a few tries, then stop.
+    let mut h = H::started();
+    let mut tries = 1;
+    loop {
+        let mut f = FetchFailure::new(ErrorClass::Busy, 6017, "empty token");
+        f.give_up_after = Some(3);
+        h.input(Input::SigFetchFailed(f));
+        if h.phase() == Phase::Stopped {
+            break;
+        }
+        assert_eq!(h.phase(), Phase::Backoff);
+        h.advance_to_fetch(600_000);
+        tries += 1;
+    }
+    assert_eq!(tries, 3);
+    // The rotation finished in time: a sig resets the count.
+    let mut h = H::started();
+    for _ in 0..2 {
+        let mut f = FetchFailure::new(ErrorClass::Busy, 6017, "empty token");
+        f.give_up_after = Some(3);
+        h.input(Input::SigFetchFailed(f));
+        h.advance_to_fetch(600_000);
+    }
+    let s = h.sig(3600);
+    assert_eq!(connects(&h.input(Input::SigFetched(s))).len(), 1);
+}
+
+#[test]
+fn an_operator_login_during_a_long_backoff_retries_now() {
+    let mut h = H::online(86400);
+    for _ in 0..12 {
+        h.input(network_closed());
+        let d = h.retry_in();
+        h.advance(d);
+    }
+    h.input(network_closed());
+    assert!(h.retry_in() > 10_000, "a long wait");
+    h.advance(2_000);
+    let a = h.input(Input::Login { id: 3, user: None });
+    assert_eq!(connects(&a).len(), 1, "the login cuts the wait short");
+    let a = h.input(Input::Connected {
+        session_present: true,
+    });
+    assert!(has(
+        &a,
+        &Action::Reply {
+            id: 3,
+            result: Ok(())
+        }
+    ));
+}
+
+#[test]
+fn every_timeout_belongs_to_the_machine() {
+    // A provisioning server that never answers, a CONNACK that never comes, a DISCONNECT the
+    // broker never completes: the machine's own deadlines end each one.
+    let mut h = H::started();
+    let a = h.advance(Policy::default().fetch_timeout + TIMEOUT_SLACK);
+    assert!(has(&a, &Action::CancelFetch));
+    assert_eq!(h.phase(), Phase::Backoff);
+    let a = h.advance_to_fetch(60_000);
+    assert_eq!(fetches(&a), 1);
+    let s = h.sig(3600);
+    h.input(Input::SigFetched(s));
+    let a = h.advance(Policy::default().connect_timeout + TIMEOUT_SLACK);
+    assert!(has(&a, &Action::Abandon));
+    assert_eq!(h.last_error().code, codes::NET_CONN_TIMEOUT);
+    h.advance_to_connect(60_000);
+    h.input(Input::Connected {
+        session_present: true,
+    });
+    h.input(Input::Logout { id: 9 });
+    assert_eq!(h.phase(), Phase::LoggingOut);
+    let a = h.advance(Policy::default().close_timeout);
+    assert!(has(&a, &Action::Abandon));
+    assert!(has(
+        &a,
+        &Action::Reply {
+            id: 9,
+            result: Ok(())
+        }
+    ));
+    assert_eq!(h.phase(), Phase::Idle);
 }

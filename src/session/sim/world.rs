@@ -1,0 +1,959 @@
+//! The simulated world: a broker, a provisioning server, the device's clocks and disk, and
+//! what the driver would do with each action. It answers the machine's actions with inputs
+//! at later virtual instants, and tells the checker what it saw.
+
+use std::collections::{BTreeSet, HashMap};
+
+use super::check::{Checker, Seen};
+use super::schedule::{BrokerMode, Ext, Flavor, ProvMode};
+use super::user;
+use crate::identity::UserId;
+use crate::session::{
+    Action, ConnEnd, ErrorClass, FetchFailure, Input, Machine, Millis, NetKind, Now, Policy, Rng,
+    SigInfo, codes,
+};
+
+/// The simulated "build date": a wall clock before this is implausible.
+pub const MIN_WALL: i64 = 1_700_000_000;
+/// True Unix time at the world's t = 0.
+const WALL_BASE: i64 = 1_800_000_000;
+/// The broker's certificate is valid from this Unix time.
+const CERT_NOT_BEFORE: i64 = MIN_WALL - 86_400;
+/// Boot time when the daemon first starts after a boot.
+const BOOT_AT: Millis = 7_000;
+
+/// What the world knows about a sig it issued.
+#[derive(Debug, Clone)]
+struct Issued {
+    user: UserId,
+    /// On the provisioning server's clock.
+    issued: i64,
+    /// On the provisioning server's clock.
+    expires: Option<i64>,
+    /// Signed with the wrong key: the broker refuses it.
+    bad: bool,
+    /// The server calls it expired from now on.
+    revoked: bool,
+    /// Where the daemon received it: (boot number, boot-time ms, the server's time then).
+    received: Option<(u64, Millis, i64)>,
+    /// The device's wall clock minus the server's, at receipt (the cache's offset).
+    offset: i64,
+}
+
+#[derive(Debug, Clone)]
+enum FetchResult {
+    /// A sig (by fingerprint), delivered with the server's time of the answer.
+    Sig {
+        fp: String,
+        user: UserId,
+    },
+    Fail(FetchFailure),
+}
+
+#[derive(Debug, Clone)]
+struct FetchFlight {
+    /// `None`: never answers.
+    at: Option<Millis>,
+    result: FetchResult,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Connack,
+    End(ConnEnd),
+}
+
+#[derive(Debug, Clone)]
+enum ConnW {
+    None,
+    Connecting {
+        fp: String,
+        at: Option<Millis>,
+        outcome: Outcome,
+    },
+    Up {
+        fp: String,
+        since: Millis,
+        end: Option<(Millis, ConnEnd)>,
+    },
+    Closing {
+        at: Option<Millis>,
+    },
+}
+
+pub struct World {
+    rng: Rng,
+    /// True time since the world began (ms).
+    pub t: Millis,
+    boot_origin: Millis,
+    boot_no: u64,
+    /// The device's wall clock minus true time (s).
+    wall_skew: i64,
+    pub healthy: bool,
+    flavor: Flavor,
+    broker: BrokerMode,
+    prov: ProvMode,
+    twin: bool,
+    lifetime: i64,
+    prov_skew: i64,
+    broker_skew: i64,
+    sigs: HashMap<String, Issued>,
+    next_sig: u64,
+    /// Fingerprints the driver holds secrets for.
+    held: BTreeSet<String>,
+    fetch: Option<FetchFlight>,
+    conn: ConnW,
+    /// The cache file: a fingerprint.
+    cache: Option<String>,
+    /// Since when the session has been up, across the engine's own planned reconnects.
+    session_since: Option<Millis>,
+    pub connects: u64,
+    pub fetches: u64,
+}
+
+fn pick<T: Copy>(rng: &mut Rng, xs: &[T]) -> T {
+    xs[(rng.next_u64() % xs.len() as u64) as usize]
+}
+
+impl World {
+    pub fn new(mut rng: Rng, _policy: &Policy) -> World {
+        let flavor = if rng.one_in(3) {
+            Flavor::Mosquitto
+        } else {
+            Flavor::Reference
+        };
+        let lifetime = pick(&mut rng, &[20, 600, 3_600, 86_400, 86_400, 15_552_000]);
+        // Some devices boot with no RTC: the wall clock reads 1970 until time sync.
+        let wall_skew = if rng.one_in(10) { -WALL_BASE } else { 0 };
+        World {
+            rng,
+            t: BOOT_AT,
+            boot_origin: 0,
+            boot_no: 0,
+            wall_skew,
+            healthy: false,
+            flavor,
+            broker: BrokerMode::Healthy,
+            prov: ProvMode::Healthy,
+            twin: false,
+            lifetime,
+            prov_skew: 0,
+            broker_skew: 0,
+            sigs: HashMap::new(),
+            next_sig: 0,
+            held: BTreeSet::new(),
+            fetch: None,
+            conn: ConnW::None,
+            cache: None,
+            session_since: None,
+            connects: 0,
+            fetches: 0,
+        }
+    }
+
+    /// What the machine reads as "now".
+    pub fn now(&self) -> Now {
+        Now {
+            mono: self.t - self.boot_origin,
+            wall: self.true_wall() + self.wall_skew,
+        }
+    }
+
+    /// World time of a boot-time instant of this boot.
+    pub fn from_mono(&self, mono: Millis) -> Millis {
+        mono + self.boot_origin
+    }
+
+    fn true_wall(&self) -> i64 {
+        WALL_BASE + (self.t / 1000) as i64
+    }
+
+    fn prov_now(&self) -> i64 {
+        self.true_wall() + self.prov_skew
+    }
+
+    fn broker_now(&self) -> i64 {
+        self.true_wall() + self.broker_skew
+    }
+
+    fn jitter(&mut self, lo: Millis, hi: Millis) -> Millis {
+        self.rng.range(lo, hi)
+    }
+
+    pub fn advance_to(&mut self, t: Millis) {
+        self.t = self.t.max(t);
+    }
+
+    /// Is a connection attempt, a session or a close in flight (as the driver sees it)?
+    pub fn conn_state(&self) -> &'static str {
+        match self.conn {
+            ConnW::None => "none",
+            ConnW::Connecting { .. } => "connecting",
+            ConnW::Up { .. } => "up",
+            ConnW::Closing { .. } => "closing",
+        }
+    }
+
+    pub fn fetch_in_flight(&self) -> bool {
+        self.fetch.is_some()
+    }
+
+    /// Since when the session has been up (across the engine's own planned reconnects).
+    pub fn up_since(&self) -> Option<Millis> {
+        match self.conn {
+            ConnW::Up { .. } => self.session_since,
+            _ => None,
+        }
+    }
+
+    pub fn next_event_time(&self) -> Option<Millis> {
+        let f = self.fetch.as_ref().and_then(|f| f.at);
+        let c = match &self.conn {
+            ConnW::Connecting { at, .. } | ConnW::Closing { at } => *at,
+            ConnW::Up { end, .. } => end.as_ref().map(|e| e.0),
+            ConnW::None => None,
+        };
+        [f, c].into_iter().flatten().min()
+    }
+
+    /// Take the world's next delivery (at `self.t`), as an input for the machine.
+    pub fn pop_event(&mut self, m: &Machine, chk: &mut Checker) -> Option<(Input, String)> {
+        let t = self.t;
+        let conn_due = match &self.conn {
+            ConnW::Connecting { at, .. } | ConnW::Closing { at } => at.is_some_and(|a| a <= t),
+            ConnW::Up { end, .. } => end.as_ref().is_some_and(|e| e.0 <= t),
+            ConnW::None => false,
+        };
+        if !conn_due
+            && self
+                .fetch
+                .as_ref()
+                .is_none_or(|f| f.at.is_none_or(|a| a > t))
+        {
+            return None;
+        }
+        if conn_due {
+            return Some(self.pop_conn(m, chk));
+        }
+        let fetch = self.fetch.take()?;
+        // The session's own fetch, or a background refresh (the machine may have turned a
+        // refresh into the login fetch since).
+        let login = m.snapshot().sig.is_none_or(|s| !s.refreshing);
+        Some(match fetch.result {
+            FetchResult::Sig { fp, user } => {
+                let server_now = self.prov_now();
+                let mono = self.now().mono;
+                let wall = self.now().wall;
+                let (expires, issued_at) = match self.sigs.get_mut(&fp) {
+                    Some(s) => {
+                        if s.received.is_none() {
+                            s.received = Some((self.boot_no, mono, server_now));
+                            s.offset = server_now - wall;
+                        }
+                        (s.expires, Some(s.issued))
+                    }
+                    None => (None, None),
+                };
+                self.held.insert(fp.clone());
+                let expired = expires.is_some_and(|e| e <= server_now);
+                let seen = if expired {
+                    Seen::FetchExpired
+                } else {
+                    Seen::FetchOk
+                };
+                chk.seen(t, seen, login);
+                let info = SigInfo {
+                    fingerprint: fp.clone(),
+                    user_id: user,
+                    issued_at: issued_at.filter(|i| expires.is_some_and(|e| *i < e)),
+                    expires_at: expires,
+                    server_now,
+                    received_at: mono,
+                    wall_anchored: false,
+                };
+                (Input::SigFetched(info), format!("provisioning: sig {fp}"))
+            }
+            FetchResult::Fail(f) => {
+                chk.seen(
+                    t,
+                    Seen::FetchFailed {
+                        class: f.class,
+                        retry_after: f.retry_after,
+                        limited: f.give_up_after,
+                        code: f.code,
+                    },
+                    login,
+                );
+                let what = format!("provisioning: failed {} {}", f.class.as_str(), f.code);
+                (Input::SigFetchFailed(f), what)
+            }
+        })
+    }
+
+    fn pop_conn(&mut self, m: &Machine, chk: &mut Checker) -> (Input, String) {
+        let t = self.t;
+        match std::mem::replace(&mut self.conn, ConnW::None) {
+            ConnW::Connecting { fp, outcome, .. } => match outcome {
+                Outcome::Connack => {
+                    self.session_since.get_or_insert(t);
+                    let end = self.schedule_end(&fp);
+                    if let Some(u) = self.sigs.get(&fp).map(|s| s.user.clone()) {
+                        chk.connacked(&u);
+                    }
+                    self.conn = ConnW::Up { fp, since: t, end };
+                    chk.seen(t, Seen::Connack, true);
+                    (
+                        Input::Connected {
+                            session_present: true,
+                        },
+                        "broker: CONNACK".into(),
+                    )
+                }
+                Outcome::End(end) => {
+                    self.session_since = None;
+                    chk.seen_end(t, None, None, &end, self.now().mono, &m.snapshot());
+                    let what = format!("broker: {end:?}");
+                    (Input::ConnectionEnded(end), what)
+                }
+            },
+            ConnW::Up { since, end, .. } => {
+                let end = end.map(|e| e.1).unwrap_or(ConnEnd::Network {
+                    kind: NetKind::Closed,
+                    detail: "closed".into(),
+                });
+                let session = self.session_since.take().unwrap_or(since);
+                chk.seen_end(
+                    t,
+                    Some(since),
+                    Some(session),
+                    &end,
+                    self.now().mono,
+                    &m.snapshot(),
+                );
+                let what = format!("broker: {end:?}");
+                (Input::ConnectionEnded(end), what)
+            }
+            ConnW::Closing { .. } => (
+                Input::Disconnected,
+                "broker: closed after DISCONNECT".into(),
+            ),
+            ConnW::None => unreachable!("pop_conn is only called with a due connection event"),
+        }
+    }
+
+    /// What ends a session that just came up, and when.
+    fn schedule_end(&mut self, fp: &str) -> Option<(Millis, ConnEnd)> {
+        let t = self.t;
+        let closed = ConnEnd::Network {
+            kind: NetKind::Closed,
+            detail: "the server closed the connection".into(),
+        };
+        let mut ends: Vec<(Millis, ConnEnd)> = Vec::new();
+        if self.twin {
+            let at = t + self.jitter(300, 8_000);
+            ends.push((at, self.takeover()));
+        }
+        if !self.healthy {
+            match self.broker {
+                BrokerMode::DisconnectAfter(code, d) => {
+                    let end = self.disconnect(code);
+                    ends.push((t + d, end));
+                }
+                BrokerMode::CloseAfter(d) => ends.push((t + d, closed.clone())),
+                BrokerMode::Flaky(mean) => {
+                    let d = self.jitter(mean / 8, mean * 2);
+                    ends.push((t + d, closed.clone()));
+                }
+                _ => {}
+            }
+        }
+        if self.flavor == Flavor::Reference
+            && let Some(e) = self.sigs.get(fp).and_then(|s| s.expires)
+        {
+            // The reference service ends the session when the sig expires on its clock.
+            let left_s = (e - self.broker_now() + 1).max(0) as u64;
+            ends.push((t + left_s * 1000, self.disconnect(0xA0)));
+        }
+        ends.into_iter().min_by_key(|e| e.0)
+    }
+
+    /// The server's DISCONNECT with `code`, as this flavour sends it.
+    fn disconnect(&mut self, code: u8) -> ConnEnd {
+        match (self.flavor, code) {
+            (Flavor::Mosquitto, 0x8E) => ConnEnd::Network {
+                kind: NetKind::Closed,
+                detail: "closed (takeover)".into(),
+            },
+            (Flavor::Mosquitto, _) => ConnEnd::ServerDisconnect { code, reason: None },
+            (Flavor::Reference, _) => {
+                let reason = match code {
+                    0xA0 => Some("70001 UserSig expired".to_string()),
+                    0x8E => Some("6208 kicked offline by another login".to_string()),
+                    0x98 => Some("6208 kicked offline by an administrator".to_string()),
+                    0x87 => Some("70052 UserSig revoked\nWATCHDOG=trigger".to_string()),
+                    _ if self.rng.one_in(2) => None,
+                    _ => Some(format!("server says 0x{code:02X}")),
+                };
+                ConnEnd::ServerDisconnect { code, reason }
+            }
+        }
+    }
+
+    fn takeover(&mut self) -> ConnEnd {
+        self.disconnect(0x8E)
+    }
+
+    /// Carry out one action of the machine, as the driver and the world would.
+    pub fn act(&mut self, a: &Action, m: &Machine, chk: &mut Checker) {
+        let t = self.t;
+        match a {
+            Action::FetchSig { user } => {
+                if self.fetch.is_some() {
+                    chk.violate(
+                        "safety: one fetch at most",
+                        "a second FetchSig while one is in flight".into(),
+                    );
+                }
+                self.fetches += 1;
+                let refresh = m.snapshot().sig.is_some_and(|s| s.refreshing);
+                chk.attempt(t, false, refresh);
+                let flight = self.decide_fetch(user.clone(), m);
+                self.fetch = Some(flight);
+            }
+            Action::CancelFetch => self.fetch = None,
+            Action::Connect { user, fingerprint } => {
+                if !matches!(self.conn, ConnW::None) {
+                    chk.violate(
+                        "safety: one connection at most",
+                        format!("Connect while the connection is {}", self.conn_state()),
+                    );
+                }
+                if !self.held.contains(fingerprint) {
+                    chk.violate(
+                        "safety: sigs",
+                        format!("Connect names {fingerprint}, which the driver no longer holds"),
+                    );
+                }
+                match self.sigs.get(fingerprint) {
+                    Some(s) if s.user != *user => chk.violate(
+                        "safety: sigs",
+                        format!("a sig for {} sent as {user}", s.user),
+                    ),
+                    None => chk.violate("safety: sigs", format!("unknown sig {fingerprint}")),
+                    _ => {}
+                }
+                if user != m.user() {
+                    chk.violate(
+                        "safety: sigs",
+                        format!(
+                            "Connect as {user} while the machine logs in as {}",
+                            m.user()
+                        ),
+                    );
+                }
+                let snap = m.snapshot();
+                match snap.sig.as_ref() {
+                    Some(s) if s.fingerprint == *fingerprint => {
+                        if s.deadline_ms.is_some_and(|d| d <= self.now().mono) {
+                            chk.violate(
+                                "safety: sigs",
+                                "Connect with a sig the machine believes expired".into(),
+                            );
+                        }
+                    }
+                    _ => chk.violate(
+                        "safety: sigs",
+                        format!("Connect with {fingerprint}, not the machine's current sig"),
+                    ),
+                }
+                self.connects += 1;
+                chk.attempt(t, true, false);
+                let (at, outcome) = self.decide_connect(fingerprint);
+                self.conn = ConnW::Connecting {
+                    fp: fingerprint.clone(),
+                    at,
+                    outcome,
+                };
+            }
+            Action::Subscribe { .. } => {
+                if !matches!(self.conn, ConnW::Up { .. }) {
+                    chk.violate("truth", "Subscribe without a session".into());
+                }
+            }
+            Action::Disconnect => match self.conn {
+                ConnW::Up { .. } => {
+                    let at = if self.rng.one_in(50) {
+                        None // the broker never closes: the close timeout must fire
+                    } else {
+                        Some(t + self.jitter(2, 200))
+                    };
+                    self.conn = ConnW::Closing { at };
+                }
+                _ => chk.violate(
+                    "safety: closing",
+                    format!("DISCONNECT while the connection is {}", self.conn_state()),
+                ),
+            },
+            Action::Abandon => match self.conn {
+                ConnW::Connecting { .. } => {
+                    self.conn = ConnW::None;
+                    self.session_since = None;
+                }
+                ConnW::Closing { .. } => self.conn = ConnW::None,
+                ConnW::Up { .. } => chk.violate(
+                    "safety: closing",
+                    "an established session dropped without DISCONNECT".into(),
+                ),
+                ConnW::None => {}
+            },
+            Action::PersistSig { fingerprint } => {
+                if !self.held.contains(fingerprint) {
+                    chk.violate(
+                        "safety: sigs",
+                        format!("persisting {fingerprint}, not held"),
+                    );
+                }
+                self.cache = Some(fingerprint.clone());
+            }
+            Action::ForgetSig => self.cache = None,
+            Action::ReleaseSig { fingerprint } => {
+                let in_use = match &self.conn {
+                    ConnW::Connecting { fp, .. } | ConnW::Up { fp, .. } => fp == fingerprint,
+                    _ => false,
+                };
+                if in_use {
+                    chk.violate(
+                        "safety: sigs",
+                        format!("released {fingerprint} while its connection is up"),
+                    );
+                }
+                self.held.remove(fingerprint);
+            }
+            Action::Emit(_) | Action::Reply { .. } | Action::Exit => {}
+        }
+    }
+
+    fn new_sig(&mut self, user: UserId, lifetime: Option<i64>, bad: bool, expired: bool) -> String {
+        self.next_sig += 1;
+        let fp = format!("s{}", self.next_sig);
+        let now = self.prov_now();
+        let expires = lifetime.map(|l| if expired { now - 5 } else { now + l });
+        let issued = match (expires, lifetime) {
+            (Some(e), Some(l)) => e - l,
+            _ => now,
+        };
+        self.sigs.insert(
+            fp.clone(),
+            Issued {
+                user,
+                issued,
+                expires,
+                bad,
+                revoked: false,
+                received: None,
+                offset: 0,
+            },
+        );
+        fp
+    }
+
+    fn decide_fetch(&mut self, user: UserId, m: &Machine) -> FetchFlight {
+        let t = self.t;
+        let quick = t + self.jitter(10, 400);
+        let mode = if self.healthy {
+            ProvMode::Healthy
+        } else {
+            self.prov
+        };
+        let fail = |class: ErrorClass, code: u32, msg: &str| {
+            FetchResult::Fail(FetchFailure::new(class, code, msg))
+        };
+        let lifetime = Some(self.lifetime);
+        let (at, result) = match mode {
+            ProvMode::Healthy => {
+                let fp = self.new_sig(user.clone(), lifetime, false, false);
+                (Some(quick), FetchResult::Sig { fp, user })
+            }
+            ProvMode::Slow(d) => {
+                let fp = self.new_sig(user.clone(), lifetime, false, false);
+                (Some(t + d), FetchResult::Sig { fp, user })
+            }
+            ProvMode::Hang => (None, fail(ErrorClass::Network, 0, "never answers")),
+            ProvMode::Status(code, ra) => {
+                let mut f = match code {
+                    401 | 403 | 404 => {
+                        FetchFailure::new(ErrorClass::Fatal, u32::from(code), "refused")
+                    }
+                    408 | 421 | 425 | 429 | 500..=599 => {
+                        FetchFailure::new(ErrorClass::Busy, u32::from(code), "unavailable")
+                    }
+                    _ => {
+                        let mut f = FetchFailure::new(ErrorClass::Busy, u32::from(code), "odd 4xx");
+                        f.give_up_after = Some(3);
+                        f
+                    }
+                };
+                f.retry_after = ra;
+                (Some(quick), FetchResult::Fail(f))
+            }
+            ProvMode::Malformed => (
+                Some(quick),
+                fail(ErrorClass::Busy, codes::INVALID_PARAMETERS, "malformed"),
+            ),
+            ProvMode::SameSig => match m.snapshot().sig {
+                Some(s)
+                    if self
+                        .sigs
+                        .get(&s.fingerprint)
+                        .is_some_and(|i| i.user == user) =>
+                {
+                    (
+                        Some(quick),
+                        FetchResult::Sig {
+                            fp: s.fingerprint,
+                            user,
+                        },
+                    )
+                }
+                _ => {
+                    let fp = self.new_sig(user.clone(), lifetime, false, false);
+                    (Some(quick), FetchResult::Sig { fp, user })
+                }
+            },
+            ProvMode::Expired => {
+                let fp = self.new_sig(user.clone(), lifetime, false, true);
+                (Some(quick), FetchResult::Sig { fp, user })
+            }
+            ProvMode::WrongUser => {
+                if self.rng.one_in(2) {
+                    // An opaque sig with a user_id the client cannot check: the machine must.
+                    let other = if user.as_str() == "alice" {
+                        "bob"
+                    } else {
+                        "alice"
+                    };
+                    let fp = self.new_sig(super::user(other), None, false, false);
+                    (
+                        Some(quick),
+                        FetchResult::Sig {
+                            fp,
+                            user: super::user(other),
+                        },
+                    )
+                } else {
+                    (
+                        Some(quick),
+                        fail(ErrorClass::Fatal, codes::SVR_SIG_MISMATCH_ID, "other user"),
+                    )
+                }
+            }
+            ProvMode::WrongApp => (
+                Some(quick),
+                fail(ErrorClass::Fatal, codes::SVR_SIG_MISMATCH_APP, "other app"),
+            ),
+            ProvMode::TokenMissing => {
+                let mut f =
+                    FetchFailure::new(ErrorClass::Busy, codes::INVALID_PARAMETERS, "no token");
+                f.give_up_after = Some(3);
+                (Some(quick), FetchResult::Fail(f))
+            }
+            ProvMode::Opaque => {
+                let fp = self.new_sig(user.clone(), None, false, false);
+                (Some(quick), FetchResult::Sig { fp, user })
+            }
+            ProvMode::BadKey => {
+                let fp = self.new_sig(user.clone(), lifetime, true, false);
+                (Some(quick), FetchResult::Sig { fp, user })
+            }
+            ProvMode::Unreachable => (
+                Some(quick),
+                fail(ErrorClass::Network, codes::NET_CONN_REFUSE, "refused"),
+            ),
+            ProvMode::ClockBehind => (
+                Some(quick),
+                fail(ErrorClass::Clock, 0, "cert not yet valid"),
+            ),
+        };
+        // The device clock behind the certificate: TLS fails whatever the server would say.
+        if self.now().wall < CERT_NOT_BEFORE && !matches!(result, FetchResult::Fail(_)) {
+            return FetchFlight {
+                at: Some(quick),
+                result: fail(ErrorClass::Clock, 0, "certificate not valid yet"),
+            };
+        }
+        FetchFlight { at, result }
+    }
+
+    fn decide_connect(&mut self, fp: &str) -> (Option<Millis>, Outcome) {
+        let t = self.t;
+        let quick = t + self.jitter(5, 300);
+        if self.now().wall < CERT_NOT_BEFORE {
+            return (
+                Some(quick),
+                Outcome::End(ConnEnd::CertNotYetValid {
+                    detail: "certificate not valid yet".into(),
+                }),
+            );
+        }
+        let mode = if self.healthy {
+            BrokerMode::Healthy
+        } else {
+            self.broker
+        };
+        let net = |kind: NetKind| {
+            Outcome::End(ConnEnd::Network {
+                kind,
+                detail: format!("{kind:?}"),
+            })
+        };
+        match mode {
+            BrokerMode::Down => {
+                let kind = pick(
+                    &mut self.rng,
+                    &[
+                        NetKind::Refused,
+                        NetKind::Dns,
+                        NetKind::Tls,
+                        NetKind::Closed,
+                        NetKind::Timeout,
+                    ],
+                );
+                return (Some(quick), net(kind));
+            }
+            BrokerMode::Blackhole => return (None, net(NetKind::Timeout)),
+            BrokerMode::Refuse(code) => {
+                let reason = (self.flavor == Flavor::Reference && self.rng.one_in(2))
+                    .then(|| format!("{code} refused"));
+                return (Some(quick), Outcome::End(ConnEnd::Refused { code, reason }));
+            }
+            _ => {}
+        }
+        let at = match mode {
+            BrokerMode::SlowConnack(d) => t + d,
+            _ => quick,
+        };
+        // The broker checks the sig.
+        let sig = self.sigs.get(fp).cloned();
+        let refuse = |code: u8, why: &str, flavor: Flavor, rng: &mut Rng| {
+            // rumqttc drops CONNACK reason strings; a fixed client may see them.
+            let reason = (flavor == Flavor::Reference && rng.one_in(2)).then(|| why.to_string());
+            Outcome::End(ConnEnd::Refused { code, reason })
+        };
+        let outcome = match sig {
+            None => refuse(0x86, "70003 malformed", self.flavor, &mut self.rng),
+            Some(s) if s.bad => {
+                let code = if self.flavor == Flavor::Mosquitto {
+                    0x87
+                } else {
+                    0x86
+                };
+                refuse(code, "70009 signature mismatch", self.flavor, &mut self.rng)
+            }
+            Some(s) if s.revoked || s.expires.is_some_and(|e| self.broker_now() > e) => {
+                refuse(0x87, "70001 UserSig expired", self.flavor, &mut self.rng)
+            }
+            Some(_) => Outcome::Connack,
+        };
+        (Some(at), outcome)
+    }
+
+    /// A schedule entry about the world (not a local request, suspend or reboot).
+    pub fn external(&mut self, ext: Ext) {
+        let t = self.t;
+        match ext {
+            Ext::Broker(mode) => {
+                self.broker = mode;
+                if matches!(mode, BrokerMode::Down | BrokerMode::Blackhole)
+                    && let ConnW::Up { end, .. } = &mut self.conn
+                {
+                    *end = Some((
+                        t,
+                        ConnEnd::Network {
+                            kind: NetKind::Closed,
+                            detail: "the broker went away".into(),
+                        },
+                    ));
+                }
+            }
+            Ext::Prov(mode) => self.prov = mode,
+            Ext::Twin(on) => {
+                self.twin = on;
+                if on {
+                    let at = t + self.jitter(100, 5_000);
+                    let kick = self.takeover();
+                    if let ConnW::Up { end, .. } = &mut self.conn
+                        && end.as_ref().is_none_or(|e| e.0 > at)
+                    {
+                        *end = Some((at, kick));
+                    }
+                }
+            }
+            Ext::SigLifetime(s) => self.lifetime = s,
+            Ext::ServerSkew { prov, broker } => {
+                self.prov_skew = prov;
+                self.broker_skew = broker;
+            }
+            Ext::WallJump(d) => self.wall_skew += d,
+            Ext::TimeSync => self.wall_skew = 0,
+            Ext::Drop => self.end_now(ConnEnd::Network {
+                kind: NetKind::Closed,
+                detail: "dropped".into(),
+            }),
+            Ext::ServerDisconnect(code) => {
+                let end = self.disconnect(code);
+                self.end_now(end);
+            }
+            Ext::RevokeExpiry => {
+                if let ConnW::Up { fp, .. } = &self.conn {
+                    let fp = fp.clone();
+                    if let Some(s) = self.sigs.get_mut(&fp) {
+                        s.revoked = true;
+                    }
+                    if self.flavor == Flavor::Reference {
+                        let end = self.disconnect(0xA0);
+                        self.end_now(end);
+                    }
+                }
+            }
+            Ext::Suspend(_) | Ext::Reboot { .. } | Ext::Local(_) => {}
+        }
+    }
+
+    fn end_now(&mut self, e: ConnEnd) {
+        let t = self.t;
+        if let ConnW::Up { end, .. } = &mut self.conn {
+            *end = Some((t, e));
+        }
+    }
+
+    /// The device sleeps for `d`: nothing runs; boot time keeps counting.
+    pub fn suspend(&mut self, d: Millis) {
+        self.t += d;
+        if d < 15_000 {
+            return;
+        }
+        let t = self.t;
+        match &mut self.conn {
+            ConnW::Up { end, .. } => {
+                *end = Some((
+                    t + 50,
+                    ConnEnd::Network {
+                        kind: NetKind::Timeout,
+                        detail: "keepalive timeout after suspend".into(),
+                    },
+                ))
+            }
+            ConnW::Connecting { at, outcome, .. } => {
+                *at = Some(t + 10);
+                *outcome = Outcome::End(ConnEnd::Network {
+                    kind: NetKind::Timeout,
+                    detail: "suspended".into(),
+                });
+            }
+            ConnW::Closing { at } => *at = Some(t + 10),
+            ConnW::None => {}
+        }
+        if let Some(f) = &mut self.fetch {
+            f.at = Some(t + 10);
+            f.result = FetchResult::Fail(FetchFailure::new(
+                ErrorClass::Network,
+                codes::NET_DISCONNECT,
+                "suspended",
+            ));
+        }
+    }
+
+    /// The process dies: the broker loses the socket, the driver its secrets; disk stays.
+    pub fn crash(&mut self) {
+        self.conn = ConnW::None;
+        self.session_since = None;
+        self.fetch = None;
+        self.held.clear();
+    }
+
+    pub fn reboot(&mut self, rtc: bool) {
+        self.crash();
+        self.t += self.jitter(5_000, 90_000);
+        self.boot_origin = self.t - BOOT_AT;
+        self.boot_no += 1;
+        if !rtc {
+            // No RTC: the wall clock starts at 1970 (plus the boot time).
+            self.wall_skew = -WALL_BASE - (self.t / 1000) as i64;
+        }
+    }
+
+    /// A new daemon process: it holds the cached secret, if any.
+    pub fn daemon_started(&mut self) {
+        self.held.clear();
+        self.fetch = None;
+        if let Some(fp) = &self.cache {
+            self.held.insert(fp.clone());
+        }
+    }
+
+    /// What the driver would feed as `CachedSig`, anchored like `Driver::new`.
+    pub fn cached_sig_info(&self, _policy: &Policy) -> Option<SigInfo> {
+        let fp = self.cache.clone()?;
+        let s = self.sigs.get(&fp)?;
+        let (boot, received_mono, server_then) = s.received?;
+        let now = self.now();
+        let (server_now, received_at, wall_anchored) = if boot == self.boot_no {
+            (server_then, received_mono, false)
+        } else {
+            (now.wall.saturating_add(s.offset), now.mono, true)
+        };
+        Some(SigInfo {
+            fingerprint: fp,
+            user_id: s.user.clone(),
+            issued_at: None,
+            expires_at: s.expires,
+            server_now,
+            received_at,
+            wall_anchored,
+        })
+    }
+
+    /// From now on the world is healthy: every fault off, clocks right, sane sigs.
+    pub fn make_healthy(&mut self) {
+        self.healthy = true;
+        self.broker = BrokerMode::Healthy;
+        self.prov = ProvMode::Healthy;
+        self.twin = false;
+        self.wall_skew = 0;
+        self.prov_skew = 0;
+        self.broker_skew = 0;
+        if self.lifetime < 600 {
+            self.lifetime = 3_600;
+        }
+        let t = self.t;
+        if let ConnW::Up { fp, end, .. } = &mut self.conn {
+            let fp = fp.clone();
+            *end = None;
+            // Only the sig's own expiry still ends it (on the reference service).
+            let expires = self.sigs.get(&fp).and_then(|s| s.expires);
+            if self.flavor == Flavor::Reference
+                && let Some(e) = expires
+            {
+                let left_s = (e - self.broker_now() + 1).max(0) as u64;
+                let end_at = t + left_s * 1000;
+                if let ConnW::Up { end, .. } = &mut self.conn {
+                    *end = Some((
+                        end_at,
+                        ConnEnd::ServerDisconnect {
+                            code: 0xA0,
+                            reason: Some("70001 UserSig expired".into()),
+                        },
+                    ));
+                }
+            }
+        }
+    }
+
+    pub fn flavor(&self) -> Flavor {
+        self.flavor
+    }
+
+    pub fn default_user() -> UserId {
+        user("alice")
+    }
+}
