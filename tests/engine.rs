@@ -697,3 +697,81 @@ async fn a_slow_connack_is_waited_for_not_abandoned() {
     assert_eq!(u.connections_lost, 0);
     d.finish().await;
 }
+
+// --- the two end-to-end reproductions of the interleaving review (issue 8) -------------------
+
+/// An ACL denial or a revoked account on a real broker: CONNACK, then DISCONNECT 0x87 at once,
+/// every time. The landed engine restored its one fresh-sig retry on every CONNACK and made
+/// 2,474 CONNECTs and 2,474 provisioning requests in 30 s. Now: the one fresh retry, then
+/// stopped, and quiet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnect_0x87_after_every_login_stops_after_the_one_fresh_retry() {
+    let sb = sandbox().await;
+    sb.on_login(
+        LoginFault::Disconnect { code: 0x87 },
+        None,
+        Some("kiosk-30"),
+    );
+    let started = Instant::now();
+    let d = Daemon::start(&sb, Opts::user("kiosk-30")).await;
+    let st = d.wait_phase("stopped").await;
+    assert_eq!(st["last_error"]["class"], "sig_rejected", "{st}");
+    assert_eq!(st["login_status"], 3);
+    // The rest of the 30 s: nothing more.
+    let rest = Duration::from_secs(30).saturating_sub(started.elapsed());
+    assert_flat(&sb, "kiosk-30", rest.as_secs().max(5)).await;
+    let u = sb.user("kiosk-30");
+    assert!(
+        u.connect_attempts <= 3 && u.provision_requests <= 3,
+        "at most 3 CONNECTs and 3 provisioning requests in 30 s: {u:?}"
+    );
+    assert_eq!((u.connect_attempts, u.provision_requests), (2, 2), "{u:?}");
+    // An operator's login gets it moving again (and the broker still refuses: one more try).
+    sb.clear_faults();
+    let r = d.rpc("login", json!({})).await;
+    assert_eq!(r["result"]["login_status"], 1, "{r}");
+    d.finish().await;
+}
+
+/// The landed wedge: in backoff after a drop, the proactive refresh started and was slow but
+/// succeeded; the backoff retry fell due during the fetch and was cleared; the refresh answer
+/// did nothing. No CONNECT ever again. Now the retry acts (with the still valid sig), and the
+/// daemon is back online within a backoff step of the broker's return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_refresh_during_backoff_does_not_keep_the_daemon_offline() {
+    let sb = sandbox_with(SandboxOptions {
+        sig_lifetime: Duration::from_secs(30),
+        ..Default::default()
+    })
+    .await;
+    let d = Daemon::start(&sb, Opts::user("kiosk-31")).await;
+    d.wait_phase("online").await;
+    // Provisioning becomes slow (4 s, under the 5 s fetch timeout of the test config).
+    sb.provision_fault(ProvisionFault::Delay { ms: 4_000 }, None, Some("kiosk-31"));
+    sb.stop_listener().await.unwrap();
+    d.wait_phase("backoff").await;
+    // The refresh (at ~80 % of 30 s) starts while the daemon is in backoff.
+    sb.wait_for("the refresh to start", Duration::from_secs(40), |c| {
+        c.user("kiosk-31").provision_requests >= 2
+    })
+    .await
+    .unwrap();
+    // The broker comes back while the slow refresh is still under way.
+    sb.start_listener().await.unwrap();
+    let back = Instant::now();
+    d.wait_phase_within("online", Duration::from_secs(5)).await;
+    eprintln!(
+        "online again {:?} after the broker's return",
+        back.elapsed()
+    );
+    // And the refresh's new sig is used: the session moves to it.
+    sb.wait_for(
+        "the move to the refreshed sig",
+        Duration::from_secs(20),
+        |c| c.user("kiosk-31").logins_accepted >= 3,
+    )
+    .await
+    .unwrap();
+    assert_eq!(sb.user("kiosk-31").server_disconnects.get("0xA0"), None);
+    d.finish().await;
+}

@@ -1809,16 +1809,16 @@ impl Machine {
                             format!("the UserSig expired while online (DISCONNECT 0xA0{r})"),
                         )
                     },
-                    0x87 | 0x86 if says_expired(reason) || expired_here => Classified {
-                        premature: !near_end,
-                        ..c(
-                            SigExpired,
-                            codes::SVR_SIG_EXPIRED,
-                            format!(
-                                "the IM service says the UserSig expired (DISCONNECT 0x{code:02X}{r})"
-                            ),
-                        )
-                    },
+                    // Only our own clock decides: a session the server just accepted and then
+                    // ends as "not authorized" is a rejection (an ACL, a revoked account),
+                    // whatever its reason string says.
+                    0x87 | 0x86 if expired_here => c(
+                        SigExpired,
+                        codes::SVR_SIG_EXPIRED,
+                        format!(
+                            "the IM service ended the session as the UserSig ran out (DISCONNECT 0x{code:02X}{r})"
+                        ),
+                    ),
                     0x87 | 0x86 => c(
                         SigRejected,
                         server_code(reason).unwrap_or(codes::SVR_SIG_CHECK_FAILED),

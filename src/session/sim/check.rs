@@ -491,13 +491,7 @@ impl Checker {
                         self.expiry(t, "DISCONNECT 0xA0")
                     }
                 }
-                0x86 | 0x87 if says_expired(reason) || expired_here => {
-                    if premature {
-                        self.premature_expiry(t, "DISCONNECT 0x87 70001")
-                    } else {
-                        self.expiry(t, "DISCONNECT 0x87 at expiry")
-                    }
-                }
+                0x86 | 0x87 if expired_here => self.expiry(t, "DISCONNECT 0x87 at expiry"),
                 0x86 | 0x87 => self.rejected(t, *code),
                 0x81 | 0x82 | 0x8C | 0x8F | 0x90 | 0x93 | 0x94 | 0x95 | 0x99 | 0x9A | 0x9B
                 | 0x9E | 0xA1 | 0xA2 => self.protocol(t, *code),
