@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
-use rumqttc::v5::{AsyncClient, ConnectionError, Event as MqttEvent, EventLoop};
+use rumqttc::v5::{AsyncClient, Event as MqttEvent};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -29,8 +29,8 @@ use crate::identity::UserId;
 use crate::mqtt::MqttSettings;
 use crate::provision::{Fetched, Provisioner};
 use crate::session::{
-    Action, Counters, ErrorClass, Event, FetchFailure, Input, LastError, Machine, Millis, Phase,
-    RequestError, RequestId, SigInfo, Snapshot,
+    Action, ConnEnd, Counters, ErrorClass, Event, FetchFailure, Input, LastError, Machine, Millis,
+    Phase, RequestError, RequestId, SigInfo, Snapshot,
 };
 use crate::usersig::{SigCache, UserSig};
 
@@ -127,36 +127,107 @@ enum ConnState {
     Closing,
 }
 
-/// One MQTT connection. Its rumqttc event loop runs in a task of its own that is **never
-/// cancelled mid-poll**: `EventLoop::poll` is not cancel-safe (dropping it during the connect
-/// abandons a connection the broker already accepted, and the next poll silently opens another),
-/// so the driver's `select!` only ever waits on the channel the task feeds. The task ends at the
-/// first error, so rumqttc can never reconnect on its own; dropping the `Connection` aborts it.
+/// What a connection's task reports.
+enum ConnEvent {
+    // Boxed: rumqttc's event is large and most events are something else.
+    Mqtt(Box<MqttEvent>),
+    /// The connection is over, classified from what the broker actually said (the relay's
+    /// record) or, when it said nothing, from the transport's error.
+    Ended(ConnEnd),
+}
+
+/// One MQTT connection. Its task dials TCP + TLS, starts the relay (`crate::relay`), and runs
+/// the rumqttc event loop, **never cancelled mid-poll**: `EventLoop::poll` is not cancel-safe
+/// (dropping it during the connect abandons a connection the broker already accepted, and the
+/// next poll silently opens another), so the driver's `select!` only ever waits on the channel
+/// the task feeds. The task ends at the first error, so rumqttc can never reconnect on its
+/// own; dropping the `Connection` aborts it, and the relay with it.
 struct Connection {
     client: AsyncClient,
-    events: mpsc::Receiver<Result<MqttEvent, ConnectionError>>,
+    events: mpsc::Receiver<ConnEvent>,
     task: JoinHandle<()>,
     state: ConnState,
 }
 
+/// Aborts a task when dropped (the relay lives exactly as long as its connection's task).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 impl Connection {
-    fn open(client: AsyncClient, mut eventloop: EventLoop) -> Connection {
+    fn open(
+        mqtt: &MqttSettings,
+        user: &UserId,
+        sig: &UserSig,
+        relay_dir: &std::path::Path,
+    ) -> Result<Connection, ConnEnd> {
+        let (listener, path) = crate::relay::listen(relay_dir).map_err(|e| ConnEnd::Network {
+            kind: crate::session::NetKind::Other,
+            detail: format!(
+                "could not create the MQTT relay socket in {}: {e}",
+                relay_dir.display()
+            ),
+        })?;
+        let options = mqtt.options(user, sig, &path);
+        let (client, mut eventloop) = AsyncClient::new(options, 10);
         let (tx, events) = mpsc::channel(32);
+        let (host, port, tls, within) = (
+            mqtt.host.clone(),
+            mqtt.port,
+            mqtt.tls.clone(),
+            mqtt.connect_timeout,
+        );
         let task = tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            let stream = match crate::relay::dial(&host, port, tls, within).await {
+                Ok(s) => s,
+                Err(end) => {
+                    let _ = std::fs::remove_file(&path);
+                    let _ = tx.send(ConnEvent::Ended(end)).await;
+                    return;
+                }
+            };
+            // One connect timeout covers TCP, TLS and the CONNACK together.
+            let left = within.saturating_sub(started.elapsed()).as_secs().max(1);
+            eventloop.options.set_connection_timeout(left);
+            let observed = crate::relay::Shared::default();
+            let _relay = AbortOnDrop(tokio::spawn(crate::relay::relay(
+                listener,
+                path,
+                stream,
+                observed.clone(),
+                crate::mqtt::MAX_PACKET as usize + 8,
+            )));
             loop {
-                let event = eventloop.poll().await;
-                let failed = event.is_err();
-                if tx.send(event).await.is_err() || failed {
-                    break;
+                match eventloop.poll().await {
+                    Ok(ev) => {
+                        if tx.send(ConnEvent::Mqtt(Box::new(ev))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let said = observed
+                            .lock()
+                            .map(|o| o.end())
+                            .unwrap_or_else(|p| p.into_inner().end());
+                        let end = said.unwrap_or_else(|| crate::mqtt::classify(&e));
+                        tracing::debug!(?end, "connection ended");
+                        let _ = tx.send(ConnEvent::Ended(end)).await;
+                        return;
+                    }
                 }
             }
         });
-        Connection {
+        Ok(Connection {
             client,
             events,
             task,
             state: ConnState::Connecting,
-        }
+        })
     }
 }
 
@@ -180,8 +251,7 @@ struct HeldSig {
 
 enum Wake {
     Command(Option<Command>),
-    // Boxed: rumqttc's event is large and most wake-ups are something else.
-    Conn(Box<Result<MqttEvent, ConnectionError>>),
+    Conn(ConnEvent),
     Fetch(Result<Result<Fetched, FetchFailure>, tokio::task::JoinError>),
     Timer,
     Tick,
@@ -408,7 +478,7 @@ impl Driver {
             }
             let wake = tokio::select! {
                 cmd = self.commands.recv() => Wake::Command(cmd),
-                ev = next_conn_event(&mut self.conn), if self.conn.is_some() => Wake::Conn(Box::new(ev)),
+                ev = next_conn_event(&mut self.conn), if self.conn.is_some() => Wake::Conn(ev),
                 res = next_fetch(&mut self.fetch), if self.fetch.is_some() => Wake::Fetch(res),
                 _ = self.timer.fired() => Wake::Timer,
                 _ = tick.tick() => Wake::Tick,
@@ -416,7 +486,7 @@ impl Driver {
             match wake {
                 Wake::Command(None) => self.feed(Input::Shutdown),
                 Wake::Command(Some(cmd)) => self.on_command(cmd).await,
-                Wake::Conn(ev) => self.on_conn_event(*ev),
+                Wake::Conn(ev) => self.on_conn_event(ev),
                 Wake::Fetch(res) => self.on_fetch_done(res),
                 Wake::Timer | Wake::Tick => {
                     let now = self.clock.now();
@@ -478,49 +548,50 @@ impl Driver {
         Ok(())
     }
 
-    fn on_conn_event(&mut self, ev: Result<MqttEvent, ConnectionError>) {
+    fn on_conn_event(&mut self, ev: ConnEvent) {
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
-        match ev {
-            Ok(MqttEvent::Incoming(Packet::ConnAck(ack))) => {
-                if conn.state == ConnState::Connecting {
-                    conn.state = ConnState::Online;
-                    self.feed(Input::Connected {
-                        session_present: ack.session_present,
-                    });
-                }
-            }
-            Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
-                tracing::debug!(
-                    topic = %String::from_utf8_lossy(&p.topic),
-                    bytes = p.payload.len(),
-                    qos = ?p.qos,
-                    "message received"
-                );
-                self.feed(Input::MessageReceived);
-            }
-            Ok(MqttEvent::Outgoing(rumqttc::Outgoing::Disconnect)) => {
-                // DISCONNECT is on the wire. Keep reading until the broker closes its side (it
-                // must, after a DISCONNECT): dropping the socket now, with anything unread in
-                // flight, would send a TCP reset that can destroy the DISCONNECT on the broker's
-                // side and turn a clean logout into a lost connection (and a published will).
-                // CLOSE_TIMEOUT bounds the wait.
-                tracing::debug!("DISCONNECT sent; waiting for the broker to close");
-            }
-            Ok(_) => {}
-            Err(e) => {
+        let ev = match ev {
+            ConnEvent::Mqtt(ev) => *ev,
+            ConnEvent::Ended(end) => {
                 let state = conn.state;
                 // The task already stopped polling; drop the connection (and the task) now.
                 self.conn = None;
                 if state == ConnState::Closing {
                     self.feed(Input::Disconnected);
                 } else {
-                    let end = crate::mqtt::classify(&e);
-                    tracing::debug!(error = %e, ?end, "connection ended");
                     self.feed(Input::ConnectionEnded(end));
                 }
+                return;
             }
+        };
+        match ev {
+            MqttEvent::Incoming(Packet::ConnAck(ack)) if conn.state == ConnState::Connecting => {
+                conn.state = ConnState::Online;
+                self.feed(Input::Connected {
+                    session_present: ack.session_present,
+                });
+            }
+            MqttEvent::Incoming(Packet::Publish(p)) => {
+                tracing::debug!(
+                    // Debug-quoted: the topic comes from outside.
+                    topic = ?String::from_utf8_lossy(&p.topic),
+                    bytes = p.payload.len(),
+                    qos = ?p.qos,
+                    "message received"
+                );
+                self.feed(Input::MessageReceived);
+            }
+            MqttEvent::Outgoing(rumqttc::Outgoing::Disconnect) => {
+                // DISCONNECT is on the wire. Keep reading until the broker closes its side (it
+                // must, after a DISCONNECT): dropping the socket now, with anything unread in
+                // flight, would send a TCP reset that can destroy the DISCONNECT on the broker's
+                // side and turn a clean logout into a lost connection (and a published will).
+                // The machine's close timeout bounds the wait.
+                tracing::debug!("DISCONNECT sent; waiting for the broker to close");
+            }
+            _ => {}
         }
     }
 
@@ -656,7 +727,6 @@ impl Driver {
             }));
             return;
         };
-        let options = self.mqtt.options(&user, &held.sig);
         tracing::info!(
             broker = %self.mqtt.url(),
             client_id = %self.mqtt.client_id(&user),
@@ -664,8 +734,10 @@ impl Driver {
             fingerprint,
             "connecting"
         );
-        let (client, eventloop) = AsyncClient::new(options, 10);
-        self.conn = Some(Connection::open(client, eventloop));
+        match Connection::open(&self.mqtt, &user, &held.sig, &self.config.state_dir) {
+            Ok(c) => self.conn = Some(c),
+            Err(end) => self.feed(Input::ConnectionEnded(end)),
+        }
     }
 
     /// Send DISCONNECT and keep reading until the broker closes (the machine bounds the wait
@@ -806,12 +878,13 @@ impl Driver {
 }
 
 /// The next event of the current connection (cancel-safe: a channel receive).
-async fn next_conn_event(conn: &mut Option<Connection>) -> Result<MqttEvent, ConnectionError> {
+async fn next_conn_event(conn: &mut Option<Connection>) -> ConnEvent {
     match conn {
         Some(c) => c.events.recv().await.unwrap_or_else(|| {
-            Err(ConnectionError::Io(std::io::Error::other(
-                "the connection task ended",
-            )))
+            ConnEvent::Ended(ConnEnd::Network {
+                kind: crate::session::NetKind::Other,
+                detail: "the connection task ended".into(),
+            })
         }),
         None => std::future::pending().await,
     }

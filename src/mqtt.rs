@@ -4,9 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use rumqttc::Transport;
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, DisconnectReasonCode};
 use rumqttc::v5::{ConnectionError, MqttOptions, StateError};
-use rumqttc::{TlsConfiguration, Transport};
 
 use crate::config::Config;
 use crate::identity::{TemplateValues, UserId};
@@ -99,12 +99,15 @@ impl MqttSettings {
     }
 
     /// Options for one connection: persistent session (clean start off, session expiry),
-    /// username = UserID, password = UserSig, TLS with ring.
-    pub fn options(&self, user: &UserId, sig: &UserSig) -> MqttOptions {
-        let mut o = MqttOptions::new(self.client_id(user), self.host.clone(), self.port);
-        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            self.tls.clone(),
-        )));
+    /// username = UserID, password = UserSig. rumqttc speaks MQTT over `relay`, the private
+    /// Unix socket of `crate::relay`, which carries it over TLS (ring) to the broker.
+    pub fn options(&self, user: &UserId, sig: &UserSig, relay: &std::path::Path) -> MqttOptions {
+        let mut o = MqttOptions::new(
+            self.client_id(user),
+            relay.to_string_lossy().into_owned(),
+            0,
+        );
+        o.set_transport(Transport::Unix);
         o.set_credentials(user.as_str(), sig.expose());
         // Validated at config time: ≥ 5 s (rumqttc panics below that).
         o.set_keep_alive(self.keepalive);
@@ -188,7 +191,8 @@ pub fn classify(e: &ConnectionError) -> ConnEnd {
     }
 }
 
-fn io_end(io: &std::io::Error) -> ConnEnd {
+/// Classify an I/O error of the broker connection.
+pub fn io_end(io: &std::io::Error) -> ConnEnd {
     use std::io::ErrorKind as K;
     if crate::tls::is_not_yet_valid(io) {
         return ConnEnd::CertNotYetValid {

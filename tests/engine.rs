@@ -270,11 +270,12 @@ async fn refusals_stop_after_exactly_the_allowed_attempts_and_stay_quiet() {
             code: 70003,
             class: "sig_rejected",
         },
+        // The relay reads the CONNACK's reason string, so the service's own code shows.
         Refusal {
             name: "70009",
             connects: 2,
             provisions: 2,
-            code: 70003,
+            code: 70009,
             class: "sig_rejected",
         },
         // Caught on the device: never sent.

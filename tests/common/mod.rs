@@ -473,3 +473,31 @@ pub async fn assert_flat(sb: &Sandbox, user: &str, secs: u64) {
         sb.user(user)
     );
 }
+
+/// Another login with `user`'s client id (instance 0) takes the session over: a real rumqttc
+/// client over TLS with a fresh UserSig. Keep the handle: dropping it ends that client.
+pub fn take_over(sb: &Sandbox, ca_dir: &Path, user: &str) -> tokio::task::JoinHandle<()> {
+    let sig = sb.issue_sig(user, Duration::from_secs(600));
+    let addr = sb.endpoints().mqtt_addr;
+    let mut mo = rumqttc::v5::MqttOptions::new(
+        format!("{}:{user}:linux:0", sb.sdk_app_id()),
+        addr.ip().to_string(),
+        addr.port(),
+    );
+    mo.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(
+            imlinkd::tls::client_config(
+                &imlinkd::config::CaSource::File(ca_dir.join("ca.pem")),
+                None,
+                &[],
+            )
+            .unwrap(),
+        ),
+    ));
+    mo.set_credentials(user, sig);
+    let (_client, mut el) = rumqttc::v5::AsyncClient::new(mo, 10);
+    tokio::spawn(async move {
+        let _client = _client;
+        while el.poll().await.is_ok() {}
+    })
+}

@@ -15,6 +15,7 @@
 //! | `POST /provisioning/clock-offset?seconds=S` | skew the provisioning clock |
 //! | `POST /sig-lifetime?seconds=S` | lifetime of newly issued UserSigs |
 //! | `POST /connack-delay?ms=N` | wait before each successful CONNACK (a slow link) |
+//! | `POST /disconnect-form?form=short` or `form=long` | server DISCONNECTs as `E0 01 <code>` (mosquitto ≥ 2.0.15) or with properties |
 //! | `POST /faults/clear` | disarm everything |
 //! | `POST /publish?topic=T[&qos=1]` + body | publish as the service |
 //! | `POST /issue-sig?user_id=U[&seconds=S]` | a UserSig for U (for broker-only tests) |
@@ -160,6 +161,13 @@ async fn handle(c: &Control, req: Request) -> Response {
                 ok(serde_json::json!({ "connack_delay_ms": ms }))
             }
             _ => Response::error(400, "ms must be a whole number"),
+        },
+        ("/disconnect-form", _, true) => match req.query("form") {
+            Some(f @ ("short" | "long")) => {
+                c.set_short_disconnect(f == "short");
+                ok(serde_json::json!({ "disconnect_form": f }))
+            }
+            _ => Response::error(400, "form must be short or long"),
         },
         ("/faults/clear", _, true) => {
             c.clear_faults();

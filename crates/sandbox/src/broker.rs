@@ -113,6 +113,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, acceptor: 
         stream: tls,
         buf: Vec::with_capacity(1024),
         max_packet: shared.settings.max_packet_size,
+        shared: shared.clone(),
     };
     let connect = match timeout(HANDSHAKE_TIMEOUT, conn.read_packet()).await {
         Ok(Ok(Some(Incoming::Connect(c)))) => c,
@@ -206,6 +207,7 @@ struct Conn<S> {
     stream: S,
     buf: Vec<u8>,
     max_packet: usize,
+    shared: Arc<Shared>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
@@ -253,7 +255,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Conn<S> {
     }
 
     async fn disconnect(&mut self, code: u8, props: &Props) {
-        let _ = self.write(&codec::disconnect(code, props)).await;
+        let bytes = if self.shared.lock().short_disconnect {
+            codec::disconnect_short(code)
+        } else {
+            codec::disconnect(code, props)
+        };
+        let _ = self.write(&bytes).await;
     }
 }
 

@@ -664,6 +664,17 @@ pub fn connack_v3_unsupported_version() -> Vec<u8> {
     vec![0x20, 0x02, 0x00, 0x01]
 }
 
+/// The short form of a DISCONNECT, as mosquitto ≥ 2.0.15 sends it: the reason code and no
+/// property length (`E0 01 8E`); code 0 (normal disconnection) is just `E0 00`. MQTT 5
+/// §3.14.2.2.1: "If the Remaining Length is less than 2, a value of 0 is used".
+pub fn disconnect_short(reason: u8) -> Vec<u8> {
+    if reason == 0 {
+        vec![0xE0, 0x00]
+    } else {
+        vec![0xE0, 0x01, reason]
+    }
+}
+
 pub fn disconnect(reason: u8, props: &Props) -> Vec<u8> {
     let mut body = vec![reason];
     with_props(&mut body, &props.encode());

@@ -528,6 +528,12 @@ impl Control {
         self.shared.update(|st| st.connack_delay = delay);
     }
 
+    /// Send every server DISCONNECT (kick, expiry, `/on-login`, …) in its short form
+    /// `E0 01 <code>` (mosquitto ≥ 2.0.15), or in the long form with properties.
+    pub fn set_short_disconnect(&self, short: bool) {
+        self.shared.update(|st| st.short_disconnect = short);
+    }
+
     pub fn set_sig_lifetime(&self, lifetime: Duration) {
         self.shared.update(|st| st.sig_lifetime = lifetime);
     }
@@ -539,6 +545,7 @@ impl Control {
             st.banned.clear();
             st.provision_clock_offset = 0;
             st.connack_delay = Duration::ZERO;
+            st.short_disconnect = false;
         });
     }
 

@@ -252,6 +252,9 @@ pub struct BrokerState {
     pub provision_clock_offset: i64,
     /// How long the broker waits before sending a successful CONNACK (a slow link).
     pub connack_delay: Duration,
+    /// Send every server DISCONNECT in its short form (`E0 01 <code>`, no properties, so no
+    /// reason string), as mosquitto ≥ 2.0.15 does, instead of the long form.
+    pub short_disconnect: bool,
 }
 
 /// Fixed settings of one sandbox.
@@ -357,6 +360,7 @@ impl Shared {
                 sig_lifetime,
                 provision_clock_offset: 0,
                 connack_delay: Duration::ZERO,
+                short_disconnect: false,
             }),
             changed,
         })

@@ -1,0 +1,235 @@
+//! The connection to the broker, owned by the daemon: TCP + TLS (rustls with ring) dialled
+//! here, and rumqttc given a private Unix socket to speak MQTT over instead.
+//!
+//! Why: rumqttc 0.25 cannot decode a short-form DISCONNECT (`E0 01 8E`, how mosquitto
+//! ≥ 2.0.15 sends a takeover), and it drops CONNACK reason strings. Between the TLS stream
+//! and rumqttc sits [`relay`], which frames every broker→client packet, records each CONNACK
+//! and DISCONNECT exactly as the broker sent it ([`Observed`], via `crate::wire`), and passes
+//! rumqttc the long form. The client→broker direction is copied as is. See ARCHITECTURE.md,
+//! "Why a relay".
+//!
+//! The Unix socket lives in the state directory (0700, the daemon's alone), has a name no
+//! other connection uses, accepts one peer — this process, checked by `SO_PEERCRED` — and is
+//! unlinked as soon as rumqttc is connected.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixListener};
+use tokio_rustls::client::TlsStream;
+
+use crate::session::{ConnEnd, NetKind};
+use crate::wire::{self, Seen};
+
+/// What the broker said on one connection, as it said it.
+#[derive(Debug, Clone, Default)]
+pub struct Observed {
+    pub connack: Option<wire::ConnAck>,
+    pub disconnect: Option<wire::Disconnect>,
+    /// Why the relay itself ended the connection (the broker's side failed or sent bytes
+    /// that are not MQTT), when it did.
+    pub broken: Option<ConnEnd>,
+}
+
+pub type Shared = Arc<Mutex<Observed>>;
+
+fn lock(o: &Shared) -> std::sync::MutexGuard<'_, Observed> {
+    o.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Observed {
+    /// What ended the connection, if the broker said so: a DISCONNECT, or a CONNACK refusal.
+    /// Reason strings come with the broker's `im-error-code` in front when it sent one.
+    pub fn end(&self) -> Option<ConnEnd> {
+        let reason = |p: &wire::Props| match (&p.reason_string, p.im_error_code) {
+            (Some(r), Some(c)) if !r.trim_start().starts_with(&c.to_string()) => {
+                Some(format!("{c} {r}"))
+            }
+            (Some(r), _) => Some(r.clone()),
+            (None, Some(c)) => Some(c.to_string()),
+            (None, None) => None,
+        };
+        if let Some(d) = &self.disconnect {
+            return Some(ConnEnd::ServerDisconnect {
+                code: d.code,
+                reason: reason(&d.props),
+            });
+        }
+        if let Some(a) = self.connack.as_ref().filter(|a| a.code >= 0x80) {
+            return Some(ConnEnd::Refused {
+                code: a.code,
+                reason: reason(&a.props),
+            });
+        }
+        self.broken.clone()
+    }
+}
+
+/// TCP + TLS to the broker. Failures come out already classified.
+pub async fn dial(
+    host: &str,
+    port: u16,
+    tls: Arc<rustls::ClientConfig>,
+    within: Duration,
+) -> Result<TlsStream<TcpStream>, ConnEnd> {
+    let name =
+        rustls_pki_types::ServerName::try_from(host.to_string()).map_err(|_| ConnEnd::Network {
+            kind: NetKind::Other,
+            detail: format!("{host:?} is not a valid TLS server name"),
+        })?;
+    let connect = async {
+        let tcp = TcpStream::connect((host, port))
+            .await
+            .map_err(|e| crate::mqtt::io_end(&e))?;
+        let _ = tcp.set_nodelay(true);
+        tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| match crate::mqtt::io_end(&e) {
+                ConnEnd::Network { kind, detail } if kind != NetKind::Closed => ConnEnd::Network {
+                    kind: NetKind::Tls,
+                    detail: format!("TLS: {detail}"),
+                },
+                other => other,
+            })
+    };
+    match tokio::time::timeout(within, connect).await {
+        Ok(r) => r,
+        Err(_) => Err(ConnEnd::Network {
+            kind: NetKind::Timeout,
+            detail: format!("TCP and TLS to the broker did not complete within {within:?}"),
+        }),
+    }
+}
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// A private Unix socket for rumqttc, in `dir` (which must be the daemon's alone).
+pub fn listen(dir: &Path) -> std::io::Result<(UnixListener, PathBuf)> {
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let path = dir.join(format!(".mqtt-{}-{n}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    Ok((listener, path))
+}
+
+/// Accept rumqttc (this process, nobody else), unlink the socket, and pump bytes both ways
+/// until either side ends. What the broker says is recorded in `observed`.
+pub async fn relay(
+    listener: UnixListener,
+    path: PathBuf,
+    tls: TlsStream<TcpStream>,
+    observed: Shared,
+    max_packet: usize,
+) {
+    let unix = loop {
+        match listener.accept().await {
+            Ok((s, _)) => {
+                let mine = s
+                    .peer_cred()
+                    .ok()
+                    .and_then(|c| c.pid())
+                    .is_some_and(|pid| pid as u32 == std::process::id());
+                if mine {
+                    break s;
+                }
+                tracing::warn!(
+                    "refused a connection to the MQTT relay socket from another process"
+                );
+            }
+            Err(e) => {
+                lock(&observed).broken = Some(ConnEnd::Network {
+                    kind: NetKind::Other,
+                    detail: format!("the MQTT relay socket failed: {e}"),
+                });
+                let _ = std::fs::remove_file(&path);
+                return;
+            }
+        }
+    };
+    let _ = std::fs::remove_file(&path);
+    drop(listener);
+    let (broker_rd, broker_wr) = tokio::io::split(tls);
+    let (client_rd, client_wr) = unix.into_split();
+    let up = pump_up(client_rd, broker_wr);
+    let down = pump_down(broker_rd, client_wr, observed, max_packet);
+    // Either direction may end first; the other is finished by the half-close it causes.
+    tokio::join!(up, down);
+}
+
+/// rumqttc → broker: bytes as they are; rumqttc closing its side closes the TLS session.
+async fn pump_up(
+    mut from: tokio::net::unix::OwnedReadHalf,
+    mut to: tokio::io::WriteHalf<TlsStream<TcpStream>>,
+) {
+    let _ = tokio::io::copy(&mut from, &mut to).await;
+    let _ = to.shutdown().await;
+}
+
+/// broker → rumqttc: packet by packet, CONNACK and DISCONNECT recorded and normalized.
+async fn pump_down(
+    mut from: tokio::io::ReadHalf<TlsStream<TcpStream>>,
+    mut to: tokio::net::unix::OwnedWriteHalf,
+    observed: Shared,
+    max_packet: usize,
+) {
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut chunk = vec![0u8; 8192];
+    'outer: loop {
+        let n = match from.read(&mut chunk).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) => {
+                let mut o = lock(&observed);
+                if o.disconnect.is_none() {
+                    o.broken = Some(crate::mqtt::io_end(&e));
+                }
+                break;
+            }
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        // Forward every whole packet; keep the rest (drained once per read).
+        let mut at = 0;
+        let mut out: Vec<u8> = Vec::new();
+        loop {
+            let (h, len) = match wire::frame(&buf[at..], max_packet) {
+                Ok(Some(x)) => x,
+                Ok(None) => break,
+                Err(e) => {
+                    lock(&observed).broken = Some(ConnEnd::Network {
+                        kind: NetKind::Other,
+                        detail: format!("the broker sent bytes that are not MQTT ({e})"),
+                    });
+                    break 'outer;
+                }
+            };
+            if buf.len() - at < h + len {
+                break;
+            }
+            let first = buf[at];
+            let body = &buf[at + h..at + h + len];
+            match wire::inspect(first, body) {
+                Ok(Seen::ConnAck(a)) => lock(&observed).connack = Some(a),
+                Ok(Seen::Disconnect(d)) => lock(&observed).disconnect = Some(d),
+                Ok(Seen::Other) => {}
+                Err(e) => {
+                    // rumqttc will refuse it too; say what it was.
+                    tracing::debug!("an undecodable CONNACK/DISCONNECT from the broker: {e}");
+                }
+            }
+            match wire::normalize(first, body) {
+                Some(long) => out.extend_from_slice(&long),
+                None => out.extend_from_slice(&buf[at..at + h + len]),
+            }
+            at += h + len;
+        }
+        buf.drain(..at);
+        if !out.is_empty() && to.write_all(&out).await.is_err() {
+            break;
+        }
+    }
+    let _ = to.shutdown().await;
+}
