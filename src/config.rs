@@ -274,20 +274,7 @@ impl Default for RawApi {
 
 // --- the validated config ---------------------------------------------------------------------
 
-/// Where to find the CAs that may sign the server's certificate.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CaSource {
-    /// The operating system's trust store.
-    System,
-    File(PathBuf),
-}
-
-/// A client certificate and its key (mTLS).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClientAuth {
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
+pub use crate::tls::{CaSource, ClientAuth};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerConfig {
@@ -487,7 +474,7 @@ fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigErr
     let p = raw.provisioning;
     let url = Template::parse(&p.url, &["user_id"])
         .map_err(|e| err("provisioning.url", format!("{:?}: {e}", p.url)))?;
-    crate::provision::check_url(url.as_str()).map_err(|m| err("provisioning.url", m))?;
+    crate::url::check_template(url.as_str()).map_err(|m| err("provisioning.url", m))?;
     let token_file = p.token_file.as_deref().map(resolve);
     if let Some(t) = &token_file {
         check_secret_file(t, "provisioning.token_file", &err, &mut warnings)?;
@@ -671,53 +658,7 @@ fn ms(d: Dur) -> u64 {
     u64::try_from(d.0.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// `host[:port]` or `[v6][:port]` → (host, port), `default` when no port is given. Errors
-/// quote `url`.
-pub fn host_port(authority: &str, default: u16, url: &str) -> Result<(String, u16), String> {
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (h, after) = v6
-            .split_once(']')
-            .ok_or_else(|| format!("{url:?}: unclosed [ in an IPv6 address"))?;
-        (h.to_string(), after.strip_prefix(':'))
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h.to_string(), Some(p)),
-            None => (authority.to_string(), None),
-        }
-    };
-    let port = match port {
-        None => default,
-        Some(p) => p
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| format!("{url:?}: {p:?} is not a port number"))?,
-    };
-    Ok((host, port))
-}
-
-/// `mqtts://host[:port]` → (host, port). Port 8883 by default. Plain `mqtt://` is refused:
-/// the UserSig is a password.
-pub fn parse_broker_url(url: &str) -> Result<(String, u16), String> {
-    let Some(rest) = url.strip_prefix("mqtts://") else {
-        return Err(if url.starts_with("mqtt://") {
-            format!("{url:?}: plaintext MQTT would send the UserSig in the clear; use mqtts://")
-        } else {
-            format!("{url:?}: use mqtts://host:port")
-        });
-    };
-    let rest = rest.trim_end_matches('/');
-    if rest.contains('/') || rest.contains('@') || rest.is_empty() {
-        return Err(format!(
-            "{url:?}: use mqtts://host:port (no path or user info)"
-        ));
-    }
-    let (host, port) = host_port(rest, 8883, url)?;
-    if host.is_empty() {
-        return Err(format!("{url:?}: the host is missing"));
-    }
-    Ok((host, port))
-}
+pub use crate::url::parse_broker_url;
 
 fn ca_source(
     file: Option<PathBuf>,

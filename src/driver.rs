@@ -671,7 +671,7 @@ impl Driver {
                     if let Some(old) = self.fetch.take() {
                         old.abort();
                     }
-                    tracing::info!(url = %self.provisioner.url_for(&user), "fetching a UserSig");
+                    tracing::info!(url = %self.provisioner.shown_url_for(&user), "fetching a UserSig");
                     let p = self.provisioner.clone();
                     self.fetch = Some(tokio::spawn(async move { p.fetch(&user).await }));
                 }

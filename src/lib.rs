@@ -16,5 +16,6 @@ pub mod relay;
 pub mod session;
 pub mod systemd;
 pub mod tls;
+pub mod url;
 pub mod usersig;
 pub mod wire;

@@ -7,7 +7,6 @@
 //! malformed answer → busy, logged loudly. Neither the device token nor the UserSig ever
 //! appears in an error.
 
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -22,74 +21,7 @@ use crate::usersig::{SigFormat, UserSig, inspect};
 
 const MAX_HEAD: usize = 16 * 1024;
 
-/// A parsed `scheme://host[:port]/path?query`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Url {
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
-    pub path: String,
-}
-
-fn is_loopback(host: &str) -> bool {
-    host.eq_ignore_ascii_case("localhost")
-        || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
-}
-
-pub fn parse_url(url: &str) -> Result<Url, String> {
-    let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
-        (true, r)
-    } else if let Some(r) = url.strip_prefix("http://") {
-        (false, r)
-    } else {
-        return Err(format!("{url:?}: use an https:// URL"));
-    };
-    let split = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(split);
-    if authority.contains('@') {
-        return Err(format!(
-            "{url:?}: put credentials in token_file, not in the URL"
-        ));
-    }
-    let (host, port) = crate::config::host_port(authority, if tls { 443 } else { 80 }, url)?;
-    if host.is_empty() {
-        return Err(format!("{url:?}: the host is missing"));
-    }
-    if !tls && !is_loopback(&host) {
-        return Err(format!(
-            "{url:?}: plain http:// would send the device token in the clear; use https:// \
-             (http:// is accepted only for loopback, for tests)"
-        ));
-    }
-    let path = if path.is_empty() {
-        "/".to_string()
-    } else if path.starts_with('?') {
-        format!("/{path}")
-    } else {
-        path.to_string()
-    };
-    if path.bytes().any(|b| b <= b' ' || b == 0x7F) {
-        return Err(format!(
-            "{url:?}: the path has spaces or control characters"
-        ));
-    }
-    Ok(Url {
-        tls,
-        host,
-        port,
-        path,
-    })
-}
-
-/// Check a URL template at config time (placeholders filled with harmless values).
-pub fn check_url(template: &str) -> Result<(), String> {
-    let filled = template
-        .replace("{sdk_app_id}", "1")
-        .replace("{user_id}", "u")
-        .replace("{platform}", "p")
-        .replace("{instance}", "i");
-    parse_url(&filled).map(|_| ())
-}
+pub use crate::url::{Url, check_template as check_url, parse_url};
 
 fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -182,7 +114,12 @@ impl Provisioner {
         })
     }
 
-    /// The URL for `user` (no secrets in it: safe to log).
+    /// The URL for `user`, with its query values redacted: for logs and errors.
+    pub fn shown_url_for(&self, user: &UserId) -> String {
+        crate::url::redact(&self.url_for(user))
+    }
+
+    /// The URL for `user`.
     pub fn url_for(&self, user: &UserId) -> String {
         self.url.render(
             &TemplateValues {
@@ -259,11 +196,20 @@ impl Provisioner {
             .map(|d| d.as_secs() as i64);
         if status != 200 {
             let retry_after = header("retry-after").and_then(parse_retry_after);
-            let mut f = classify_status(status, &url_text, self.token_file.as_ref());
+            let mut f = classify_status(
+                status,
+                &crate::url::redact(&url_text),
+                self.token_file.as_ref(),
+            );
             f.retry_after = retry_after;
             return Err(f);
         }
-        let mut fetched = self.parse_body(user, &body)?;
+        let now = server_date.unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64)
+        });
+        let mut fetched = self.parse_body(user, &body, now)?;
         fetched.server_date = server_date;
         Ok(fetched)
     }
@@ -377,10 +323,11 @@ impl Provisioner {
         };
         if header("transfer-encoding").is_some_and(|te| te.to_ascii_lowercase().contains("chunked"))
         {
-            let mut decoded = Vec::new();
+            let mut d = Dechunker::new(self.max_body);
+            let mut more: &[u8] = &body;
             loop {
-                match dechunk(&body, &mut decoded, self.max_body) {
-                    Dechunk::Done => return Ok((status, headers, decoded)),
+                match d.feed(more) {
+                    Dechunk::Done => return Ok((status, headers, d.out)),
                     Dechunk::TooLarge => return Err(too_large()),
                     Dechunk::Bad => {
                         return Err(malformed(
@@ -389,15 +336,11 @@ impl Provisioner {
                     }
                     Dechunk::NeedMore => {}
                 }
-                decoded.clear();
                 let n = read_some(&mut s, &mut chunk).await?;
                 if n == 0 {
                     return Err(malformed("the provisioning response ended mid-body".into()));
                 }
-                body.extend_from_slice(&chunk[..n]);
-                if body.len() > self.max_body * 2 + 1024 {
-                    return Err(too_large());
-                }
+                more = &chunk[..n];
             }
         }
         match header("content-length") {
@@ -434,7 +377,9 @@ impl Provisioner {
         Ok((status, headers, body))
     }
 
-    fn parse_body(&self, user: &UserId, body: &[u8]) -> Result<Fetched, FetchFailure> {
+    /// Parse a 200 answer. `now`: the server's time (its `Date`, else ours), against which
+    /// the expiry must be plausible.
+    fn parse_body(&self, user: &UserId, body: &[u8], now: i64) -> Result<Fetched, FetchFailure> {
         let malformed = |m: &str| {
             fail(
                 ErrorClass::Busy,
@@ -520,6 +465,14 @@ impl Provisioner {
             }) => (issued_at, expires_at.or(expire_at)),
             Ok(SigFormat::Opaque) => (None, expire_at),
         };
+        if let Some(e) = expires_at
+            && !plausible_expiry(e, issued_at, now)
+        {
+            return Err(malformed(&format!(
+                "the UserSig's expiry ({e}) is not plausible: it must fall between a day \
+                 before and ten years after the server's time ({now})"
+            )));
+        }
         Ok(Fetched {
             sig: UserSig::new(sig),
             user_id: user.clone(),
@@ -540,47 +493,151 @@ async fn read_some<S: AsyncRead + Unpin>(s: &mut S, buf: &mut [u8]) -> Result<us
     }
 }
 
-enum Dechunk {
+/// What [`Dechunker::feed`] says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dechunk {
     Done,
     NeedMore,
     TooLarge,
     Bad,
 }
 
-/// Decode a chunked body from the start of `raw` into `out`.
-fn dechunk(raw: &[u8], out: &mut Vec<u8>, max: usize) -> Dechunk {
-    let mut pos = 0;
-    loop {
-        let Some(line_end) = raw[pos..].windows(2).position(|w| w == b"\r\n") else {
-            return if raw.len() - pos > 64 {
-                Dechunk::Bad
-            } else {
-                Dechunk::NeedMore
-            };
-        };
-        let line = &raw[pos..pos + line_end];
-        let size_text = std::str::from_utf8(line)
-            .ok()
-            .map(|l| l.split(';').next().unwrap_or("").trim());
-        let Some(size) = size_text.and_then(|t| usize::from_str_radix(t, 16).ok()) else {
-            return Dechunk::Bad;
-        };
-        pos += line_end + 2;
-        if size == 0 {
-            return Dechunk::Done;
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    /// Reading a chunk-size line (hex digits, maybe `;extensions`).
+    Size,
+    /// This many data bytes left in the current chunk.
+    Data(usize),
+    /// The CRLF after a chunk's data: how many of its two bytes were seen.
+    DataEnd(u8),
+    Done,
+    Failed(Dechunk),
+}
+
+/// An incremental decoder of a `Transfer-Encoding: chunked` body: every byte is looked at
+/// once, whatever the read sizes, and the arithmetic is checked (the landed decoder accepted
+/// sizes up to `usize::MAX` and overflowed on `out.len() + size`).
+#[derive(Debug)]
+pub struct Dechunker {
+    state: ChunkState,
+    line: Vec<u8>,
+    max: usize,
+    pub out: Vec<u8>,
+}
+
+/// A chunk-size line longer than this is not one (8 hex digits and some extension).
+const MAX_SIZE_LINE: usize = 256;
+
+impl Dechunker {
+    pub fn new(max: usize) -> Dechunker {
+        Dechunker {
+            state: ChunkState::Size,
+            line: Vec::new(),
+            max,
+            out: Vec::new(),
         }
-        if out.len() + size > max {
-            return Dechunk::TooLarge;
-        }
-        if raw.len() < pos + size + 2 {
-            return Dechunk::NeedMore;
-        }
-        out.extend_from_slice(&raw[pos..pos + size]);
-        if &raw[pos + size..pos + size + 2] != b"\r\n" {
-            return Dechunk::Bad;
-        }
-        pos += size + 2;
     }
+
+    /// Decode what `bytes` adds. After `Done`, `out` holds the body (trailers are ignored:
+    /// the request says `Connection: close`).
+    pub fn feed(&mut self, mut bytes: &[u8]) -> Dechunk {
+        loop {
+            match self.state {
+                ChunkState::Done => return Dechunk::Done,
+                ChunkState::Failed(f) => return f,
+                _ if bytes.is_empty() => return Dechunk::NeedMore,
+                ChunkState::Size => {
+                    let Some(nl) = bytes.iter().position(|b| *b == b'\n') else {
+                        self.line.extend_from_slice(bytes);
+                        if self.line.len() > MAX_SIZE_LINE {
+                            return self.fail(Dechunk::Bad);
+                        }
+                        return Dechunk::NeedMore;
+                    };
+                    self.line.extend_from_slice(&bytes[..nl]);
+                    bytes = &bytes[nl + 1..];
+                    let size = match parse_chunk_size(&self.line) {
+                        Some(s) => s,
+                        None => return self.fail(Dechunk::Bad),
+                    };
+                    self.line.clear();
+                    if size == 0 {
+                        self.state = ChunkState::Done;
+                    } else if self
+                        .out
+                        .len()
+                        .checked_add(size)
+                        .is_none_or(|n| n > self.max)
+                    {
+                        return self.fail(Dechunk::TooLarge);
+                    } else {
+                        self.out.reserve(size.min(self.max));
+                        self.state = ChunkState::Data(size);
+                    }
+                }
+                ChunkState::Data(left) => {
+                    let n = left.min(bytes.len());
+                    self.out.extend_from_slice(&bytes[..n]);
+                    bytes = &bytes[n..];
+                    self.state = if n == left {
+                        ChunkState::DataEnd(0)
+                    } else {
+                        ChunkState::Data(left - n)
+                    };
+                }
+                ChunkState::DataEnd(seen) => {
+                    let want = if seen == 0 { b'\r' } else { b'\n' };
+                    if bytes[0] != want {
+                        return self.fail(Dechunk::Bad);
+                    }
+                    bytes = &bytes[1..];
+                    self.state = if seen == 0 {
+                        ChunkState::DataEnd(1)
+                    } else {
+                        ChunkState::Size
+                    };
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, why: Dechunk) -> Dechunk {
+        self.state = ChunkState::Failed(why);
+        why
+    }
+}
+
+/// A chunk-size line: 1 to 8 hex digits (no sign, no `0x`), maybe `;extensions`, ending in
+/// CR (the LF was already cut off).
+fn parse_chunk_size(line: &[u8]) -> Option<usize> {
+    let line = line.strip_suffix(b"\r")?;
+    let digits = match line.iter().position(|b| *b == b';') {
+        Some(i) => &line[..i],
+        None => line,
+    };
+    let digits = digits.trim_ascii();
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_hexdigit) {
+        return None;
+    }
+    usize::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+}
+
+/// Decode a whole chunked body in one go (what [`Dechunker`] does with one `feed`).
+pub fn dechunk(raw: &[u8], max: usize) -> (Dechunk, Vec<u8>) {
+    let mut d = Dechunker::new(max);
+    let r = d.feed(raw);
+    (r, d.out)
+}
+
+/// Expiries from outside (`expire_at`, a JWT's `exp`/`iat`, TLS-sig's time + expire) are
+/// believed only within a day before and ten years after the server's `now`, and with the
+/// issue time not after the expiry: anything else is a malformed answer, never arithmetic
+/// on a number like `i64::MAX`.
+pub fn plausible_expiry(expires_at: i64, issued_at: Option<i64>, now: i64) -> bool {
+    const DAY: i64 = 86_400;
+    const TEN_YEARS: i64 = 10 * 366 * DAY;
+    let window = now.saturating_sub(DAY)..=now.saturating_add(TEN_YEARS);
+    window.contains(&expires_at) && issued_at.is_none_or(|i| i <= expires_at)
 }
 
 /// `Retry-After`: delay-seconds or an HTTP date. In milliseconds, capped at one hour.
@@ -651,29 +708,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn urls_are_https_or_loopback_http() {
-        let u = parse_url("https://prov.example.com/v1/usersig?user_id=a").unwrap();
-        assert_eq!(
-            (u.tls, u.host.as_str(), u.port, u.path.as_str()),
-            (true, "prov.example.com", 443, "/v1/usersig?user_id=a")
-        );
-        let u = parse_url("http://127.0.0.1:8080?x=1").unwrap();
-        assert_eq!((u.tls, u.port, u.path.as_str()), (false, 8080, "/?x=1"));
-        assert!(parse_url("http://[::1]:80/").is_ok());
-        assert!(parse_url("http://localhost/").is_ok());
-        assert!(
-            parse_url("http://prov.example.com/")
-                .unwrap_err()
-                .contains("in the clear")
-        );
-        assert!(parse_url("ftp://x/").is_err());
-        assert!(parse_url("https://user:pw@x/").is_err());
-        assert!(parse_url("https://:443/").is_err());
-        assert!(parse_url("https://x:99999/").is_err());
-        assert!(check_url("https://x/{user_id}").is_ok());
-    }
-
-    #[test]
     fn template_values_are_percent_encoded() {
         assert_eq!(percent_encode("a b/c"), "a%20b%2Fc");
         assert_eq!(percent_encode("kiosk-0042_x.y~"), "kiosk-0042_x.y~");
@@ -681,29 +715,71 @@ mod tests {
 
     #[test]
     fn chunked_bodies_decode_and_are_capped() {
-        let mut out = Vec::new();
-        assert!(matches!(
-            dechunk(b"3\r\nabc\r\n2;ext\r\nde\r\n0\r\n\r\n", &mut out, 100),
-            Dechunk::Done
-        ));
-        assert_eq!(out, b"abcde");
-        out.clear();
-        assert!(matches!(
-            dechunk(b"3\r\nab", &mut out, 100),
-            Dechunk::NeedMore
-        ));
-        out.clear();
-        assert!(matches!(dechunk(b"zz\r\n", &mut out, 100), Dechunk::Bad));
-        out.clear();
-        assert!(matches!(
-            dechunk(b"ff\r\n", &mut out, 100),
-            Dechunk::TooLarge
-        ));
-        out.clear();
-        assert!(matches!(
-            dechunk(b"1\r\nab\r\n", &mut out, 100),
-            Dechunk::Bad
-        ));
+        let (r, out) = dechunk(b"3\r\nabc\r\n2;ext\r\nde\r\n0\r\n\r\n", 100);
+        assert_eq!((r, out.as_slice()), (Dechunk::Done, &b"abcde"[..]));
+        assert_eq!(dechunk(b"3\r\nab", 100).0, Dechunk::NeedMore);
+        assert_eq!(dechunk(b"zz\r\n", 100).0, Dechunk::Bad);
+        assert_eq!(dechunk(b"ff\r\n", 100).0, Dechunk::TooLarge);
+        assert_eq!(dechunk(b"1\r\nab\r\n", 100).0, Dechunk::Bad);
+        // No sign, no 0x, at most 8 digits, no bare LF.
+        for bad in [
+            &b"+1\r\na\r\n"[..],
+            b"0x1\r\n",
+            b"123456789\r\n",
+            b"1\n",
+            b" \r\n",
+        ] {
+            assert_eq!(dechunk(bad, 100).0, Dechunk::Bad, "{bad:?}");
+        }
+        // A size line that never ends.
+        assert_eq!(dechunk(&[b'1'; 300], 100).0, Dechunk::Bad);
+    }
+
+    /// The landed decoder panicked (debug and release) on this answer: a size of
+    /// `usize::MAX` overflowed `out.len() + size`.
+    #[test]
+    fn a_huge_chunk_size_is_refused_not_a_panic() {
+        let raw = b"1\r\n{\r\nffffffffffffffff\r\nxxxx";
+        assert_eq!(dechunk(raw, 65_536).0, Dechunk::Bad);
+        let raw = b"1\r\n{\r\nffffffff\r\nxxxx";
+        assert_eq!(dechunk(raw, 65_536).0, Dechunk::TooLarge);
+    }
+
+    #[test]
+    fn any_split_of_a_chunked_body_decodes_the_same() {
+        let raw = b"3;x=1\r\nabc\r\n10\r\n0123456789abcdef\r\n1\r\nz\r\n0\r\n\r\n";
+        let (whole, want) = dechunk(raw, 1000);
+        assert_eq!(whole, Dechunk::Done);
+        for step in 1..raw.len() {
+            let mut d = Dechunker::new(1000);
+            let mut last = Dechunk::NeedMore;
+            for part in raw.chunks(step) {
+                last = d.feed(part);
+            }
+            assert_eq!((last, &d.out), (Dechunk::Done, &want), "split every {step}");
+        }
+    }
+
+    #[test]
+    fn implausible_expiries_are_refused() {
+        let now = 1_800_000_000;
+        assert!(plausible_expiry(now + 3600, Some(now), now));
+        assert!(
+            plausible_expiry(now - 3600, None, now),
+            "expired, but plausibly"
+        );
+        assert!(!plausible_expiry(i64::MAX, None, now));
+        assert!(!plausible_expiry(i64::MIN, None, now));
+        assert!(!plausible_expiry(now + 11 * 366 * 86_400, None, now));
+        assert!(!plausible_expiry(now - 2 * 86_400, None, now));
+        assert!(
+            !plausible_expiry(now + 60, Some(now + 120), now),
+            "issued after expiry"
+        );
+        assert!(
+            plausible_expiry(i64::MAX - 1, None, i64::MAX),
+            "no overflow at the edge"
+        );
     }
 
     #[test]

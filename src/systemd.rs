@@ -18,7 +18,7 @@ enum Note {
     Ready,
     Reloading,
     Stopping,
-    Status(String),
+    Status(StatusText),
     Errno(u32),
     /// Answer once everything before it was sent.
     Flush(std::sync::mpsc::Sender<()>),
@@ -41,7 +41,7 @@ fn notifier() -> &'static SyncSender<Vec<Note>> {
                             Note::Ready => states.push(NotifyState::Ready),
                             Note::Reloading => states.push(NotifyState::Reloading),
                             Note::Stopping => states.push(NotifyState::Stopping),
-                            Note::Status(s) => states.push(NotifyState::Status(s)),
+                            Note::Status(s) => states.push(NotifyState::Status(s.as_str())),
                             Note::Errno(e) => states.push(NotifyState::Errno(*e)),
                             Note::Flush(done) => {
                                 let _ = done.send(());
@@ -60,6 +60,38 @@ fn notifier() -> &'static SyncSender<Vec<Note>> {
         }
         tx
     })
+}
+
+/// The longest `STATUS=` sent (systemd shows one line; the message is the API's job).
+pub const MAX_STATUS_BYTES: usize = 400;
+
+/// A `STATUS=` value that cannot say anything but a status: every control character (each
+/// `\n` would start a new sd_notify assignment, such as `WATCHDOG=trigger` or `STOPPING=1`)
+/// becomes a space, and it is cut at [`MAX_STATUS_BYTES`] on a character boundary. The only
+/// way to build one, so no path can forget it.
+pub struct StatusText(String);
+
+impl StatusText {
+    pub fn new(text: &str) -> StatusText {
+        let mut out = String::with_capacity(text.len().min(MAX_STATUS_BYTES));
+        for c in text.chars() {
+            let c = if c.is_control() || c == '\u{2028}' || c == '\u{2029}' {
+                ' '
+            } else {
+                c
+            };
+            if out.len() + c.len_utf8() > MAX_STATUS_BYTES {
+                out.push('…');
+                break;
+            }
+            out.push(c);
+        }
+        StatusText(out)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 fn send(notes: Vec<Note>) {
@@ -89,31 +121,34 @@ pub fn flush(timeout: Duration) {
 
 /// READY=1 with the current summary: config valid and the API socket serving.
 pub fn ready(status: &str) {
-    send(vec![Note::Ready, Note::Status(status.to_string())]);
+    send(vec![Note::Ready, Note::Status(StatusText::new(status))]);
 }
 
 pub fn reloading() {
     send(vec![
         Note::Reloading,
-        Note::Status("reloading the configuration".into()),
+        Note::Status(StatusText::new("reloading the configuration")),
     ]);
 }
 
 pub fn stopping() {
     send(vec![
         Note::Stopping,
-        Note::Status("stopping: logging out".into()),
+        Note::Status(StatusText::new("stopping: logging out")),
     ]);
 }
 
 /// A fatal start-up error: STATUS= says why, ERRNO= the exit status.
 pub fn failed(status: &str, errno: u32) {
-    send(vec![Note::Status(status.to_string()), Note::Errno(errno)]);
+    send(vec![
+        Note::Status(StatusText::new(status)),
+        Note::Errno(errno),
+    ]);
     flush(Duration::from_secs(1));
 }
 
 pub fn status(text: &str) {
-    send(vec![Note::Status(text.to_string())]);
+    send(vec![Note::Status(StatusText::new(text))]);
 }
 
 /// Keep STATUS= in step with the session's summary line.
@@ -168,5 +203,20 @@ pub fn spawn_watchdog(session: SessionHandle) -> Option<Duration> {
             tracing::error!("could not start the watchdog thread: {e}");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_can_never_carry_another_assignment() {
+        let s = StatusText::new("retrying: \"busy\nWATCHDOG=trigger\r\nSTOPPING=1\u{2028}x\"");
+        assert!(!s.as_str().contains('\n') && !s.as_str().contains('\r'));
+        assert!(s.as_str().contains("busy WATCHDOG=trigger  STOPPING=1 x"));
+        let long = StatusText::new(&"é".repeat(1000));
+        assert!(long.as_str().len() <= MAX_STATUS_BYTES + '…'.len_utf8());
+        assert!(long.as_str().ends_with('…'));
     }
 }

@@ -1,14 +1,27 @@
 //! rustls client configurations, always with the ring provider (no aws-lc, no OpenSSL: they
 //! break ARM cross-builds). Used for both the MQTT connection and provisioning.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// Where to find the CAs that may sign the server's certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaSource {
+    /// The operating system's trust store.
+    System,
+    File(PathBuf),
+}
+
+/// A client certificate and its key (mTLS).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientAuth {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
 
 use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-
-use crate::config::{CaSource, ClientAuth};
 
 /// Read every PEM certificate in `path`. The error names the file.
 pub fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {

@@ -56,6 +56,8 @@ pub struct Opts {
     pub env: Vec<(String, String)>,
     /// Override the broker URL (e.g. a mosquitto instance).
     pub broker_url: Option<String>,
+    /// Override the provisioning URL template (e.g. a hostile HTTP server on loopback).
+    pub provisioning_url: Option<String>,
     pub ca_pem: Option<String>,
     /// Reuse this directory (state, socket) — e.g. to restart a daemon.
     pub dir: Option<PathBuf>,
@@ -77,6 +79,7 @@ impl Opts {
             api_extra: String::new(),
             env: Vec::new(),
             broker_url: None,
+            provisioning_url: None,
             ca_pem: None,
             dir: None,
             wait_ready: true,
@@ -146,7 +149,10 @@ socket = "{dir}/api.sock"
         top = o.top_extra,
         mqtt = o.broker_url.clone().unwrap_or_else(|| e.mqtt_url.clone()),
         broker = o.broker_extra,
-        prov = e.provisioning_url_template,
+        prov = o
+            .provisioning_url
+            .clone()
+            .unwrap_or_else(|| e.provisioning_url_template.clone()),
         provisioning = o.provisioning_extra,
         session = o.session_extra,
         api = o.api_extra,
@@ -500,4 +506,45 @@ pub fn take_over(sb: &Sandbox, ca_dir: &Path, user: &str) -> tokio::task::JoinHa
         let _client = _client;
         while el.poll().await.is_ok() {}
     })
+}
+
+/// A hostile HTTP server on 127.0.0.1: every request gets exactly `response`, then the socket
+/// closes. Returns its base URL and a watch of how many requests it saw.
+pub async fn hostile_http(
+    response: Vec<u8>,
+) -> (String, watch::Receiver<u64>, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (hits_tx, hits) = watch::channel(0u64);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            hits_tx.send_modify(|n| *n += 1);
+            let response = response.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&b[..n]),
+                    }
+                }
+                let _ = s.write_all(&response).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    (url, hits, task)
+}
+
+/// Wait until a watched count reaches `at_least`.
+pub async fn count_reaches(w: &mut watch::Receiver<u64>, at_least: u64) {
+    tokio::time::timeout(WAIT, w.wait_for(|n| *n >= at_least))
+        .await
+        .expect("the count within the wait")
+        .expect("the counter lives");
 }

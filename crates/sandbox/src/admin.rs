@@ -10,7 +10,7 @@
 //! | `POST /drop-all` | close every MQTT socket without DISCONNECT |
 //! | `POST /listener/stop`, `POST /listener/start` | take the MQTT listener away / back |
 //! | `POST /refuse?code=0x87[&count=N][&user_id=U]` | refuse next CONNECTs with a code |
-//! | `POST /on-login?action=disconnect&code=0xA0` or `action=close` `[&count=N][&user_id=U]` | act right after a login |
+//! | `POST /on-login?action=disconnect&code=0xA0[&reason=TEXT]` or `action=close` `[&count=N][&user_id=U]` | act right after a login (with `reason`: exactly that reason string) |
 //! | `POST /provisioning/fault` + JSON body `{"mode": …, "count": N, "user_id": U}` | provisioning failure modes |
 //! | `POST /provisioning/clock-offset?seconds=S` | skew the provisioning clock |
 //! | `POST /sig-lifetime?seconds=S` | lifetime of newly issued UserSigs |
@@ -124,12 +124,18 @@ async fn handle(c: &Control, req: Request) -> Response {
             let fault = match req.query("action") {
                 Some("close") => LoginFault::Close,
                 Some("disconnect") => match req.query("code").and_then(parse_code) {
-                    Some(code) => LoginFault::Disconnect { code },
+                    Some(code) => match req.query("reason") {
+                        Some(reason) => LoginFault::DisconnectWith {
+                            code,
+                            reason: reason.to_string(),
+                        },
+                        None => LoginFault::Disconnect { code },
+                    },
                     None => return Response::error(400, "code is missing (e.g. code=0xA0)"),
                 },
                 _ => return Response::error(400, "action must be disconnect or close"),
             };
-            c.on_login(fault, count, user.as_deref());
+            c.on_login(fault.clone(), count, user.as_deref());
             ok(serde_json::json!({ "on_login": fault }))
         }
         ("/provisioning/fault", _, true) => match serde_json::from_slice::<FaultBody>(&req.body) {

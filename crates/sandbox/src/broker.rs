@@ -293,6 +293,14 @@ impl Run<'_> {
         will: &mut Option<codec::Will>,
     ) -> Ending {
         match self.after_login {
+            Some(LoginFault::DisconnectWith { code, reason }) => {
+                let props = Props {
+                    reason_string: Some(reason),
+                    ..Props::default()
+                };
+                conn.disconnect(code, &props).await;
+                return Ending::Server(code);
+            }
             Some(LoginFault::Disconnect { code }) => {
                 let (im, text) = im_error_for(code);
                 conn.disconnect(code, &crate::state::im_props(im, text))

@@ -99,11 +99,14 @@ pub enum ProvisionFault {
 }
 
 /// What the broker does right after accepting a login, on purpose.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum LoginFault {
     /// Send DISCONNECT with this reason code (e.g. 0xA0 "UserSig expired").
     Disconnect { code: u8 },
+    /// Send DISCONNECT with this reason code and exactly this reason string (a hostile or
+    /// careless broker: control characters, huge text, anything).
+    DisconnectWith { code: u8, reason: String },
     /// Close the socket without a DISCONNECT (what mosquitto does on a takeover).
     Close,
 }

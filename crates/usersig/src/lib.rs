@@ -114,6 +114,8 @@ pub enum DecodeError {
     TooLarge,
     #[error("the UserSig's document is not valid JSON ({0})")]
     Json(String),
+    #[error("the UserSig's document is not a JSON object")]
+    NotAnObject,
     #[error("the UserSig's document lacks the field {0}")]
     MissingField(&'static str),
     #[error("the UserSig's field {field} {problem}")]
@@ -190,10 +192,17 @@ fn inflate_capped(compressed: &[u8]) -> Result<Vec<u8>, DecodeError> {
 }
 
 fn parse_document(json: &[u8]) -> Result<DecodedSig, DecodeError> {
-    let raw: RawDoc = serde_json::from_slice(json).map_err(|e| {
+    // An object, not fields by position: serde would read a JSON array into the struct too,
+    // and no issuer writes one.
+    let value: serde_json::Value = serde_json::from_slice(json).map_err(|e| {
         // serde_json's messages name a line/column, never the content.
         DecodeError::Json(e.to_string())
     })?;
+    if !value.is_object() {
+        return Err(DecodeError::NotAnObject);
+    }
+    let raw: RawDoc =
+        serde_json::from_value(value).map_err(|e| DecodeError::Json(e.to_string()))?;
 
     let ver = raw.ver.ok_or(DecodeError::MissingField("TLS.ver"))?;
     match ver {
