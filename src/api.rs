@@ -126,6 +126,7 @@ fn activated_socket() -> Result<Option<UnixListener>, BindError> {
     let Some(fd) = fds.into_iter().next() else {
         return Ok(None);
     };
+    check_activated_fd(fd).map_err(BindError::Activation)?;
     // SAFETY: systemd passed this descriptor to us (LISTEN_PID matched) and nothing else in
     // the process owns it; we take ownership exactly once.
     let std_listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
@@ -135,6 +136,47 @@ fn activated_socket() -> Result<Option<UnixListener>, BindError> {
     UnixListener::from_std(std_listener)
         .map(Some)
         .map_err(|e| BindError::Activation(e.to_string()))
+}
+
+/// The descriptor systemd passed must be what the API needs: a listening Unix stream socket
+/// (a datagram socket, a TCP port or a file would fail later, or serve the wrong thing).
+fn check_activated_fd(fd: std::os::fd::RawFd) -> Result<(), String> {
+    let int_opt = |opt: libc::c_int| -> Result<libc::c_int, String> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `v`.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if r == 0 {
+            Ok(v)
+        } else {
+            Err(format!(
+                "the passed descriptor {fd} is not a socket ({})",
+                std::io::Error::last_os_error()
+            ))
+        }
+    };
+    if int_opt(libc::SO_DOMAIN)? != libc::AF_UNIX {
+        return Err(format!(
+            "the passed socket (fd {fd}) is not a Unix socket: use ListenStream=/path in imlinkd.socket"
+        ));
+    }
+    if int_opt(libc::SO_TYPE)? != libc::SOCK_STREAM {
+        return Err(format!(
+            "the passed socket (fd {fd}) is not a stream socket: use ListenStream="
+        ));
+    }
+    if int_opt(libc::SO_ACCEPTCONN)? != 1 {
+        return Err(format!("the passed socket (fd {fd}) is not listening"));
+    }
+    Ok(())
 }
 
 /// Who is on the other end.
@@ -168,10 +210,17 @@ fn peer_groups(stream: &UnixStream) -> Vec<u32> {
             return groups;
         }
         // ERANGE: `len` now says how much room is needed.
-        if std::io::Error::last_os_error().raw_os_error() == Some(libc::ERANGE) && n > groups.len()
-        {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::ERANGE) && n > groups.len() {
             groups.resize(n, 0);
             continue;
+        }
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                "SO_PEERGROUPS is not available ({err}): api.operator_gids match only a \
+                 client's primary group"
+            );
         }
         break;
     }
@@ -181,23 +230,37 @@ fn peer_groups(stream: &UnixStream) -> Vec<u32> {
 struct Limits {
     total: usize,
     per_uid: HashMap<u32, usize>,
+    watchers_per_uid: HashMap<u32, usize>,
 }
 
-/// Releases a client's slot when its connection ends.
+/// Slots only operators may take: however many connections readers hold, root and the
+/// operators can still reach the daemon.
+pub fn operator_reserve(max_clients: usize) -> usize {
+    (max_clients / 8).clamp(1, 16).min(max_clients)
+}
+
+/// Releases a client's slot (and its watcher slot) when its connection ends.
 struct Slot {
     limits: Arc<Mutex<Limits>>,
     uid: u32,
+    watching: bool,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut l = self.limits.lock().unwrap_or_else(|p| p.into_inner());
         l.total = l.total.saturating_sub(1);
-        if let Some(n) = l.per_uid.get_mut(&self.uid) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                l.per_uid.remove(&self.uid);
+        let dec = |m: &mut HashMap<u32, usize>, uid: u32| {
+            if let Some(n) = m.get_mut(&uid) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&uid);
+                }
             }
+        };
+        dec(&mut l.per_uid, self.uid);
+        if self.watching {
+            dec(&mut l.watchers_per_uid, self.uid);
         }
     }
 }
@@ -207,6 +270,7 @@ pub struct Server {
     session: SessionHandle,
     daemon_uid: u32,
     limits: Arc<Mutex<Limits>>,
+    #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
     test_hooks: bool,
 }
 
@@ -219,8 +283,10 @@ impl Server {
             limits: Arc::new(Mutex::new(Limits {
                 total: 0,
                 per_uid: HashMap::new(),
+                watchers_per_uid: HashMap::new(),
             })),
-            test_hooks: std::env::var("IMLINKD_TEST_HOOKS").is_ok_and(|v| v == "1"),
+            test_hooks: cfg!(feature = "test-hooks")
+                && std::env::var("IMLINKD_TEST_HOOKS").is_ok_and(|v| v == "1"),
         })
     }
 
@@ -242,29 +308,75 @@ impl Server {
         }
     }
 
-    fn admit(&self, uid: u32) -> Result<Slot, &'static str> {
+    /// Take a slot for a client whose role is known. Readers cannot take the operators'
+    /// reserve; each uid has its own cap (operators too, generously).
+    fn admit(&self, peer: Peer) -> Result<Slot, &'static str> {
         let mut l = self.limits.lock().unwrap_or_else(|p| p.into_inner());
-        if l.total >= self.cfg.max_clients {
-            return Err("too many API clients; try again later");
+        let cap = if peer.operator {
+            self.cfg.max_clients
+        } else {
+            self.cfg.max_clients - operator_reserve(self.cfg.max_clients)
+        };
+        if l.total >= cap {
+            return Err(if peer.operator {
+                "too many API clients; try again later"
+            } else {
+                "too many API clients (the remaining slots are kept for operators); try again later"
+            });
         }
-        let mine = l.per_uid.get(&uid).copied().unwrap_or(0);
+        let mine = l.per_uid.get(&peer.uid).copied().unwrap_or(0);
         if mine >= self.cfg.max_clients_per_uid {
             return Err("too many API clients for this user; close some");
         }
         l.total += 1;
-        *l.per_uid.entry(uid).or_default() += 1;
+        *l.per_uid.entry(peer.uid).or_default() += 1;
         Ok(Slot {
             limits: self.limits.clone(),
-            uid,
+            uid: peer.uid,
+            watching: false,
         })
+    }
+
+    /// Turn a client's slot into a watcher's: at most `max_watchers_per_uid` per uid.
+    fn admit_watcher(&self, slot: &mut Slot) -> Result<(), RpcError> {
+        if slot.watching {
+            return Ok(());
+        }
+        let mut l = self.limits.lock().unwrap_or_else(|p| p.into_inner());
+        let n = l.watchers_per_uid.get(&slot.uid).copied().unwrap_or(0);
+        if n >= self.cfg.max_watchers_per_uid {
+            return Err(RpcError::new(
+                rpc::TOO_MANY_CLIENTS,
+                format!(
+                    "too many watchers for this user (at most {}); close one",
+                    self.cfg.max_watchers_per_uid
+                ),
+            ));
+        }
+        *l.watchers_per_uid.entry(slot.uid).or_default() += 1;
+        slot.watching = true;
+        Ok(())
+    }
+
+    fn role(&self, stream: &UnixStream, uid: u32, gid: u32) -> Peer {
+        let operator = uid == 0
+            || uid == self.daemon_uid
+            || self.cfg.operator_uids.contains(&uid)
+            || self.cfg.operator_gids.contains(&gid)
+            || (!self.cfg.operator_gids.is_empty()
+                && peer_groups(stream)
+                    .iter()
+                    .any(|g| self.cfg.operator_gids.contains(g)));
+        Peer { uid, operator }
     }
 
     async fn client(self: Arc<Self>, mut stream: UnixStream) {
         let Ok(cred) = stream.peer_cred() else {
             return;
         };
-        let uid = cred.uid();
-        let _slot = match self.admit(uid) {
+        // The role first: the limits depend on it.
+        let peer = self.role(&stream, cred.uid(), cred.gid());
+        let slot = match self.admit(peer) {
             Ok(s) => s,
             Err(msg) => {
                 let line = error_line(&Value::Null, rpc::TOO_MANY_CLIENTS, msg, None);
@@ -273,22 +385,27 @@ impl Server {
                     stream.write_all(line.as_bytes()),
                 )
                 .await;
+                // Let the refusal be read before the close (a client that is still writing
+                // its request would otherwise see a reset instead).
+                let _ = stream.shutdown().await;
+                let mut sink = [0u8; 1024];
+                let _ = tokio::time::timeout(Duration::from_millis(200), async {
+                    while let Ok(n) = stream.read(&mut sink).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                })
+                .await;
                 return;
             }
         };
-        let operator = uid == 0
-            || uid == self.daemon_uid
-            || self.cfg.operator_uids.contains(&uid)
-            || self.cfg.operator_gids.contains(&cred.gid())
-            || peer_groups(&stream)
-                .iter()
-                .any(|g| self.cfg.operator_gids.contains(g));
-        let peer = Peer { uid, operator };
         let (mut rd, mut wr) = stream.into_split();
         let mut conn = ClientConn {
             server: &self,
             peer,
-            buf: Vec::new(),
+            slot,
+            lines: LineReader::new(self.cfg.max_line_bytes),
             watch: None,
         };
         loop {
@@ -299,6 +416,8 @@ impl Server {
                     {
                         return;
                     }
+                    // One request at a time per client, and others get their turn.
+                    tokio::task::yield_now().await;
                 }
                 Next::Notification(line) => {
                     if write_line(&mut wr, &line).await.is_err() {
@@ -314,6 +433,64 @@ impl Server {
             }
         }
     }
+}
+
+/// A well-formed JSON-RPC 2.0 request. `id: None` is a notification (not answered).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub id: Option<Value>,
+    pub method: String,
+    pub params: Value,
+}
+
+/// Parse one request line, or say what to answer instead (the id to answer with, the code,
+/// the message). Pure, so the fuzzer drives it; nothing a client sends can panic it.
+pub fn parse_request(line: &[u8]) -> Result<Request, (Value, i64, String)> {
+    let v: Value = serde_json::from_slice(line).map_err(|e| {
+        let why = if std::str::from_utf8(line).is_err() {
+            "the request is not UTF-8".to_string()
+        } else {
+            format!("the request is not JSON ({e})")
+        };
+        (Value::Null, rpc::PARSE_ERROR, why)
+    })?;
+    let Some(obj) = v.as_object() else {
+        let msg = if v.is_array() {
+            "batch requests are not supported; send one object per line"
+        } else {
+            "a request is a JSON object"
+        };
+        return Err((Value::Null, rpc::INVALID_REQUEST, msg.into()));
+    };
+    let id = obj.get("id").cloned();
+    let reply_id = id.clone().unwrap_or(Value::Null);
+    if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        return Err((
+            reply_id,
+            rpc::INVALID_REQUEST,
+            "\"jsonrpc\": \"2.0\" is required".into(),
+        ));
+    }
+    let Some(method) = obj.get("method").and_then(Value::as_str) else {
+        return Err((
+            reply_id,
+            rpc::INVALID_REQUEST,
+            "\"method\" must be a string".into(),
+        ));
+    };
+    let params = obj.get("params").cloned().unwrap_or(Value::Null);
+    if !(params.is_null() || params.is_object()) {
+        return Err((
+            reply_id,
+            rpc::INVALID_PARAMS,
+            "\"params\" must be an object".into(),
+        ));
+    }
+    Ok(Request {
+        id,
+        method: method.to_string(),
+        params,
+    })
 }
 
 /// How long a write to one client may take before that client is dropped.
@@ -332,49 +509,129 @@ enum Next {
     Close(Option<String>),
 }
 
+/// Splits a byte stream into lines: each byte is searched once (a scan offset), the buffer
+/// is compacted once per read, and a line longer than the limit is refused. (The landed
+/// reader searched from the start and drained per line: a stream of `\n` cost quadratic
+/// memory moves.) Pure, so the fuzzer drives it.
+pub struct LineReader {
+    buf: Vec<u8>,
+    /// Start of the unprocessed bytes.
+    start: usize,
+    /// Bytes before this were searched for `\n` already.
+    scanned: usize,
+    max: usize,
+}
+
+/// What [`LineReader::next`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LineOut<'a> {
+    Line(&'a [u8]),
+    /// No complete line yet; `partial` says whether a line has started.
+    More {
+        partial: bool,
+    },
+    TooLong,
+}
+
+impl LineReader {
+    pub fn new(max: usize) -> LineReader {
+        LineReader {
+            buf: Vec::new(),
+            start: 0,
+            scanned: 0,
+            max,
+        }
+    }
+
+    /// Add bytes read from the client (compacting what was consumed, once).
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.scanned -= self.start;
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete, non-blank line (without `\r\n`).
+    pub fn next_line(&mut self) -> LineOut<'_> {
+        loop {
+            match self.buf[self.scanned..].iter().position(|b| *b == b'\n') {
+                Some(rel) => {
+                    let end = self.scanned + rel;
+                    let (from, to) = (self.start, end);
+                    self.start = end + 1;
+                    self.scanned = self.start;
+                    let mut line = &self.buf[from..to];
+                    if line.last() == Some(&b'\r') {
+                        line = &line[..line.len() - 1];
+                    }
+                    if to - from > self.max {
+                        return LineOut::TooLong;
+                    }
+                    if line.iter().all(u8::is_ascii_whitespace) {
+                        continue;
+                    }
+                    return LineOut::Line(&self.buf[from..from + line.len()]);
+                }
+                None => {
+                    self.scanned = self.buf.len();
+                    if self.buf.len() - self.start > self.max {
+                        return LineOut::TooLong;
+                    }
+                    return LineOut::More {
+                        partial: self.buf.len() > self.start,
+                    };
+                }
+            }
+        }
+    }
+}
+
 struct ClientConn<'a> {
     server: &'a Arc<Server>,
     peer: Peer,
-    buf: Vec<u8>,
+    slot: Slot,
+    lines: LineReader,
     watch: Option<broadcast::Receiver<Event>>,
 }
 
 impl ClientConn<'_> {
     /// The next complete request line, or a notification to forward, or the end.
+    ///
+    /// Time limits count whole lines, not reads (one byte every few minutes held a slot
+    /// forever): a client that is not watching must complete a request within
+    /// `idle_timeout` of the previous one; a watcher may stay silent, but a line it starts
+    /// must be complete within `idle_timeout`.
     async fn next_line(&mut self, rd: &mut tokio::net::unix::OwnedReadHalf) -> Next {
         let max = self.server.cfg.max_line_bytes;
+        let idle = self.server.cfg.idle_timeout;
+        let mut deadline = (self.watch.is_none()).then(|| tokio::time::Instant::now() + idle);
         loop {
-            if let Some(pos) = self.buf.iter().position(|b| *b == b'\n') {
-                let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
-                line.pop();
-                if line.last() == Some(&b'\r') {
-                    line.pop();
+            match self.lines.next_line() {
+                LineOut::Line(l) => return Next::Line(l.to_vec()),
+                LineOut::TooLong => {
+                    return Next::Close(Some(error_line(
+                        &Value::Null,
+                        rpc::LINE_TOO_LONG,
+                        &format!("request line longer than {max} bytes; closing"),
+                        None,
+                    )));
                 }
-                if line.iter().all(|b| b.is_ascii_whitespace()) {
-                    continue;
+                LineOut::More { partial } => {
+                    if partial && deadline.is_none() {
+                        deadline = Some(tokio::time::Instant::now() + idle);
+                    }
                 }
-                return Next::Line(line);
-            }
-            if self.buf.len() > max {
-                return Next::Close(Some(error_line(
-                    &Value::Null,
-                    rpc::LINE_TOO_LONG,
-                    &format!("request line longer than {max} bytes; closing"),
-                    None,
-                )));
             }
             let mut chunk = [0u8; 4096];
-            let idle = self.server.cfg.idle_timeout;
-            let watching = self.watch.is_some();
             let read = async {
-                if watching {
-                    // Watchers may stay quiet as long as they like.
-                    rd.read(&mut chunk).await
-                } else {
-                    match tokio::time::timeout(idle, rd.read(&mut chunk)).await {
+                match deadline {
+                    None => rd.read(&mut chunk).await,
+                    Some(at) => match tokio::time::timeout_at(at, rd.read(&mut chunk)).await {
                         Ok(r) => r,
                         Err(_) => Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "idle")),
-                    }
+                    },
                 }
             };
             let event = async {
@@ -386,9 +643,9 @@ impl ClientConn<'_> {
             tokio::select! {
                 r = read => match r {
                     Ok(0) => return Next::Close(None),
-                    Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                    Ok(n) => self.lines.push(&chunk[..n]),
                     Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
-                        return Next::Close(Some(error_line(&Value::Null, rpc::TIMEOUT, "idle for too long; closing", None)));
+                        return Next::Close(Some(error_line(&Value::Null, rpc::TIMEOUT, "no complete request within the idle timeout; closing", None)));
                     }
                     Err(_) => return Next::Close(None),
                 },
@@ -409,57 +666,15 @@ impl ClientConn<'_> {
 
     /// Handle one request line; `None` for JSON-RPC notifications (no id).
     async fn request(&mut self, line: &[u8]) -> Option<String> {
-        let v: Value = match serde_json::from_slice(line) {
-            Ok(v) => v,
-            Err(e) => {
-                let why = if std::str::from_utf8(line).is_err() {
-                    "the request is not UTF-8".to_string()
-                } else {
-                    format!("the request is not JSON ({e})")
-                };
-                return Some(error_line(&Value::Null, rpc::PARSE_ERROR, &why, None));
-            }
+        let req = match parse_request(line) {
+            Ok(r) => r,
+            Err((id, code, msg)) => return Some(error_line(&id, code, &msg, None)),
         };
-        let Some(obj) = v.as_object() else {
-            let msg = if v.is_array() {
-                "batch requests are not supported; send one object per line"
-            } else {
-                "a request is a JSON object"
-            };
-            return Some(error_line(&Value::Null, rpc::INVALID_REQUEST, msg, None));
-        };
-        let id = obj.get("id").cloned();
-        let reply_id = id.clone().unwrap_or(Value::Null);
-        if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
-            return Some(error_line(
-                &reply_id,
-                rpc::INVALID_REQUEST,
-                "\"jsonrpc\": \"2.0\" is required",
-                None,
-            ));
-        }
-        let Some(method) = obj.get("method").and_then(Value::as_str) else {
-            return Some(error_line(
-                &reply_id,
-                rpc::INVALID_REQUEST,
-                "\"method\" must be a string",
-                None,
-            ));
-        };
-        let params = obj.get("params").cloned().unwrap_or(Value::Null);
-        if !(params.is_null() || params.is_object()) {
-            return Some(error_line(
-                &reply_id,
-                rpc::INVALID_PARAMS,
-                "\"params\" must be an object",
-                None,
-            ));
-        }
-        let result = self.dispatch(method, &params).await;
-        id.as_ref()?;
+        let result = self.dispatch(&req.method, &req.params).await;
+        let id = req.id?;
         Some(match result {
-            Ok(r) => json!({ "jsonrpc": "2.0", "id": reply_id, "result": r }).to_string() + "\n",
-            Err(e) => error_line(&reply_id, e.code, &e.message, e.data),
+            Ok(r) => json!({ "jsonrpc": "2.0", "id": id, "result": r }).to_string() + "\n",
+            Err(e) => error_line(&id, e.code, &e.message, e.data),
         })
     }
 
@@ -489,6 +704,7 @@ impl ClientConn<'_> {
             "get_login_user" => Ok(json!(session.status.borrow().login_user)),
             "get_login_status" => Ok(json!(session.status.borrow().login_status)),
             "watch" => {
+                self.server.admit_watcher(&mut self.slot)?;
                 // Subscribe before taking the snapshot so nothing falls between them.
                 self.watch = Some(session.events.subscribe());
                 let status = serde_json::to_value(&*session.status.borrow()).unwrap_or(Value::Null);
@@ -539,11 +755,13 @@ impl ClientConn<'_> {
                     "messaging is reserved for a later version of imlinkd".into(),
                 ))
             }
+            #[cfg(feature = "test-hooks")]
             "debug_wedge" if self.server.test_hooks => {
                 self.require_operator(method)?;
                 self.send(Command::Wedge).await?;
                 Ok(json!({ "wedged": true }))
             }
+            #[cfg(feature = "test-hooks")]
             "debug_panic" if self.server.test_hooks => {
                 self.require_operator(method)?;
                 self.send(Command::Panic).await?;
@@ -615,7 +833,7 @@ fn codes_invalid_identifier() -> u32 {
     crate::identity::InvalidUserId::CODE
 }
 
-fn timeout_param(params: &Value) -> Result<Duration, RpcError> {
+pub fn timeout_param(params: &Value) -> Result<Duration, RpcError> {
     match params.get("timeout_ms") {
         None | Some(Value::Null) => Ok(Duration::from_secs(30)),
         Some(v) => v
@@ -631,10 +849,10 @@ fn timeout_param(params: &Value) -> Result<Duration, RpcError> {
     }
 }
 
-struct RpcError {
-    code: i64,
-    message: String,
-    data: Option<Value>,
+pub struct RpcError {
+    pub code: i64,
+    pub message: String,
+    pub data: Option<Value>,
 }
 
 impl RpcError {
@@ -647,7 +865,7 @@ impl RpcError {
     }
 }
 
-fn error_line(id: &Value, code: i64, message: &str, data: Option<Value>) -> String {
+pub fn error_line(id: &Value, code: i64, message: &str, data: Option<Value>) -> String {
     let mut err = json!({ "code": code, "message": message });
     if let (Some(d), Some(map)) = (data, err.as_object_mut()) {
         map.insert("data".into(), d);
@@ -674,6 +892,84 @@ pub fn cleanup(path: Option<&Path>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn lines_of(r: &mut LineReader) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        while let LineOut::Line(l) = r.next_line() {
+            out.push(l.to_vec());
+        }
+        out
+    }
+
+    #[test]
+    fn only_a_listening_unix_stream_socket_is_taken_from_systemd() {
+        use std::os::fd::AsRawFd;
+        let dir = std::env::temp_dir().join(format!("imlinkd-act-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let l = std::os::unix::net::UnixListener::bind(dir.join("ok.sock")).unwrap();
+        assert_eq!(check_activated_fd(l.as_raw_fd()), Ok(()));
+        let d = std::os::unix::net::UnixDatagram::bind(dir.join("dg.sock")).unwrap();
+        assert!(
+            check_activated_fd(d.as_raw_fd())
+                .unwrap_err()
+                .contains("stream")
+        );
+        let t = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert!(
+            check_activated_fd(t.as_raw_fd())
+                .unwrap_err()
+                .contains("Unix")
+        );
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(
+            check_activated_fd(a.as_raw_fd())
+                .unwrap_err()
+                .contains("listening")
+        );
+        let f = std::fs::File::open("/dev/null").unwrap();
+        assert!(
+            check_activated_fd(f.as_raw_fd())
+                .unwrap_err()
+                .contains("not a socket")
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn lines_split_the_same_whatever_the_reads_and_blank_lines_are_skipped() {
+        let input = b"{\"a\":1}\r\n\n\n  \n{\"b\":2}\n{\"c\":3}";
+        let mut whole = LineReader::new(100);
+        whole.push(input);
+        let want = lines_of(&mut whole);
+        assert_eq!(want, vec![b"{\"a\":1}".to_vec(), b"{\"b\":2}".to_vec()]);
+        assert_eq!(whole.next_line(), LineOut::More { partial: true });
+        for step in 1..input.len() {
+            let mut r = LineReader::new(100);
+            let mut got = Vec::new();
+            for part in input.chunks(step) {
+                r.push(part);
+                got.extend(lines_of(&mut r));
+            }
+            assert_eq!(got, want, "reads of {step}");
+        }
+    }
+
+    #[test]
+    fn a_flood_of_newlines_is_read_in_one_pass_and_long_lines_are_refused() {
+        let mut r = LineReader::new(64);
+        // A megabyte of newlines, fed in 4 KiB reads: each byte is looked at once.
+        for _ in 0..256 {
+            r.push(&[b'\n'; 4096]);
+            assert_eq!(r.next_line(), LineOut::More { partial: false });
+        }
+        r.push(b"{}\n");
+        assert_eq!(r.next_line(), LineOut::Line(b"{}"));
+        r.push(&[b'x'; 65]);
+        assert_eq!(r.next_line(), LineOut::TooLong);
+        let mut r = LineReader::new(4);
+        r.push(b"toolong\n");
+        assert_eq!(r.next_line(), LineOut::TooLong);
+    }
     use crate::driver::{Clock, Status};
     use crate::session::{Counters, ErrorClass, LastError, Phase};
     use std::sync::atomic::AtomicU64;
@@ -722,6 +1018,7 @@ mod tests {
             operator_gids: vec![],
             max_clients: 4,
             max_clients_per_uid: 4,
+            max_watchers_per_uid: 4,
             max_line_bytes: 4096,
             watcher_queue: 8,
             idle_timeout: Duration::from_secs(60),

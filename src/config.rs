@@ -251,6 +251,7 @@ struct RawApi {
     operator_gids: Vec<u32>,
     max_clients: usize,
     max_clients_per_uid: usize,
+    max_watchers_per_uid: usize,
     max_line_bytes: usize,
     watcher_queue: usize,
     idle_timeout: Dur,
@@ -265,6 +266,7 @@ impl Default for RawApi {
             operator_gids: Vec::new(),
             max_clients: 64,
             max_clients_per_uid: 16,
+            max_watchers_per_uid: 8,
             max_line_bytes: 64 * 1024,
             watcher_queue: 256,
             idle_timeout: Dur(Duration::from_secs(300)),
@@ -306,6 +308,7 @@ pub struct ApiConfig {
     pub operator_gids: Vec<u32>,
     pub max_clients: usize,
     pub max_clients_per_uid: usize,
+    pub max_watchers_per_uid: usize,
     pub max_line_bytes: usize,
     pub watcher_queue: usize,
     pub idle_timeout: Duration,
@@ -601,6 +604,7 @@ fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigErr
     for (key, v) in [
         ("api.max_clients", a.max_clients),
         ("api.max_clients_per_uid", a.max_clients_per_uid),
+        ("api.max_watchers_per_uid", a.max_watchers_per_uid),
         ("api.watcher_queue", a.watcher_queue),
     ] {
         if v == 0 {
@@ -617,6 +621,7 @@ fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigErr
         operator_gids: a.operator_gids,
         max_clients: a.max_clients,
         max_clients_per_uid: a.max_clients_per_uid,
+        max_watchers_per_uid: a.max_watchers_per_uid,
         max_line_bytes: a.max_line_bytes,
         watcher_queue: a.watcher_queue,
         idle_timeout: a.idle_timeout.0,

@@ -30,7 +30,8 @@ USAGE:
   imlinkctl [--socket PATH] wait --phase PHASE [--timeout 30s]
                                                  exit 0 when the phase is reached, 1 on timeout
   imlinkctl [--socket PATH] version
-  imlinkctl sig decode [USERSIG|-]               decode a UserSig (stdin with - or no argument)
+  imlinkctl sig decode [--file PATH]             decode a UserSig read from stdin (or a file);
+                                                 never from the command line, where `ps` shows it
 
 The socket defaults to $IMLINKD_SOCKET, else /run/imlinkd/api.sock.
 Phases: idle waiting_for_clock fetching_sig connecting online backoff logging_out kicked stopped
@@ -177,17 +178,32 @@ fn run(mut args: Vec<String>) -> Result<(), Fail> {
         "sig" => {
             if args.first().map(String::as_str) != Some("decode") {
                 return Err(Fail::usage(
-                    "the sig command is `imlinkctl sig decode [USERSIG|-]`",
+                    "the sig command is `imlinkctl sig decode [--file PATH]` (the UserSig on stdin)",
                 ));
             }
             args.remove(0);
-            let input = if args.is_empty() {
-                "-".to_string()
-            } else {
-                args.remove(0)
+            let source = match args.first().map(String::as_str) {
+                None | Some("-") => SigSource::Stdin,
+                Some("--file") => {
+                    args.remove(0);
+                    if args.is_empty() {
+                        return Err(Fail::usage("--file needs a path"));
+                    }
+                    SigSource::File(PathBuf::from(args.remove(0)))
+                }
+                Some(_) => {
+                    return Err(Fail::usage(
+                        "a UserSig on the command line can be read by any local user (ps, \
+                         /proc/PID/cmdline) and stays in the shell history: pass it on stdin \
+                         (`imlinkctl sig decode < sig.txt`) or with --file PATH",
+                    ));
+                }
             };
+            if matches!(source, SigSource::Stdin) && !args.is_empty() {
+                args.remove(0);
+            }
             no_more(&args)?;
-            sig_decode(&input)
+            sig_decode(source)
         }
         other => Err(Fail::usage(format!("unknown command {other:?}"))),
     }
@@ -207,17 +223,23 @@ fn now_secs() -> i64 {
         .unwrap_or(0)
 }
 
-fn sig_decode(input: &str) -> Result<(), Fail> {
-    let text = if input == "-" {
-        let mut s = String::new();
-        std::io::stdin()
+enum SigSource {
+    Stdin,
+    File(PathBuf),
+}
+
+fn sig_decode(source: SigSource) -> Result<(), Fail> {
+    let mut text = String::new();
+    match &source {
+        SigSource::Stdin => std::io::stdin()
             .take(1 << 20)
-            .read_to_string(&mut s)
-            .map_err(|e| Fail(EXIT_FAILED, format!("reading the UserSig from stdin: {e}")))?;
-        s
-    } else {
-        input.to_string()
+            .read_to_string(&mut text)
+            .map_err(|e| Fail(EXIT_FAILED, format!("reading the UserSig from stdin: {e}")))?,
+        SigSource::File(p) => std::fs::File::open(p)
+            .and_then(|f| f.take(1 << 20).read_to_string(&mut text))
+            .map_err(|e| Fail(EXIT_FAILED, format!("reading {}: {e}", p.display())))?,
     };
+    let text = text.trim().to_string();
     let d = imlink_usersig::decode(&text).map_err(|e| {
         Fail(
             EXIT_FAILED,
@@ -289,12 +311,19 @@ impl Client {
         let line = json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params })
             .to_string()
             + "\n";
-        self.writer.write_all(line.as_bytes()).map_err(|e| {
-            Fail(
+        if let Err(e) = self.writer.write_all(line.as_bytes()) {
+            // The daemon may have refused the connection and closed it (too many clients):
+            // its one line is still there to read, and says more than "broken pipe".
+            if let Ok(Some(v)) = self.read(Some(Instant::now() + Duration::from_millis(500)))
+                && let Some(err) = v.get("error")
+            {
+                return Err(rpc_fail(err));
+            }
+            return Err(Fail(
                 EXIT_UNREACHABLE,
                 format!("writing to {}: {e}", self.socket.display()),
-            )
-        })?;
+            ));
+        }
         Ok(id)
     }
 
@@ -365,12 +394,12 @@ impl Client {
 fn rpc_fail(e: &Value) -> Fail {
     let code = e.get("code").and_then(Value::as_i64).unwrap_or(0);
     let msg = e.get("message").and_then(Value::as_str).unwrap_or("error");
-    let exit = if code == crate::api::rpc::PERMISSION_DENIED {
-        EXIT_DENIED
-    } else {
-        EXIT_FAILED
+    let exit = match code {
+        crate::api::rpc::PERMISSION_DENIED => EXIT_DENIED,
+        crate::api::rpc::TOO_MANY_CLIENTS => EXIT_UNREACHABLE,
+        _ => EXIT_FAILED,
     };
-    Fail(exit, format!("{msg} (code {code})"))
+    Fail(exit, format!("the daemon says: {msg} (code {code})"))
 }
 
 fn watch(socket: &PathBuf, json_out: bool) -> Result<(), Fail> {

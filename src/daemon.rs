@@ -109,7 +109,21 @@ fn config_failure(message: &str) -> ExitCode {
     ExitCode::from(EX_CONFIG)
 }
 
+/// No core dumps of this process: one (a watchdog SIGABRT, a crash) would put the UserSig,
+/// the device token and TLS private keys on disk. (The unit also sets `LimitCORE=0`.)
+fn refuse_core_dumps() {
+    // SAFETY: prctl with PR_SET_DUMPABLE takes plain integers and touches no memory of ours.
+    let r = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    if r != 0 {
+        eprintln!(
+            "imlinkd: warning: could not disable core dumps ({}); secrets could end up in one",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 fn run(path: &Path) -> ExitCode {
+    refuse_core_dumps();
     let config = match Config::load(path) {
         Ok(c) => c,
         Err(e) => return config_failure(&e.to_string()),
@@ -118,8 +132,10 @@ fn run(path: &Path) -> ExitCode {
     for w in &config.warnings {
         tracing::warn!("{w}");
     }
+    // At most 4 blocking helpers (DNS lookups, cache writes): the unit's TasksMax=16 holds.
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .max_blocking_threads(4)
         .build()
     {
         Ok(rt) => rt,
@@ -131,12 +147,33 @@ fn run(path: &Path) -> ExitCode {
     rt.block_on(serve(path, config))
 }
 
-fn prepare_state_dir(dir: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("state_dir {}: {e}", dir.display()))?;
-    // The cache holds a secret; the directory is the daemon's alone.
-    let meta = std::fs::metadata(dir).map_err(|e| format!("state_dir {}: {e}", dir.display()))?;
+/// The state directory holds the UserSig cache (a secret) and the MQTT relay's socket: it
+/// must be a real directory (not a symlink), owned by the daemon's user, and closed to
+/// everyone else (0700, made so if it is not).
+pub fn prepare_state_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let what = |e: &dyn std::fmt::Display| format!("state_dir {}: {e}", dir.display());
+    std::fs::create_dir_all(dir).map_err(|e| what(&e))?;
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| what(&e))?;
+    if !meta.file_type().is_dir() {
+        return Err(what(
+            &"is not a directory (a symlink?): point state_dir at a directory of the daemon's own",
+        ));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me {
+        return Err(what(&format!(
+            "is owned by uid {}, not by the daemon's uid {me}: it holds the UserSig cache; \
+             chown it, or point state_dir elsewhere",
+            meta.uid()
+        )));
+    }
     if meta.permissions().mode() & 0o077 != 0 {
-        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| {
+            what(&format!(
+                "is open to other users and could not be made 0700 ({e}): it holds the UserSig cache"
+            ))
+        })?;
     }
     Ok(())
 }
@@ -188,11 +225,12 @@ async fn serve(path: &Path, config: Config) -> ExitCode {
     };
     let mut exited = false;
     let mut code = ExitCode::SUCCESS;
+    let started = config.clone();
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => reload(path, &session).await,
+            _ = hup.recv() => reload(path, &session, &started).await,
             ended = &mut driver_task => {
                 exited = true;
                 if let Err(e) = ended {
@@ -236,12 +274,34 @@ fn driver_failure(e: &tokio::task::JoinError) -> &'static str {
 
 /// SIGHUP: load and validate the file again; a bad new config keeps the running one, and
 /// STATUS= says so.
-async fn reload(path: &Path, session: &SessionHandle) {
+/// `started`: the config the process started with (what `[api]`, `log_level` and
+/// `state_dir` still are: a reload does not apply them).
+async fn reload(path: &Path, session: &SessionHandle, started: &Config) {
     systemd::reloading();
     let problem = match Config::load(path) {
         Ok(config) => {
             for w in &config.warnings {
                 tracing::warn!("{w}");
+            }
+            // What a reload cannot apply: say so, instead of silently keeping the old values.
+            if config.api != started.api {
+                tracing::warn!(
+                    "{}: [api] changed; the local API keeps its running settings until imlinkd \
+                     restarts (systemctl restart imlinkd)",
+                    config.path.display()
+                );
+            }
+            if config.log_level != started.log_level {
+                tracing::warn!(
+                    "{}: log_level changed; it takes effect when imlinkd restarts",
+                    config.path.display()
+                );
+            }
+            if config.state_dir != started.state_dir {
+                tracing::warn!(
+                    "{}: state_dir changed; it takes effect when imlinkd restarts",
+                    config.path.display()
+                );
             }
             let (tx, rx) = oneshot::channel();
             let sent = session
@@ -280,6 +340,36 @@ mod tests {
 
     fn args(a: &[&str]) -> impl Iterator<Item = String> {
         std::iter::once("imlinkd".to_string()).chain(a.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn the_state_dir_must_be_a_private_directory_of_the_daemons_own() {
+        use std::os::unix::fs::MetadataExt;
+        let base = std::env::temp_dir().join(format!("imlinkd-state-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        // Created 0700; an open one is closed.
+        let dir = base.join("s");
+        prepare_state_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        prepare_state_dir(&dir).unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+        // A symlink to a directory is not one.
+        let link = base.join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        assert!(prepare_state_dir(&link).unwrap_err().contains("symlink"));
+        // Someone else's directory (needs root to arrange): refused, naming the fix.
+        if nix::unistd::geteuid().is_root() {
+            let theirs = base.join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(54_321)), None).unwrap();
+            let e = prepare_state_dir(&theirs).unwrap_err();
+            assert!(
+                e.contains("owned by uid 54321") && e.contains("chown"),
+                "{e}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(base);
     }
 
     #[test]

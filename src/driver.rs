@@ -275,6 +275,7 @@ pub struct Driver {
     replies: HashMap<RequestId, oneshot::Sender<Result<(), RequestError>>>,
     next_request: RequestId,
     heartbeat: Arc<AtomicU64>,
+    #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
     test_hooks: bool,
     exit: bool,
 }
@@ -383,7 +384,8 @@ impl Driver {
             heartbeat: heartbeat.clone(),
             clock,
         };
-        let test_hooks = std::env::var("IMLINKD_TEST_HOOKS").is_ok_and(|v| v == "1");
+        let test_hooks = cfg!(feature = "test-hooks")
+            && std::env::var("IMLINKD_TEST_HOOKS").is_ok_and(|v| v == "1");
         Ok((
             Driver {
                 machine,
@@ -516,18 +518,17 @@ impl Driver {
                 let _ = reply.send(result);
             }
             Command::Shutdown => self.feed(Input::Shutdown),
-            Command::Wedge => {
-                if self.test_hooks {
-                    tracing::warn!("test hook: wedging the session driver");
-                    std::future::pending::<()>().await;
-                }
+            #[cfg(feature = "test-hooks")]
+            Command::Wedge if self.test_hooks => {
+                tracing::warn!("test hook: wedging the session driver");
+                std::future::pending::<()>().await;
             }
-            Command::Panic => {
-                if self.test_hooks {
-                    tracing::warn!("test hook: the session driver panics");
-                    panic!("test hook: the session driver panics");
-                }
+            #[cfg(feature = "test-hooks")]
+            Command::Panic if self.test_hooks => {
+                tracing::warn!("test hook: the session driver panics");
+                panic!("test hook: the session driver panics");
             }
+            Command::Wedge | Command::Panic => {}
         }
     }
 

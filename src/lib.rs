@@ -8,6 +8,7 @@ pub mod config;
 pub mod ctl;
 pub mod daemon;
 pub mod driver;
+pub mod fuzzing;
 pub mod identity;
 pub mod logging;
 pub mod mqtt;

@@ -257,230 +257,250 @@ impl Provisioner {
         }
     }
 
+    fn parse_body(&self, user: &UserId, body: &[u8], now: i64) -> Result<Fetched, FetchFailure> {
+        parse_answer(user, self.sdk_app_id, body, now)
+    }
+
     async fn request<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         mut s: S,
         req: &[u8],
-    ) -> Result<(u16, Vec<(String, String)>, Vec<u8>), FetchFailure> {
+    ) -> Result<Response, FetchFailure> {
         s.write_all(req)
             .await
             .map_err(|e| io_failure(&e, "sending the provisioning request"))?;
         s.flush()
             .await
             .map_err(|e| io_failure(&e, "sending the provisioning request"))?;
-        let malformed = |m: String| fail(ErrorClass::Busy, codes::INVALID_PARAMETERS, m);
-        let mut buf = Vec::with_capacity(2048);
-        let mut chunk = [0u8; 4096];
-        let (status, headers, head_len) = loop {
+        read_response(s, self.max_body).await
+    }
+}
+
+/// Status, headers and body of an HTTP answer.
+pub type Response = (u16, Vec<(String, String)>, Vec<u8>);
+
+/// Read one HTTP/1.1 response from `s`: the head (at most 16 KiB), then a body of at most
+/// `max_body` bytes (Content-Length, chunked, or until close). Every malformed answer is a
+/// `busy` failure that says what was wrong; nothing here panics, whatever the bytes and
+/// however they are split into reads (the fuzzer drives it over an in-memory stream).
+pub async fn read_response<S: AsyncRead + Unpin>(
+    mut s: S,
+    max_body: usize,
+) -> Result<Response, FetchFailure> {
+    let malformed = |m: String| fail(ErrorClass::Busy, codes::INVALID_PARAMETERS, m);
+    let mut buf = Vec::with_capacity(2048);
+    let mut chunk = [0u8; 4096];
+    let (status, headers, head_len) = loop {
+        let n = read_some(&mut s, &mut chunk).await?;
+        if n == 0 {
+            return Err(malformed(
+                "the provisioning server closed the connection before answering".into(),
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut hs = [httparse::EMPTY_HEADER; 64];
+        let mut resp = httparse::Response::new(&mut hs);
+        match resp.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let headers = resp
+                    .headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.name.to_string(),
+                            String::from_utf8_lossy(h.value).into_owned(),
+                        )
+                    })
+                    .collect::<Vec<_>>();
+                break (resp.code.unwrap_or(0), headers, len);
+            }
+            Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => {}
+            Ok(httparse::Status::Partial) => {
+                return Err(malformed(
+                    "the provisioning response head is too large".into(),
+                ));
+            }
+            Err(e) => {
+                return Err(malformed(format!(
+                    "the provisioning response is not HTTP ({e})"
+                )));
+            }
+        }
+    };
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.trim().to_string())
+    };
+    let mut body = buf.split_off(head_len);
+    let too_large = || {
+        malformed(format!(
+            "the provisioning response is larger than {} bytes",
+            max_body
+        ))
+    };
+    if header("transfer-encoding").is_some_and(|te| te.to_ascii_lowercase().contains("chunked")) {
+        let mut d = Dechunker::new(max_body);
+        let mut more: &[u8] = &body;
+        loop {
+            match d.feed(more) {
+                Dechunk::Done => return Ok((status, headers, d.out)),
+                Dechunk::TooLarge => return Err(too_large()),
+                Dechunk::Bad => {
+                    return Err(malformed(
+                        "the provisioning response's chunked body is malformed".into(),
+                    ));
+                }
+                Dechunk::NeedMore => {}
+            }
             let n = read_some(&mut s, &mut chunk).await?;
             if n == 0 {
-                return Err(malformed(
-                    "the provisioning server closed the connection before answering".into(),
-                ));
+                return Err(malformed("the provisioning response ended mid-body".into()));
             }
-            buf.extend_from_slice(&chunk[..n]);
-            let mut hs = [httparse::EMPTY_HEADER; 64];
-            let mut resp = httparse::Response::new(&mut hs);
-            match resp.parse(&buf) {
-                Ok(httparse::Status::Complete(len)) => {
-                    let headers = resp
-                        .headers
-                        .iter()
-                        .map(|h| {
-                            (
-                                h.name.to_string(),
-                                String::from_utf8_lossy(h.value).into_owned(),
-                            )
-                        })
-                        .collect::<Vec<_>>();
-                    break (resp.code.unwrap_or(0), headers, len);
-                }
-                Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD => {}
-                Ok(httparse::Status::Partial) => {
-                    return Err(malformed(
-                        "the provisioning response head is too large".into(),
-                    ));
-                }
-                Err(e) => {
+            more = &chunk[..n];
+        }
+    }
+    match header("content-length") {
+        Some(len) => {
+            let len: usize = len
+                .parse()
+                .map_err(|_| malformed("Content-Length is not a number".into()))?;
+            if len > max_body {
+                return Err(too_large());
+            }
+            while body.len() < len {
+                let n = read_some(&mut s, &mut chunk).await?;
+                if n == 0 {
                     return Err(malformed(format!(
-                        "the provisioning response is not HTTP ({e})"
+                        "the provisioning response ended after {} of {len} bytes",
+                        body.len()
                     )));
                 }
-            }
-        };
-        let header = |name: &str| {
-            headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.trim().to_string())
-        };
-        let mut body = buf.split_off(head_len);
-        let too_large = || {
-            malformed(format!(
-                "the provisioning response is larger than {} bytes",
-                self.max_body
-            ))
-        };
-        if header("transfer-encoding").is_some_and(|te| te.to_ascii_lowercase().contains("chunked"))
-        {
-            let mut d = Dechunker::new(self.max_body);
-            let mut more: &[u8] = &body;
-            loop {
-                match d.feed(more) {
-                    Dechunk::Done => return Ok((status, headers, d.out)),
-                    Dechunk::TooLarge => return Err(too_large()),
-                    Dechunk::Bad => {
-                        return Err(malformed(
-                            "the provisioning response's chunked body is malformed".into(),
-                        ));
-                    }
-                    Dechunk::NeedMore => {}
-                }
-                let n = read_some(&mut s, &mut chunk).await?;
-                if n == 0 {
-                    return Err(malformed("the provisioning response ended mid-body".into()));
-                }
-                more = &chunk[..n];
-            }
-        }
-        match header("content-length") {
-            Some(len) => {
-                let len: usize = len
-                    .parse()
-                    .map_err(|_| malformed("Content-Length is not a number".into()))?;
-                if len > self.max_body {
-                    return Err(too_large());
-                }
-                while body.len() < len {
-                    let n = read_some(&mut s, &mut chunk).await?;
-                    if n == 0 {
-                        return Err(malformed(format!(
-                            "the provisioning response ended after {} of {len} bytes",
-                            body.len()
-                        )));
-                    }
-                    body.extend_from_slice(&chunk[..n]);
-                }
-                body.truncate(len);
-            }
-            None => loop {
-                if body.len() > self.max_body {
-                    return Err(too_large());
-                }
-                let n = read_some(&mut s, &mut chunk).await?;
-                if n == 0 {
-                    break;
-                }
                 body.extend_from_slice(&chunk[..n]);
-            },
+            }
+            body.truncate(len);
         }
-        Ok((status, headers, body))
+        None => loop {
+            if body.len() > max_body {
+                return Err(too_large());
+            }
+            let n = read_some(&mut s, &mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&chunk[..n]);
+        },
     }
+    Ok((status, headers, body))
+}
 
-    /// Parse a 200 answer. `now`: the server's time (its `Date`, else ours), against which
-    /// the expiry must be plausible.
-    fn parse_body(&self, user: &UserId, body: &[u8], now: i64) -> Result<Fetched, FetchFailure> {
-        let malformed = |m: &str| {
-            fail(
+/// Parse a 200 answer's body for `user` of app `sdk_app_id`. `now`: the server's time (its
+/// `Date`, else ours), against which the expiry must be plausible.
+pub fn parse_answer(
+    user: &UserId,
+    sdk_app_id: u64,
+    body: &[u8],
+    now: i64,
+) -> Result<Fetched, FetchFailure> {
+    let malformed = |m: &str| {
+        fail(
+            ErrorClass::Busy,
+            codes::INVALID_PARAMETERS,
+            format!("malformed provisioning response: {m}"),
+        )
+    };
+    let v: serde_json::Value = serde_json::from_slice(body).map_err(|_| malformed("not JSON"))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| malformed("not a JSON object"))?;
+    let user_id = obj
+        .get("user_id")
+        .and_then(|u| u.as_str())
+        .ok_or_else(|| malformed("no \"user_id\" string"))?;
+    if user_id != user.as_str() {
+        return Err(fail(
+            ErrorClass::Fatal,
+            codes::SVR_SIG_MISMATCH_ID,
+            format!(
+                "the provisioning server answered for user_id {user_id:?}, not {:?}",
+                user.as_str()
+            ),
+        ));
+    }
+    let sig = obj
+        .get("user_sig")
+        .and_then(|s| s.as_str())
+        .ok_or_else(|| malformed("no \"user_sig\" string"))?;
+    if let Some(app) = obj.get("sdk_app_id")
+        && app.as_u64() != Some(sdk_app_id)
+    {
+        return Err(fail(
+            ErrorClass::Fatal,
+            70014,
+            format!(
+                "the provisioning server answered for sdk_app_id {app}, not {}",
+                sdk_app_id
+            ),
+        ));
+    }
+    let expire_at = obj.get("expire_at").and_then(|e| e.as_i64());
+    let (issued_at, expires_at) = match inspect(sig) {
+        Err(e) => {
+            return Err(fail(
                 ErrorClass::Busy,
-                codes::INVALID_PARAMETERS,
-                format!("malformed provisioning response: {m}"),
-            )
-        };
-        let v: serde_json::Value =
-            serde_json::from_slice(body).map_err(|_| malformed("not JSON"))?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| malformed("not a JSON object"))?;
-        let user_id = obj
-            .get("user_id")
-            .and_then(|u| u.as_str())
-            .ok_or_else(|| malformed("no \"user_id\" string"))?;
-        if user_id != user.as_str() {
-            return Err(fail(
-                ErrorClass::Fatal,
-                codes::SVR_SIG_MISMATCH_ID,
-                format!(
-                    "the provisioning server answered for user_id {user_id:?}, not {:?}",
-                    user.as_str()
-                ),
+                codes::SVR_SIG_CHECK_FAILED,
+                format!("malformed provisioning response: {e}"),
             ));
         }
-        let sig = obj
-            .get("user_sig")
-            .and_then(|s| s.as_str())
-            .ok_or_else(|| malformed("no \"user_sig\" string"))?;
-        if let Some(app) = obj.get("sdk_app_id")
-            && app.as_u64() != Some(self.sdk_app_id)
-        {
-            return Err(fail(
-                ErrorClass::Fatal,
-                70014,
-                format!(
-                    "the provisioning server answered for sdk_app_id {app}, not {}",
-                    self.sdk_app_id
-                ),
-            ));
-        }
-        let expire_at = obj.get("expire_at").and_then(|e| e.as_i64());
-        let (issued_at, expires_at) = match inspect(sig) {
-            Err(e) => {
-                return Err(fail(
-                    ErrorClass::Busy,
-                    codes::SVR_SIG_CHECK_FAILED,
-                    format!("malformed provisioning response: {e}"),
-                ));
-            }
-            Ok(SigFormat::TlsSigV2 {
-                identifier,
-                sdk_app_id,
-                issued_at,
-                expires_at,
-            }) => {
-                if identifier != user.as_str() {
-                    return Err(fail(
-                        ErrorClass::Fatal,
-                        codes::SVR_SIG_MISMATCH_ID,
-                        format!(
-                            "the provisioning server issued a UserSig for {identifier:?}, not {:?}",
-                            user.as_str()
-                        ),
-                    ));
-                }
-                if sdk_app_id != self.sdk_app_id {
-                    return Err(fail(
-                        ErrorClass::Fatal,
-                        70014,
-                        format!(
-                            "the provisioning server issued a UserSig for SDKAppID {sdk_app_id}, not {}",
-                            self.sdk_app_id
-                        ),
-                    ));
-                }
-                (Some(issued_at), Some(expires_at))
-            }
-            Ok(SigFormat::Jwt {
-                issued_at,
-                expires_at,
-            }) => (issued_at, expires_at.or(expire_at)),
-            Ok(SigFormat::Opaque) => (None, expire_at),
-        };
-        if let Some(e) = expires_at
-            && !plausible_expiry(e, issued_at, now)
-        {
-            return Err(malformed(&format!(
-                "the UserSig's expiry ({e}) is not plausible: it must fall between a day \
-                 before and ten years after the server's time ({now})"
-            )));
-        }
-        Ok(Fetched {
-            sig: UserSig::new(sig),
-            user_id: user.clone(),
+        Ok(SigFormat::TlsSigV2 {
+            identifier,
+            sdk_app_id: found_app,
             issued_at,
             expires_at,
-            server_date: None,
-        })
+        }) => {
+            if identifier != user.as_str() {
+                return Err(fail(
+                    ErrorClass::Fatal,
+                    codes::SVR_SIG_MISMATCH_ID,
+                    format!(
+                        "the provisioning server issued a UserSig for {identifier:?}, not {:?}",
+                        user.as_str()
+                    ),
+                ));
+            }
+            if found_app != sdk_app_id {
+                return Err(fail(
+                    ErrorClass::Fatal,
+                    70014,
+                    format!(
+                        "the provisioning server issued a UserSig for SDKAppID {found_app}, not {sdk_app_id}"
+                    ),
+                ));
+            }
+            (Some(issued_at), Some(expires_at))
+        }
+        Ok(SigFormat::Jwt {
+            issued_at,
+            expires_at,
+        }) => (issued_at, expires_at.or(expire_at)),
+        Ok(SigFormat::Opaque) => (None, expire_at),
+    };
+    if let Some(e) = expires_at
+        && !plausible_expiry(e, issued_at, now)
+    {
+        return Err(malformed(&format!(
+            "the UserSig's expiry ({e}) is not plausible: it must fall between a day \
+             before and ten years after the server's time ({now})"
+        )));
     }
+    Ok(Fetched {
+        sig: UserSig::new(sig),
+        user_id: user.clone(),
+        issued_at,
+        expires_at,
+        server_date: None,
+    })
 }
 
 async fn read_some<S: AsyncRead + Unpin>(s: &mut S, buf: &mut [u8]) -> Result<usize, FetchFailure> {
@@ -554,6 +574,10 @@ impl Dechunker {
                         }
                         return Dechunk::NeedMore;
                     };
+                    // The same limit whether the line came in one read or many.
+                    if self.line.len() + nl > MAX_SIZE_LINE {
+                        return self.fail(Dechunk::Bad);
+                    }
                     self.line.extend_from_slice(&bytes[..nl]);
                     bytes = &bytes[nl + 1..];
                     let size = match parse_chunk_size(&self.line) {

@@ -159,6 +159,9 @@ pub struct CacheEntry<'a> {
     pub anchor: Option<BootAnchor>,
 }
 
+/// A cache file larger than this is not one.
+const MAX_CACHE_BYTES: u64 = 64 * 1024;
+
 /// The UserSig cache: one JSON file in the state directory, mode 0600, written atomically.
 #[derive(Debug, Clone)]
 pub struct SigCache {
@@ -179,11 +182,35 @@ impl SigCache {
     /// Load the cached sig for `user`/`app`, if there is one. `Err` means the file is corrupt
     /// (the caller logs it and fetches anew).
     pub fn load(&self, user: &UserId, app: u64) -> Result<Option<Cached>, String> {
-        let bytes = match std::fs::read(&self.path) {
-            Ok(b) => b,
+        // Never through a symlink (someone who can write the directory must not make the
+        // daemon read another file as its secret), and never more than a cache can be.
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&self.path);
+        let mut file = match opened {
+            Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(format!(
+                    "{}: is a symlink, not the cache",
+                    self.path.display()
+                ));
+            }
             Err(e) => return Err(format!("{}: {e}", self.path.display())),
         };
+        let mut bytes = Vec::new();
+        use std::io::Read as _;
+        (&mut file)
+            .take(MAX_CACHE_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+        if bytes.len() as u64 > MAX_CACHE_BYTES {
+            return Err(format!(
+                "{}: larger than a UserSig cache",
+                self.path.display()
+            ));
+        }
         let f: CacheFile = serde_json::from_slice(&bytes)
             .map_err(|e| format!("{}: not a UserSig cache ({e})", self.path.display()))?;
         if !(1..=2).contains(&f.version) {
@@ -377,6 +404,11 @@ mod tests {
         assert!(cache.load(&alice, 7).unwrap_err().contains("version 9"));
         cache.forget().unwrap();
         cache.forget().unwrap();
+        // A symlink in its place is refused, not followed.
+        let target = dir.join("elsewhere.json");
+        std::fs::write(&target, v1.to_string()).unwrap();
+        std::os::unix::fs::symlink(&target, cache.path()).unwrap();
+        assert!(cache.load(&alice, 7).unwrap_err().contains("symlink"));
         let _ = std::fs::remove_dir_all(dir);
     }
 }

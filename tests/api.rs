@@ -643,3 +643,106 @@ async fn the_socat_example_in_docs_api_md_works() {
     assert_eq!(lines[1]["result"]["phase"], "online");
     d.finish().await;
 }
+
+/// The landed admission applied the global cap before the role was known: four reader uids
+/// with 16 connections each took all 64 slots, and root's `imlinkctl status` failed with
+/// "Broken pipe". Now an eighth of the slots are kept for operators, watchers are capped per
+/// uid, and a refused reader is told why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_holding_every_slot_they_may_cannot_lock_root_out() {
+    let sb = sandbox().await;
+    let d = Daemon::start(&sb, Opts::user("alice")).await;
+    d.wait_phase("online").await;
+    let mut held = Vec::new();
+    let mut watchers = 0;
+    for uid in 52_001..52_005u32 {
+        // gid 0: the socket is 0660 root:root here (the packaged one has a clients' group).
+        let conns = connect_as(uid, 0, d.socket.clone(), 16);
+        assert_eq!(conns.len(), 16);
+        // Half of them watch (up to max_watchers_per_uid, 8).
+        for c in conns.iter().take(8) {
+            use std::io::Write;
+            let _ = (&*c).write_all(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"watch\"}\n");
+        }
+        held.extend(conns);
+    }
+    for c in &held {
+        use std::io::{BufRead, BufReader};
+        c.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut line = String::new();
+        if BufReader::new(c).read_line(&mut line).is_ok() && line.contains("\"status\"") {
+            watchers += 1;
+        }
+    }
+    assert!(watchers >= 24, "readers got their watchers: {watchers}");
+    // Root is still served, at once.
+    let t = Instant::now();
+    let out = std::process::Command::new(CTL)
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("status")
+        .output()
+        .unwrap();
+    let took = t.elapsed();
+    assert!(out.status.success(), "root's status: {out:?}");
+    eprintln!("root's imlinkctl status with readers holding their slots: {took:?}");
+    // A fifth reader is refused, and imlinkctl prints the daemon's words, not a broken pipe.
+    let out = ctl_as(52_009, 0, &d.socket, &["status"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("too many API clients") && err.contains("-32002"),
+        "{err}"
+    );
+    assert!(!err.contains("Broken pipe"), "{err}");
+    // Nine watchers for one uid: the ninth is refused.
+    drop(held);
+    let more = connect_as(52_010, 0, d.socket.clone(), 9);
+    let mut refused = 0;
+    for c in &more {
+        use std::io::{BufRead, BufReader, Write};
+        (&*c)
+            .write_all(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"watch\"}\n")
+            .unwrap_or(());
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut line = String::new();
+        let _ = BufReader::new(c).read_line(&mut line);
+        if line.contains("-32002") {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 1, "the watcher cap per uid holds");
+    drop(more);
+    d.finish().await;
+}
+
+/// One byte every little while used to hold a slot forever (the idle timer restarted on
+/// every read). The timeout now counts whole lines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trickle_of_bytes_does_not_hold_a_connection_past_the_idle_timeout() {
+    let sb = sandbox().await;
+    let mut o = Opts::user("alice");
+    o.api_extra = "idle_timeout = \"2s\"".into();
+    let d = Daemon::start(&sb, o).await;
+    let mut s = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
+    let started = Instant::now();
+    let mut closed = false;
+    for b in b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"status\"}" {
+        if s.write_all(&[*b]).await.is_err() {
+            closed = true;
+            break;
+        }
+        // A byte every 500 ms: each read restarted the landed idle timer.
+        tokio::time::sleep(Duration::from_millis(500)).await; // the trickle under test
+    }
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut rest)).await;
+    let text = String::from_utf8_lossy(&rest);
+    assert!(closed || text.contains("-32005"), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "closed after the timeout"
+    );
+    d.finish().await;
+}

@@ -123,17 +123,33 @@ async fn status_login_logout_wait_and_watch() {
     d.finish().await;
 }
 
+fn decode_stdin(input: &str, args: &[&str]) -> Output {
+    let mut child = Command::new(CTL)
+        .args(["sig", "decode"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
 #[test]
 fn sig_decode_prints_the_fields_never_the_hmac() {
     let vectors: serde_json::Value =
         serde_json::from_str(include_str!("../crates/usersig/tests/data/usersig-v2.json")).unwrap();
     let case = &vectors["cases"][2];
     let sig = case["usersig"].as_str().unwrap();
-    let out = Command::new(CTL)
-        .args(["sig", "decode", sig])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    // From stdin, with a trailing newline (as from a file).
+    let out = decode_stdin(&format!("{sig}\n"), &[]);
+    assert!(out.status.success(), "{out:?}");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["identifier"], "xiaojun");
     assert_eq!(v["sdk_app_id"], 1_400_000_000u64);
@@ -142,28 +158,32 @@ fn sig_decode_prints_the_fields_never_the_hmac() {
     assert!(v["fingerprint"].as_str().unwrap().starts_with("sha256:"));
     let hmac = case["sig_hmac_b64"].as_str().unwrap();
     assert!(!text(&out).contains(hmac) && !text(&out).contains(&hmac[..16]));
+    assert!(decode_stdin(sig, &["-"]).status.success());
 
-    // From stdin, with a trailing newline (as from a file).
-    let mut child = Command::new(CTL)
-        .args(["sig", "decode", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{sig}\n").as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-
-    // A bad sig: exit 1 and a clear reason, without echoing the input.
+    // From a file.
+    let f = std::env::temp_dir().join(format!("imlk-sig-{}", std::process::id()));
+    std::fs::write(&f, sig).unwrap();
     let out = Command::new(CTL)
-        .args(["sig", "decode", "eJxgarbage+"])
+        .args(["sig", "decode", "--file"])
+        .arg(&f)
         .output()
         .unwrap();
+    let _ = std::fs::remove_file(&f);
+    assert!(out.status.success());
+
+    // Never on the command line, where every local user can read it (ps, /proc/PID/cmdline)
+    // and the shell history keeps it: a usage error that says why, without echoing it.
+    let out = Command::new(CTL)
+        .args(["sig", "decode", sig])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("stdin") && err.contains("ps"), "{err}");
+    assert!(!err.contains(&sig[..24]));
+
+    // A bad sig: exit 1 and a clear reason, without echoing the input.
+    let out = decode_stdin("eJxgarbage+", &[]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -171,26 +191,4 @@ fn sig_decode_prints_the_fields_never_the_hmac() {
         "{err}"
     );
     assert!(!err.contains("eJxgarbage"));
-}
-
-#[test]
-fn exit_codes_say_what_went_wrong() {
-    let out = Command::new(CTL)
-        .args(["--socket", "/nonexistent/api.sock", "status"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(3));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("is imlinkd running?"));
-    // A stale socket: nothing listens.
-    let dir = temp_dir("stale");
-    let path = dir.join("api.sock");
-    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
-    let out = ctl(&path, &["status"]);
-    assert_eq!(out.status.code(), Some(3));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not running"));
-    let out = Command::new(CTL).arg("frobnicate").output().unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let out = Command::new(CTL).arg("--help").output().unwrap();
-    assert!(out.status.success());
-    assert!(text(&out).contains("Exit codes"));
 }

@@ -92,8 +92,19 @@ async fn a_config_error_exits_78_with_status_and_errno() {
     assert_eq!(count(&d.notes(), "READY=1"), 0);
 }
 
+/// The hooks these tests use exist only with the `test-hooks` feature (release builds and the
+/// .deb never have them); `scripts/test` enables it.
+fn hooks_compiled_in() {
+    if !cfg!(feature = "test-hooks") {
+        panic!(
+            "this test needs the test hooks: run `cargo nextest run --all-features` (scripts/test does)"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_watchdog_pings_only_while_the_driver_makes_progress() {
+    hooks_compiled_in();
     let sb = sandbox().await;
     let mut o = Opts::user("alice");
     o.env = vec![
@@ -128,6 +139,7 @@ async fn the_watchdog_pings_only_while_the_driver_makes_progress() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_in_the_session_driver_exits_non_zero_so_systemd_restarts_it() {
+    hooks_compiled_in();
     // The landed daemon exited 0 ("imlinkd stopped"): Restart=on-failure never fired.
     let sb = sandbox().await;
     let mut o = Opts::user("alice");
@@ -372,4 +384,29 @@ async fn logs_go_to_journald_with_queryable_fields() {
     )
     .unwrap();
     assert!(child.wait().await.unwrap().success());
+}
+
+/// A build without the `test-hooks` feature (what release builds and the .deb are) has no
+/// wedge or panic hook, whatever the environment says.
+#[test]
+fn release_builds_have_no_test_hooks() {
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_imlinkd"));
+    let release = bin
+        .parent()
+        .and_then(|p| p.parent())
+        .map(|target| target.join("release").join("imlinkd"));
+    // The strings only exist in a build with the feature.
+    let has_hooks = |p: &std::path::Path| {
+        std::fs::read(p)
+            .map(|b| b.windows(11).any(|w| w == b"debug_panic"))
+            .unwrap_or(false)
+    };
+    assert_eq!(
+        has_hooks(bin),
+        cfg!(feature = "test-hooks"),
+        "the test binary's hooks follow the feature"
+    );
+    if let Some(r) = release.filter(|r| r.exists()) {
+        assert!(!has_hooks(&r), "{} carries test hooks", r.display());
+    }
 }

@@ -86,6 +86,11 @@ fn the_service_has_the_directives_the_brief_asks_for() {
         "ConfigurationDirectory=imlinkd",
         "After=network-online.target time-set.target",
         "ExecReload=/bin/kill -HUP $MAINPID",
+        // No core dump can carry the secrets to disk; bounded memory, tasks; no IP listener.
+        "LimitCORE=0",
+        "MemoryMax=",
+        "TasksMax=",
+        "SocketBindDeny=any",
     ] {
         assert!(s.contains(line), "imlinkd.service lacks {line}");
     }
