@@ -192,6 +192,23 @@ async fn sighup_reloads_and_a_bad_new_config_keeps_the_running_one() {
         1,
         "alice logged out cleanly"
     );
+    // What a reload cannot apply ([api], log_level) is said, not silently dropped.
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(
+        &d.config,
+        text.replace("[api]\n", "[api]\nmax_clients = 32\n")
+            .replace("log_level = \"trace\"", "log_level = \"debug\""),
+    )
+    .unwrap();
+    let n = d.notes().len();
+    d.signal(nix::sys::signal::Signal::SIGHUP);
+    d.wait_notify_after(n, "READY=1").await;
+    let log = d.log_text();
+    assert!(
+        log.contains("[api] changed") && log.contains("systemctl restart imlinkd"),
+        "{log}"
+    );
+    assert!(log.contains("log_level changed"));
     // A broken file: the running config stays.
     std::fs::write(&d.config, "this is = = not toml").unwrap();
     let n = d.notes().len();
