@@ -1,0 +1,291 @@
+//! The store on a thread of its own (the pattern of the sd_notify thread: SQLite blocks,
+//! fsync blocks, and neither may stall the session). Requests queue on a bounded channel;
+//! the thread takes whatever is queued — up to a batch — runs it in **one transaction**, and
+//! answers only after the COMMIT: many messages, one fsync, and no answer before the data is
+//! on disk.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+
+use rusqlite::Connection;
+use tokio::sync::oneshot;
+
+use super::{Conversation, Received, StoreError, Stored};
+use crate::message::WireMessage;
+
+type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
+
+/// One request to the store.
+pub enum StoreRequest {
+    /// Queue an outgoing message; answers its seq once committed.
+    Enqueue {
+        owner: String,
+        msg: WireMessage,
+        reply: Reply<i64>,
+    },
+    /// Store a received message (once); answers once committed.
+    Receive {
+        owner: String,
+        msg: WireMessage,
+        reply: Reply<Received>,
+    },
+    /// The broker's answer to an outgoing message.
+    Settle {
+        owner: String,
+        id: String,
+        failed: Option<u32>,
+        reply: Reply<bool>,
+    },
+    Outbox {
+        owner: String,
+        reply: Reply<Vec<(i64, String)>>,
+    },
+    Get {
+        owner: String,
+        id: String,
+        reply: Reply<Option<Stored>>,
+    },
+    Conversations {
+        owner: String,
+        reply: Reply<Vec<Conversation>>,
+    },
+    History {
+        owner: String,
+        peer: String,
+        before: Option<String>,
+        limit: u32,
+        reply: Reply<Vec<Stored>>,
+    },
+    MarkRead {
+        owner: String,
+        peer: String,
+        reply: Reply<u64>,
+    },
+    ReadInbox {
+        owner: String,
+        after: i64,
+        limit: u32,
+        reply: Reply<Vec<Stored>>,
+    },
+    AckInbox {
+        owner: String,
+        cursor: i64,
+        reply: Reply<i64>,
+    },
+    /// (messages, bytes in use).
+    Stats { reply: Reply<(u64, u64)> },
+}
+
+/// How many requests share one transaction at most.
+const BATCH: usize = 512;
+/// Requests queued before senders wait.
+const QUEUE: usize = 4096;
+
+/// A handle on the store thread; cheap to clone.
+#[derive(Clone)]
+pub struct StoreHandle {
+    tx: SyncSender<StoreRequest>,
+}
+
+impl StoreHandle {
+    /// Open the store at `path` on a new thread. When it cannot be opened (a newer schema,
+    /// an I/O error), the thread still runs and answers every request with the reason.
+    pub fn open(path: PathBuf, cap_bytes: u64) -> (StoreHandle, Result<(), StoreError>) {
+        let (tx, rx) = sync_channel(QUEUE);
+        let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("imlinkd-store".into())
+            .spawn(move || {
+                let conn = super::open(&path);
+                let _ = opened_tx.send(conn.as_ref().map(|_| ()).map_err(Clone::clone));
+                serve(conn, rx, cap_bytes);
+            });
+        let opened = match spawned {
+            Ok(_) => opened_rx
+                .recv()
+                .unwrap_or_else(|_| Err(StoreError::Unavailable("the store thread died".into()))),
+            Err(e) => Err(StoreError::Unavailable(format!(
+                "could not start the store thread: {e}"
+            ))),
+        };
+        (StoreHandle { tx }, opened)
+    }
+
+    /// Queue a request. Never blocks the caller: a full queue is an error (the store is
+    /// seconds behind; the caller says so).
+    pub fn send(&self, req: StoreRequest) -> Result<(), StoreError> {
+        match self.tx.try_send(req) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(StoreError::Unavailable(
+                "the message store is busy; try again".into(),
+            )),
+            Err(TrySendError::Disconnected(_)) => {
+                Err(StoreError::Unavailable("the store thread is gone".into()))
+            }
+        }
+    }
+
+    /// Ask and wait for the answer.
+    pub async fn ask<T>(
+        &self,
+        make: impl FnOnce(Reply<T>) -> StoreRequest,
+    ) -> Result<T, StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx))?;
+        rx.await
+            .unwrap_or_else(|_| Err(StoreError::Unavailable("the store thread is gone".into())))
+    }
+}
+
+/// A reply to send once the transaction is over: reads as they are, writes only if the
+/// COMMIT succeeded.
+type Pending = Box<dyn FnOnce(&Result<(), StoreError>) + Send>;
+
+fn after_commit<T: Send + 'static>(tx: Reply<T>, r: Result<T, StoreError>) -> Pending {
+    Box::new(move |commit| {
+        let _ = tx.send(commit.clone().and(r));
+    })
+}
+
+fn at_once<T: Send + 'static>(tx: Reply<T>, r: Result<T, StoreError>) -> Pending {
+    Box::new(move |_| {
+        let _ = tx.send(r);
+    })
+}
+
+fn serve(conn: Result<Connection, StoreError>, rx: Receiver<StoreRequest>, cap: u64) {
+    let mut conn = match conn {
+        Ok(c) => c,
+        Err(e) => {
+            // Answer everything with the reason, for as long as the daemon runs.
+            while let Ok(req) = rx.recv() {
+                refuse(req, &e);
+            }
+            return;
+        }
+    };
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
+            Ok(t) => t,
+            Err(e) => {
+                let e = StoreError::from(e);
+                for req in batch {
+                    refuse(req, &e);
+                }
+                continue;
+            }
+        };
+        let mut pending = Vec::with_capacity(batch.len());
+        for req in batch {
+            pending.push(run(&tx, req, cap));
+        }
+        let commit = tx.commit().map_err(StoreError::from);
+        if let Err(e) = &commit {
+            tracing::error!("the message store could not commit: {e}");
+        }
+        for p in pending {
+            p(&commit);
+        }
+    }
+}
+
+fn run(c: &Connection, req: StoreRequest, cap: u64) -> Pending {
+    // A failed statement must not leave half a request in the transaction.
+    let guarded = |f: &dyn Fn() -> Result<(), StoreError>| {
+        let _ = c.execute_batch("SAVEPOINT req");
+        let r = f();
+        let _ = c.execute_batch(if r.is_ok() {
+            "RELEASE req"
+        } else {
+            "ROLLBACK TO req; RELEASE req"
+        });
+        r
+    };
+    match req {
+        StoreRequest::Enqueue { owner, msg, reply } => {
+            let mut out = Err(StoreError::Sql("not run".into()));
+            let cell = std::cell::RefCell::new(&mut out);
+            let _ = guarded(&|| {
+                let r = super::enqueue(c, &owner, &msg, cap);
+                let ok = r.as_ref().map(|_| ()).map_err(Clone::clone);
+                **cell.borrow_mut() = r;
+                ok
+            });
+            after_commit(reply, out)
+        }
+        StoreRequest::Receive { owner, msg, reply } => {
+            let mut out = Err(StoreError::Sql("not run".into()));
+            let cell = std::cell::RefCell::new(&mut out);
+            let _ = guarded(&|| {
+                let r = super::receive(c, &owner, &msg, cap);
+                let ok = r.as_ref().map(|_| ()).map_err(Clone::clone);
+                **cell.borrow_mut() = r;
+                ok
+            });
+            after_commit(reply, out)
+        }
+        StoreRequest::Settle {
+            owner,
+            id,
+            failed,
+            reply,
+        } => after_commit(reply, super::settle(c, &owner, &id, failed)),
+        StoreRequest::Outbox { owner, reply } => at_once(reply, super::outbox(c, &owner)),
+        StoreRequest::Get { owner, id, reply } => at_once(reply, super::get(c, &owner, &id)),
+        StoreRequest::Conversations { owner, reply } => {
+            at_once(reply, super::conversations(c, &owner))
+        }
+        StoreRequest::History {
+            owner,
+            peer,
+            before,
+            limit,
+            reply,
+        } => at_once(
+            reply,
+            super::history(c, &owner, &peer, before.as_deref(), limit),
+        ),
+        StoreRequest::MarkRead { owner, peer, reply } => {
+            after_commit(reply, super::mark_read(c, &owner, &peer))
+        }
+        StoreRequest::ReadInbox {
+            owner,
+            after,
+            limit,
+            reply,
+        } => at_once(reply, super::read_inbox(c, &owner, after, limit)),
+        StoreRequest::AckInbox {
+            owner,
+            cursor,
+            reply,
+        } => after_commit(reply, super::ack_inbox(c, &owner, cursor)),
+        StoreRequest::Stats { reply } => at_once(
+            reply,
+            super::count(c).and_then(|n| super::used_bytes(c).map(|b| (n, b))),
+        ),
+    }
+}
+
+fn refuse(req: StoreRequest, e: &StoreError) {
+    let e = e.clone();
+    match req {
+        StoreRequest::Enqueue { reply, .. } => drop(reply.send(Err(e))),
+        StoreRequest::Receive { reply, .. } => drop(reply.send(Err(e))),
+        StoreRequest::Settle { reply, .. } => drop(reply.send(Err(e))),
+        StoreRequest::Outbox { reply, .. } => drop(reply.send(Err(e))),
+        StoreRequest::Get { reply, .. } => drop(reply.send(Err(e))),
+        StoreRequest::Conversations { reply, .. } => drop(reply.send(Err(e))),
+        StoreRequest::History { reply, .. } => drop(reply.send(Err(e))),
+        StoreRequest::MarkRead { reply, .. } => drop(reply.send(Err(e))),
+        StoreRequest::ReadInbox { reply, .. } => drop(reply.send(Err(e))),
+        StoreRequest::AckInbox { reply, .. } => drop(reply.send(Err(e))),
+        StoreRequest::Stats { reply, .. } => drop(reply.send(Err(e))),
+    }
+}
