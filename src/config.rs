@@ -121,9 +121,12 @@ struct RawConfig {
     #[serde(default = "default_log_level")]
     log_level: String,
     broker: RawBroker,
-    provisioning: RawProvisioning,
+    /// Optional: without it, UserSigs come only from local apps (`login {user_id, user_sig}`).
+    provisioning: Option<RawProvisioning>,
     #[serde(default)]
     session: RawSession,
+    #[serde(default)]
+    store: RawStore,
     #[serde(default)]
     api: RawApi,
 }
@@ -167,8 +170,10 @@ fn default_client_id() -> String {
 fn default_keepalive() -> Dur {
     Dur(Duration::from_secs(60))
 }
+/// The IM service keeps offline messages 7 days; a broker session that lives as long keeps
+/// them queued for a device that is off that long (at the cost of broker memory).
 fn default_session_expiry() -> Dur {
-    Dur(Duration::from_secs(3600))
+    Dur(Duration::from_secs(7 * 86_400))
 }
 fn default_connect_timeout() -> Dur {
     Dur(Duration::from_secs(10))
@@ -244,6 +249,59 @@ impl Default for RawSession {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+struct RawStore {
+    max_bytes: RawSize,
+}
+
+impl Default for RawStore {
+    fn default() -> Self {
+        RawStore {
+            max_bytes: RawSize::Bytes(DEFAULT_STORE_BYTES),
+        }
+    }
+}
+
+/// The message store's default size cap.
+pub const DEFAULT_STORE_BYTES: u64 = 128 << 20;
+
+/// A size: a number of bytes, or a string like "64MiB", "500MB", "1GiB".
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(u64),
+    Text(String),
+}
+
+fn parse_size(v: &RawSize) -> Result<u64, String> {
+    let s = match v {
+        RawSize::Bytes(b) => return Ok(*b),
+        RawSize::Text(s) => s.trim(),
+    };
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: a size is a number of bytes or e.g. \"64MiB\", \"1GiB\""))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KB" => 1_000,
+        "KiB" => 1 << 10,
+        "MB" => 1_000_000,
+        "MiB" => 1 << 20,
+        "GB" => 1_000_000_000,
+        "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown unit {other:?} (use B, KB, KiB, MB, MiB, GB or GiB)"
+            ));
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 struct RawApi {
     socket: PathBuf,
     group: Option<String>,
@@ -301,6 +359,15 @@ pub struct ProvisioningConfig {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// The message store's file (`messages.db` in the state directory).
+    pub path: PathBuf,
+    /// Size cap: beyond it, old read and sent messages are evicted; a send that cannot make
+    /// room is refused.
+    pub max_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiConfig {
     pub socket: PathBuf,
     pub group: Option<String>,
@@ -324,7 +391,9 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub log_level: tracing::Level,
     pub broker: BrokerConfig,
-    pub provisioning: ProvisioningConfig,
+    /// `None`: UserSigs come only from local apps.
+    pub provisioning: Option<ProvisioningConfig>,
+    pub store: StoreConfig,
     pub policy: Policy,
     pub api: ApiConfig,
     /// Things that work but deserve attention (e.g. a secret file readable by others).
@@ -474,42 +543,30 @@ fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigErr
     }
 
     // [provisioning]
-    let p = raw.provisioning;
-    let url = Template::parse(&p.url, &["user_id"])
-        .map_err(|e| err("provisioning.url", format!("{:?}: {e}", p.url)))?;
-    crate::url::check_template(url.as_str()).map_err(|m| err("provisioning.url", m))?;
-    let token_file = p.token_file.as_deref().map(resolve);
-    if let Some(t) = &token_file {
-        check_secret_file(t, "provisioning.token_file", &err, &mut warnings)?;
-    }
-    let prov_ca = ca_source(
-        p.ca_file.as_deref().map(resolve),
-        "provisioning.ca_file",
-        &err,
-    )?;
-    let prov_auth = client_auth(
-        p.client_cert.as_deref().map(resolve),
-        p.client_key.as_deref().map(resolve),
-        "provisioning",
-        &err,
-        &mut warnings,
-    )?;
-    if token_file.is_none() && prov_auth.is_none() {
-        warnings.push(
-            "provisioning: neither token_file nor client_cert is set; the provisioning server \
-             gets no device credentials"
-                .into(),
-        );
-    }
-    if p.timeout.0 < Duration::from_secs(1) {
-        return Err(err("provisioning.timeout", "must be at least 1s".into()));
-    }
-    if !(1024..=16 * 1024 * 1024).contains(&p.max_response_bytes) {
+    let provisioning = match raw.provisioning {
+        Some(p) => Some(validate_provisioning(p, &resolve, &err, &mut warnings)?),
+        None => {
+            warnings.push(
+                "no [provisioning] section: UserSigs come only from local apps (login with \
+                 user_sig); when one expires, the daemon logs out and waits for the next"
+                    .into(),
+            );
+            None
+        }
+    };
+
+    // [store]
+    let max_bytes = parse_size(&raw.store.max_bytes).map_err(|m| err("store.max_bytes", m))?;
+    if max_bytes < 1 << 20 {
         return Err(err(
-            "provisioning.max_response_bytes",
-            "must be between 1024 and 16777216".into(),
+            "store.max_bytes",
+            format!("{max_bytes} bytes: the message store needs at least 1MiB"),
         ));
     }
+    let store = StoreConfig {
+        path: resolve(&raw.state_dir).join("messages.db"),
+        max_bytes,
+    };
 
     // [session]
     let s = raw.session;
@@ -594,9 +651,14 @@ fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigErr
         takeover_cooldown_max: ms(s.takeover_cooldown_max),
         min_wall_clock: BUILD_UNIX,
         clock_retry: ms(s.clock_retry).max(1_000),
-        fetch_timeout: p.timeout.0.as_millis() as u64,
+        fetch_timeout: provisioning
+            .as_ref()
+            .map_or(Policy::default().fetch_timeout, |p| {
+                p.timeout.as_millis() as u64
+            }),
         connect_timeout: b.connect_timeout.0.as_millis() as u64,
         close_timeout: Policy::default().close_timeout,
+        provisioning: provisioning.is_some(),
     };
 
     // [api]
@@ -645,17 +707,62 @@ fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigErr
             session_expiry_secs,
             connect_timeout: b.connect_timeout.0,
         },
-        provisioning: ProvisioningConfig {
-            url,
-            token_file,
-            ca: prov_ca,
-            client_auth: prov_auth,
-            timeout: p.timeout.0,
-            max_response_bytes: p.max_response_bytes,
-        },
+        provisioning,
+        store,
         policy,
         api,
         warnings,
+    })
+}
+
+fn validate_provisioning(
+    p: RawProvisioning,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+    err: &dyn Fn(&str, String) -> ConfigError,
+    warnings: &mut Vec<String>,
+) -> Result<ProvisioningConfig, ConfigError> {
+    let url = Template::parse(&p.url, &["user_id"])
+        .map_err(|e| err("provisioning.url", format!("{:?}: {e}", p.url)))?;
+    crate::url::check_template(url.as_str()).map_err(|m| err("provisioning.url", m))?;
+    let token_file = p.token_file.as_deref().map(resolve);
+    if let Some(t) = &token_file {
+        check_secret_file(t, "provisioning.token_file", err, warnings)?;
+    }
+    let ca = ca_source(
+        p.ca_file.as_deref().map(resolve),
+        "provisioning.ca_file",
+        err,
+    )?;
+    let client_auth = client_auth(
+        p.client_cert.as_deref().map(resolve),
+        p.client_key.as_deref().map(resolve),
+        "provisioning",
+        err,
+        warnings,
+    )?;
+    if token_file.is_none() && client_auth.is_none() {
+        warnings.push(
+            "provisioning: neither token_file nor client_cert is set; the provisioning server \
+             gets no device credentials"
+                .into(),
+        );
+    }
+    if p.timeout.0 < Duration::from_secs(1) {
+        return Err(err("provisioning.timeout", "must be at least 1s".into()));
+    }
+    if !(1024..=16 * 1024 * 1024).contains(&p.max_response_bytes) {
+        return Err(err(
+            "provisioning.max_response_bytes",
+            "must be between 1024 and 16777216".into(),
+        ));
+    }
+    Ok(ProvisioningConfig {
+        url,
+        token_file,
+        ca,
+        client_auth,
+        timeout: p.timeout.0,
+        max_response_bytes: p.max_response_bytes,
     })
 }
 

@@ -11,9 +11,11 @@
 //! * every state change goes out once, from [`Driver::emit`], to the log, the local API
 //!   watchers and (through [`Status`]) systemd.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::QoS;
@@ -25,14 +27,17 @@ use tokio::task::JoinHandle;
 
 use crate::clock::{BootTimer, wall_ms};
 use crate::config::Config;
+use crate::courier::{self, Courier, LinkId, MessageEvent, Seq};
 use crate::identity::UserId;
+use crate::message::{IdGen, WireMessage};
 use crate::mqtt::MqttSettings;
 use crate::provision::{Fetched, Provisioner};
 use crate::session::{
     Action, ConnEnd, Counters, ErrorClass, Event, FetchFailure, Input, LastError, Machine, Millis,
     Phase, RequestError, RequestId, SigInfo, Snapshot,
 };
-use crate::usersig::{SigCache, UserSig};
+use crate::store::{Received, StoreHandle, StoreRequest};
+use crate::usersig::{AppSig, SigCache, UserSig};
 
 /// The loop wakes at least this often, so its heartbeat proves it is alive.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
@@ -41,7 +46,15 @@ pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 pub enum Command {
     Login {
         user: Option<UserId>,
+        /// A UserSig the app brought, already checked by the API (user, app, expiry).
+        sig: Option<Box<AppSig>>,
         reply: oneshot::Sender<Result<(), RequestError>>,
+    },
+    /// `send_message` committed a message to the store: the courier may send it.
+    Enqueued {
+        owner: String,
+        seq: Seq,
+        msg: WireMessage,
     },
     Logout {
         reply: oneshot::Sender<Result<(), RequestError>>,
@@ -105,6 +118,12 @@ pub struct SessionHandle {
     pub commands: mpsc::Sender<Command>,
     pub status: watch::Receiver<Status>,
     pub events: broadcast::Sender<Event>,
+    /// Message notifications (hints: the store is the truth).
+    pub messages: broadcast::Sender<MessageEvent>,
+    /// The message store (the API reads it and commits sends directly).
+    pub store: StoreHandle,
+    /// Message ids: one generator, so ids stay monotonic across API clients.
+    pub ids: Arc<Mutex<IdGen>>,
     /// Monotonic milliseconds (driver clock) of the loop's last iteration.
     pub heartbeat: Arc<AtomicU64>,
     pub clock: Clock,
@@ -147,6 +166,15 @@ struct Connection {
     events: mpsc::Receiver<ConnEvent>,
     task: JoinHandle<()>,
     state: ConnState,
+    /// The courier's name for this connection.
+    link: LinkId,
+    /// Whom it logs in as.
+    user: UserId,
+    /// Publishes handed to rumqttc, waiting for their packet id (rumqttc reports
+    /// `Outgoing::Publish(pkid)` in the order it took them).
+    unnumbered: VecDeque<Seq>,
+    /// Packet id → the courier's seq, until the PUBACK.
+    pkids: HashMap<u16, Seq>,
 }
 
 /// Aborts a task when dropped (the relay lives exactly as long as its connection's task).
@@ -164,6 +192,7 @@ impl Connection {
         user: &UserId,
         sig: &UserSig,
         relay_dir: &std::path::Path,
+        link: LinkId,
     ) -> Result<Connection, ConnEnd> {
         let (listener, path) = crate::relay::listen(relay_dir).map_err(|e| ConnEnd::Network {
             kind: crate::session::NetKind::Other,
@@ -227,6 +256,10 @@ impl Connection {
             events,
             task,
             state: ConnState::Connecting,
+            link,
+            user: user.clone(),
+            unnumbered: VecDeque::new(),
+            pkids: HashMap::new(),
         })
     }
 }
@@ -249,7 +282,11 @@ struct HeldSig {
     anchor: Option<(i64, Millis)>,
 }
 
+/// A store answer on its way to the courier (answers are delivered in request order).
+type StoreAnswer = Pin<Box<dyn Future<Output = courier::Input> + Send>>;
+
 enum Wake {
+    Store(Option<courier::Input>),
     Command(Option<Command>),
     Conn(ConnEvent),
     Fetch(Result<Result<Fetched, FetchFailure>, tokio::task::JoinError>),
@@ -259,10 +296,19 @@ enum Wake {
 
 pub struct Driver {
     machine: Machine,
+    courier: Courier,
     clock: Clock,
     config: Config,
     mqtt: MqttSettings,
-    provisioner: Provisioner,
+    provisioner: Option<Provisioner>,
+    store: StoreHandle,
+    /// Store answers, in request order (see [`Driver::run`]).
+    answers_tx: mpsc::UnboundedSender<StoreAnswer>,
+    answers_rx: Option<mpsc::UnboundedReceiver<StoreAnswer>>,
+    store_done: mpsc::UnboundedReceiver<courier::Input>,
+    store_done_tx: mpsc::UnboundedSender<courier::Input>,
+    messages: broadcast::Sender<MessageEvent>,
+    next_link: LinkId,
     cache: SigCache,
     sigs: HashMap<String, HeldSig>,
     conn: Option<Connection>,
@@ -290,15 +336,15 @@ fn seed() -> u64 {
 }
 
 /// The broker and provisioning clients a config describes (their TLS set up).
-fn endpoints(config: &Config) -> Result<(MqttSettings, Provisioner), String> {
+fn endpoints(config: &Config) -> Result<(MqttSettings, Option<Provisioner>), String> {
     let mqtt = MqttSettings::from_config(config).map_err(|e| format!("broker: {e}"))?;
-    let provisioner = Provisioner::new(
-        &config.provisioning,
-        config.sdk_app_id,
-        &config.platform,
-        &config.instance,
-    )
-    .map_err(|e| format!("provisioning: {e}"))?;
+    let provisioner = match &config.provisioning {
+        None => None,
+        Some(p) => Some(
+            Provisioner::new(p, config.sdk_app_id, &config.platform, &config.instance)
+                .map_err(|e| format!("provisioning: {e}"))?,
+        ),
+    };
     Ok((mqtt, provisioner))
 }
 
@@ -369,10 +415,27 @@ impl Driver {
                 let _ = cache.forget();
             }
         }
+        let (store, opened) = StoreHandle::open(config.store.path.clone(), config.store.max_bytes);
+        match opened {
+            Ok(()) => {
+                // Messages are private: the state directory is 0700, the file 0600 as well
+                // (SQLite gives its -wal and -shm files the same mode).
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(
+                    &config.store.path,
+                    std::fs::Permissions::from_mode(0o600),
+                );
+            }
+            // The session works without it; every messaging call answers with this reason.
+            Err(e) => tracing::error!("messaging is unavailable: {e}"),
+        }
         let timer =
             BootTimer::new().map_err(|e| format!("creating a CLOCK_BOOTTIME timer: {e}"))?;
         let (commands_tx, commands) = mpsc::channel(64);
         let (events, _) = broadcast::channel(watcher_queue.max(1));
+        let (messages, _) = broadcast::channel(watcher_queue.max(1));
+        let (answers_tx, answers_rx) = mpsc::unbounded_channel();
+        let (store_done_tx, store_done) = mpsc::unbounded_channel();
         let heartbeat = Arc::new(AtomicU64::new(now.mono));
         let snapshot = machine.snapshot();
         let status0 = Self::status_of(&snapshot, &config, &mqtt, &clock);
@@ -381,6 +444,9 @@ impl Driver {
             commands: commands_tx,
             status: status_rx,
             events: events.clone(),
+            messages: messages.clone(),
+            store: store.clone(),
+            ids: Arc::new(Mutex::new(IdGen::new())),
             heartbeat: heartbeat.clone(),
             clock,
         };
@@ -389,10 +455,18 @@ impl Driver {
         Ok((
             Driver {
                 machine,
+                courier: Courier::new(now.mono, seed()),
                 clock,
                 config,
                 mqtt,
                 provisioner,
+                store,
+                answers_tx,
+                answers_rx: Some(answers_rx),
+                store_done,
+                store_done_tx,
+                messages,
+                next_link: 1,
                 cache,
                 sigs,
                 conn: None,
@@ -462,23 +536,42 @@ impl Driver {
 
     /// Run until the machine says `Exit`.
     pub async fn run(mut self) {
+        // Store answers reach the courier in the order the requests went out (the store
+        // thread answers in that order; this task keeps it across the await points).
+        if let Some(mut answers) = self.answers_rx.take() {
+            let done = self.store_done_tx.clone();
+            tokio::spawn(async move {
+                while let Some(a) = answers.recv().await {
+                    if done.send(a.await).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
         self.feed(Input::Start);
         let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.run_actions().await;
+            self.sync_account();
+            self.run_courier();
             self.publish_status();
             if self.exit {
                 break;
             }
             self.heartbeat
                 .store(self.clock.now().mono, Ordering::Relaxed);
-            if let Err(e) = self.timer.arm(self.machine.poll_timeout()) {
+            let due = [self.machine.poll_timeout(), self.courier.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .min();
+            if let Err(e) = self.timer.arm(due) {
                 // Cannot happen with a valid timerfd; the heartbeat tick still drives the
                 // machine, a second late at worst.
                 tracing::error!("arming the session timer: {e}");
             }
             let wake = tokio::select! {
+                done = self.store_done.recv() => Wake::Store(done),
                 cmd = self.commands.recv() => Wake::Command(cmd),
                 ev = next_conn_event(&mut self.conn), if self.conn.is_some() => Wake::Conn(ev),
                 res = next_fetch(&mut self.fetch), if self.fetch.is_some() => Wake::Fetch(res),
@@ -486,6 +579,8 @@ impl Driver {
                 _ = tick.tick() => Wake::Tick,
             };
             match wake {
+                Wake::Store(Some(input)) => self.feed_courier(input),
+                Wake::Store(None) => {}
                 Wake::Command(None) => self.feed(Input::Shutdown),
                 Wake::Command(Some(cmd)) => self.on_command(cmd).await,
                 Wake::Conn(ev) => self.on_conn_event(ev),
@@ -493,6 +588,7 @@ impl Driver {
                 Wake::Timer | Wake::Tick => {
                     let now = self.clock.now();
                     self.machine.handle_timeout(now);
+                    self.courier.handle_timeout(now.mono);
                 }
             }
         }
@@ -501,11 +597,15 @@ impl Driver {
 
     async fn on_command(&mut self, cmd: Command) {
         match cmd {
-            Command::Login { user, reply } => {
+            Command::Login { user, sig, reply } => {
                 let id = self.next_request;
                 self.next_request += 1;
                 self.replies.insert(id, reply);
-                self.feed(Input::Login { id, user });
+                let sig = sig.map(|app| self.hold_app_sig(*app, user.as_ref()));
+                self.feed(Input::Login { id, user, sig });
+            }
+            Command::Enqueued { owner, seq, msg } => {
+                self.feed_courier(courier::Input::Enqueued { owner, seq, msg });
             }
             Command::Logout { reply } => {
                 let id = self.next_request;
@@ -557,8 +657,10 @@ impl Driver {
             ConnEvent::Mqtt(ev) => *ev,
             ConnEvent::Ended(end) => {
                 let state = conn.state;
+                let link = conn.link;
                 // The task already stopped polling; drop the connection (and the task) now.
                 self.conn = None;
+                self.feed_courier(courier::Input::LinkDown(link));
                 if state == ConnState::Closing {
                     self.feed(Input::Disconnected);
                 } else {
@@ -575,14 +677,44 @@ impl Driver {
                 });
             }
             MqttEvent::Incoming(Packet::Publish(p)) => {
+                let link = conn.link;
+                let inbox = self.mqtt.inbox_topic(&conn.user);
+                let msg = if p.topic.as_ref() != inbox.as_bytes() {
+                    Err(format!(
+                        "a PUBLISH on {:?}, not the inbox",
+                        String::from_utf8_lossy(&p.topic)
+                    ))
+                } else {
+                    WireMessage::decode(&p.payload, &conn.user).map_err(|e| e.to_string())
+                };
                 tracing::debug!(
                     // Debug-quoted: the topic comes from outside.
                     topic = ?String::from_utf8_lossy(&p.topic),
                     bytes = p.payload.len(),
                     qos = ?p.qos,
-                    "message received"
+                    "PUBLISH received"
                 );
+                let pkid = (p.qos != QoS::AtMostOnce).then_some(p.pkid);
+                let owner = conn.user.to_string();
                 self.feed(Input::MessageReceived);
+                self.feed_courier(courier::Input::Received {
+                    link,
+                    pkid,
+                    owner,
+                    msg,
+                });
+            }
+            MqttEvent::Outgoing(rumqttc::Outgoing::Publish(pkid)) => {
+                if let Some(seq) = conn.unnumbered.pop_front() {
+                    conn.pkids.insert(pkid, seq);
+                }
+            }
+            MqttEvent::Incoming(Packet::PubAck(ack)) => {
+                if let Some(seq) = conn.pkids.remove(&ack.pkid) {
+                    let link = conn.link;
+                    let code = crate::mqtt::puback_code(ack.reason);
+                    self.feed_courier(courier::Input::PubAck { link, seq, code });
+                }
             }
             MqttEvent::Outgoing(rumqttc::Outgoing::Disconnect) => {
                 // DISCONNECT is on the wire. Keep reading until the broker closes its side (it
@@ -672,8 +804,16 @@ impl Driver {
                     if let Some(old) = self.fetch.take() {
                         old.abort();
                     }
-                    tracing::info!(url = %self.provisioner.shown_url_for(&user), "fetching a UserSig");
-                    let p = self.provisioner.clone();
+                    let Some(p) = self.provisioner.clone() else {
+                        // Cannot happen: without provisioning the machine never fetches.
+                        self.feed(Input::SigFetchFailed(FetchFailure::new(
+                            ErrorClass::Fatal,
+                            crate::session::codes::INVALID_PARAMETERS,
+                            "no [provisioning] URL is configured",
+                        )));
+                        continue;
+                    };
+                    tracing::info!(url = %p.shown_url_for(&user), "fetching a UserSig");
                     self.fetch = Some(tokio::spawn(async move { p.fetch(&user).await }));
                 }
                 Action::CancelFetch => {
@@ -688,11 +828,20 @@ impl Driver {
                         if let Err(e) = c.client.try_subscribe(filter, QoS::AtLeastOnce) {
                             tracing::warn!("could not queue the inbox subscription: {e}");
                         }
+                        // The session is up: the courier may publish on it.
+                        let link = c.link;
+                        self.feed_courier(courier::Input::LinkUp(link));
                     }
                 }
-                Action::Disconnect => self.disconnect(),
+                Action::Disconnect => {
+                    if let Some(link) = self.conn.as_ref().map(|c| c.link) {
+                        self.feed_courier(courier::Input::LinkDown(link));
+                    }
+                    self.disconnect();
+                }
                 Action::Abandon => {
-                    if self.conn.take().is_some() {
+                    if let Some(c) = self.conn.take() {
+                        self.feed_courier(courier::Input::LinkDown(c.link));
                         tracing::debug!("connection dropped without waiting");
                     }
                 }
@@ -719,7 +868,255 @@ impl Driver {
         }
     }
 
+    /// Keep a sig a local app brought (checked by the API) and describe it to the machine.
+    fn hold_app_sig(&mut self, app: AppSig, user: Option<&UserId>) -> SigInfo {
+        let now = self.clock.now();
+        let user = user.cloned().unwrap_or_else(|| self.machine.user().clone());
+        let fingerprint = app.sig.fingerprint();
+        tracing::info!(fingerprint = %fingerprint, user_id = %user, "a local app brought a UserSig");
+        self.sigs.insert(
+            fingerprint.clone(),
+            HeldSig {
+                sig: app.sig,
+                user: user.clone(),
+                // No issuer's clock to compare with: our wall clock is the reference.
+                server_offset: 0,
+                issued_at: app.issued_at,
+                expires_at: app.expires_at,
+                anchor: Some((now.wall, now.mono)),
+            },
+        );
+        SigInfo {
+            fingerprint,
+            user_id: user,
+            issued_at: app.issued_at,
+            expires_at: app.expires_at,
+            server_now: now.wall,
+            received_at: now.mono,
+            wall_anchored: true,
+        }
+    }
+
+    /// The courier sends the outbox of whom the session logs in as.
+    fn sync_account(&mut self) {
+        let user = self.machine.user().as_str();
+        if self.courier.owner() != Some(user) {
+            let owner = Some(user.to_string());
+            self.feed_courier(courier::Input::Account(owner));
+        }
+    }
+
+    fn feed_courier(&mut self, input: courier::Input) {
+        let now = self.clock.now().mono;
+        self.courier.handle(now, input);
+    }
+
+    /// Carry out the courier's actions (none of them waits).
+    fn run_courier(&mut self) {
+        while let Some(action) = self.courier.poll_action() {
+            match action {
+                courier::Action::Publish { link, seq, msg } => self.publish(link, seq, &msg),
+                courier::Action::Ack { link, pkid } => {
+                    if let Some(c) = self.conn.as_ref().filter(|c| c.link == link) {
+                        let mut p = rumqttc::v5::mqttbytes::v5::Publish::new(
+                            "",
+                            QoS::AtLeastOnce,
+                            Vec::new(),
+                            None,
+                        );
+                        p.pkid = pkid;
+                        if let Err(e) = c.client.try_ack(&p) {
+                            // The connection is going: the broker sends it again on the next.
+                            tracing::debug!("could not queue a PUBACK: {e}");
+                        }
+                    }
+                }
+                courier::Action::Notify(e) => {
+                    match &e {
+                        MessageEvent::MessageReceived { id, from, .. } => {
+                            tracing::debug!(id = %id, from = %from, "message received")
+                        }
+                        MessageEvent::MessageSent { id, to } => {
+                            tracing::debug!(id = %id, to = %to, "message sent")
+                        }
+                        MessageEvent::MessageFailed {
+                            id,
+                            to,
+                            code,
+                            reason,
+                        } => tracing::warn!(
+                            id = %id,
+                            to = %to,
+                            code,
+                            reason = format!("0x{reason:02X}"),
+                            "message refused by the broker; it will not be sent again"
+                        ),
+                    }
+                    let _ = self.messages.send(e);
+                }
+                courier::Action::LoadOutbox {
+                    token,
+                    owner,
+                    after,
+                    limit,
+                    skip,
+                } => {
+                    let (tx, rx) = oneshot::channel();
+                    let sent = self.store.send(StoreRequest::Outbox {
+                        owner,
+                        after,
+                        limit,
+                        skip,
+                        reply: tx,
+                    });
+                    self.answer(
+                        sent,
+                        async move {
+                            match rx.await {
+                                Ok(Ok((page, complete))) => courier::Input::OutboxPage {
+                                    token,
+                                    page,
+                                    complete,
+                                },
+                                Ok(Err(e)) => {
+                                    tracing::warn!("reading the outbox: {e}");
+                                    courier::Input::OutboxFailed { token }
+                                }
+                                Err(_) => courier::Input::OutboxFailed { token },
+                            }
+                        },
+                        courier::Input::OutboxFailed { token },
+                    );
+                }
+                courier::Action::Settle {
+                    owner,
+                    seq,
+                    id,
+                    outcome,
+                } => {
+                    let failed = match outcome {
+                        courier::Outcome::Sent => None,
+                        courier::Outcome::Failed { code, .. } => Some(code),
+                    };
+                    let (tx, rx) = oneshot::channel();
+                    let sent = self.store.send(StoreRequest::Settle {
+                        owner,
+                        id,
+                        failed,
+                        reply: tx,
+                    });
+                    self.answer(
+                        sent,
+                        async move {
+                            let committed = matches!(rx.await, Ok(Ok(_)));
+                            courier::Input::Settled { seq, committed }
+                        },
+                        courier::Input::Settled {
+                            seq,
+                            committed: false,
+                        },
+                    );
+                }
+                courier::Action::Store {
+                    link,
+                    pkid,
+                    owner,
+                    msg,
+                } => {
+                    let (tx, rx) = oneshot::channel();
+                    let sent = self.store.send(StoreRequest::Receive {
+                        owner,
+                        msg: msg.clone(),
+                        reply: tx,
+                    });
+                    let failed = courier::Input::Stored {
+                        link,
+                        pkid,
+                        msg: msg.clone(),
+                        result: Err(()),
+                    };
+                    self.answer(
+                        sent,
+                        async move {
+                            let result = match rx.await {
+                                Ok(Ok(Received::New(seq))) => Ok(Some(seq)),
+                                Ok(Ok(Received::Duplicate)) => Ok(None),
+                                Ok(Err(e)) => {
+                                    tracing::warn!("storing a received message: {e}");
+                                    Err(())
+                                }
+                                Err(_) => Err(()),
+                            };
+                            courier::Input::Stored {
+                                link,
+                                pkid,
+                                msg,
+                                result,
+                            }
+                        },
+                        failed,
+                    );
+                }
+            }
+        }
+    }
+
+    /// Queue the answer to a store request in request order; a request the store would not
+    /// take is answered at once with `refused`.
+    fn answer(
+        &mut self,
+        sent: Result<(), crate::store::StoreError>,
+        answer: impl Future<Output = courier::Input> + Send + 'static,
+        refused: courier::Input,
+    ) {
+        let fut: StoreAnswer = match sent {
+            Ok(()) => Box::pin(answer),
+            Err(e) => {
+                tracing::warn!("{e}");
+                Box::pin(async move { refused })
+            }
+        };
+        if self.answers_tx.send(fut).is_err() {
+            tracing::error!("the store answer pipeline is gone");
+        }
+    }
+
+    /// Publish one message of the outbox on the current connection.
+    fn publish(&mut self, link: LinkId, seq: Seq, msg: &WireMessage) {
+        let topic = self.mqtt.inbox_topic_of(&msg.to);
+        let refused = courier::Input::PublishRefused { link, seq };
+        let Some(c) = self.conn.as_mut().filter(|c| c.link == link) else {
+            return self.feed_courier(refused);
+        };
+        let payload = match msg.encode() {
+            Ok(p) => p,
+            Err(e) => {
+                // Checked when it was sent; a stored message cannot grow. Fail it for good.
+                tracing::error!(id = %msg.id, "cannot send a stored message: {e}");
+                return self.feed_courier(courier::Input::PubAck {
+                    link,
+                    seq,
+                    code: 0x99,
+                });
+            }
+        };
+        match c
+            .client
+            .try_publish(topic, QoS::AtLeastOnce, false, payload)
+        {
+            Ok(()) => c.unnumbered.push_back(seq),
+            Err(e) => {
+                tracing::debug!("the MQTT client would not take a publish now: {e}");
+                self.feed_courier(refused);
+            }
+        }
+    }
+
     fn connect(&mut self, user: UserId, fingerprint: &str) {
+        if let Some(old) = self.conn.take() {
+            // Cannot happen (the machine connects only with no connection); fail safe.
+            self.feed_courier(courier::Input::LinkDown(old.link));
+        }
         let Some(held) = self.sigs.get(fingerprint) else {
             // Cannot happen (the machine only names sigs it has not released); fail safe.
             self.feed(Input::ConnectionEnded(crate::session::ConnEnd::Network {
@@ -735,7 +1132,9 @@ impl Driver {
             fingerprint,
             "connecting"
         );
-        match Connection::open(&self.mqtt, &user, &held.sig, &self.config.state_dir) {
+        let link = self.next_link;
+        self.next_link += 1;
+        match Connection::open(&self.mqtt, &user, &held.sig, &self.config.state_dir, link) {
             Ok(c) => self.conn = Some(c),
             Err(end) => self.feed(Input::ConnectionEnded(end)),
         }

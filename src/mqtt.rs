@@ -17,6 +17,9 @@ use crate::usersig::UserSig;
 pub const MAX_PACKET: u32 = 256 * 1024;
 /// In-flight limit: rumqttc preallocates for it (the default 65535 costs ~13.5 MiB).
 pub const INFLIGHT: u16 = 32;
+/// How many QoS 1 messages the broker may have out to us unacknowledged (the CONNECT's
+/// receive maximum): the courier holds at most this many received messages in memory.
+pub const RECEIVE_MAX: u16 = 32;
 
 /// Everything needed to open a session, built once per config.
 #[derive(Clone)]
@@ -98,6 +101,16 @@ impl MqttSettings {
         format!("im/{}/u/{}/#", self.sdk_app_id, user)
     }
 
+    /// `user`'s inbox, where C2C messages to them are published.
+    pub fn inbox_topic(&self, user: &UserId) -> String {
+        self.inbox_topic_of(user.as_str())
+    }
+
+    /// The inbox of `peer` (a UserID already checked by whoever stored the message).
+    pub fn inbox_topic_of(&self, peer: &str) -> String {
+        format!("im/{}/u/{}/in", self.sdk_app_id, peer)
+    }
+
     /// Options for one connection: persistent session (clean start off, session expiry),
     /// username = UserID, password = UserSig. rumqttc speaks MQTT over `relay`, the private
     /// Unix socket of `crate::relay`, which carries it over TLS (ring) to the broker.
@@ -116,8 +129,29 @@ impl MqttSettings {
         o.set_connection_timeout(self.connect_timeout.as_secs().max(1));
         o.set_outgoing_inflight_upper_limit(INFLIGHT);
         o.set_max_packet_size(Some(MAX_PACKET));
-        o.set_request_channel_capacity(10);
+        // The courier's window (16 publishes) and the PUBACKs owed (at most RECEIVE_MAX)
+        // always fit, so `try_publish`/`try_ack` are refused only when the link is going.
+        o.set_request_channel_capacity(128);
+        o.set_receive_maximum(Some(RECEIVE_MAX));
+        // A received message is acknowledged only once it is committed to the store.
+        o.set_manual_acks(true);
         o
+    }
+}
+
+/// The numeric reason code of a PUBACK.
+pub fn puback_code(r: rumqttc::v5::mqttbytes::v5::PubAckReason) -> u8 {
+    use rumqttc::v5::mqttbytes::v5::PubAckReason as R;
+    match r {
+        R::Success => 0x00,
+        R::NoMatchingSubscribers => 0x10,
+        R::UnspecifiedError => 0x80,
+        R::ImplementationSpecificError => 0x83,
+        R::NotAuthorized => 0x87,
+        R::TopicNameInvalid => 0x90,
+        R::PacketIdentifierInUse => 0x91,
+        R::QuotaExceeded => 0x97,
+        R::PayloadFormatInvalid => 0x99,
     }
 }
 

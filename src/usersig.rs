@@ -107,6 +107,72 @@ pub fn inspect(sig: &str) -> Result<SigFormat, String> {
     Ok(SigFormat::Opaque)
 }
 
+/// A UserSig a local app brought (`login {user_id, user_sig}`), checked before it is used
+/// or kept.
+#[derive(Debug)]
+pub struct AppSig {
+    pub sig: UserSig,
+    pub issued_at: Option<i64>,
+    pub expires_at: Option<i64>,
+}
+
+/// Check a UserSig a local app brought for `user` of app `sdk_app_id`: well formed, issued
+/// for them, and (when it says when, and the wall clock `now` is plausible) not expired.
+/// Errors carry an IM code and never quote the sig.
+pub fn check_app_sig(
+    text: &str,
+    user: &UserId,
+    sdk_app_id: u64,
+    now: i64,
+    clock_plausible: bool,
+) -> Result<AppSig, (u32, String)> {
+    use crate::session::codes;
+    let text = text.trim_matches(|c: char| c.is_ascii_whitespace());
+    let (issued_at, expires_at) = match inspect(text) {
+        Err(e) => return Err((codes::SVR_SIG_CHECK_FAILED, format!("user_sig: {e}"))),
+        Ok(SigFormat::TlsSigV2 {
+            identifier,
+            sdk_app_id: app,
+            issued_at,
+            expires_at,
+        }) => {
+            if identifier != user.as_str() {
+                return Err((
+                    codes::SVR_SIG_MISMATCH_ID,
+                    format!(
+                        "user_sig was issued for {:?}, not {:?}",
+                        crate::session::quote_external(&identifier, 40),
+                        user.as_str()
+                    ),
+                ));
+            }
+            if app != sdk_app_id {
+                return Err((
+                    codes::SVR_SIG_MISMATCH_APP,
+                    format!("user_sig was issued for SDKAppID {app}, not {sdk_app_id}"),
+                ));
+            }
+            (Some(issued_at), Some(expires_at))
+        }
+        Ok(SigFormat::Jwt {
+            issued_at,
+            expires_at,
+        }) => (issued_at, expires_at),
+        Ok(SigFormat::Opaque) => (None, None),
+    };
+    if clock_plausible && expires_at.is_some_and(|e| e < now) {
+        return Err((
+            codes::USER_SIG_EXPIRED,
+            "user_sig has expired; ask the app server for a new one".into(),
+        ));
+    }
+    Ok(AppSig {
+        sig: UserSig::new(text),
+        issued_at,
+        expires_at,
+    })
+}
+
 // --- the cache ------------------------------------------------------------------------------
 
 /// What the cache file holds (version 2; version 1 files, without the boot-time anchor, are

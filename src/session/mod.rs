@@ -126,6 +126,10 @@ pub struct Policy {
     pub connect_timeout: Millis,
     /// A clean DISCONNECT that has not completed after this is abandoned (default 3 s).
     pub close_timeout: Millis,
+    /// A provisioning URL is configured. Without one, UserSigs come only from local apps
+    /// (`login {user_id, user_sig}`): no fetch, no proactive refresh, and when the sig runs
+    /// out the engine logs out and waits for the app's next login, as the SDK does.
+    pub provisioning: bool,
 }
 
 /// Added to the driver's own fetch and connect timeouts: the machine's deadline is a backstop.
@@ -151,6 +155,7 @@ impl Default for Policy {
             fetch_timeout: 15_000,
             connect_timeout: 10_000,
             close_timeout: 3_000,
+            provisioning: true,
         }
     }
 }
@@ -252,10 +257,13 @@ pub enum Input {
     Start,
     /// A cached UserSig was found at start (give before `Start`).
     CachedSig(SigInfo),
-    /// A local app asks to log in (optionally as another user: account switch).
+    /// A local app asks to log in (optionally as another user: account switch), optionally
+    /// with a UserSig it brings (validated by the driver: user, app, expiry; the secret stays
+    /// with the driver).
     Login {
         id: RequestId,
         user: Option<UserId>,
+        sig: Option<SigInfo>,
     },
     Logout {
         id: RequestId,
@@ -509,7 +517,7 @@ impl Machine {
                 }
             }
             Input::CachedSig(info) => self.on_cached_sig(info),
-            Input::Login { id, user } => self.on_login_request(id, user),
+            Input::Login { id, user, sig } => self.on_login_request(id, user, sig),
             Input::Logout { id } => self.on_logout_request(id),
             Input::Shutdown => self.on_shutdown(),
             Input::Reconfigured {
@@ -814,7 +822,8 @@ impl Machine {
 
     /// Start the proactive refresh when it is due and the fetch slot is free.
     fn maybe_refresh(&mut self) {
-        if self.fetch.is_none()
+        if self.policy.provisioning
+            && self.fetch.is_none()
             && !self.refresh_blocked
             && self.sig.is_some()
             && self.refresh_due.is_some_and(|t| t <= self.now.mono)
@@ -1024,6 +1033,12 @@ impl Machine {
 
     fn start_fetch(&mut self, purpose: Purpose) {
         if self.fetch.is_some() {
+            return;
+        }
+        if !self.policy.provisioning {
+            if purpose == Purpose::Login {
+                self.await_app_sig();
+            }
             return;
         }
         self.fetch = Some(Fetch {
@@ -1259,7 +1274,7 @@ impl Machine {
         self.sig = Some(sig);
     }
 
-    fn on_login_request(&mut self, id: RequestId, user: Option<UserId>) {
+    fn on_login_request(&mut self, id: RequestId, user: Option<UserId>, sig: Option<SigInfo>) {
         let user = user.unwrap_or_else(|| self.user.clone());
         let reply_err = |code: u32, message: &str| Action::Reply {
             id,
@@ -1280,7 +1295,26 @@ impl Machine {
                 "a logout is in progress; try again when it is done",
             ));
         }
+        if let Some(info) = &sig {
+            if info.user_id != user {
+                return self.act(reply_err(
+                    codes::SVR_SIG_MISMATCH_ID,
+                    "the UserSig given was issued for another UserID",
+                ));
+            }
+            let derived = self.derive(info.clone());
+            if !Self::sig_valid(&derived, self.now.mono) {
+                return self.act(reply_err(
+                    codes::USER_SIG_EXPIRED,
+                    "the UserSig given has already expired",
+                ));
+            }
+        }
         if self.goal == Goal::Online && user == self.user {
+            if let Some(info) = sig.clone() {
+                // A fresh sig from the app while trying (or online): use it from now on.
+                self.install_app_sig(info);
+            }
             if matches!(self.conn, Conn::Online { .. }) && self.phase() == Phase::Online {
                 return self.act(Action::Reply { id, result: Ok(()) });
             }
@@ -1328,8 +1362,57 @@ impl Machine {
                 self.act(Action::CancelFetch);
             }
         }
+        if let Some(info) = sig {
+            self.install_app_sig(info);
+        }
         self.last_error = None;
         self.begin_login();
+    }
+
+    /// Hold a sig a local app brought (already checked: the target user, not expired): it
+    /// becomes the session's sig and is cached like a fetched one.
+    fn install_app_sig(&mut self, info: SigInfo) {
+        if self
+            .sig
+            .as_ref()
+            .is_some_and(|s| s.info.fingerprint == info.fingerprint)
+        {
+            return;
+        }
+        self.held.insert(info.fingerprint.clone());
+        let sig = self.derive(info);
+        let fingerprint = sig.info.fingerprint.clone();
+        self.refresh_due = sig.refresh_at.filter(|_| self.policy.provisioning);
+        self.sig = Some(sig);
+        self.refresh_blocked = false;
+        self.act(Action::PersistSig { fingerprint });
+    }
+
+    /// No usable sig and no provisioning URL: only a local app can bring one. Log out and
+    /// wait for its `login` (a refusal of the app's sig stays a stop, with the server's word).
+    fn await_app_sig(&mut self) {
+        if let Some(err) = self
+            .last_error
+            .clone()
+            .filter(|e| e.class == ErrorClass::SigRejected)
+        {
+            return self.stop(err);
+        }
+        let err = LastError::new(
+            codes::USER_SIG_EXPIRED,
+            ErrorClass::SigExpired,
+            "no valid UserSig and no provisioning URL: waiting for a local app to log in with \
+             one (login {user_id, user_sig}; imlinkctl login --user-sig-file FILE)",
+        );
+        self.goal = Goal::Idle;
+        self.logged_in = false;
+        self.retry_at = None;
+        self.clock_wait = false;
+        self.reply_logins(Err(RequestError {
+            code: err.code,
+            message: err.message.clone(),
+        }));
+        self.last_error = Some(err);
     }
 
     fn on_logout_request(&mut self, id: RequestId) {

@@ -227,7 +227,11 @@ fn login_on_start_false_waits_for_a_local_login() {
         h.advance(3_600_000).is_empty(),
         "nothing happens on its own"
     );
-    let a = h.input(Input::Login { id: 1, user: None });
+    let a = h.input(Input::Login {
+        id: 1,
+        user: None,
+        sig: None,
+    });
     assert_eq!(fetches(&a), 1);
 }
 
@@ -505,7 +509,11 @@ fn sig_expired_budget_allows_three_relogins_per_window_then_stops() {
             .all(|a| matches!(a, Action::Emit(_)))
     );
     // An explicit login starts over with a fresh budget.
-    let a = h.input(Input::Login { id: 9, user: None });
+    let a = h.input(Input::Login {
+        id: 9,
+        user: None,
+        sig: None,
+    });
     assert_eq!(fetches(&a), 1);
 }
 
@@ -793,7 +801,11 @@ fn relogin_after_doubles_on_repeated_kicks_so_two_devices_do_not_swap_forever() 
     );
     // A local login forgets the kicks.
     h.input(server_disconnect(0x8E, "6208"));
-    h.input(Input::Login { id: 1, user: None });
+    h.input(Input::Login {
+        id: 1,
+        user: None,
+        sig: None,
+    });
     h.input(Input::Connected {
         session_present: true,
     });
@@ -1116,8 +1128,19 @@ fn a_second_login_while_logging_in_answers_7501() {
         ..Policy::default()
     });
     h.input(Input::Start);
-    assert_eq!(fetches(&h.input(Input::Login { id: 1, user: None })), 1);
-    let a = h.input(Input::Login { id: 2, user: None });
+    assert_eq!(
+        fetches(&h.input(Input::Login {
+            id: 1,
+            user: None,
+            sig: None
+        })),
+        1
+    );
+    let a = h.input(Input::Login {
+        id: 2,
+        user: None,
+        sig: None,
+    });
     assert_eq!(fetches(&a), 0, "never two logins");
     assert!(a.iter().any(|a| matches!(
         a,
@@ -1139,7 +1162,11 @@ fn a_second_login_while_logging_in_answers_7501() {
         }
     ));
     // Logged in as the same user: answered at once.
-    let a = h.input(Input::Login { id: 3, user: None });
+    let a = h.input(Input::Login {
+        id: 3,
+        user: None,
+        sig: None,
+    });
     assert!(has(
         &a,
         &Action::Reply {
@@ -1155,6 +1182,7 @@ fn an_account_switch_logs_the_first_user_out_cleanly_then_the_second_in() {
     let a = h.input(Input::Login {
         id: 5,
         user: Some(bob()),
+        sig: None,
     });
     assert!(has(&a, &Action::Disconnect));
     assert_eq!(h.phase(), Phase::LoggingOut);
@@ -1186,7 +1214,11 @@ fn logout_disconnects_cleanly_and_never_reconnects() {
     let a = h.input(Input::Logout { id: 4 });
     assert!(has(&a, &Action::Disconnect));
     assert_eq!(h.phase(), Phase::LoggingOut);
-    let a = h.input(Input::Login { id: 6, user: None });
+    let a = h.input(Input::Login {
+        id: 6,
+        user: None,
+        sig: None,
+    });
     assert!(a.iter().any(|a| matches!(
         a,
         Action::Reply {
@@ -1234,7 +1266,11 @@ fn logout_while_fetching_cancels_the_fetch_and_fails_the_pending_login() {
         ..Policy::default()
     });
     h.input(Input::Start);
-    h.input(Input::Login { id: 1, user: None });
+    h.input(Input::Login {
+        id: 1,
+        user: None,
+        sig: None,
+    });
     let a = h.input(Input::Logout { id: 2 });
     assert!(has(&a, &Action::CancelFetch));
     assert!(a.iter().any(|a| matches!(
@@ -1260,7 +1296,11 @@ fn logout_while_fetching_cancels_the_fetch_and_fails_the_pending_login() {
 fn login_after_a_kick_logs_in_again() {
     let mut h = H::online(3600);
     h.input(server_disconnect(0x8E, "6208"));
-    let a = h.input(Input::Login { id: 1, user: None });
+    let a = h.input(Input::Login {
+        id: 1,
+        user: None,
+        sig: None,
+    });
     assert_eq!(connects(&a), ["fp1"], "the sig is still valid");
 }
 
@@ -1419,7 +1459,11 @@ fn an_expired_refresh_answer_keeps_the_good_sig_and_the_session() {
         assert_eq!(h.m.login_status(), login_status::LOGINED);
         assert_eq!(h.m.snapshot().sig.unwrap().fingerprint, current);
         // A login meanwhile answers at once, not 7501.
-        let a = h.input(Input::Login { id: 5, user: None });
+        let a = h.input(Input::Login {
+            id: 5,
+            user: None,
+            sig: None,
+        });
         assert!(has(
             &a,
             &Action::Reply {
@@ -1446,7 +1490,11 @@ fn login_and_sighup_during_a_close_never_wedge() {
     let mut h = H::online(3600);
     h.input(Input::Logout { id: 1 });
     assert_eq!(h.phase(), Phase::LoggingOut);
-    let a = h.input(Input::Login { id: 2, user: None });
+    let a = h.input(Input::Login {
+        id: 2,
+        user: None,
+        sig: None,
+    });
     assert!(
         a.iter()
             .any(|x| matches!(x, Action::Reply { id: 2, result: Err(e) } if e.code == 7502))
@@ -1470,6 +1518,7 @@ fn login_and_sighup_during_a_close_never_wedge() {
     h.input(Input::Login {
         id: 3,
         user: Some(bob()),
+        sig: None,
     });
     assert_eq!(h.phase(), Phase::LoggingOut);
     let a = h.input(Input::Disconnected);
@@ -1484,7 +1533,11 @@ fn login_and_sighup_during_a_close_never_wedge() {
     )));
     assert_eq!(h.phase(), Phase::Stopped);
     assert_eq!(h.m.login_status(), login_status::LOGOUT);
-    let a = h.input(Input::Login { id: 4, user: None });
+    let a = h.input(Input::Login {
+        id: 4,
+        user: None,
+        sig: None,
+    });
     assert_eq!(
         fetches(&a),
         1,
@@ -1612,6 +1665,7 @@ fn an_unrelated_reload_keeps_a_local_account_switch() {
     h.input(Input::Login {
         id: 1,
         user: Some(bob()),
+        sig: None,
     });
     h.input(Input::Disconnected);
     let s = h.sig_for(bob(), 3600);
@@ -1705,7 +1759,11 @@ fn an_operator_login_during_a_long_backoff_retries_now() {
     h.input(network_closed());
     assert!(h.retry_in() > 10_000, "a long wait");
     h.advance(2_000);
-    let a = h.input(Input::Login { id: 3, user: None });
+    let a = h.input(Input::Login {
+        id: 3,
+        user: None,
+        sig: None,
+    });
     assert_eq!(connects(&a).len(), 1, "the login cuts the wait short");
     let a = h.input(Input::Connected {
         session_present: true,

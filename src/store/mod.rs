@@ -347,13 +347,53 @@ pub fn settle(
     Ok(n > 0)
 }
 
-/// The outbox: `owner`'s queued messages, oldest first.
+/// The outbox: `owner`'s queued messages, oldest first (seq and id).
 pub fn outbox(c: &Connection, owner: &str) -> Result<Vec<(i64, String)>, StoreError> {
     let mut st = c.prepare_cached(
         "SELECT seq, id FROM messages WHERE owner = ?1 AND state = 0 ORDER BY seq",
     )?;
     let rows = st.query_map(params![owner], |r| Ok((r.get(0)?, r.get(1)?)))?;
     Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// A page of `owner`'s outbox for the courier: up to `limit` queued messages with seq >
+/// `after`, oldest first, leaving out messages to the `skip` peers; and whether that was
+/// all of them.
+pub fn outbox_page(
+    c: &Connection,
+    owner: &str,
+    after: i64,
+    limit: u32,
+    skip: &[String],
+) -> Result<(Vec<(i64, WireMessage)>, bool), StoreError> {
+    let marks = vec!["?"; skip.len()].join(", ");
+    let sql = format!(
+        "SELECT seq, id, peer, kind, body, ts FROM messages
+         WHERE owner = ? AND state = 0 AND dir = 1 AND seq > ? AND peer NOT IN ({marks})
+         ORDER BY seq LIMIT ?"
+    );
+    let mut st = c.prepare_cached(&sql)?;
+    let mut args: Vec<rusqlite::types::Value> = vec![owner.to_string().into(), after.into()];
+    args.extend(skip.iter().map(|p| rusqlite::types::Value::from(p.clone())));
+    args.push((i64::from(limit) + 1).into());
+    let rows = st.query_map(rusqlite::params_from_iter(args), |r| {
+        let kind: String = r.get(3)?;
+        Ok((
+            r.get::<_, i64>(0)?,
+            WireMessage {
+                id: r.get(1)?,
+                from: owner.to_string(),
+                to: r.get(2)?,
+                kind: Kind::parse(&kind).unwrap_or(Kind::Custom),
+                body: r.get(4)?,
+                ts: r.get(5)?,
+            },
+        ))
+    })?;
+    let mut page: Vec<(i64, WireMessage)> = rows.collect::<Result<_, _>>()?;
+    let complete = page.len() <= limit as usize;
+    page.truncate(limit as usize);
+    Ok((page, complete))
 }
 
 /// One message by id (to publish it, or to tell an app what happened to it).

@@ -54,6 +54,20 @@ fn the_outbox_keeps_order_and_settles_once() {
     let m1 = get(&c, "alice", &ids[1]).unwrap().unwrap();
     assert_eq!((m1.state, m1.code), (State::Failed, Some(70_009)));
     assert_eq!(outbox(&c, "alice").unwrap().len(), 3);
+    // The courier's pages: after a cursor, a limit, peers left out, and whether that was all.
+    let carol = msg(&mut g, "alice", "carol", 1_800_000_000_009, "to carol");
+    let carol_seq = enqueue(&c, "alice", &carol, CAP).unwrap();
+    let (page, complete) = outbox_page(&c, "alice", 0, 2, &[]).unwrap();
+    assert_eq!(
+        page.iter().map(|(_, m)| &m.id).collect::<Vec<_>>(),
+        vec![&ids[2], &ids[3]]
+    );
+    assert!(!complete);
+    assert_eq!(page[0].1.from, "alice");
+    let (page, complete) = outbox_page(&c, "alice", page[1].0, 10, &["bob".into()]).unwrap();
+    assert_eq!(page.len(), 1);
+    assert_eq!((page[0].0, &page[0].1), (carol_seq, &carol));
+    assert!(complete);
 }
 
 #[test]

@@ -36,9 +36,13 @@ pub enum StoreRequest {
         failed: Option<u32>,
         reply: Reply<bool>,
     },
+    /// A page of the outbox (see [`super::outbox_page`]).
     Outbox {
         owner: String,
-        reply: Reply<Vec<(i64, String)>>,
+        after: i64,
+        limit: u32,
+        skip: Vec<String>,
+        reply: Reply<(Vec<(i64, WireMessage)>, bool)>,
     },
     Get {
         owner: String,
@@ -72,6 +76,8 @@ pub enum StoreRequest {
         cursor: i64,
         reply: Reply<i64>,
     },
+    /// The acknowledged inbox cursor (0 when none).
+    InboxCursor { owner: String, reply: Reply<i64> },
     /// (messages, bytes in use).
     Stats { reply: Reply<(u64, u64)> },
 }
@@ -237,7 +243,13 @@ fn run(c: &Connection, req: StoreRequest, cap: u64) -> Pending {
             failed,
             reply,
         } => after_commit(reply, super::settle(c, &owner, &id, failed)),
-        StoreRequest::Outbox { owner, reply } => at_once(reply, super::outbox(c, &owner)),
+        StoreRequest::Outbox {
+            owner,
+            after,
+            limit,
+            skip,
+            reply,
+        } => at_once(reply, super::outbox_page(c, &owner, after, limit, &skip)),
         StoreRequest::Get { owner, id, reply } => at_once(reply, super::get(c, &owner, &id)),
         StoreRequest::Conversations { owner, reply } => {
             at_once(reply, super::conversations(c, &owner))
@@ -266,6 +278,9 @@ fn run(c: &Connection, req: StoreRequest, cap: u64) -> Pending {
             cursor,
             reply,
         } => after_commit(reply, super::ack_inbox(c, &owner, cursor)),
+        StoreRequest::InboxCursor { owner, reply } => {
+            at_once(reply, super::inbox_cursor(c, &owner))
+        }
         StoreRequest::Stats { reply } => at_once(
             reply,
             super::count(c).and_then(|n| super::used_bytes(c).map(|b| (n, b))),
@@ -286,6 +301,7 @@ fn refuse(req: StoreRequest, e: &StoreError) {
         StoreRequest::MarkRead { reply, .. } => drop(reply.send(Err(e))),
         StoreRequest::ReadInbox { reply, .. } => drop(reply.send(Err(e))),
         StoreRequest::AckInbox { reply, .. } => drop(reply.send(Err(e))),
+        StoreRequest::InboxCursor { reply, .. } => drop(reply.send(Err(e))),
         StoreRequest::Stats { reply, .. } => drop(reply.send(Err(e))),
     }
 }

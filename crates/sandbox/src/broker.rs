@@ -404,24 +404,50 @@ impl Run<'_> {
                         .await;
                     return Some(Ending::Server(reason::TOPIC_NAME_INVALID));
                 }
-                let allowed = publish_allowed(self.shared.settings.sdk_app_id, &publish.topic);
-                if allowed {
-                    self.shared.update(|st| {
-                        st.counters
-                            .users
-                            .entry(self.user.to_string())
-                            .or_default()
-                            .messages_published += 1;
-                    });
-                    self.shared.publish(&publish, Some(self.client_id));
-                }
+                let settings = &self.shared.settings;
+                let verdict = if !publish_allowed(settings.sdk_app_id, &publish.topic) {
+                    Err((
+                        reason::NOT_AUTHORIZED,
+                        20003,
+                        "this topic is not yours to publish on".to_string(),
+                    ))
+                } else {
+                    check_c2c(&publish, self.user)
+                };
+                let verdict = verdict.and_then(|()| {
+                    self.shared
+                        .update(|st| {
+                            st.try_route(&publish, Some(self.client_id), settings.offline_limit)
+                        })
+                        .map_err(|e| match e {
+                            crate::state::RouteError::QueueFull { user, limit } => (
+                                reason::QUOTA_EXCEEDED,
+                                90001,
+                                format!("{user}'s offline messages are at the limit ({limit}); try later"),
+                            ),
+                        })
+                });
+                self.shared.update(|st| {
+                    let uc = st.counters.users.entry(self.user.to_string()).or_default();
+                    match &verdict {
+                        Ok(_) => uc.messages_published += 1,
+                        Err((code, _, _)) => {
+                            *uc.messages_refused
+                                .entry(crate::state::code_key(*code))
+                                .or_default() += 1
+                        }
+                    }
+                });
                 if publish.qos == 1 {
-                    let code = if allowed { 0 } else { reason::NOT_AUTHORIZED };
-                    if conn
-                        .write(&codec::puback(publish.pkid, code))
-                        .await
-                        .is_err()
-                    {
+                    let packet = match &verdict {
+                        Ok(_) => codec::puback(publish.pkid, 0),
+                        Err((code, im, text)) => codec::puback_with(
+                            publish.pkid,
+                            *code,
+                            &crate::state::im_props(*im, text),
+                        ),
+                    };
+                    if conn.write(&packet).await.is_err() {
                         return Some(Ending::Lost);
                     }
                 }
@@ -440,7 +466,8 @@ impl Run<'_> {
                     let Some(sess) = st.sessions.get_mut(self.client_id) else {
                         return vec![reason::UNSPECIFIED; sub.filters.len()];
                     };
-                    sub.filters
+                    let codes = sub
+                        .filters
                         .iter()
                         .map(|(filter, options)| {
                             if filter.starts_with("$share/") {
@@ -458,7 +485,14 @@ impl Run<'_> {
                             sess.subs.push((filter.clone(), qos, no_local));
                             qos
                         })
-                        .collect()
+                        .collect::<Vec<u8>>();
+                    // What was kept for this user while nobody listened goes out now.
+                    for ((filter, _), code) in sub.filters.iter().zip(&codes) {
+                        if *code < 0x80 {
+                            st.hand_over_offline(self.client_id, filter);
+                        }
+                    }
+                    codes
                 });
                 if conn.write(&codec::suback(sub.pkid, &codes)).await.is_err() {
                     return Some(Ending::Lost);
@@ -509,6 +543,55 @@ impl Run<'_> {
         }
         None
     }
+}
+
+/// The most a C2C message may be (the IM service's limit: 12 KB).
+pub const MAX_C2C_BYTES: usize = 12 * 1024;
+
+/// What the IM service checks in a C2C message to an inbox (`im/{app}/u/{peer}/in`): its size,
+/// that it is one, and that `from` is the user who logged in. Other topics pass.
+pub fn check_c2c(p: &codec::Publish, user: &str) -> Result<(), (u8, u32, String)> {
+    let Some(rest) = p.topic.strip_prefix("im/") else {
+        return Ok(());
+    };
+    if !rest.ends_with("/in") {
+        return Ok(());
+    }
+    if p.payload.len() > MAX_C2C_BYTES {
+        return Err((
+            reason::PAYLOAD_FORMAT_INVALID,
+            80002,
+            format!(
+                "message too long: {} bytes, at most {MAX_C2C_BYTES}",
+                p.payload.len()
+            ),
+        ));
+    }
+    let v: serde_json::Value = serde_json::from_slice(&p.payload).map_err(|_| {
+        (
+            reason::PAYLOAD_FORMAT_INVALID,
+            20001,
+            "not a C2C message (JSON {id, from, to, kind, body, ts})".to_string(),
+        )
+    })?;
+    let from = v.get("from").and_then(|f| f.as_str());
+    let id = v.get("id").and_then(|f| f.as_str());
+    let to = v.get("to").and_then(|f| f.as_str());
+    if id.is_none_or(str::is_empty) || to.is_none() {
+        return Err((
+            reason::PAYLOAD_FORMAT_INVALID,
+            20001,
+            "not a C2C message (JSON {id, from, to, kind, body, ts})".to_string(),
+        ));
+    }
+    if from != Some(user) {
+        return Err((
+            reason::NOT_AUTHORIZED,
+            20003,
+            format!("from must be the sender's UserID ({user})"),
+        ));
+    }
+    Ok(())
 }
 
 /// Users publish to each other under `im/{sdk_app_id}/u/{user}/…`; the `ctl` subtree is the

@@ -28,6 +28,8 @@ pub mod reason {
     pub const TOPIC_FILTER_INVALID: u8 = 0x8F;
     pub const TOPIC_NAME_INVALID: u8 = 0x90;
     pub const PACKET_TOO_LARGE: u8 = 0x95;
+    pub const QUOTA_EXCEEDED: u8 = 0x97;
+    pub const PAYLOAD_FORMAT_INVALID: u8 = 0x99;
     pub const ADMINISTRATIVE_ACTION: u8 = 0x98;
     pub const RETAIN_NOT_SUPPORTED: u8 = 0x9A;
     pub const QOS_NOT_SUPPORTED: u8 = 0x9B;
@@ -700,6 +702,14 @@ pub fn puback(pkid: u16, reason: u8) -> Vec<u8> {
     } else {
         frame(0x40, &[id[0], id[1], reason, 0])
     }
+}
+
+/// A PUBACK with a reason code and properties (the IM service's reason string).
+pub fn puback_with(pkid: u16, reason: u8, props: &Props) -> Vec<u8> {
+    let mut body = pkid.to_be_bytes().to_vec();
+    body.push(reason);
+    with_props(&mut body, &props.encode());
+    frame(0x40, &body)
 }
 
 pub fn suback(pkid: u16, reasons: &[u8]) -> Vec<u8> {

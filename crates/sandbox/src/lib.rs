@@ -30,7 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsAcceptor;
 
 use state::{Armed, Kill, Settings, Shared};
-pub use state::{Counters, LoginFault, ProvisionFault, UserCounters};
+pub use state::{Counters, LoginFault, MultiLogin, ProvisionFault, UserCounters};
 
 /// How to start a sandbox. `Default` is what tests want: loopback, ephemeral ports.
 #[derive(Clone)]
@@ -56,6 +56,13 @@ pub struct SandboxOptions {
     /// Failed logins per user within `failed_login_window` before CONNACK 0x9F.
     pub failed_login_limit: u32,
     pub failed_login_window: Duration,
+    /// Which platforms may be online at once (the seed's multi-terminal policies).
+    pub multi_login: MultiLogin,
+    /// Instances of one platform online at once (0: no limit); beyond it the earliest is
+    /// kicked with DISCONNECT 0x8E / 6208.
+    pub max_instances_per_platform: usize,
+    /// C2C messages kept per offline user (or session); beyond it PUBACK 0x97.
+    pub offline_limit: usize,
 }
 
 impl Default for SandboxOptions {
@@ -74,6 +81,9 @@ impl Default for SandboxOptions {
             max_packet_size: 256 * 1024,
             failed_login_limit: 30,
             failed_login_window: Duration::from_secs(60),
+            multi_login: MultiLogin::Multi,
+            max_instances_per_platform: 0,
+            offline_limit: state::MAX_PENDING,
         }
     }
 }
@@ -198,6 +208,9 @@ impl Sandbox {
             max_packet_size: opts.max_packet_size,
             failed_login_limit: opts.failed_login_limit,
             failed_login_window: opts.failed_login_window,
+            multi_login: opts.multi_login,
+            max_instances_per_platform: opts.max_instances_per_platform,
+            offline_limit: opts.offline_limit.max(1),
         };
         let shared = Shared::new(settings, opts.sig_lifetime);
 

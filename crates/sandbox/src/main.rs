@@ -12,12 +12,19 @@ imlink-sandbox — the reference IM service for imlinkd (development and tests o
 USAGE:
   imlink-sandbox [--listen ADDR] [--mqtt-port N] [--provisioning-port N] [--admin-port N]
                  [--state-dir DIR] [--sig-lifetime DURATION] [--sdk-app-id N] [--key KEY]
-                 [--require-client-cert]
+                 [--require-client-cert] [--multi-login single|dual|triple|multi]
+                 [--max-instances-per-platform N] [--offline-limit N]
   imlink-sandbox --issue-sig --user U --sdk-app-id N --key KEY --expire SECONDS [--time UNIX]
 
 Serving prints the endpoints as JSON (MQTT URL, provisioning URL template, admin URL, CA
 path, device token, admin token) and writes them to DIR/endpoints.json. Ports default to
 ephemeral ones; DURATION is seconds or a number with s, m, h or d (default 24h).
+
+--multi-login: which platforms (the {platform} of the client id) may be online at once:
+single (one), dual (a mobile or desktop one, plus web), triple (mobile, desktop and web),
+multi (all; the default). --max-instances-per-platform N: a login beyond N instances of one
+platform kicks the earliest (DISCONNECT 0x8E, 6208; 0 = no limit, the default).
+--offline-limit N: C2C messages kept per offline user before PUBACK 0x97 (default 1000).
 
 --issue-sig prints one TLS-sig-api-v2 UserSig and exits (time defaults to now).
 ";
@@ -88,6 +95,24 @@ fn parse_args() -> Result<Args, String> {
             }
             "--key" => a.opts.secret_key = Some(value("--key")?),
             "--require-client-cert" => a.opts.require_client_cert = true,
+            "--multi-login" => {
+                let v = value("--multi-login")?;
+                a.opts.multi_login =
+                    imlink_sandbox::state::MultiLogin::parse(&v).ok_or_else(|| {
+                        format!("--multi-login {v}: use single, dual, triple or multi")
+                    })?
+            }
+            "--max-instances-per-platform" | "--offline-limit" => {
+                let v = value(flag.as_str())?;
+                let n: usize = v
+                    .parse()
+                    .map_err(|_| format!("{flag} {v}: not a whole number"))?;
+                if flag == "--offline-limit" {
+                    a.opts.offline_limit = n;
+                } else {
+                    a.opts.max_instances_per_platform = n;
+                }
+            }
             "--issue-sig" => a.issue = true,
             "--user" => a.user = Some(value("--user")?),
             "--expire" => {

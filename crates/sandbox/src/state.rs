@@ -33,6 +33,9 @@ pub struct UserCounters {
     pub wills_published: u64,
     /// PUBLISH packets this user sent.
     pub messages_published: u64,
+    /// This user's PUBLISHes refused, by PUBACK reason code (`"0x97"` → count).
+    #[serde(default)]
+    pub messages_refused: BTreeMap<String, u64>,
     /// Messages delivered to this user (QoS 1: acknowledged; QoS 0: written).
     pub messages_delivered: u64,
     /// Logins that presented a client certificate.
@@ -177,8 +180,35 @@ pub struct Session {
     pub offline_since: Option<Instant>,
 }
 
-/// Messages a session keeps for an offline client; older ones are dropped beyond this.
+/// Messages a session keeps for an offline client by default (see `Settings::offline_limit`).
 pub const MAX_PENDING: usize = 1000;
+/// How long the service keeps a user's offline messages (a session's expiry is capped at it).
+pub const RETENTION_SECS: u32 = 7 * 86_400;
+
+/// The user of an inbox topic `im/{app}/u/{user}/in`.
+fn inbox_user(topic: &str) -> Option<&str> {
+    let rest = topic.strip_prefix("im/")?;
+    let mut l = rest.split('/');
+    let (_app, u, user, inbox, end) = (l.next()?, l.next()?, l.next()?, l.next()?, l.next());
+    (u == "u" && inbox == "in" && end.is_none() && !user.is_empty()).then_some(user)
+}
+
+/// The `{platform}` of a client id `{sdk_app_id}:{user_id}:{platform}:{instance}`.
+fn platform_of(client_id: &str, app: u64, user: &str) -> String {
+    let prefix = format!("{app}:{user}:");
+    client_id
+        .strip_prefix(&prefix)
+        .and_then(|rest| rest.split(':').next())
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Why a message could not be routed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteError {
+    /// A recipient's offline queue is full.
+    QueueFull { user: String, limit: usize },
+}
 
 impl Session {
     fn new(user: &str) -> Self {
@@ -227,6 +257,8 @@ pub enum Kill {
 pub struct ConnEntry {
     pub id: u64,
     pub user: String,
+    /// The `{platform}` part of the client id.
+    pub platform: String,
     pub sig_hmac: String,
     pub flush: Arc<Notify>,
     pub kill: mpsc::UnboundedSender<Kill>,
@@ -255,15 +287,78 @@ pub struct BrokerState {
     pub provision_clock_offset: i64,
     /// How long the broker waits before sending a successful CONNACK (a slow link).
     pub connack_delay: Duration,
+    /// C2C messages for users with no session subscribed to their inbox yet, kept for when
+    /// one does (the IM service keeps offline messages per user).
+    pub offline: HashMap<String, VecDeque<Msg>>,
     /// Send every server DISCONNECT in its short form (`E0 01 <code>`, no properties, so no
     /// reason string), as mosquitto ≥ 2.0.15 does, instead of the long form.
     pub short_disconnect: bool,
+}
+
+/// The seed's multi-terminal login policies: which platforms may be online at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MultiLogin {
+    /// One platform at a time: a login on another platform kicks the others.
+    Single,
+    /// A mobile or desktop platform, plus the web.
+    Dual,
+    /// One mobile, one desktop and the web at once.
+    Triple,
+    /// Every platform at once.
+    Multi,
+}
+
+impl MultiLogin {
+    pub fn parse(s: &str) -> Option<MultiLogin> {
+        match s {
+            "single" => Some(MultiLogin::Single),
+            "dual" => Some(MultiLogin::Dual),
+            "triple" => Some(MultiLogin::Triple),
+            "multi" => Some(MultiLogin::Multi),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MultiLogin::Single => "single",
+            MultiLogin::Dual => "dual",
+            MultiLogin::Triple => "triple",
+            MultiLogin::Multi => "multi",
+        }
+    }
+
+    /// Whether a login on `new` ends one on `old` (another platform).
+    fn excludes(self, old: &str, new: &str) -> bool {
+        if old == new {
+            return false;
+        }
+        let class = |p: &str| match p {
+            "android" | "ios" | "ipad" | "harmony" => "mobile",
+            "web" | "miniprogram" => "web",
+            _ => "desktop",
+        };
+        match self {
+            MultiLogin::Single => true,
+            MultiLogin::Dual => class(old) != "web" && class(new) != "web",
+            MultiLogin::Triple => class(old) == class(new),
+            MultiLogin::Multi => false,
+        }
+    }
 }
 
 /// Fixed settings of one sandbox.
 #[derive(Clone)]
 pub struct Settings {
     pub sdk_app_id: u64,
+    pub multi_login: MultiLogin,
+    /// At most this many instances of one platform online at once (0: no limit); a login
+    /// beyond it kicks the earliest.
+    pub max_instances_per_platform: usize,
+    /// Messages kept for one user (or session) while they are offline; beyond it, PUBACK
+    /// 0x97 (quota exceeded) instead of dropping the oldest.
+    pub offline_limit: usize,
     pub secret_key: String,
     pub device_token: String,
     pub admin_token: String,
@@ -364,6 +459,7 @@ impl Shared {
                 provision_clock_offset: 0,
                 connack_delay: Duration::ZERO,
                 short_disconnect: false,
+                offline: HashMap::new(),
             }),
             changed,
         })
@@ -444,6 +540,45 @@ impl Shared {
                 });
             }
 
+            // The multi-login policy: other platforms it excludes, and the earliest instances
+            // of this platform beyond the limit, are kicked.
+            let platform = platform_of(&client_id, s.sdk_app_id, &user);
+            let mut same: Vec<(u64, String)> = Vec::new();
+            let mut kicked: Vec<String> = Vec::new();
+            for (cid, e) in st.conns.iter() {
+                if e.user != user {
+                    continue;
+                }
+                if s.multi_login.excludes(&e.platform, &platform) {
+                    kicked.push(cid.clone());
+                } else if e.platform == platform {
+                    same.push((e.id, cid.clone()));
+                }
+            }
+            if s.max_instances_per_platform > 0 && same.len() >= s.max_instances_per_platform {
+                same.sort();
+                let excess = same.len() + 1 - s.max_instances_per_platform;
+                kicked.extend(same.into_iter().take(excess).map(|(_, cid)| cid));
+            }
+            for cid in kicked {
+                if let Some(old) = st.conns.remove(&cid) {
+                    let text = format!(
+                        "6208 kicked by a newer login on {platform} (client {client_id}): the \
+                         multi-login policy {} allows {} instance(s) per platform",
+                        s.multi_login.as_str(),
+                        if s.max_instances_per_platform == 0 {
+                            "any number of".to_string()
+                        } else {
+                            s.max_instances_per_platform.to_string()
+                        }
+                    );
+                    let _ = old.kill.send(Kill::Disconnect {
+                        code: reason::SESSION_TAKEN_OVER,
+                        text,
+                    });
+                }
+            }
+
             let now = Instant::now();
             let reuse = !c.clean_start
                 && st
@@ -460,7 +595,8 @@ impl Shared {
                 .or_insert_with(|| Session::new(&user));
             session.owner = Some(conn_id);
             session.offline_since = None;
-            session.expiry = c.session_expiry;
+            // The service keeps offline messages for its retention period at most.
+            session.expiry = c.session_expiry.min(RETENTION_SECS);
             session.receive_max = c.receive_maximum.clamp(1, 1024);
             // Unacknowledged messages go out again first, marked DUP.
             let inflight = std::mem::take(&mut session.inflight);
@@ -476,6 +612,7 @@ impl Shared {
                 ConnEntry {
                     id: conn_id,
                     user: user.clone(),
+                    platform,
                     sig_hmac,
                     flush: flush.clone(),
                     kill: kill_tx,
@@ -682,10 +819,22 @@ impl BrokerState {
     }
 
     fn route(&mut self, msg: &Publish, from_client: Option<&str>) -> usize {
+        self.try_route(msg, from_client, MAX_PENDING).unwrap_or(0)
+    }
+
+    /// Route to every matching session, all or nothing: when a recipient's queue is at
+    /// `limit`, nothing is routed. A C2C message to a user with no session subscribed to
+    /// their inbox is kept for them (per user) until one subscribes.
+    pub fn try_route(
+        &mut self,
+        msg: &Publish,
+        from_client: Option<&str>,
+        limit: usize,
+    ) -> Result<usize, RouteError> {
         let now = Instant::now();
         self.sessions.retain(|_, s| !s.expired(now));
-        let mut delivered = 0;
-        for (client_id, sess) in self.sessions.iter_mut() {
+        let mut targets: Vec<(String, u8)> = Vec::new();
+        for (client_id, sess) in self.sessions.iter() {
             let granted = sess
                 .subs
                 .iter()
@@ -700,23 +849,68 @@ impl BrokerState {
             if qos == 0 && sess.owner.is_none() {
                 continue;
             }
-            if sess.pending.len() >= MAX_PENDING {
-                sess.pending.pop_front();
+            if qos == 1 && sess.pending.len() + sess.inflight.len() >= limit {
+                return Err(RouteError::QueueFull {
+                    user: sess.user.clone(),
+                    limit,
+                });
             }
-            sess.pending.push_back(Msg {
-                topic: msg.topic.clone(),
-                qos,
-                properties: msg.properties.clone(),
-                payload: msg.payload.clone(),
-                dup: false,
-                pkid: 0,
-            });
-            delivered += 1;
+            targets.push((client_id.clone(), qos));
+        }
+        let item = |qos: u8| Msg {
+            topic: msg.topic.clone(),
+            qos,
+            properties: msg.properties.clone(),
+            payload: msg.payload.clone(),
+            dup: false,
+            pkid: 0,
+        };
+        if targets.is_empty()
+            && msg.qos == 1
+            && let Some(user) = inbox_user(&msg.topic)
+        {
+            let q = self.offline.entry(user.to_string()).or_default();
+            if q.len() >= limit {
+                return Err(RouteError::QueueFull {
+                    user: user.to_string(),
+                    limit,
+                });
+            }
+            q.push_back(item(1));
+            return Ok(1);
+        }
+        for (client_id, qos) in &targets {
+            if let Some(sess) = self.sessions.get_mut(client_id) {
+                sess.pending.push_back(item(*qos));
+            }
             if let Some(entry) = self.conns.get(client_id) {
                 entry.flush.notify_one();
             }
         }
-        delivered
+        Ok(targets.len())
+    }
+
+    /// A session subscribed to `filter`: what was kept for its user while no session was
+    /// listening goes to it.
+    pub fn hand_over_offline(&mut self, client_id: &str, filter: &str) {
+        let Some(sess) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        let Some(kept) = self.offline.get_mut(&sess.user) else {
+            return;
+        };
+        let mut rest = VecDeque::new();
+        while let Some(m) = kept.pop_front() {
+            if codec::matches(filter, &m.topic) {
+                sess.pending.push_back(m);
+            } else {
+                rest.push_back(m);
+            }
+        }
+        *kept = rest;
+        if let Some(entry) = self.conns.get(client_id) {
+            entry.flush.notify_one();
+        }
     }
 
     /// Take the next batch of messages a connection may send now (within its receive

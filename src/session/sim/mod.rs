@@ -28,7 +28,7 @@ pub use check::Violation;
 pub use schedule::{BrokerMode, Ext, Flavor, Local, ProvMode, Scheduled};
 pub use world::{Outcome, World};
 
-use super::{Machine, Millis, Policy, Rng};
+use super::{Machine, Millis, Policy, Rng, SigInfo};
 use crate::identity::UserId;
 
 /// How a run is shaped.
@@ -136,6 +136,9 @@ pub fn policy_for(seed: u64, vary: bool) -> Policy {
     p.login_on_start = !r.one_in(8);
     p.fetch_timeout = pick(&mut r, &[5_000, 15_000]);
     p.connect_timeout = pick(&mut r, &[5_000, 10_000]);
+    // Drawn last, so the seeds' other knobs stay what they were. Without provisioning the
+    // simulated app brings every sig (and a fresh one when told the last expired).
+    p.provisioning = !r.one_in(5);
     p
 }
 
@@ -157,6 +160,9 @@ pub struct Sim {
     healthy_from: Millis,
     final_login_at: Millis,
     final_login_sent: bool,
+    /// Without provisioning: when the simulated app logs in again with a fresh sig (after
+    /// it was told the last one expired).
+    app_relogin_at: Option<Millis>,
     same_instant: u64,
     print: bool,
 }
@@ -206,6 +212,7 @@ impl Sim {
             healthy_from,
             final_login_at,
             final_login_sent: false,
+            app_relogin_at: None,
             same_instant: 0,
             print: false,
         };
@@ -283,6 +290,12 @@ impl Sim {
     }
 
     /// Feed one input, carry out the actions, check the invariants.
+    /// The sig a local app brings with its login: none with provisioning, a fresh one from
+    /// its app server without.
+    fn app_sig(&mut self, u: &UserId) -> Option<SigInfo> {
+        (!self.checker.policy.provisioning).then(|| self.world.app_sig(u.clone()))
+    }
+
     fn deliver(&mut self, input: super::Input, what: &str) {
         let before = self.machine.snapshot();
         let now = self.world.now();
@@ -335,6 +348,14 @@ impl Sim {
                 super::Action::Reply { id, .. } => self.checker.reply(*id),
                 super::Action::Emit(e) => {
                     self.checker.emitted(e);
+                    if matches!(e, super::Event::UserSigExpired { .. })
+                        && !self.checker.policy.provisioning
+                        && self.app_relogin_at.is_none()
+                    {
+                        // The app reacts like an SDK app: a new sig from its server, soon.
+                        let delay = self.machine_rng.range(1_000, 60_000);
+                        self.app_relogin_at = Some(self.world.t + delay);
+                    }
                     if matches!(e, super::Event::KickedOffline { .. }) {
                         self.report.kicks += 1;
                     }
@@ -388,7 +409,9 @@ impl Sim {
         };
         let healthy_t = (!self.world.healthy).then_some(self.healthy_from);
         let login_t = (!self.final_login_sent).then_some(self.final_login_at);
+        let relogin_t = self.app_relogin_at;
         let t = [
+            relogin_t,
             machine_t,
             world_t,
             sched_t,
@@ -433,9 +456,28 @@ impl Sim {
             self.final_login_sent = true;
             self.checker.final_login(t, &self.machine.snapshot());
             let id = self.checker.request(check::ReqKind::Login, t);
+            let u = self.machine.user().clone();
+            let sig = self.app_sig(&u);
             self.deliver(
-                super::Input::Login { id, user: None },
+                super::Input::Login {
+                    id,
+                    user: None,
+                    sig,
+                },
                 "operator: login (final)",
+            );
+        } else if relogin_t.is_some_and(|x| x <= t) {
+            self.app_relogin_at = None;
+            let id = self.checker.request(check::ReqKind::Login, t);
+            let u = self.machine.user().clone();
+            let sig = self.app_sig(&u);
+            self.deliver(
+                super::Input::Login {
+                    id,
+                    user: None,
+                    sig,
+                },
+                "app: login with a fresh sig (the last one expired)",
             );
         } else if machine_t.is_some_and(|x| x <= t) {
             self.timeout("timer");
@@ -474,7 +516,14 @@ impl Sim {
         match l {
             Local::Login => {
                 let id = self.checker.request(check::ReqKind::Login, t);
-                self.deliver(super::Input::Login { id, user: None }, "local: login");
+                self.deliver(
+                    super::Input::Login {
+                        id,
+                        user: None,
+                        sig: None,
+                    },
+                    "local: login",
+                );
             }
             Local::LoginAs(name) => {
                 let id = self.checker.request(check::ReqKind::Login, t);
@@ -482,6 +531,7 @@ impl Sim {
                     super::Input::Login {
                         id,
                         user: Some(user(name)),
+                        sig: None,
                     },
                     &format!("local: login as {name}"),
                 );

@@ -408,6 +408,12 @@ impl World {
         let t = self.t;
         match a {
             Action::FetchSig { user } => {
+                if !chk.policy.provisioning {
+                    chk.violate(
+                        "safety: no provisioning, no fetch",
+                        "FetchSig with no provisioning URL configured".into(),
+                    );
+                }
                 if self.fetch.is_some() {
                     chk.violate(
                         "safety: one fetch at most",
@@ -555,6 +561,32 @@ impl World {
             },
         );
         fp
+    }
+
+    /// A local app's `login {user_id, user_sig}` (no provisioning URL): its app server issues
+    /// a fresh sig on the issuer's clock; the driver describes it on the device's wall clock.
+    pub fn app_sig(&mut self, user: UserId) -> SigInfo {
+        let fp = self.new_sig(user.clone(), Some(self.lifetime), false, false);
+        let (mono, wall) = (self.now().mono, self.now().wall);
+        let server_now = self.prov_now();
+        let (issued, expires) = match self.sigs.get_mut(&fp) {
+            Some(s) => {
+                s.received = Some((self.boot_no, mono, server_now));
+                s.offset = 0;
+                (Some(s.issued), s.expires)
+            }
+            None => (None, None),
+        };
+        self.held.insert(fp.clone());
+        SigInfo {
+            fingerprint: fp,
+            user_id: user,
+            issued_at: issued,
+            expires_at: expires,
+            server_now: wall,
+            received_at: mono,
+            wall_anchored: true,
+        }
     }
 
     fn decide_fetch(&mut self, user: UserId, m: &Machine) -> FetchFlight {

@@ -18,7 +18,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{broadcast, oneshot};
 
+mod messages;
+
 use crate::config::ApiConfig;
+use crate::courier::MessageEvent;
 use crate::driver::{Command, SessionHandle};
 use crate::identity::UserId;
 use crate::session::{Event, codes, login_status};
@@ -407,6 +410,7 @@ impl Server {
             slot,
             lines: LineReader::new(self.cfg.max_line_bytes),
             watch: None,
+            watch_messages: None,
         };
         loop {
             match conn.next_line(&mut rd).await {
@@ -594,6 +598,8 @@ struct ClientConn<'a> {
     slot: Slot,
     lines: LineReader,
     watch: Option<broadcast::Receiver<Event>>,
+    /// Message notifications, for a watcher.
+    watch_messages: Option<broadcast::Receiver<MessageEvent>>,
 }
 
 impl ClientConn<'_> {
@@ -636,7 +642,13 @@ impl ClientConn<'_> {
             };
             let event = async {
                 match self.watch.as_mut() {
-                    Some(rx) => rx.recv().await,
+                    Some(rx) => rx.recv().await.map(|e| notification(&e)),
+                    None => std::future::pending().await,
+                }
+            };
+            let message = async {
+                match self.watch_messages.as_mut() {
+                    Some(rx) => rx.recv().await.map(|e| message_notification(&e)),
                     None => std::future::pending().await,
                 }
             };
@@ -649,8 +661,8 @@ impl ClientConn<'_> {
                     }
                     Err(_) => return Next::Close(None),
                 },
-                ev = event => match ev {
-                    Ok(e) => return Next::Notification(notification(&e)),
+                ev = async { tokio::select! { e = event => e, m = message => m } } => match ev {
+                    Ok(line) => return Next::Notification(line),
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         return Next::Close(Some(json!({
                             "jsonrpc": "2.0",
@@ -707,6 +719,7 @@ impl ClientConn<'_> {
                 self.server.admit_watcher(&mut self.slot)?;
                 // Subscribe before taking the snapshot so nothing falls between them.
                 self.watch = Some(session.events.subscribe());
+                self.watch_messages = Some(session.messages.subscribe());
                 let status = serde_json::to_value(&*session.status.borrow()).unwrap_or(Value::Null);
                 Ok(json!({ "status": status }))
             }
@@ -727,9 +740,27 @@ impl ClientConn<'_> {
                         ));
                     }
                 };
+                let sig = match params.get("user_sig") {
+                    None | Some(Value::Null) => None,
+                    // Never quoted back: the text is a secret.
+                    Some(Value::String(text)) => {
+                        Some(Box::new(self.check_sig(text, user.as_ref())?))
+                    }
+                    Some(_) => {
+                        return Err(RpcError::new(
+                            i64::from(codes::INVALID_PARAMETERS),
+                            "user_sig must be a string".into(),
+                        ));
+                    }
+                };
                 let timeout = timeout_param(params)?;
                 let (tx, rx) = oneshot::channel();
-                self.send(Command::Login { user, reply: tx }).await?;
+                self.send(Command::Login {
+                    user,
+                    sig,
+                    reply: tx,
+                })
+                .await?;
                 self.wait(rx, timeout, "login").await?;
                 let st = session.status.borrow().clone();
                 Ok(json!({ "login_user": st.login_user, "login_status": st.login_status }))
@@ -744,16 +775,18 @@ impl ClientConn<'_> {
             }
             "send_message" => {
                 self.require_operator(method)?;
-                if session.status.borrow().login_status != login_status::LOGINED {
-                    return Err(RpcError::new(
-                        i64::from(codes::NOT_LOGGED_IN),
-                        "not logged in; run `imlinkctl login` first".into(),
-                    ));
-                }
-                Err(RpcError::new(
-                    rpc::NOT_AVAILABLE,
-                    "messaging is reserved for a later version of imlinkd".into(),
-                ))
+                messages::send_message(session, params).await
+            }
+            "get_conversations" => messages::get_conversations(session).await,
+            "get_history" => messages::get_history(session, params).await,
+            "read_inbox" => messages::read_inbox(session, params).await,
+            "mark_read" => {
+                self.require_operator(method)?;
+                messages::mark_read(session, params).await
+            }
+            "ack_inbox" => {
+                self.require_operator(method)?;
+                messages::ack_inbox(session, params).await
             }
             #[cfg(feature = "test-hooks")]
             "debug_wedge" if self.server.test_hooks => {
@@ -771,10 +804,32 @@ impl ClientConn<'_> {
                 rpc::METHOD_NOT_FOUND,
                 format!(
                     "no method {other:?}; methods: status, get_login_user, get_login_status, \
-                     login, logout, watch, version"
+                     login, logout, watch, version, send_message, get_conversations, \
+                     get_history, mark_read, read_inbox, ack_inbox"
                 ),
             )),
         }
+    }
+
+    /// Check a UserSig an app brought for `user` (default: the configured or current user).
+    fn check_sig(
+        &self,
+        text: &str,
+        user: Option<&UserId>,
+    ) -> Result<crate::usersig::AppSig, RpcError> {
+        let (target, app) = {
+            let st = self.server.session.status.borrow();
+            (st.user_id.clone(), st.sdk_app_id)
+        };
+        let target = match user {
+            Some(u) => u.clone(),
+            None => UserId::parse(&target)
+                .map_err(|e| RpcError::new(i64::from(codes::INVALID_PARAMETERS), e.to_string()))?,
+        };
+        let now = crate::clock::wall_ms() / 1000;
+        let plausible = now >= crate::config::BUILD_UNIX;
+        crate::usersig::check_app_sig(text, &target, app, now, plausible)
+            .map_err(|(code, message)| RpcError::new(i64::from(code), message))
     }
 
     async fn send(&self, cmd: Command) -> Result<(), RpcError> {
@@ -849,6 +904,7 @@ pub fn timeout_param(params: &Value) -> Result<Duration, RpcError> {
     }
 }
 
+#[derive(Debug)]
 pub struct RpcError {
     pub code: i64,
     pub message: String,
@@ -856,7 +912,7 @@ pub struct RpcError {
 }
 
 impl RpcError {
-    fn new(code: i64, message: String) -> RpcError {
+    pub(crate) fn new(code: i64, message: String) -> RpcError {
         RpcError {
             code,
             message,
@@ -875,6 +931,15 @@ pub fn error_line(id: &Value, code: i64, message: &str, data: Option<Value>) -> 
 
 /// An event as a JSON-RPC notification: the method is the event name, the params its fields.
 pub fn notification(e: &Event) -> String {
+    let mut params = serde_json::to_value(e).unwrap_or(Value::Null);
+    if let Some(map) = params.as_object_mut() {
+        map.remove("event");
+    }
+    json!({ "jsonrpc": "2.0", "method": e.name(), "params": params }).to_string() + "\n"
+}
+
+/// A message event as a JSON-RPC notification.
+pub fn message_notification(e: &MessageEvent) -> String {
     let mut params = serde_json::to_value(e).unwrap_or(Value::Null);
     if let Some(map) = params.as_object_mut() {
         map.remove("event");
@@ -1008,6 +1073,9 @@ mod tests {
             commands,
             status: status_rx,
             events: events.clone(),
+            messages: broadcast::channel(8).0,
+            store: crate::store::StoreHandle::open(dir.join("messages.db"), 1 << 20).0,
+            ids: Arc::new(Mutex::new(crate::message::IdGen::new())),
             heartbeat: Arc::new(AtomicU64::new(0)),
             clock: Clock::new(),
         };
