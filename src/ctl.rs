@@ -24,12 +24,23 @@ imlinkctl — talk to imlinkd over its local API
 USAGE:
   imlinkctl [--socket PATH] status [--json]      the session's state
   imlinkctl [--socket PATH] watch [--json]       follow events, one line each (--json: NDJSON)
-  imlinkctl [--socket PATH] login [USER] [--timeout 30s]
-                                                 log in (USER: switch accounts); waits until online
+  imlinkctl [--socket PATH] login [USER] [--user-sig-file FILE|-] [--timeout 30s]
+                                                 log in (USER: switch accounts; with the UserSig in
+                                                 FILE, or on stdin with -, when the app brings it);
+                                                 waits until online
   imlinkctl [--socket PATH] logout [--timeout 30s]
   imlinkctl [--socket PATH] wait --phase PHASE [--timeout 30s]
                                                  exit 0 when the phase is reached, 1 on timeout
   imlinkctl [--socket PATH] version
+  imlinkctl [--socket PATH] send PEER TEXT|- [--custom]
+                                                 send a message (- reads it from stdin); prints its id
+  imlinkctl [--socket PATH] conversations [--json]
+  imlinkctl [--socket PATH] history PEER [--before ID] [--limit N] [--json]
+                                                 newest first; works offline and logged out
+  imlinkctl [--socket PATH] inbox [--follow]     print received messages as JSON lines, then
+                                                 acknowledge them (at least once: a message is
+                                                 acknowledged only after it was written out);
+                                                 --follow: keep waiting for more
   imlinkctl sig decode [--file PATH]             decode a UserSig read from stdin (or a file);
                                                  never from the command line, where `ps` shows it
 
@@ -122,6 +133,7 @@ fn run(mut args: Vec<String>) -> Result<(), Fail> {
         }
         "login" => {
             let t = timeout(&mut args)?;
+            let sig_file = value(&mut args, "--user-sig-file")?;
             let user = if args.is_empty() {
                 None
             } else {
@@ -131,6 +143,14 @@ fn run(mut args: Vec<String>) -> Result<(), Fail> {
             let mut params = json!({ "timeout_ms": t.as_millis() as u64 });
             if let Some(u) = &user {
                 params["user_id"] = json!(u);
+            }
+            if let Some(f) = sig_file {
+                let source = if f == "-" {
+                    SigSource::Stdin
+                } else {
+                    SigSource::File(PathBuf::from(f))
+                };
+                params["user_sig"] = json!(read_sig(source)?);
             }
             let r = Client::connect(&socket)?.call_with_timeout(
                 "login",
@@ -175,6 +195,96 @@ fn run(mut args: Vec<String>) -> Result<(), Fail> {
             );
             Ok(())
         }
+        "send" => {
+            let custom = flag(&mut args, "--custom");
+            if args.len() != 2 {
+                return Err(Fail::usage(
+                    "send needs PEER and TEXT (or - to read it from stdin)",
+                ));
+            }
+            let peer = args.remove(0);
+            let text = args.remove(0);
+            let body = if text == "-" {
+                let mut b = String::new();
+                std::io::stdin().read_to_string(&mut b).map_err(|e| {
+                    Fail(EXIT_FAILED, format!("reading the message from stdin: {e}"))
+                })?;
+                b
+            } else {
+                text
+            };
+            let kind = if custom { "custom" } else { "text" };
+            let r = Client::connect(&socket)?.call(
+                "send_message",
+                json!({ "to": peer, "body": body, "kind": kind }),
+            )?;
+            println!("{}", r["id"].as_str().unwrap_or("?"));
+            Ok(())
+        }
+        "conversations" => {
+            let json_out = flag(&mut args, "--json");
+            no_more(&args)?;
+            let r = Client::connect(&socket)?.call("get_conversations", json!({}))?;
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                return Ok(());
+            }
+            let list = r["conversations"].as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                println!("no conversations");
+            }
+            for c in list {
+                println!(
+                    "{:<32} {:>4} unread  {}",
+                    c["peer"].as_str().unwrap_or("?"),
+                    c["unread"],
+                    c.get("last").map(one_line).unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+        "history" => {
+            let json_out = flag(&mut args, "--json");
+            let before = value(&mut args, "--before")?;
+            let limit = match value(&mut args, "--limit")? {
+                None => 20,
+                Some(n) => n
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=100).contains(n))
+                    .ok_or_else(|| Fail::usage(format!("--limit {n}: a number from 1 to 100")))?,
+            };
+            if args.len() != 1 {
+                return Err(Fail::usage("history needs PEER"));
+            }
+            let peer = args.remove(0);
+            let r = Client::connect(&socket)?.call(
+                "get_history",
+                json!({ "peer": peer, "before": before, "limit": limit }),
+            )?;
+            if json_out {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                return Ok(());
+            }
+            for m in r["messages"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .iter()
+                .rev()
+            {
+                println!("{}", one_line(m));
+            }
+            if let Some(next) = r["next_before"].as_str() {
+                println!("(older: imlinkctl history {peer} --before {next})");
+            }
+            Ok(())
+        }
+        "inbox" => {
+            let follow = flag(&mut args, "--follow");
+            no_more(&args)?;
+            inbox(&socket, follow)
+        }
         "sig" => {
             if args.first().map(String::as_str) != Some("decode") {
                 return Err(Fail::usage(
@@ -209,6 +319,88 @@ fn run(mut args: Vec<String>) -> Result<(), Fail> {
     }
 }
 
+/// One message as one human line: time, direction, peer, state, body (control characters
+/// escaped: the body comes from outside).
+fn one_line(m: &Value) -> String {
+    let ts = m["ts"].as_i64().unwrap_or(0) / 1000;
+    let arrow = if m["direction"] == "out" {
+        "→"
+    } else {
+        "←"
+    };
+    let state = match m["state"].as_str() {
+        Some("queued") => " (queued)",
+        Some("failed") => " (FAILED)",
+        _ => "",
+    };
+    let body: String = m["body"]
+        .as_str()
+        .unwrap_or("")
+        .chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect();
+    format!(
+        "{} {arrow} {}{state}: {body}",
+        clock(ts),
+        m["peer"].as_str().unwrap_or("?")
+    )
+}
+
+/// The at-least-once consumer: print each received message as a JSON line, flush, and only
+/// then acknowledge it; with `follow`, wait for more (woken by `message_received`).
+fn inbox(socket: &PathBuf, follow: bool) -> Result<(), Fail> {
+    let mut watcher = if follow {
+        let mut w = Client::connect(socket)?;
+        w.call("watch", json!({}))?;
+        Some(w)
+    } else {
+        None
+    };
+    let mut c = Client::connect(socket)?;
+    let mut out = std::io::stdout().lock();
+    loop {
+        loop {
+            let r = c.call("read_inbox", json!({ "limit": 100 }))?;
+            let page = r["messages"].as_array().cloned().unwrap_or_default();
+            if page.is_empty() {
+                break;
+            }
+            for m in &page {
+                writeln!(out, "{m}")
+                    .map_err(|e| Fail(EXIT_FAILED, format!("writing to stdout: {e}")))?;
+            }
+            out.flush()
+                .map_err(|e| Fail(EXIT_FAILED, format!("writing to stdout: {e}")))?;
+            c.call("ack_inbox", json!({ "cursor": r["cursor"] }))?;
+        }
+        let Some(w) = watcher.as_mut() else {
+            return Ok(());
+        };
+        // Wait for the next notification of any kind, then read again.
+        match w.read(None)? {
+            Some(v) if v["method"] == "lagged" => {
+                // Missed notifications cost nothing (the inbox is the truth): watch again.
+                let mut again = Client::connect(socket)?;
+                again.call("watch", json!({}))?;
+                *w = again;
+            }
+            Some(_) => {}
+            None => {
+                return Err(Fail(
+                    EXIT_UNREACHABLE,
+                    "the daemon closed the connection".into(),
+                ));
+            }
+        }
+    }
+}
+
 fn no_more(args: &[String]) -> Result<(), Fail> {
     match args.first() {
         None => Ok(()),
@@ -228,7 +420,8 @@ enum SigSource {
     File(PathBuf),
 }
 
-fn sig_decode(source: SigSource) -> Result<(), Fail> {
+/// Read a UserSig from stdin or a file (never from the command line), trimmed.
+fn read_sig(source: SigSource) -> Result<String, Fail> {
     let mut text = String::new();
     match &source {
         SigSource::Stdin => std::io::stdin()
@@ -239,7 +432,11 @@ fn sig_decode(source: SigSource) -> Result<(), Fail> {
             .and_then(|f| f.take(1 << 20).read_to_string(&mut text))
             .map_err(|e| Fail(EXIT_FAILED, format!("reading {}: {e}", p.display())))?,
     };
-    let text = text.trim().to_string();
+    Ok(text.trim().to_string())
+}
+
+fn sig_decode(source: SigSource) -> Result<(), Fail> {
+    let text = read_sig(source)?;
     let d = imlink_usersig::decode(&text).map_err(|e| {
         Fail(
             EXIT_FAILED,

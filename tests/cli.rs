@@ -192,3 +192,107 @@ fn sig_decode_prints_the_fields_never_the_hmac() {
     );
     assert!(!err.contains("eJxgarbage"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_history_conversations_and_an_at_least_once_inbox() {
+    let sb = sandbox().await;
+    let alice = Daemon::start(&sb, Opts::user("alice")).await;
+    let bob = Daemon::start(&sb, Opts::user("bob")).await;
+    alice.wait_phase("online").await;
+    bob.wait_phase("online").await;
+    let (a, b) = (alice.socket.clone(), bob.socket.clone());
+
+    // bob's `inbox --follow` runs first and prints what arrives, as JSON lines.
+    let mut follow = Command::new(CTL)
+        .arg("--socket")
+        .arg(&b)
+        .args(["inbox", "--follow"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (line_tx, line_rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(stdout).lines() {
+            let Ok(l) = l else { break };
+            if line_tx.send(serde_json::from_str(&l).unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+
+    let out = ctl(&a, &["send", "bob", "hello\tbob"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = text(&out).trim().to_string();
+    assert_eq!(id.len(), 26, "a ULID: {id}");
+    // From stdin, a custom message.
+    let mut p = Command::new(CTL)
+        .arg("--socket")
+        .arg(&a)
+        .args(["send", "bob", "-", "--custom"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    p.stdin
+        .take()
+        .unwrap()
+        .write_all(br#"{"app":"data"}"#)
+        .unwrap();
+    assert!(p.wait_with_output().unwrap().status.success());
+
+    let first = tokio::task::spawn_blocking(move || {
+        let a = line_rx
+            .recv_timeout(WAIT)
+            .expect("the first message printed");
+        let b = line_rx
+            .recv_timeout(WAIT)
+            .expect("the second message printed");
+        (a, b, line_rx)
+    })
+    .await
+    .unwrap();
+    assert_eq!(first.0["id"], id.as_str());
+    assert_eq!(first.0["body"], "hello\tbob");
+    assert_eq!(first.1["kind"], "custom");
+    follow.kill().unwrap();
+    let _ = follow.wait();
+    // At least once: whatever the follower printed but had not yet acknowledged when it was
+    // killed comes again; once a run has printed and acknowledged, nothing does.
+    let out = ctl(&b, &["inbox"]);
+    assert!(out.status.success());
+    for l in text(&out).lines() {
+        let v: serde_json::Value = serde_json::from_str(l).unwrap();
+        assert!(v["id"] == first.0["id"] || v["id"] == first.1["id"], "{v}");
+    }
+    let out = ctl(&b, &["inbox"]);
+    assert!(out.status.success());
+    assert_eq!(text(&out), "", "nothing unacknowledged");
+    let r = bob.rpc("read_inbox", serde_json::json!({})).await;
+    assert_eq!(
+        r["result"]["cursor"], first.1["seq"],
+        "the cursor is at the last one"
+    );
+
+    // History and conversations, for people: control characters escaped.
+    let out = ctl(&b, &["history", "alice"]);
+    let t = text(&out);
+    assert!(t.contains("← alice: hello\\tbob"), "{t}");
+    let out = ctl(&a, &["history", "bob"]);
+    assert!(text(&out).contains("→ bob"), "{}", text(&out));
+    let out = ctl(&b, &["conversations"]);
+    let t = text(&out);
+    assert!(t.starts_with("alice") && t.contains("2 unread"), "{t}");
+    // Too big: refused with the reason, exit 1.
+    let big = "x".repeat(13 * 1024);
+    let out = ctl(&a, &["send", "bob", &big]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("8001"));
+    alice.finish().await;
+    bob.finish().await;
+}

@@ -441,3 +441,74 @@ async fn a_second_instance_beyond_the_policy_kicks_the_first_which_reports_it_an
     first.finish().await;
     second.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_provisioning_the_app_brings_the_usersig_and_a_new_one_when_it_expires() {
+    let sb = sandbox().await;
+    let d = Daemon::start(
+        &sb,
+        Opts {
+            provisioning: false,
+            ..Opts::user("kiosk-app")
+        },
+    )
+    .await;
+    // No sig yet: logged out, saying what it waits for.
+    let st = d.wait_phase("idle").await;
+    assert_eq!(st["login_status"], 3);
+    assert_eq!(st["last_error"]["code"], 6206, "{st}");
+    assert!(
+        st["last_error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("user_sig")
+    );
+    // A sig for someone else, or from another app, is refused before it is used.
+    let other = sb.issue_sig("somebody", Duration::from_secs(600));
+    let r = d.rpc("login", json!({ "user_sig": other })).await;
+    assert_eq!(r["error"]["code"], 70013, "{r}");
+    assert!(
+        !r.to_string().contains(&other),
+        "the sig is never quoted back"
+    );
+    // The app's sig: online.
+    let sig = sb.issue_sig("kiosk-app", Duration::from_secs(600));
+    let r = d.rpc("login", json!({ "user_sig": sig })).await;
+    assert_eq!(r["result"]["login_status"], 1, "{r}");
+    let mut w = d.client().await;
+    w.call("watch", json!({})).await;
+    // The service expires it: user_sig_expired, logged out, waiting for the app.
+    sb.expire_sig("kiosk-app");
+    let ev = loop {
+        let v = tokio::time::timeout(WAIT, w.next())
+            .await
+            .expect("an event");
+        if v["method"] == "user_sig_expired" {
+            break v;
+        }
+    };
+    assert_eq!(ev["params"]["code"], 70001, "{ev}");
+    let st = d.wait_phase("idle").await;
+    assert_eq!(st["last_error"]["code"], 6206, "{st}");
+    assert_flat(&sb, "kiosk-app", 2).await;
+    assert_eq!(sb.user("kiosk-app").provision_requests, 0, "never fetched");
+    // The app's next login.
+    let sig2 = sb.issue_sig("kiosk-app", Duration::from_secs(600));
+    let r = d.rpc("login", json!({ "user_sig": sig2 })).await;
+    assert_eq!(r["result"]["login_status"], 1, "{r}");
+    // Cached like a fetched one: a restart logs in with it.
+    let mut d = d;
+    d.terminate().await;
+    let d = Daemon::start(
+        &sb,
+        Opts {
+            provisioning: false,
+            dir: Some(d.dir.clone()),
+            ..Opts::user("kiosk-app")
+        },
+    )
+    .await;
+    d.wait_phase("online").await;
+    d.assert_no_secrets_logged();
+    d.finish().await;
+}

@@ -65,6 +65,8 @@ pub struct Opts {
     pub wait_ready: bool,
     /// A device token other than the sandbox's.
     pub token: Option<String>,
+    /// Write a `[provisioning]` section (false: UserSigs only from `login {user_sig}`).
+    pub provisioning: bool,
 }
 
 impl Opts {
@@ -84,6 +86,7 @@ impl Opts {
             dir: None,
             wait_ready: true,
             token: None,
+            provisioning: true,
         }
     }
 }
@@ -128,11 +131,6 @@ ca_file = "{dir}/ca.pem"
 keepalive = "30s"
 connect_timeout = "5s"
 {broker}
-[provisioning]
-url = "{prov}"
-token_file = "{dir}/token"
-ca_file = "{dir}/ca.pem"
-timeout = "5s"
 {provisioning}
 [session]
 backoff_base = "200ms"
@@ -149,11 +147,19 @@ socket = "{dir}/api.sock"
         top = o.top_extra,
         mqtt = o.broker_url.clone().unwrap_or_else(|| e.mqtt_url.clone()),
         broker = o.broker_extra,
-        prov = o
-            .provisioning_url
-            .clone()
-            .unwrap_or_else(|| e.provisioning_url_template.clone()),
-        provisioning = o.provisioning_extra,
+        provisioning = if o.provisioning {
+            format!(
+                "[provisioning]\nurl = \"{prov}\"\ntoken_file = \"{dir}/token\"\nca_file = \"{dir}/ca.pem\"\ntimeout = \"5s\"\n{extra}\n",
+                prov = o
+                    .provisioning_url
+                    .clone()
+                    .unwrap_or_else(|| e.provisioning_url_template.clone()),
+                dir = dir.display(),
+                extra = o.provisioning_extra,
+            )
+        } else {
+            String::new()
+        },
         session = o.session_extra,
         api = o.api_extra,
     );
