@@ -37,10 +37,12 @@ USAGE:
   imlinkctl [--socket PATH] conversations [--json]
   imlinkctl [--socket PATH] history PEER [--before ID] [--limit N] [--json]
                                                  newest first; works offline and logged out
-  imlinkctl [--socket PATH] inbox [--follow]     print received messages as JSON lines, then
+  imlinkctl [--socket PATH] inbox [--follow] [--max N]
+                                                 print received messages as JSON lines, then
                                                  acknowledge them (at least once: a message is
                                                  acknowledged only after it was written out);
-                                                 --follow: keep waiting for more
+                                                 --follow: keep waiting for more; --max N: stop
+                                                 after N messages
   imlinkctl sig decode [--file PATH]             decode a UserSig read from stdin (or a file);
                                                  never from the command line, where `ps` shows it
 
@@ -282,8 +284,16 @@ fn run(mut args: Vec<String>) -> Result<(), Fail> {
         }
         "inbox" => {
             let follow = flag(&mut args, "--follow");
+            let max = match value(&mut args, "--max")? {
+                None => usize::MAX,
+                Some(n) => n
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| Fail::usage(format!("--max {n}: a number from 1")))?,
+            };
             no_more(&args)?;
-            inbox(&socket, follow)
+            inbox(&socket, follow, max)
         }
         "sig" => {
             if args.first().map(String::as_str) != Some("decode") {
@@ -354,7 +364,7 @@ fn one_line(m: &Value) -> String {
 
 /// The at-least-once consumer: print each received message as a JSON line, flush, and only
 /// then acknowledge it; with `follow`, wait for more (woken by `message_received`).
-fn inbox(socket: &PathBuf, follow: bool) -> Result<(), Fail> {
+fn inbox(socket: &PathBuf, follow: bool, max: usize) -> Result<(), Fail> {
     let mut watcher = if follow {
         let mut w = Client::connect(socket)?;
         w.call("watch", json!({}))?;
@@ -364,20 +374,26 @@ fn inbox(socket: &PathBuf, follow: bool) -> Result<(), Fail> {
     };
     let mut c = Client::connect(socket)?;
     let mut out = std::io::stdout().lock();
+    let mut printed = 0usize;
     loop {
         loop {
-            let r = c.call("read_inbox", json!({ "limit": 100 }))?;
-            let page = r["messages"].as_array().cloned().unwrap_or_default();
-            if page.is_empty() {
-                break;
+            let left = max.saturating_sub(printed).min(100);
+            if left == 0 {
+                return Ok(());
             }
+            let r = c.call("read_inbox", json!({ "limit": left }))?;
+            let page = r["messages"].as_array().cloned().unwrap_or_default();
+            let Some(last) = page.last().map(|m| m["seq"].clone()) else {
+                break;
+            };
             for m in &page {
                 writeln!(out, "{m}")
                     .map_err(|e| Fail(EXIT_FAILED, format!("writing to stdout: {e}")))?;
             }
             out.flush()
                 .map_err(|e| Fail(EXIT_FAILED, format!("writing to stdout: {e}")))?;
-            c.call("ack_inbox", json!({ "cursor": r["cursor"] }))?;
+            c.call("ack_inbox", json!({ "cursor": last }))?;
+            printed += page.len();
         }
         let Some(w) = watcher.as_mut() else {
             return Ok(());

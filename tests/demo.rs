@@ -52,4 +52,15 @@ fn the_demo_script_comes_online() {
         seen.iter()
             .any(|l| l.contains("/expire?user_id=kiosk-0042"))
     );
+    // The two kiosks chatted: both messages are in kiosk-0042's history.
+    for needle in [
+        "→ kiosk-0043: hello from kiosk-0042",
+        "← kiosk-0043: hello back from kiosk-0043",
+    ] {
+        assert!(
+            seen.iter().any(|l| l.contains(needle)),
+            "{needle:?} not in:\n{}",
+            seen.join("\n")
+        );
+    }
 }

@@ -39,6 +39,16 @@ impl Mosquitto {
         user: &str,
         password: &str,
     ) -> Mosquitto {
+        Self::start_with(sb, dir, &[(user, password)], None).await
+    }
+
+    /// Start mosquitto with these users and, optionally, an ACL file's text.
+    async fn start_with(
+        sb: &imlink_sandbox::Sandbox,
+        dir: &Path,
+        users: &[(&str, &str)],
+        acl: Option<&str>,
+    ) -> Mosquitto {
         let write = |name: &str, text: &str| -> PathBuf {
             let p = dir.join(name);
             std::fs::write(&p, text).unwrap();
@@ -48,15 +58,24 @@ impl Mosquitto {
         let cert = write("mq-cert.pem", sb.server_cert_pem());
         let key = write("mq-key.pem", sb.server_key_pem());
         let pw = dir.join("mq-passwd");
-        let st = std::process::Command::new("mosquitto_passwd")
-            .arg("-c")
-            .arg("-b")
-            .arg(&pw)
-            .arg(user)
-            .arg(password)
-            .status()
-            .expect("mosquitto_passwd (Debian package mosquitto; .ci/run installs it)");
-        assert!(st.success());
+        for (i, (user, password)) in users.iter().enumerate() {
+            let mut c = std::process::Command::new("mosquitto_passwd");
+            if i == 0 {
+                c.arg("-c");
+            }
+            let st = c
+                .arg("-b")
+                .arg(&pw)
+                .arg(user)
+                .arg(password)
+                .status()
+                .expect("mosquitto_passwd (Debian package mosquitto; .ci/run installs it)");
+            assert!(st.success());
+        }
+        let acl_line = match acl {
+            Some(text) => format!("acl_file {}\n", write("mq-acl", text).display()),
+            None => String::new(),
+        };
         let port = free_port();
         let run_as_root = nix::unistd::geteuid().is_root();
         let conf = write(
@@ -65,12 +84,13 @@ impl Mosquitto {
                 "listener {port} 127.0.0.1\n\
                  cafile {ca}\ncertfile {cert}\nkeyfile {key}\n\
                  allow_anonymous false\npassword_file {pw}\n\
-                 persistence false\nlog_dest stderr\nlog_type all\nconnection_messages true\n{user_line}",
+                 persistence false\nlog_dest stderr\nlog_type all\nconnection_messages true\n{user_line}{acl_line}",
                 ca = ca.display(),
                 cert = cert.display(),
                 key = key.display(),
                 pw = pw.display(),
                 user_line = if run_as_root { "user root\n" } else { "" },
+                acl_line = acl_line,
             ),
         );
         let mut child = Command::new("mosquitto")
@@ -254,4 +274,100 @@ async fn two_daemons_with_one_client_id_do_not_fight() {
     let _ = other;
     a.finish().await;
     b.finish().await;
+}
+
+/// The IM ACL for a plain MQTT broker (docs/brokers.md): each user reads only their own
+/// subtree and may write only to inboxes. mosquitto cannot check `from` inside the payload:
+/// that stays the IM service's job (the receiving daemon keeps what the broker delivers).
+const IM_ACL: &str = "pattern read im/+/u/%u/#\npattern write im/+/u/+/in\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_daemons_exchange_messages_through_mosquitto_with_the_im_acl() {
+    let sb = sandbox().await;
+    let dir = temp_dir("mq-chat");
+    let sa = sb.issue_sig("alice", Duration::from_secs(3600));
+    let sbob = sb.issue_sig("bob", Duration::from_secs(3600));
+    sb.pin_sig("alice", Some(&sa));
+    sb.pin_sig("bob", Some(&sbob));
+    let m = Mosquitto::start_with(&sb, &dir, &[("alice", &sa), ("bob", &sbob)], Some(IM_ACL)).await;
+    let alice = Daemon::start(&sb, opts_for(&m, "alice")).await;
+    let mut bob = Daemon::start(&sb, opts_for(&m, "bob")).await;
+    alice.wait_phase("online").await;
+    bob.wait_phase("online").await;
+    let mut sent = Vec::new();
+    for i in 0..10 {
+        sent.push(send(&alice, "bob", format!("via mosquitto {i}")).await);
+    }
+    let reply = send(&bob, "alice", "back at you".into()).await;
+    // Bob goes offline; his persistent session on mosquitto queues alice's next ones.
+    wait_inbox(&bob, 10).await;
+    bob.terminate().await;
+    for i in 10..15 {
+        sent.push(send(&alice, "bob", format!("while away {i}")).await);
+    }
+    let bob = Daemon::start(
+        &sb,
+        Opts {
+            dir: Some(bob.dir.clone()),
+            ..opts_for(&m, "bob")
+        },
+    )
+    .await;
+    let got = wait_inbox(&bob, 15).await;
+    let got_ids: Vec<String> = got
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(got_ids, sent, "every message once, in order");
+    let at_alice = wait_inbox(&alice, 1).await;
+    assert_eq!(at_alice[0]["id"], reply.as_str());
+    // Everything went through the ACL: nothing was denied.
+    assert!(
+        !m.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("Denied PUBLISH")),
+        "the daemons never publish outside the ACL"
+    );
+    alice.finish().await;
+    bob.finish().await;
+}
+
+async fn send(d: &Daemon, to: &str, body: String) -> String {
+    let r = d
+        .rpc(
+            "send_message",
+            serde_json::json!({ "to": to, "body": body }),
+        )
+        .await;
+    r["result"]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{r}"))
+        .to_string()
+}
+
+/// Wait (woken by notifications) until `d`'s inbox holds `n` messages; returns them in order.
+async fn wait_inbox(d: &Daemon, n: usize) -> Vec<serde_json::Value> {
+    let mut w = d.client().await;
+    w.call("watch", serde_json::json!({})).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let r = d
+            .rpc(
+                "read_inbox",
+                serde_json::json!({ "after": 0, "limit": 100 }),
+            )
+            .await;
+        let all = r["result"]["messages"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if all.len() >= n {
+            return all;
+        }
+        if tokio::time::timeout_at(deadline, w.next()).await.is_err() {
+            panic!("{} of {n} messages\n{}", all.len(), d.log_text());
+        }
+    }
 }
