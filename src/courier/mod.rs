@@ -54,8 +54,8 @@ pub const PAUSE: BackoffPolicy = BackoffPolicy {
     cap: 60_000,
     reset_after: 0,
 };
-/// How long before a publish the local MQTT client refused, or a failed outbox read, is
-/// tried again.
+/// How long before a publish the local MQTT client refused is tried again (a failed outbox
+/// read waits at least this, with the store backoff).
 pub const HOLD: Millis = 200;
 /// The retry of a received message the store could not commit.
 pub const STORE_RETRY: BackoffPolicy = BackoffPolicy {
@@ -368,7 +368,10 @@ impl Courier {
             Input::OutboxFailed { token } => {
                 if self.loading == Some(token) {
                     self.loading = None;
-                    self.hold_until = Some(self.now + HOLD);
+                    // The store is failing (a full disk, a newer schema): back off, up to 30 s,
+                    // rather than asking five times a second.
+                    let wait = self.store_backoff.next(&STORE_RETRY, &mut self.rng);
+                    self.hold_until = Some(self.now + wait.max(HOLD));
                 }
             }
             Input::PublishRefused { link, seq } => {
@@ -563,6 +566,7 @@ impl Courier {
             return;
         }
         self.loading = None;
+        self.store_backoff = Backoff::default();
         for (seq, msg) in page {
             self.cursor = self.cursor.max(seq);
             if self.inflight.contains_key(&seq)
