@@ -150,7 +150,13 @@ fn default_log_level() -> String {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBroker {
-    url: String,
+    /// One broker (shorthand for a one-entry `urls`).
+    url: Option<String>,
+    /// A failover list: network and busy failures move to the next node.
+    urls: Option<Vec<String>>,
+    /// "v5" (default), "v3.1.1", or "auto".
+    #[serde(default = "default_protocol")]
+    protocol: String,
     #[serde(default = "default_client_id")]
     client_id: String,
     ca_file: Option<PathBuf>,
@@ -162,6 +168,10 @@ struct RawBroker {
     session_expiry: Dur,
     #[serde(default = "default_connect_timeout")]
     connect_timeout: Dur,
+}
+
+fn default_protocol() -> String {
+    "v5".into()
 }
 
 fn default_client_id() -> String {
@@ -338,8 +348,9 @@ pub use crate::tls::{CaSource, ClientAuth};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerConfig {
-    pub host: String,
-    pub port: u16,
+    /// The nodes, in failover order (at least one).
+    pub nodes: Vec<(String, u16)>,
+    pub protocol: crate::session::ProtocolMode,
     pub client_id: Template,
     pub ca: CaSource,
     pub client_auth: Option<ClientAuth>,
@@ -514,7 +525,53 @@ fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigErr
 
     // [broker]
     let b = raw.broker;
-    let (host, port) = parse_broker_url(&b.url).map_err(|m| err("broker.url", m))?;
+    let nodes = match (&b.url, &b.urls) {
+        (Some(_), Some(_)) => {
+            return Err(err(
+                "broker.urls",
+                "set either broker.url (one broker) or broker.urls (a failover list), not both"
+                    .into(),
+            ));
+        }
+        (None, None) => {
+            return Err(err(
+                "broker.url",
+                "missing: set broker.url = \"mqtts://host:8883\" (or broker.urls = [...])".into(),
+            ));
+        }
+        (Some(u), None) => vec![parse_broker_url(u).map_err(|m| err("broker.url", m))?],
+        (None, Some(list)) => {
+            if list.is_empty() || list.len() > 16 {
+                return Err(err(
+                    "broker.urls",
+                    format!("{} entries: give 1 to 16 broker URLs", list.len()),
+                ));
+            }
+            let mut nodes = Vec::new();
+            for (i, u) in list.iter().enumerate() {
+                let n = parse_broker_url(u).map_err(|m| err(&format!("broker.urls[{i}]"), m))?;
+                if nodes.contains(&n) {
+                    return Err(err(
+                        &format!("broker.urls[{i}]"),
+                        format!("{u:?} is listed twice"),
+                    ));
+                }
+                nodes.push(n);
+            }
+            nodes
+        }
+    };
+    let protocol = match b.protocol.as_str() {
+        "v5" | "5" => crate::session::ProtocolMode::V5,
+        "v3.1.1" | "3.1.1" => crate::session::ProtocolMode::V311,
+        "auto" => crate::session::ProtocolMode::Auto,
+        other => {
+            return Err(err(
+                "broker.protocol",
+                format!("{other:?}: use \"v5\", \"v3.1.1\" or \"auto\""),
+            ));
+        }
+    };
     let client_id = Template::parse(&b.client_id, &["user_id"])
         .map_err(|e| err("broker.client_id", format!("{:?}: {e}", b.client_id)))?;
     let broker_ca = ca_source(b.ca_file.as_deref().map(resolve), "broker.ca_file", &err)?;
@@ -659,6 +716,8 @@ fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigErr
         connect_timeout: b.connect_timeout.0.as_millis() as u64,
         close_timeout: Policy::default().close_timeout,
         provisioning: provisioning.is_some(),
+        brokers: nodes.len() as u32,
+        protocol,
     };
 
     // [api]
@@ -698,8 +757,8 @@ fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigErr
         state_dir: resolve(&raw.state_dir),
         log_level,
         broker: BrokerConfig {
-            host,
-            port,
+            nodes,
+            protocol,
             client_id,
             ca: broker_ca,
             client_auth: broker_auth,

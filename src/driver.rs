@@ -11,16 +11,13 @@
 //! * every state change goes out once, from [`Driver::emit`], to the log, the local API
 //!   watchers and (through [`Status`]) systemd.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::Packet;
-use rumqttc::v5::{AsyncClient, Event as MqttEvent};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -98,7 +95,13 @@ pub struct Status {
     pub login_user: String,
     pub user_id: String,
     pub sdk_app_id: u64,
+    /// The broker node in use (or the first configured one), `mqtts://host:port`.
     pub broker: String,
+    /// The MQTT protocol of the current (or last) connection.
+    pub protocol: Option<crate::session::Proto>,
+    /// Online and the broker acknowledged the inbox subscription: messages to this user
+    /// reach the daemon (a fresh session on a plain broker drops what comes before).
+    pub inbox_subscribed: bool,
     /// Unix seconds when the current phase began.
     pub since: i64,
     pub last_error: Option<LastError>,
@@ -139,136 +142,7 @@ impl SessionHandle {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ConnState {
-    Connecting,
-    Online,
-    Closing,
-}
-
-/// What a connection's task reports.
-enum ConnEvent {
-    // Boxed: rumqttc's event is large and most events are something else.
-    Mqtt(Box<MqttEvent>),
-    /// The connection is over, classified from what the broker actually said (the relay's
-    /// record) or, when it said nothing, from the transport's error.
-    Ended(ConnEnd),
-}
-
-/// One MQTT connection. Its task dials TCP + TLS, starts the relay (`crate::relay`), and runs
-/// the rumqttc event loop, **never cancelled mid-poll**: `EventLoop::poll` is not cancel-safe
-/// (dropping it during the connect abandons a connection the broker already accepted, and the
-/// next poll silently opens another), so the driver's `select!` only ever waits on the channel
-/// the task feeds. The task ends at the first error, so rumqttc can never reconnect on its
-/// own; dropping the `Connection` aborts it, and the relay with it.
-struct Connection {
-    client: AsyncClient,
-    events: mpsc::Receiver<ConnEvent>,
-    task: JoinHandle<()>,
-    state: ConnState,
-    /// The courier's name for this connection.
-    link: LinkId,
-    /// Whom it logs in as.
-    user: UserId,
-    /// Publishes handed to rumqttc, waiting for their packet id (rumqttc reports
-    /// `Outgoing::Publish(pkid)` in the order it took them).
-    unnumbered: VecDeque<Seq>,
-    /// Packet id → the courier's seq, until the PUBACK.
-    pkids: HashMap<u16, Seq>,
-}
-
-/// Aborts a task when dropped (the relay lives exactly as long as its connection's task).
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-impl Connection {
-    fn open(
-        mqtt: &MqttSettings,
-        user: &UserId,
-        sig: &UserSig,
-        relay_dir: &std::path::Path,
-        link: LinkId,
-    ) -> Result<Connection, ConnEnd> {
-        let (listener, path) = crate::relay::listen(relay_dir).map_err(|e| ConnEnd::Network {
-            kind: crate::session::NetKind::Other,
-            detail: format!(
-                "could not create the MQTT relay socket in {}: {e}",
-                relay_dir.display()
-            ),
-        })?;
-        let options = mqtt.options(user, sig, &path);
-        let (client, mut eventloop) = AsyncClient::new(options, 10);
-        let (tx, events) = mpsc::channel(32);
-        let (host, port, tls, within) = (
-            mqtt.host.clone(),
-            mqtt.port,
-            mqtt.tls.clone(),
-            mqtt.connect_timeout,
-        );
-        let task = tokio::spawn(async move {
-            let started = tokio::time::Instant::now();
-            let stream = match crate::relay::dial(&host, port, tls, within).await {
-                Ok(s) => s,
-                Err(end) => {
-                    let _ = std::fs::remove_file(&path);
-                    let _ = tx.send(ConnEvent::Ended(end)).await;
-                    return;
-                }
-            };
-            // One connect timeout covers TCP, TLS and the CONNACK together.
-            let left = within.saturating_sub(started.elapsed()).as_secs().max(1);
-            eventloop.options.set_connection_timeout(left);
-            let observed = crate::relay::Shared::default();
-            let _relay = AbortOnDrop(tokio::spawn(crate::relay::relay(
-                listener,
-                path,
-                stream,
-                observed.clone(),
-                crate::mqtt::MAX_PACKET as usize + 8,
-            )));
-            loop {
-                match eventloop.poll().await {
-                    Ok(ev) => {
-                        if tx.send(ConnEvent::Mqtt(Box::new(ev))).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        let said = observed
-                            .lock()
-                            .map(|o| o.end())
-                            .unwrap_or_else(|p| p.into_inner().end());
-                        let end = said.unwrap_or_else(|| crate::mqtt::classify(&e));
-                        tracing::debug!(?end, "connection ended");
-                        let _ = tx.send(ConnEvent::Ended(end)).await;
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(Connection {
-            client,
-            events,
-            task,
-            state: ConnState::Connecting,
-            link,
-            user: user.clone(),
-            unnumbered: VecDeque::new(),
-            pkids: HashMap::new(),
-        })
-    }
-}
-
-impl Drop for Connection {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
+use crate::link::{ConnEvent, ConnState, Connection, Ev};
 
 /// A sig the driver holds, with what is needed to cache it.
 struct HeldSig {
@@ -488,7 +362,7 @@ impl Driver {
 
     fn status_of(s: &Snapshot, config: &Config, mqtt: &MqttSettings, clock: &Clock) -> Status {
         let now = clock.now();
-        let broker = mqtt.url();
+        let broker = mqtt.url_of(s.via.as_ref().map(|(t, _)| t));
         Status {
             phase: s.phase,
             summary: summary(s, &broker, now.mono),
@@ -497,6 +371,8 @@ impl Driver {
             user_id: s.user_id.clone(),
             sdk_app_id: config.sdk_app_id,
             broker,
+            protocol: s.via.as_ref().map(|(_, p)| *p),
+            inbox_subscribed: false,
             since: clock.wall_ms(s.since_ms) / 1000,
             last_error: s.last_error.clone(),
             sig: s.sig.as_ref().map(|g| SigView {
@@ -513,12 +389,17 @@ impl Driver {
     }
 
     fn publish_status(&mut self) {
-        let s = Self::status_of(
+        let mut s = Self::status_of(
             &self.machine.snapshot(),
             &self.config,
             &self.mqtt,
             &self.clock,
         );
+        s.inbox_subscribed = s.phase == Phase::Online
+            && self
+                .conn
+                .as_ref()
+                .is_some_and(|c| c.state == ConnState::Online && c.subscribed);
         self.status.send_if_modified(|cur| {
             if *cur != s {
                 *cur = s;
@@ -654,7 +535,7 @@ impl Driver {
             return;
         };
         let ev = match ev {
-            ConnEvent::Mqtt(ev) => *ev,
+            ConnEvent::Mqtt(ev) => ev,
             ConnEvent::Ended(end) => {
                 let state = conn.state;
                 let link = conn.link;
@@ -670,31 +551,33 @@ impl Driver {
             }
         };
         match ev {
-            MqttEvent::Incoming(Packet::ConnAck(ack)) if conn.state == ConnState::Connecting => {
+            Ev::ConnAck { session_present } if conn.state == ConnState::Connecting => {
                 conn.state = ConnState::Online;
-                self.feed(Input::Connected {
-                    session_present: ack.session_present,
-                });
+                self.feed(Input::Connected { session_present });
             }
-            MqttEvent::Incoming(Packet::Publish(p)) => {
+            Ev::ConnAck { .. } => {}
+            Ev::Publish {
+                topic,
+                pkid,
+                payload,
+            } => {
                 let link = conn.link;
                 let inbox = self.mqtt.inbox_topic(&conn.user);
-                let msg = if p.topic.as_ref() != inbox.as_bytes() {
+                let msg = if topic.as_ref() != inbox.as_bytes() {
                     Err(format!(
                         "a PUBLISH on {:?}, not the inbox",
-                        String::from_utf8_lossy(&p.topic)
+                        String::from_utf8_lossy(&topic)
                     ))
                 } else {
-                    WireMessage::decode(&p.payload, &conn.user).map_err(|e| e.to_string())
+                    WireMessage::decode(&payload, &conn.user).map_err(|e| e.to_string())
                 };
                 tracing::debug!(
                     // Debug-quoted: the topic comes from outside.
-                    topic = ?String::from_utf8_lossy(&p.topic),
-                    bytes = p.payload.len(),
-                    qos = ?p.qos,
+                    topic = ?String::from_utf8_lossy(&topic),
+                    bytes = payload.len(),
+                    qos1 = pkid.is_some(),
                     "PUBLISH received"
                 );
-                let pkid = (p.qos != QoS::AtMostOnce).then_some(p.pkid);
                 let owner = conn.user.to_string();
                 self.feed(Input::MessageReceived);
                 self.feed_courier(courier::Input::Received {
@@ -704,19 +587,27 @@ impl Driver {
                     msg,
                 });
             }
-            MqttEvent::Outgoing(rumqttc::Outgoing::Publish(pkid)) => {
+            Ev::OutPublish(pkid) => {
                 if let Some(seq) = conn.unnumbered.pop_front() {
                     conn.pkids.insert(pkid, seq);
                 }
             }
-            MqttEvent::Incoming(Packet::PubAck(ack)) => {
-                if let Some(seq) = conn.pkids.remove(&ack.pkid) {
+            Ev::PubAck { pkid, code } => {
+                if let Some(seq) = conn.pkids.remove(&pkid) {
                     let link = conn.link;
-                    let code = crate::mqtt::puback_code(ack.reason);
                     self.feed_courier(courier::Input::PubAck { link, seq, code });
                 }
             }
-            MqttEvent::Outgoing(rumqttc::Outgoing::Disconnect) => {
+            Ev::SubAck { granted } => {
+                conn.subscribed = granted;
+                if !granted {
+                    tracing::warn!(
+                        "the broker refused the inbox subscription: messages to this user will \
+                         not arrive (check the broker's ACL: docs/brokers.md)"
+                    );
+                }
+            }
+            Ev::OutDisconnect => {
                 // DISCONNECT is on the wire. Keep reading until the broker closes its side (it
                 // must, after a DISCONNECT): dropping the socket now, with anything unread in
                 // flight, would send a TCP reset that can destroy the DISCONNECT on the broker's
@@ -724,7 +615,6 @@ impl Driver {
                 // The machine's close timeout bounds the wait.
                 tracing::debug!("DISCONNECT sent; waiting for the broker to close");
             }
-            _ => {}
         }
     }
 
@@ -821,11 +711,16 @@ impl Driver {
                         f.abort();
                     }
                 }
-                Action::Connect { user, fingerprint } => self.connect(user, &fingerprint),
+                Action::Connect {
+                    user,
+                    fingerprint,
+                    target,
+                    proto,
+                } => self.connect(user, &fingerprint, target, proto),
                 Action::Subscribe { user } => {
                     if let Some(c) = self.conn.as_ref() {
                         let filter = self.mqtt.inbox_filter(&user);
-                        if let Err(e) = c.client.try_subscribe(filter, QoS::AtLeastOnce) {
+                        if let Err(e) = c.subscribe(filter) {
                             tracing::warn!("could not queue the inbox subscription: {e}");
                         }
                         // The session is up: the courier may publish on it.
@@ -917,18 +812,11 @@ impl Driver {
             match action {
                 courier::Action::Publish { link, seq, msg } => self.publish(link, seq, &msg),
                 courier::Action::Ack { link, pkid } => {
-                    if let Some(c) = self.conn.as_ref().filter(|c| c.link == link) {
-                        let mut p = rumqttc::v5::mqttbytes::v5::Publish::new(
-                            "",
-                            QoS::AtLeastOnce,
-                            Vec::new(),
-                            None,
-                        );
-                        p.pkid = pkid;
-                        if let Err(e) = c.client.try_ack(&p) {
-                            // The connection is going: the broker sends it again on the next.
-                            tracing::debug!("could not queue a PUBACK: {e}");
-                        }
+                    if let Some(c) = self.conn.as_ref().filter(|c| c.link == link)
+                        && let Err(e) = c.ack(pkid)
+                    {
+                        // The connection is going: the broker sends it again on the next.
+                        tracing::debug!("could not queue a PUBACK: {e}");
                     }
                 }
                 courier::Action::Notify(e) => {
@@ -1100,10 +988,7 @@ impl Driver {
                 });
             }
         };
-        match c
-            .client
-            .try_publish(topic, QoS::AtLeastOnce, false, payload)
-        {
+        match c.publish(topic, payload) {
             Ok(()) => c.unnumbered.push_back(seq),
             Err(e) => {
                 tracing::debug!("the MQTT client would not take a publish now: {e}");
@@ -1112,7 +997,13 @@ impl Driver {
         }
     }
 
-    fn connect(&mut self, user: UserId, fingerprint: &str) {
+    fn connect(
+        &mut self,
+        user: UserId,
+        fingerprint: &str,
+        target: crate::session::Target,
+        proto: crate::session::Proto,
+    ) {
         if let Some(old) = self.conn.take() {
             // Cannot happen (the machine connects only with no connection); fail safe.
             self.feed_courier(courier::Input::LinkDown(old.link));
@@ -1126,7 +1017,8 @@ impl Driver {
             return;
         };
         tracing::info!(
-            broker = %self.mqtt.url(),
+            broker = %self.mqtt.url_of(Some(&target)),
+            protocol = proto.as_str(),
             client_id = %self.mqtt.client_id(&user),
             user_id = %user,
             fingerprint,
@@ -1134,7 +1026,15 @@ impl Driver {
         );
         let link = self.next_link;
         self.next_link += 1;
-        match Connection::open(&self.mqtt, &user, &held.sig, &self.config.state_dir, link) {
+        match Connection::open(
+            &self.mqtt,
+            &user,
+            &held.sig,
+            &self.config.state_dir,
+            link,
+            target,
+            proto,
+        ) {
             Ok(c) => self.conn = Some(c),
             Err(end) => self.feed(Input::ConnectionEnded(end)),
         }
@@ -1152,7 +1052,7 @@ impl Driver {
             }
             Some(c) => {
                 c.state = ConnState::Closing;
-                if c.client.try_disconnect().is_err() {
+                if c.disconnect().is_err() {
                     self.conn = None;
                     self.feed(Input::Disconnected);
                 }
@@ -1216,7 +1116,11 @@ impl Driver {
                 let snapshot = self.machine.snapshot();
                 // The summary describes the current state; an older queued event gets its phase.
                 let text = if snapshot.phase == *phase {
-                    summary(&snapshot, &self.mqtt.url(), self.clock.now().mono)
+                    summary(
+                        &snapshot,
+                        &self.mqtt.url_of(snapshot.via.as_ref().map(|(t, _)| t)),
+                        self.clock.now().mono,
+                    )
                 } else {
                     phase.as_str().to_string()
                 };

@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod driver;
 pub mod fuzzing;
 pub mod identity;
+pub mod link;
 pub mod logging;
 pub mod message;
 pub mod mqtt;

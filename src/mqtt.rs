@@ -10,7 +10,7 @@ use rumqttc::v5::{ConnectionError, MqttOptions, StateError};
 
 use crate::config::Config;
 use crate::identity::{TemplateValues, UserId};
-use crate::session::{ConnEnd, NetKind};
+use crate::session::{ConnEnd, NetKind, Target};
 use crate::usersig::UserSig;
 
 /// Largest packet the daemon accepts (rumqttc's default is only 10 KiB).
@@ -24,8 +24,9 @@ pub const RECEIVE_MAX: u16 = 32;
 /// Everything needed to open a session, built once per config.
 #[derive(Clone)]
 pub struct MqttSettings {
-    pub host: String,
-    pub port: u16,
+    /// The configured nodes, in failover order.
+    pub nodes: Vec<(String, u16)>,
+    pub protocol: crate::session::ProtocolMode,
     pub sdk_app_id: u64,
     pub platform: String,
     pub instance: String,
@@ -39,8 +40,8 @@ pub struct MqttSettings {
 impl MqttSettings {
     pub fn from_config(c: &Config) -> Result<MqttSettings, String> {
         Ok(MqttSettings {
-            host: c.broker.host.clone(),
-            port: c.broker.port,
+            nodes: c.broker.nodes.clone(),
+            protocol: c.broker.protocol,
             sdk_app_id: c.sdk_app_id,
             platform: c.platform.clone(),
             instance: c.instance.clone(),
@@ -55,8 +56,8 @@ impl MqttSettings {
     /// Whether a reconnect is needed to apply `other` (anything but the TLS object itself).
     pub fn differs(&self, other: &MqttSettings) -> bool {
         (
-            &self.host,
-            self.port,
+            &self.nodes,
+            self.protocol,
             self.sdk_app_id,
             &self.platform,
             &self.instance,
@@ -64,8 +65,8 @@ impl MqttSettings {
             self.keepalive,
             self.session_expiry,
         ) != (
-            &other.host,
-            other.port,
+            &other.nodes,
+            other.protocol,
             other.sdk_app_id,
             &other.platform,
             &other.instance,
@@ -87,12 +88,34 @@ impl MqttSettings {
         )
     }
 
-    /// `mqtts://host:port`, for status and logs.
-    pub fn url(&self) -> String {
-        if self.host.contains(':') {
-            format!("mqtts://[{}]:{}", self.host, self.port)
+    /// Where `target` is: a configured node, or a redirect's Server Reference (`host`,
+    /// `host:port` or `mqtts://host:port`; the first of several; never plaintext).
+    pub fn endpoint(&self, target: &Target) -> Option<(String, u16)> {
+        match target {
+            Target::Node(i) => self.nodes.get(*i as usize).cloned(),
+            Target::Redirect(r) => {
+                let first = r.split_whitespace().next()?;
+                let url = if first.contains("://") {
+                    first.to_string()
+                } else {
+                    format!("mqtts://{first}")
+                };
+                crate::url::parse_broker_url(&url).ok()
+            }
+        }
+    }
+
+    /// `mqtts://host:port` of `target` (the first node when there is none yet), for status
+    /// and logs.
+    pub fn url_of(&self, target: Option<&Target>) -> String {
+        let (host, port) = target
+            .and_then(|t| self.endpoint(t))
+            .or_else(|| self.nodes.first().cloned())
+            .unwrap_or_default();
+        if host.contains(':') {
+            format!("mqtts://[{host}]:{port}")
         } else {
-            format!("mqtts://{}:{}", self.host, self.port)
+            format!("mqtts://{host}:{port}")
         }
     }
 
@@ -136,6 +159,92 @@ impl MqttSettings {
         // A received message is acknowledged only once it is committed to the store.
         o.set_manual_acks(true);
         o
+    }
+}
+
+impl MqttSettings {
+    /// The same session over MQTT 3.1.1 (`rumqttc::*`): a persistent session
+    /// (`clean_session = false`; the broker decides how long it lives), manual acks, the same
+    /// limits. 3.1.1 has no reason strings, no server DISCONNECT and no receive maximum.
+    pub fn options_v311(
+        &self,
+        user: &UserId,
+        sig: &UserSig,
+        relay: &std::path::Path,
+    ) -> rumqttc::MqttOptions {
+        let mut o = rumqttc::MqttOptions::new(
+            self.client_id(user),
+            relay.to_string_lossy().into_owned(),
+            0,
+        );
+        o.set_transport(Transport::Unix);
+        o.set_credentials(user.as_str(), sig.expose());
+        o.set_keep_alive(self.keepalive);
+        o.set_clean_session(false);
+        o.set_inflight(INFLIGHT);
+        o.set_max_packet_size(MAX_PACKET as usize, MAX_PACKET as usize);
+        o.set_request_channel_capacity(128);
+        o.set_manual_acks(true);
+        o
+    }
+}
+
+/// A 3.1.1 CONNACK return code as the MQTT 5 reason code that means the same, so both
+/// protocols are classified alike: 1 → 0x84 unsupported protocol version, 2 → 0x85 client id
+/// not valid, 3 → 0x88 server unavailable, 4 → 0x86 bad user name or password, 5 → 0x87 not
+/// authorized.
+pub fn v311_code(rc: u8) -> u8 {
+    match rc {
+        0 => 0x00,
+        1 => 0x84,
+        2 => 0x85,
+        3 => 0x88,
+        4 => 0x86,
+        5 => 0x87,
+        _ => 0x80,
+    }
+}
+
+/// Translate a rumqttc 3.1.1 error into what the session machine classifies (a 3.1.1 broker
+/// never says why it closes: kicks and expiries look like closes).
+pub fn classify_v311(e: &rumqttc::ConnectionError) -> ConnEnd {
+    use rumqttc::{ConnectReturnCode as C, ConnectionError as E, StateError as S};
+    let net = |kind: NetKind, detail: String| ConnEnd::Network { kind, detail };
+    match e {
+        E::ConnectionRefused(code) => ConnEnd::Refused {
+            code: v311_code(match code {
+                C::Success => 0,
+                C::RefusedProtocolVersion => 1,
+                C::BadClientId => 2,
+                C::ServiceUnavailable => 3,
+                C::BadUserNamePassword => 4,
+                C::NotAuthorized => 5,
+            }),
+            reason: None,
+        },
+        E::MqttState(S::ConnectionAborted) => net(
+            NetKind::Closed,
+            "the server closed the connection (MQTT 3.1.1 says no more)".into(),
+        ),
+        E::MqttState(S::AwaitPingResp) => net(
+            NetKind::Timeout,
+            "the server stopped answering keepalive pings".into(),
+        ),
+        E::MqttState(S::Io(io)) | E::Io(io) => io_end(io),
+        E::NetworkTimeout => net(
+            NetKind::Timeout,
+            "no CONNACK within the connect timeout".into(),
+        ),
+        E::Tls(t) => {
+            if crate::tls::is_not_yet_valid(t) {
+                ConnEnd::CertNotYetValid {
+                    detail: t.to_string(),
+                }
+            } else {
+                net(NetKind::Tls, format!("TLS: {t}"))
+            }
+        }
+        other => net(NetKind::Other, other.to_string()),
     }
 }
 

@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixListener};
 use tokio_rustls::client::TlsStream;
 
-use crate::session::{ConnEnd, NetKind};
+use crate::session::{ConnEnd, NetKind, Proto};
 use crate::wire::{self, Seen};
 
 /// What the broker said on one connection, as it said it.
@@ -52,17 +52,27 @@ impl Observed {
             (None, Some(c)) => Some(c.to_string()),
             (None, None) => None,
         };
+        let redirect = |code: u8, p: &wire::Props| match (&p.server_reference, code) {
+            (Some(r), 0x9C | 0x9D) => Some(ConnEnd::Redirect {
+                code,
+                reference: r.clone(),
+                reason: reason(p),
+            }),
+            _ => None,
+        };
         if let Some(d) = &self.disconnect {
-            return Some(ConnEnd::ServerDisconnect {
-                code: d.code,
-                reason: reason(&d.props),
-            });
+            return Some(
+                redirect(d.code, &d.props).unwrap_or(ConnEnd::ServerDisconnect {
+                    code: d.code,
+                    reason: reason(&d.props),
+                }),
+            );
         }
         if let Some(a) = self.connack.as_ref().filter(|a| a.code >= 0x80) {
-            return Some(ConnEnd::Refused {
+            return Some(redirect(a.code, &a.props).unwrap_or(ConnEnd::Refused {
                 code: a.code,
                 reason: reason(&a.props),
-            });
+            }));
         }
         self.broken.clone()
     }
@@ -124,6 +134,7 @@ pub async fn relay(
     tls: TlsStream<TcpStream>,
     observed: Shared,
     max_packet: usize,
+    proto: Proto,
 ) {
     let unix = loop {
         match listener.accept().await {
@@ -155,7 +166,7 @@ pub async fn relay(
     let (broker_rd, broker_wr) = tokio::io::split(tls);
     let (client_rd, client_wr) = unix.into_split();
     let up = pump_up(client_rd, broker_wr);
-    let down = pump_down(broker_rd, client_wr, observed, max_packet);
+    let down = pump_down(broker_rd, client_wr, observed, max_packet, proto);
     // Either direction may end first; the other is finished by the half-close it causes.
     tokio::join!(up, down);
 }
@@ -175,6 +186,7 @@ async fn pump_down(
     mut to: tokio::net::unix::OwnedWriteHalf,
     observed: Shared,
     max_packet: usize,
+    proto: Proto,
 ) {
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut chunk = vec![0u8; 8192];
@@ -211,18 +223,30 @@ async fn pump_down(
             }
             let first = buf[at];
             let body = &buf[at + h..at + h + len];
-            match wire::inspect(first, body) {
-                Ok(Seen::ConnAck(a)) => lock(&observed).connack = Some(a),
-                Ok(Seen::Disconnect(d)) => lock(&observed).disconnect = Some(d),
-                Ok(Seen::Other) => {}
-                Err(e) => {
+            match (proto, wire::inspect(first, body)) {
+                (Proto::V311, Ok(Seen::ConnAck(mut a))) => {
+                    // A 3.1.1 return code, recorded as the MQTT 5 code that means the same.
+                    a.code = crate::mqtt::v311_code(a.code);
+                    lock(&observed).connack = Some(a);
+                }
+                (Proto::V5, Ok(Seen::ConnAck(mut a))) => {
+                    // A 3.1.1 broker answers an MQTT 5 CONNECT with its own refusal
+                    // (`20 02 00 01`: unacceptable protocol version).
+                    if body.len() == 2 && (1..=5).contains(&a.code) {
+                        a.code = crate::mqtt::v311_code(a.code);
+                    }
+                    lock(&observed).connack = Some(a);
+                }
+                (Proto::V5, Ok(Seen::Disconnect(d))) => lock(&observed).disconnect = Some(d),
+                (_, Ok(_)) => {}
+                (_, Err(e)) => {
                     // rumqttc will refuse it too; say what it was.
                     tracing::debug!("an undecodable CONNACK/DISCONNECT from the broker: {e}");
                 }
             }
-            match wire::normalize(first, body) {
-                Some(long) => out.extend_from_slice(&long),
-                None => out.extend_from_slice(&buf[at..at + h + len]),
+            match (proto, wire::normalize(first, body)) {
+                (Proto::V5, Some(long)) => out.extend_from_slice(&long),
+                _ => out.extend_from_slice(&buf[at..at + h + len]),
             }
             at += h + len;
         }

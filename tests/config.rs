@@ -72,17 +72,21 @@ fn the_example_config_is_complete_and_valid() {
         ("broker", "keepalive = \"60s\""),
         ("provisioning", "max_response_bytes = 65536"),
         ("session", "clock_retry = \"30s\""),
+        ("store", "max_bytes = \"128MiB\""),
         ("api", "idle_timeout = \"5m\""),
     ] {
         let text = example.replace(marker, &format!("{marker}\nzz_unknown = 1"));
         let (_, _, err) = check(&write(&dir, &text), &[]);
         let listed = err
-            .split("expected one of ")
+            .split("expected ")
             .nth(1)
             .unwrap_or_else(|| panic!("{section}: {err}"));
+        let listed = listed.trim_start_matches("one of ");
         for key in listed.split(", ").map(|k| k.split('`').nth(1).unwrap()) {
-            let present =
-                example.contains(&format!("\n{key} =")) || example.contains(&format!("\n[{key}]"));
+            // A key that excludes another (broker.url / broker.urls) may be shown commented out.
+            let present = example.contains(&format!("\n{key} ="))
+                || example.contains(&format!("\n# {key} ="))
+                || example.contains(&format!("\n[{key}]"));
             assert!(present, "[{section}] {key} is not in config/imlinkd.toml");
         }
     }
@@ -121,6 +125,40 @@ fn mistakes_exit_78_and_name_the_file_the_key_and_the_fix() {
             "plaintext mqtt",
             good.replace("mqtts://im.example.com:8883", "mqtt://im.example.com:1883"),
             vec!["broker.url", "in the clear", "mqtts://"],
+        ),
+        (
+            "url and urls both",
+            good.replace(
+                "url = \"mqtts://im.example.com:8883\"",
+                "url = \"mqtts://im.example.com:8883\"\nurls = [\"mqtts://a:8883\"]",
+            ),
+            vec!["broker.urls", "not both"],
+        ),
+        (
+            "a bad node in the failover list",
+            good.replace(
+                "url = \"mqtts://im.example.com:8883\"",
+                "urls = [\"mqtts://a:8883\", \"mqtt://b:1883\"]",
+            ),
+            vec!["broker.urls[1]", "in the clear"],
+        ),
+        (
+            "a node listed twice",
+            good.replace(
+                "url = \"mqtts://im.example.com:8883\"",
+                "urls = [\"mqtts://a:8883\", \"mqtts://a:8883\"]",
+            ),
+            vec!["broker.urls[1]", "twice"],
+        ),
+        (
+            "an unknown protocol",
+            good.replace("protocol = \"v5\"", "protocol = \"v4\""),
+            vec!["broker.protocol", "\"v4\"", "v3.1.1", "auto"],
+        ),
+        (
+            "a store cap too small",
+            good.replace("max_bytes = \"128MiB\"", "max_bytes = \"100KiB\""),
+            vec!["store.max_bytes", "at least 1MiB"],
         ),
         (
             "missing CA file",

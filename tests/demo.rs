@@ -8,7 +8,16 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn the_demo_script_comes_online() {
+    let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_imlinkd"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    assert!(
+        bin_dir.join("imlink-sandbox").exists(),
+        "the workspace build has the sandbox binary"
+    );
     let mut child = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/demo"))
+        .env("IMLINKD_DEMO_BIN", &bin_dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .process_group(0)

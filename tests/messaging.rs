@@ -519,11 +519,17 @@ async fn a_store_from_a_newer_imlinkd_is_left_alone_and_messaging_says_why() {
     let dir = temp_dir("newer-store");
     let db = dir.join("state/messages.db");
     std::fs::create_dir_all(db.parent().unwrap()).unwrap();
-    std::fs::set_permissions(db.parent().unwrap(), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(
+        db.parent().unwrap(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
     {
         let c = rusqlite::Connection::open(&db).unwrap();
-        c.execute_batch("CREATE TABLE future (x); INSERT INTO future VALUES (1); PRAGMA user_version = 99;")
-            .unwrap();
+        c.execute_batch(
+            "CREATE TABLE future (x); INSERT INTO future VALUES (1); PRAGMA user_version = 99;",
+        )
+        .unwrap();
     }
     let before = std::fs::read(&db).unwrap();
     let d = Daemon::start(
@@ -536,10 +542,15 @@ async fn a_store_from_a_newer_imlinkd_is_left_alone_and_messaging_says_why() {
     .await;
     // The session runs regardless.
     d.wait_phase("online").await;
-    let r = d.rpc("send_message", json!({ "to": "bob", "body": "x" })).await;
+    let r = d
+        .rpc("send_message", json!({ "to": "bob", "body": "x" }))
+        .await;
     assert_eq!(r["error"]["code"], 6019, "{r}");
     let m = r["error"]["message"].as_str().unwrap();
-    assert!(m.contains("newer imlinkd") && m.contains("messages.db"), "{m}");
+    assert!(
+        m.contains("newer imlinkd") && m.contains("messages.db"),
+        "{m}"
+    );
     let r = d.rpc("get_history", json!({ "peer": "bob" })).await;
     assert_eq!(r["error"]["code"], 6019, "{r}");
     assert_eq!(std::fs::read(&db).unwrap(), before, "not a byte changed");

@@ -1049,6 +1049,8 @@ mod tests {
             user_id: "alice".into(),
             sdk_app_id: 1,
             broker: "mqtts://x:1".into(),
+            protocol: None,
+            inbox_subscribed: false,
             since: 0,
             last_error: None,
             sig: None,

@@ -130,7 +130,27 @@ pub struct Policy {
     /// (`login {user_id, user_sig}`): no fetch, no proactive refresh, and when the sig runs
     /// out the engine logs out and waits for the app's next login, as the SDK does.
     pub provisioning: bool,
+    /// How many broker nodes are configured (`broker.urls`); network and busy failures move
+    /// to the next one, with the same backoff.
+    pub brokers: u32,
+    /// Which MQTT protocol to speak.
+    pub protocol: ProtocolMode,
 }
+
+/// The configured protocol (`broker.protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProtocolMode {
+    V5,
+    V311,
+    /// MQTT 5 first; a node that answers it with CONNACK "unsupported protocol version" (or
+    /// closes before any CONNACK) gets MQTT 3.1.1 next, and whatever earns a CONNACK is
+    /// remembered for that node.
+    Auto,
+}
+
+/// Consecutive redirects followed without a CONNACK before they are ignored (a redirect loop
+/// between two servers must not become a login loop).
+pub const MAX_REDIRECTS: u32 = 3;
 
 /// Added to the driver's own fetch and connect timeouts: the machine's deadline is a backstop.
 pub const TIMEOUT_SLACK: Millis = 2_000;
@@ -156,6 +176,8 @@ impl Default for Policy {
             connect_timeout: 10_000,
             close_timeout: 3_000,
             provisioning: true,
+            brokers: 1,
+            protocol: ProtocolMode::V5,
         }
     }
 }
@@ -186,6 +208,13 @@ pub struct SigInfo {
 pub enum ConnEnd {
     /// CONNACK with a failure reason code (and the reason string, when the broker sent one).
     Refused { code: u8, reason: Option<String> },
+    /// CONNACK or DISCONNECT 0x9C (use another server) / 0x9D (server moved) with a Server
+    /// Reference.
+    Redirect {
+        code: u8,
+        reference: String,
+        reason: Option<String>,
+    },
     /// The server sent DISCONNECT.
     ServerDisconnect { code: u8, reason: Option<String> },
     /// DNS, TCP, TLS I/O, timeouts, the socket closing without DISCONNECT.
@@ -297,9 +326,14 @@ pub enum Action {
     FetchSig { user: UserId },
     /// Abandon the fetch in flight (its result must not be delivered).
     CancelFetch,
-    /// Connect as `user` with the sig that has this fingerprint; answer with `Connected` or
-    /// `ConnectionEnded`.
-    Connect { user: UserId, fingerprint: String },
+    /// Connect as `user` with the sig that has this fingerprint, to `target`, speaking
+    /// `proto`; answer with `Connected` or `ConnectionEnded`.
+    Connect {
+        user: UserId,
+        fingerprint: String,
+        target: Target,
+        proto: Proto,
+    },
     /// Subscribe to `user`'s inbox on the connection that just came up (on every login: a
     /// session can exist without its subscription, and subscribing again is idempotent).
     Subscribe { user: UserId },
@@ -436,6 +470,20 @@ pub struct Machine {
     suspect_level: u32,
     /// Confirmed kicks within [`KICK_MEMORY`] (doubles `relogin_after`).
     kick_times: VecDeque<Millis>,
+    /// The configured node to try (and stay with while it works).
+    node: u32,
+    /// The protocol that earned a CONNACK (`Auto`; the nodes of one configured broker run
+    /// the same software).
+    learned: Option<Proto>,
+    /// MQTT 5 was refused as unsupported (or closed before any CONNACK) before anything was
+    /// learned: try 3.1.1 (`Auto`, once).
+    fallback: bool,
+    /// The next attempt goes to this server (a broker's redirect).
+    redirect: Option<String>,
+    /// Redirects followed since the last CONNACK.
+    redirects: u32,
+    /// Where the current (or last) connection went, and in which protocol.
+    via: Option<(Target, Proto)>,
     pending_logins: Vec<RequestId>,
     pending_logouts: Vec<RequestId>,
     last_error: Option<LastError>,
@@ -465,6 +513,12 @@ struct Classified {
 impl Machine {
     pub fn new(policy: Policy, user: UserId, now: Now, seed: u64) -> Machine {
         Machine {
+            node: 0,
+            learned: None,
+            fallback: false,
+            redirect: None,
+            redirects: 0,
+            via: None,
             policy,
             now,
             configured_user: user.clone(),
@@ -608,6 +662,7 @@ impl Machine {
             next_retry_ms,
             counters: self.counters.clone(),
             last_event: self.last_event.clone(),
+            via: self.via.clone(),
         }
     }
 
@@ -983,6 +1038,7 @@ impl Machine {
     /// login, a reload out of `stopped`, or the start).
     fn begin_login(&mut self) {
         self.goal = Goal::Online;
+        self.redirects = 0;
         self.rejected_retry_used = false;
         self.expiry_spent.clear();
         self.protocol_spent = 0;
@@ -1015,6 +1071,8 @@ impl Machine {
             return;
         };
         let fingerprint = sig.info.fingerprint.clone();
+        let (target, proto) = self.next_target();
+        self.via = Some((target.clone(), proto));
         self.conn = Conn::Connecting {
             fingerprint: fingerprint.clone(),
             user: self.user.clone(),
@@ -1028,7 +1086,39 @@ impl Machine {
         self.act(Action::Connect {
             user: self.user.clone(),
             fingerprint,
+            target,
+            proto,
         });
+    }
+
+    /// Where the next attempt goes and in which protocol: a pending redirect, else the
+    /// current node; the configured protocol, or (`Auto`) what worked there before, else
+    /// MQTT 5 unless it was just refused there as unsupported.
+    fn next_target(&mut self) -> (Target, Proto) {
+        let nodes = self.policy.brokers.max(1);
+        if self.node >= nodes {
+            self.node = 0;
+        }
+        let target = match self.redirect.take() {
+            Some(r) => Target::Redirect(r),
+            None => Target::Node(self.node),
+        };
+        let proto = match self.policy.protocol {
+            ProtocolMode::V5 => Proto::V5,
+            ProtocolMode::V311 => Proto::V311,
+            ProtocolMode::Auto => match (self.learned, self.fallback) {
+                (Some(p), _) => p,
+                (None, true) => Proto::V311,
+                (None, false) => Proto::V5,
+            },
+        };
+        (target, proto)
+    }
+
+    /// The next configured node (after a network or busy failure on this one).
+    fn next_node(&mut self) {
+        let nodes = self.policy.brokers.max(1);
+        self.node = (self.node + 1) % nodes;
     }
 
     fn start_fetch(&mut self, purpose: Purpose) {
@@ -1442,7 +1532,19 @@ impl Machine {
     }
 
     fn on_reconfigured(&mut self, policy: Policy, user: UserId, reconnect: bool) {
+        let nodes_changed =
+            policy.brokers != self.policy.brokers || policy.protocol != self.policy.protocol;
         self.policy = policy;
+        if nodes_changed || reconnect {
+            // Other brokers (or another protocol): what was learned about the old ones is void.
+            self.learned = None;
+            self.fallback = false;
+            self.redirect = None;
+            self.redirects = 0;
+            if self.node >= self.policy.brokers.max(1) {
+                self.node = 0;
+            }
+        }
         if self.goal == Goal::Exit {
             return;
         }
@@ -1665,6 +1767,15 @@ impl Machine {
             user: user.clone(),
             since: self.now.mono,
         };
+        if let Some((target, proto)) = &self.via {
+            // Remember what the broker speaks; stay with a node that works.
+            self.learned = Some(*proto);
+            self.fallback = false;
+            if let Target::Node(i) = target {
+                self.node = *i;
+            }
+        }
+        self.redirects = 0;
         self.logged_in = true;
         self.counters.logins += 1;
         self.retry_at = None;
@@ -1689,7 +1800,41 @@ impl Machine {
             Conn::Closing { .. } | Conn::None => return,
         };
         self.stable_at = None;
-        let c = self.classify(&end, online_since);
+        let via = self.via.clone();
+        let mut c = self.classify(&end, online_since);
+        // Auto: a node that will not take an MQTT 5 CONNECT gets 3.1.1 next (once: what
+        // follows is judged as usual).
+        let mut fallback = false;
+        if online_since.is_none()
+            && self.policy.protocol == ProtocolMode::Auto
+            && matches!(via, Some((_, Proto::V5)))
+            && self.learned.is_none()
+            && !self.fallback
+            && matches!(
+                end,
+                ConnEnd::Refused { code: 0x84, .. }
+                    | ConnEnd::Network {
+                        kind: NetKind::Closed,
+                        ..
+                    }
+            )
+        {
+            self.fallback = true;
+            fallback = true;
+            c = Classified {
+                class: ErrorClass::Network,
+                err: LastError::new(
+                    codes::NET_DISCONNECT,
+                    ErrorClass::Network,
+                    format!(
+                        "{}; the broker may not speak MQTT 5: trying MQTT 3.1.1",
+                        c.err.message
+                    ),
+                ),
+                kick: None,
+                premature: false,
+            };
+        }
         if online_since.is_none() {
             self.event(Event::ConnectFailed {
                 code: c.err.code,
@@ -1699,6 +1844,21 @@ impl Machine {
         }
         if self.goal != Goal::Online {
             return;
+        }
+        if let ConnEnd::Redirect { reference, .. } = &end
+            && self.redirects < MAX_REDIRECTS
+        {
+            // Follow it (once per redirect, a bounded number in a row), paced by backoff.
+            self.redirects += 1;
+            self.redirect = Some(reference.clone());
+            return self.backoff(c.err, WhichBackoff::Connect, None);
+        }
+        if matches!(c.class, ErrorClass::Network | ErrorClass::Busy)
+            && !fallback
+            && matches!(via, Some((Target::Node(i), _)) if i == self.node)
+        {
+            // Fail over: the next node, with the same backoff (a fleet never storms one).
+            self.next_node();
         }
         match c.class {
             ErrorClass::Network | ErrorClass::Busy => {
@@ -1776,6 +1936,19 @@ impl Machine {
                 };
                 c(Network, kind.code(), format!("{what}: {detail}"))
             }
+            ConnEnd::Redirect {
+                code,
+                reference,
+                reason,
+            } => c(
+                Busy,
+                codes::NET_DISCONNECT,
+                format!(
+                    "the broker sent us to another server (0x{code:02X}, {}{})",
+                    quote_external(reference, 80),
+                    said(reason)
+                ),
+            ),
             ConnEnd::CertNotYetValid { detail } => c(
                 Clock,
                 0,

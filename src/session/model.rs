@@ -253,6 +253,8 @@ pub struct Snapshot {
     pub counters: Counters,
     /// The last kick or UserSig-expiry event, for late watchers.
     pub last_event: Option<Event>,
+    /// Where the current (or last) connection went, and in which protocol.
+    pub via: Option<(Target, Proto)>,
 }
 
 /// A duration, coarsely: `45s`, `3m`, `41h`, `3d` (negative counts as zero).
@@ -311,4 +313,30 @@ pub fn summary(s: &Snapshot, broker: &str, now_mono: Millis) -> String {
         }
         Phase::Stopped => format!("stopped: {err} — run `imlinkctl login`"),
     }
+}
+
+/// The MQTT protocol of one connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Proto {
+    #[serde(rename = "v5")]
+    V5,
+    #[serde(rename = "v3.1.1")]
+    V311,
+}
+
+impl Proto {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Proto::V5 => "v5",
+            Proto::V311 => "v3.1.1",
+        }
+    }
+}
+
+/// Where a connection goes: a configured node, or a server a broker redirected us to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    Node(u32),
+    Redirect(String),
 }

@@ -1809,3 +1809,202 @@ fn every_timeout_belongs_to_the_machine() {
     ));
     assert_eq!(h.phase(), Phase::Idle);
 }
+
+// --- brokers: failover, protocol, redirects ---------------------------------------------------
+
+/// (target, protocol) of every Connect in `a`.
+fn vias(a: &[Action]) -> Vec<(Target, Proto)> {
+    a.iter()
+        .filter_map(|x| match x {
+            Action::Connect { target, proto, .. } => Some((target.clone(), *proto)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn started_with(policy: Policy) -> H {
+    let mut h = H::new(policy);
+    h.input(Input::Start);
+    let s = h.sig(86_400);
+    h.input(Input::SigFetched(s));
+    h
+}
+
+#[test]
+fn network_failures_move_to_the_next_node_with_backoff_and_a_working_node_is_kept() {
+    let mut h = H::new(Policy {
+        brokers: 3,
+        ..Policy::default()
+    });
+    let first = h.input(Input::Start);
+    assert_eq!(fetches(&first), 1);
+    let s = h.sig(86_400);
+    let a = h.input(Input::SigFetched(s));
+    assert_eq!(vias(&a), vec![(Target::Node(0), Proto::V5)]);
+    h.input(Input::ConnectionEnded(ConnEnd::Network {
+        kind: NetKind::Refused,
+        detail: "down".into(),
+    }));
+    assert_eq!(
+        h.m.phase(),
+        Phase::Backoff,
+        "the same backoff: a fleet never storms node 1"
+    );
+    let a = h.advance_to_connect(2_000);
+    assert_eq!(vias(&a), vec![(Target::Node(1), Proto::V5)]);
+    h.input(Input::Connected {
+        session_present: true,
+    });
+    assert_eq!(h.m.snapshot().via, Some((Target::Node(1), Proto::V5)));
+    // A drop of a working session: back to the same node first? No — a drop is a network
+    // failure on node 1, so node 2 is next; then it stays where it got in.
+    h.input(network_closed());
+    let a = h.advance_to_connect(10_000);
+    assert_eq!(vias(&a), vec![(Target::Node(2), Proto::V5)]);
+    h.input(Input::Connected {
+        session_present: true,
+    });
+    h.advance(400_000); // stable
+    h.input(Input::Logout { id: 1 });
+    h.input(Input::Disconnected);
+    let a = h.input(Input::Login {
+        id: 2,
+        user: None,
+        sig: None,
+    });
+    assert_eq!(
+        vias(&a),
+        vec![(Target::Node(2), Proto::V5)],
+        "stays with the node that works"
+    );
+}
+
+#[test]
+fn a_credential_refusal_does_not_fail_over() {
+    let mut h = started_with(Policy {
+        brokers: 2,
+        ..Policy::default()
+    });
+    h.input(Input::ConnectionEnded(ConnEnd::Refused {
+        code: 0x8A,
+        reason: None,
+    }));
+    assert_eq!(
+        h.m.phase(),
+        Phase::Stopped,
+        "banned on one node is banned on all"
+    );
+}
+
+#[test]
+fn auto_falls_back_to_3_1_1_once_and_remembers_what_worked() {
+    for refusal in [
+        ConnEnd::Refused {
+            code: 0x84,
+            reason: None,
+        },
+        ConnEnd::Network {
+            kind: NetKind::Closed,
+            detail: "closed before CONNACK".into(),
+        },
+    ] {
+        let mut h = H::new(Policy {
+            protocol: ProtocolMode::Auto,
+            ..Policy::default()
+        });
+        h.input(Input::Start);
+        let s = h.sig(86_400);
+        let a = h.input(Input::SigFetched(s));
+        assert_eq!(vias(&a), vec![(Target::Node(0), Proto::V5)]);
+        let a = h.input(Input::ConnectionEnded(refusal.clone()));
+        assert!(
+            a.iter().any(|x| matches!(x, Action::Emit(Event::ConnectFailed { message, .. }) if message.contains("3.1.1"))),
+            "{a:?}"
+        );
+        let a = h.advance_to_connect(2_000);
+        assert_eq!(
+            vias(&a),
+            vec![(Target::Node(0), Proto::V311)],
+            "{refusal:?}"
+        );
+        // 3.1.1 refused the same way: no second fallback, no flip-flop; judged as usual.
+        let a = h.input(Input::ConnectionEnded(refusal.clone()));
+        if matches!(refusal, ConnEnd::Refused { .. }) {
+            assert_eq!(h.m.phase(), Phase::Stopped, "0x84 twice is fatal: {a:?}");
+            continue;
+        }
+        let a = h.advance_to_connect(10_000);
+        assert_eq!(vias(&a), vec![(Target::Node(0), Proto::V311)]);
+        h.input(Input::Connected {
+            session_present: false,
+        });
+        // Learned: a later close before CONNACK does not switch back to 5.
+        h.input(network_closed());
+        let a = h.advance_to_connect(10_000);
+        assert_eq!(vias(&a), vec![(Target::Node(0), Proto::V311)]);
+    }
+}
+
+#[test]
+fn a_fixed_protocol_never_falls_back() {
+    let mut h = started_with(Policy::default());
+    h.input(Input::ConnectionEnded(ConnEnd::Refused {
+        code: 0x84,
+        reason: None,
+    }));
+    assert_eq!(
+        h.m.phase(),
+        Phase::Stopped,
+        "v5 only: a 3.1.1 broker is a configuration error"
+    );
+    let mut h = H::new(Policy {
+        protocol: ProtocolMode::V311,
+        ..Policy::default()
+    });
+    h.input(Input::Start);
+    let s = h.sig(86_400);
+    let a = h.input(Input::SigFetched(s));
+    assert_eq!(vias(&a), vec![(Target::Node(0), Proto::V311)]);
+}
+
+#[test]
+fn redirects_are_followed_a_bounded_number_of_times_in_a_row() {
+    let mut h = started_with(Policy {
+        brokers: 2,
+        ..Policy::default()
+    });
+    let redirect = |to: &str| {
+        Input::ConnectionEnded(ConnEnd::Redirect {
+            code: 0x9C,
+            reference: to.into(),
+            reason: None,
+        })
+    };
+    let mut seen = Vec::new();
+    for i in 0..MAX_REDIRECTS {
+        h.input(redirect(&format!("other-{i}:8883")));
+        let a = h.advance_to_connect(10_000);
+        seen.extend(vias(&a));
+    }
+    assert_eq!(
+        seen.iter().map(|(t, _)| t.clone()).collect::<Vec<_>>(),
+        (0..MAX_REDIRECTS)
+            .map(|i| Target::Redirect(format!("other-{i}:8883")))
+            .collect::<Vec<_>>()
+    );
+    // One more: not followed; the configured list goes on (node 0, still current).
+    h.input(redirect("elsewhere:8883"));
+    let a = h.advance_to_connect(60_000);
+    assert!(matches!(vias(&a)[..], [(Target::Node(_), _)]), "{a:?}");
+    // A CONNACK resets the count.
+    h.input(Input::Connected {
+        session_present: true,
+    });
+    h.input(Input::ConnectionEnded(ConnEnd::Redirect {
+        code: 0x9D,
+        reference: "moved:8883".into(),
+        reason: None,
+    }));
+    let a = h.advance_to_connect(60_000);
+    assert_eq!(vias(&a)[0].0, Target::Redirect("moved:8883".into()));
+}

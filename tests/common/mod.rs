@@ -56,6 +56,8 @@ pub struct Opts {
     pub env: Vec<(String, String)>,
     /// Override the broker URL (e.g. a mosquitto instance).
     pub broker_url: Option<String>,
+    /// A failover list instead (`broker.urls`).
+    pub broker_urls: Option<Vec<String>>,
     /// Override the provisioning URL template (e.g. a hostile HTTP server on loopback).
     pub provisioning_url: Option<String>,
     pub ca_pem: Option<String>,
@@ -81,6 +83,7 @@ impl Opts {
             api_extra: String::new(),
             env: Vec::new(),
             broker_url: None,
+            broker_urls: None,
             provisioning_url: None,
             ca_pem: None,
             dir: None,
@@ -126,7 +129,7 @@ state_dir = "{dir}/state"
 log_level = "trace"
 {top}
 [broker]
-url = "{mqtt}"
+{mqtt}
 ca_file = "{dir}/ca.pem"
 keepalive = "30s"
 connect_timeout = "5s"
@@ -145,7 +148,19 @@ socket = "{dir}/api.sock"
         instance = o.instance,
         dir = dir.display(),
         top = o.top_extra,
-        mqtt = o.broker_url.clone().unwrap_or_else(|| e.mqtt_url.clone()),
+        mqtt = match &o.broker_urls {
+            Some(list) => format!(
+                "urls = [{}]",
+                list.iter()
+                    .map(|u| format!("\"{u}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            None => format!(
+                "url = \"{}\"",
+                o.broker_url.clone().unwrap_or_else(|| e.mqtt_url.clone())
+            ),
+        },
         broker = o.broker_extra,
         provisioning = if o.provisioning {
             format!(
@@ -553,4 +568,113 @@ pub async fn count_reaches(w: &mut watch::Receiver<u64>, at_least: u64) {
         .await
         .expect("the count within the wait")
         .expect("the counter lives");
+}
+
+/// An external process (a broker) whose output lines are kept and can be awaited.
+pub struct Logged {
+    pub child: Child,
+    pub name: String,
+    pub lines: Arc<Mutex<Vec<String>>>,
+    changed: watch::Receiver<usize>,
+}
+
+impl Logged {
+    /// Spawn `cmd` (killed when dropped), collecting stdout and stderr lines.
+    pub fn spawn(name: &str, mut cmd: Command) -> Logged {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e} (.ci/run installs it)"));
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, changed) = watch::channel(0usize);
+        for out in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let (lines, tx) = (lines.clone(), tx.clone());
+            tokio::spawn(async move {
+                let mut r = BufReader::new(out).lines();
+                while let Ok(Some(l)) = r.next_line().await {
+                    let mut v = lines.lock().unwrap();
+                    v.push(l);
+                    let _ = tx.send(v.len());
+                }
+            });
+        }
+        Logged {
+            child,
+            name: name.into(),
+            lines,
+            changed,
+        }
+    }
+
+    /// How many lines so far contain `needle`.
+    pub fn count(&self, needle: &str) -> usize {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Wait until `n` lines contain `needle` (within `within`).
+    pub async fn wait_count(&mut self, needle: &str, n: usize, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.count(needle) < n {
+            if tokio::time::timeout_at(deadline, self.changed.changed())
+                .await
+                .is_err()
+            {
+                panic!(
+                    "{} never logged {needle:?} {n} times:\n{}",
+                    self.name,
+                    self.lines.lock().unwrap().join("\n")
+                );
+            }
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// SIGKILL, and wait for it.
+    pub async fn kill9(&mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// A free TCP port on loopback (for brokers that need one in their config).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Wait (woken by notifications) until `d`'s inbox holds `n` messages; returns them in order.
+pub async fn inbox_at_least(d: &Daemon, n: usize, within: Duration) -> Vec<Value> {
+    let mut w = d.client().await;
+    w.call("watch", json!({})).await;
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let r = d
+            .rpc("read_inbox", json!({ "after": 0, "limit": 100 }))
+            .await;
+        let all = r["result"]["messages"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if all.len() >= n {
+            return all;
+        }
+        if tokio::time::timeout_at(deadline, w.next()).await.is_err() {
+            panic!("{} of {n} messages\n{}", all.len(), d.log_text());
+        }
+    }
 }

@@ -34,6 +34,9 @@ pub enum PkiError {
     Verifier(#[from] rustls::server::VerifierBuilderError),
 }
 
+/// Where the sandbox's certificates end (year).
+const NOT_AFTER_YEAR: i32 = 2040;
+
 /// Names the server certificate is valid for.
 pub const SERVER_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 
@@ -50,6 +53,9 @@ impl Pki {
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         ca_params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        // A plausible end (rcgen's default, the year 4096, is more than some brokers can
+        // schedule: ejabberd's certificate-expiry timer crashes on it).
+        ca_params.not_after = rcgen::date_time_ymd(NOT_AFTER_YEAR, 1, 1);
         let ca_cert = ca_params.self_signed(&ca_key)?;
         let issuer = Issuer::new(ca_params, ca_key);
 
@@ -69,6 +75,11 @@ impl Pki {
         } else {
             rcgen::date_time_ymd(2020, 1, 1)
         };
+        server_params.not_after = if server_not_yet_valid {
+            rcgen::date_time_ymd(2100, 1, 1)
+        } else {
+            rcgen::date_time_ymd(NOT_AFTER_YEAR, 1, 1)
+        };
         let server_cert = server_params.signed_by(&server_key, &issuer)?;
 
         let client_key = KeyPair::generate()?;
@@ -78,6 +89,7 @@ impl Pki {
             .push(DnType::CommonName, "imlink-sandbox device");
         client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         client_params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        client_params.not_after = rcgen::date_time_ymd(NOT_AFTER_YEAR, 1, 1);
         let client_cert = client_params.signed_by(&client_key, &issuer)?;
 
         Ok(Pki {

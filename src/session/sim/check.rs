@@ -19,7 +19,8 @@ use super::world::World;
 use crate::identity::UserId;
 use crate::session::{
     Action, ConnEnd, ErrorClass, Event, Input, KickReason, LastError, Machine, Millis, NetKind,
-    OnKick, Phase, Policy, RequestId, Snapshot, TIMEOUT_SLACK, login_status, summary,
+    OnKick, Phase, Policy, Proto, RequestId, Snapshot, TIMEOUT_SLACK, Target, login_status,
+    summary,
 };
 
 /// A broken invariant.
@@ -54,7 +55,14 @@ pub enum ReqKind {
 /// to succeed): the largest backoff or Retry-After, plus one fetch, one connect and one close,
 /// each with the machine's backstop slack, plus one clock re-check.
 pub fn healthy_bound(p: &Policy) -> Millis {
-    p.backoff.cap.max(MAX_RETRY_AFTER)
+    // `Auto` may need one more attempt: MQTT 5 refused (or a redirect), then 3.1.1.
+    let extra = if p.protocol == crate::session::ProtocolMode::Auto {
+        p.backoff.cap + p.connect_timeout + TIMEOUT_SLACK
+    } else {
+        0
+    };
+    extra
+        + p.backoff.cap.max(MAX_RETRY_AFTER)
         + p.fetch_timeout
         + p.connect_timeout
         + p.close_timeout
@@ -109,6 +117,12 @@ pub struct Checker {
     final_login: Option<Millis>,
     online_since_final: bool,
     stable_seen_for: Option<Millis>,
+    /// Where the last CONNECT went, in which protocol.
+    last_connect: Option<(Target, Proto)>,
+    /// An MQTT 5 refusal was excused as the one fallback to 3.1.1 (`Auto`).
+    fell_back: bool,
+    /// Redirects followed since the last CONNACK.
+    redirects: u32,
 }
 
 /// A one-line form of an action, for the trace.
@@ -116,7 +130,15 @@ pub fn short_action(a: &Action) -> String {
     match a {
         Action::FetchSig { user } => format!("FetchSig({user})"),
         Action::CancelFetch => "CancelFetch".into(),
-        Action::Connect { user, fingerprint } => format!("Connect({user},{fingerprint})"),
+        Action::Connect {
+            user,
+            fingerprint,
+            target,
+            proto,
+        } => format!(
+            "Connect({user},{fingerprint},{target:?},{})",
+            proto.as_str()
+        ),
         Action::Subscribe { .. } => "Subscribe".into(),
         Action::Disconnect => "Disconnect".into(),
         Action::Abandon => "Abandon".into(),
@@ -159,7 +181,27 @@ impl Checker {
             final_login: None,
             online_since_final: false,
             stable_seen_for: None,
+            last_connect: None,
+            fell_back: false,
+            redirects: 0,
         }
+    }
+
+    /// A CONNECT goes to `target` in `proto`. Following a redirect is bounded.
+    pub fn connect_target(&mut self, target: &Target, proto: Proto) {
+        if matches!(target, Target::Redirect(_)) {
+            self.redirects += 1;
+            if self.redirects > crate::session::MAX_REDIRECTS {
+                self.violate(
+                    "no loop: redirects",
+                    format!(
+                        "{} redirects followed in a row without a CONNACK",
+                        self.redirects
+                    ),
+                );
+            }
+        }
+        self.last_connect = Some((target.clone(), proto));
     }
 
     pub fn violate(&mut self, invariant: &'static str, detail: String) {
@@ -186,6 +228,7 @@ impl Checker {
     /// a restart are the policy's ways out of `stopped`).
     fn local(&mut self, t: Millis) {
         self.epoch = Epoch::default();
+        self.redirects = 0;
         self.premature.clear();
         self.locals.push_back(t);
     }
@@ -201,6 +244,7 @@ impl Checker {
 
     pub fn on_reload(&mut self, configured: &UserId, t: Millis) {
         self.configured_user = configured.clone();
+        self.fell_back = false;
         self.local(t);
     }
 
@@ -214,6 +258,8 @@ impl Checker {
         // A dead process answers nobody: its clients see the socket close.
         self.requests.clear();
         self.connacked.clear();
+        self.fell_back = false;
+        self.redirects = 0;
         self.last_state = None;
         self.our_close = false;
         self.stable_seen_for = None;
@@ -332,7 +378,7 @@ impl Checker {
             return; // a background refresh: its failures lead to no session attempt
         }
         match s {
-            Seen::Connack => {}
+            Seen::Connack => self.redirects = 0,
             Seen::FetchOk => self.epoch.limited = None,
             Seen::FetchExpired => self.premature_expiry(t, "an expired sig from provisioning"),
             Seen::FetchFailed {
@@ -472,12 +518,18 @@ impl Checker {
                 self.pace(t, floor, format!("a network error ({kind:?})"));
             }
             ConnEnd::CertNotYetValid { .. } => self.pace(t, floor, "the clock wait".into()),
+            ConnEnd::Redirect { code, .. } => {
+                self.pace(t, floor, format!("a redirect (0x{code:02X})"))
+            }
             ConnEnd::Refused { code, reason } => match *code {
                 0x86 | 0x87 if expired_here => self.expiry(t, "CONNACK 0x87 for an expired sig"),
                 0x86 | 0x87 if says_expired(reason) => {
                     self.premature_expiry(t, "CONNACK 0x87 70001")
                 }
                 0x86 | 0x87 => self.rejected(t, *code),
+                0x84 if self.auto_fallback() => {
+                    self.pace(t, floor, "MQTT 5 refused: the one fallback to 3.1.1".into())
+                }
                 0x8A | 0x85 | 0x84 | 0x8C => self.block(format!("CONNACK 0x{code:02X} (fatal)")),
                 0x81 | 0x82 | 0x90 | 0x95 | 0x99 | 0x9A | 0x9B => self.protocol(t, *code),
                 _ => self.pace(t, floor, format!("CONNACK 0x{code:02X} (busy)")),
@@ -497,6 +549,21 @@ impl Checker {
                 | 0x9E | 0xA1 | 0xA2 => self.protocol(t, *code),
                 _ => self.pace(t, floor, format!("DISCONNECT 0x{code:02X}")),
             },
+        }
+    }
+
+    /// Whether the last CONNECT's refusal as "unsupported protocol version" is the one
+    /// fallback `Auto` allows (an MQTT 5 attempt, not excused before).
+    fn auto_fallback(&mut self) -> bool {
+        match &self.last_connect {
+            Some((_, Proto::V5))
+                if self.policy.protocol == crate::session::ProtocolMode::Auto
+                    && !self.fell_back =>
+            {
+                self.fell_back = true;
+                true
+            }
+            _ => false,
         }
     }
 

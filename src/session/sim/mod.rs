@@ -139,6 +139,12 @@ pub fn policy_for(seed: u64, vary: bool) -> Policy {
     // Drawn last, so the seeds' other knobs stay what they were. Without provisioning the
     // simulated app brings every sig (and a fresh one when told the last expired).
     p.provisioning = !r.one_in(5);
+    p.brokers = pick(&mut r, &[1, 1, 2, 3]) as u32;
+    p.protocol = match r.next_u64() % 4 {
+        0 => super::ProtocolMode::Auto,
+        1 => super::ProtocolMode::V311,
+        _ => super::ProtocolMode::V5,
+    };
     p
 }
 

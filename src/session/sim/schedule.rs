@@ -116,6 +116,13 @@ pub enum Ext {
     ServerDisconnect(u8),
     /// The server calls the current sig expired from now on (premature expiry).
     RevokeExpiry,
+    /// Broker node `i` (of the configured list, modulo its length) dies: its sessions drop,
+    /// and the other nodes close CONNECTs without a CONNACK for a few seconds (a leader
+    /// election); or comes back.
+    NodeDown(u32),
+    NodeUp(u32),
+    /// The next CONNECT is answered with 0x9C "use another server" naming node `i`.
+    RedirectNext(u32),
     Local(Local),
 }
 
@@ -345,6 +352,28 @@ pub fn draw(rng: &mut Rng, len: Millis, mix: Mix) -> Vec<Scheduled> {
             }
         }
         v
+    });
+    // Broker nodes dying and coming back, and redirects (last, so the lanes above draw what
+    // they always drew for a seed).
+    let nodes = pick(rng, &[0u64, 0, 1, 2]);
+    lane(rng, nodes, 2_400_000, &mut |rng, t| {
+        let i = (rng.next_u64() % 3) as u32;
+        if rng.one_in(4) {
+            return vec![Scheduled {
+                at: t,
+                ext: Ext::RedirectNext(i),
+            }];
+        }
+        vec![
+            Scheduled {
+                at: t,
+                ext: Ext::NodeDown(i),
+            },
+            Scheduled {
+                at: t + exp(rng, 300_000),
+                ext: Ext::NodeUp(i),
+            },
+        ]
     });
     out.sort_by_key(|s| s.at);
     out

@@ -91,6 +91,7 @@ fn the_simulator_catches_a_reintroduced_loop() {
         next_retry_ms: None,
         counters: Default::default(),
         last_event: None,
+        via: None,
     };
     let mut t = 1_000;
     for _ in 0..3 {

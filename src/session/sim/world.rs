@@ -9,8 +9,8 @@ use super::schedule::{BrokerMode, Ext, Flavor, ProvMode};
 use super::user;
 use crate::identity::UserId;
 use crate::session::{
-    Action, ConnEnd, ErrorClass, FetchFailure, Input, Machine, Millis, NetKind, Now, Policy, Rng,
-    SigInfo, codes,
+    Action, ConnEnd, ErrorClass, FetchFailure, Input, Machine, Millis, NetKind, Now, Policy, Proto,
+    Rng, SigInfo, Target, codes,
 };
 
 /// The simulated "build date": a wall clock before this is implausible.
@@ -109,6 +109,22 @@ pub struct World {
     session_since: Option<Millis>,
     pub connects: u64,
     pub fetches: u64,
+    /// Broker nodes (the policy's `brokers`); the ones that are down.
+    nodes: u32,
+    node_down: Vec<bool>,
+    /// The broker speaks only MQTT 3.1.1 (NATS, RabbitMQ), and how it answers an MQTT 5
+    /// CONNECT: CONNACK 0x01 (`true`, NATS) or a close (`false`, RabbitMQ).
+    v3_only: bool,
+    v3_answers_connack: bool,
+    /// After a node dies, the others close CONNECTs without a CONNACK until then (a leader
+    /// election).
+    election_until: Millis,
+    /// The next CONNECT is redirected (0x9C) to this node.
+    redirect_next: Option<u32>,
+    /// Server References the world has handed out (a Connect may name only these).
+    given_refs: BTreeSet<String>,
+    /// The protocol of the connection up now (3.1.1: no DISCONNECT; kicks are closes).
+    conn_proto: Proto,
 }
 
 fn pick<T: Copy>(rng: &mut Rng, xs: &[T]) -> T {
@@ -116,7 +132,12 @@ fn pick<T: Copy>(rng: &mut Rng, xs: &[T]) -> T {
 }
 
 impl World {
-    pub fn new(mut rng: Rng, _policy: &Policy) -> World {
+    pub fn new(mut rng: Rng, policy: &Policy) -> World {
+        // Drawn from a copy: the main stream (and so every older seed's world) is unchanged.
+        let mut r2 = Rng::new(rng.clone().next_u64() ^ 0x6e6f_6465_7321);
+        let nodes = policy.brokers.max(1);
+        let v3_only = policy.protocol != crate::session::ProtocolMode::V5 && r2.one_in(2);
+        let v3_answers_connack = r2.one_in(2);
         let flavor = if rng.one_in(3) {
             Flavor::Mosquitto
         } else {
@@ -148,6 +169,14 @@ impl World {
             session_since: None,
             connects: 0,
             fetches: 0,
+            nodes,
+            node_down: vec![false; nodes as usize],
+            v3_only,
+            v3_answers_connack,
+            election_until: 0,
+            redirect_next: None,
+            given_refs: BTreeSet::new(),
+            conn_proto: Proto::V5,
         }
     }
 
@@ -379,6 +408,13 @@ impl World {
 
     /// The server's DISCONNECT with `code`, as this flavour sends it.
     fn disconnect(&mut self, code: u8) -> ConnEnd {
+        if self.conn_proto == Proto::V311 {
+            // MQTT 3.1.1 has no server DISCONNECT: whatever the reason, the socket closes.
+            return ConnEnd::Network {
+                kind: NetKind::Closed,
+                detail: "closed (MQTT 3.1.1)".into(),
+            };
+        }
         match (self.flavor, code) {
             (Flavor::Mosquitto, 0x8E) => ConnEnd::Network {
                 kind: NetKind::Closed,
@@ -427,7 +463,36 @@ impl World {
                 self.fetch = Some(flight);
             }
             Action::CancelFetch => self.fetch = None,
-            Action::Connect { user, fingerprint } => {
+            Action::Connect {
+                user,
+                fingerprint,
+                target,
+                proto,
+            } => {
+                match target {
+                    Target::Node(i) if *i >= self.nodes => chk.violate(
+                        "safety: targets",
+                        format!("Connect to node {i} of {}", self.nodes),
+                    ),
+                    Target::Redirect(r) if !self.given_refs.contains(r) => chk.violate(
+                        "safety: targets",
+                        format!("Connect to {r:?}, which no broker named"),
+                    ),
+                    _ => {}
+                }
+                match (chk.policy.protocol, proto) {
+                    (crate::session::ProtocolMode::V5, Proto::V311)
+                    | (crate::session::ProtocolMode::V311, Proto::V5) => chk.violate(
+                        "safety: protocol",
+                        format!(
+                            "a {} CONNECT with broker.protocol {:?}",
+                            proto.as_str(),
+                            chk.policy.protocol
+                        ),
+                    ),
+                    _ => {}
+                }
+                chk.connect_target(target, *proto);
                 if !matches!(self.conn, ConnW::None) {
                     chk.violate(
                         "safety: one connection at most",
@@ -474,7 +539,8 @@ impl World {
                 }
                 self.connects += 1;
                 chk.attempt(t, true, false);
-                let (at, outcome) = self.decide_connect(fingerprint);
+                self.conn_proto = *proto;
+                let (at, outcome) = self.decide_connect(fingerprint, target, *proto);
                 self.conn = ConnW::Connecting {
                     fp: fingerprint.clone(),
                     at,
@@ -716,7 +782,12 @@ impl World {
         FetchFlight { at, result }
     }
 
-    fn decide_connect(&mut self, fp: &str) -> (Option<Millis>, Outcome) {
+    fn decide_connect(
+        &mut self,
+        fp: &str,
+        target: &Target,
+        proto: Proto,
+    ) -> (Option<Millis>, Outcome) {
         let t = self.t;
         let quick = t + self.jitter(5, 300);
         if self.now().wall < CERT_NOT_BEFORE {
@@ -725,6 +796,56 @@ impl World {
                 Outcome::End(ConnEnd::CertNotYetValid {
                     detail: "certificate not valid yet".into(),
                 }),
+            );
+        }
+        let node = match target {
+            Target::Node(i) => *i,
+            Target::Redirect(r) => r.trim_start_matches("node").parse().unwrap_or(0),
+        };
+        let closed_early = |why: &str| {
+            Outcome::End(ConnEnd::Network {
+                kind: NetKind::Closed,
+                detail: why.into(),
+            })
+        };
+        if self.node_down.get(node as usize).copied().unwrap_or(true) {
+            return (
+                Some(quick),
+                Outcome::End(ConnEnd::Network {
+                    kind: NetKind::Refused,
+                    detail: format!("node {node} is down"),
+                }),
+            );
+        }
+        if t < self.election_until {
+            return (
+                Some(quick),
+                closed_early("closed without CONNACK (leader election)"),
+            );
+        }
+        if let Some(to) = self.redirect_next.take() {
+            let reference = format!("node{to}");
+            self.given_refs.insert(reference.clone());
+            return (
+                Some(quick),
+                Outcome::End(ConnEnd::Redirect {
+                    code: 0x9C,
+                    reference,
+                    reason: None,
+                }),
+            );
+        }
+        if self.v3_only && proto == Proto::V5 {
+            return (
+                Some(quick),
+                if self.v3_answers_connack {
+                    Outcome::End(ConnEnd::Refused {
+                        code: 0x84,
+                        reason: None,
+                    })
+                } else {
+                    closed_early("closed: an MQTT 5 CONNECT to a 3.1.1 broker")
+                },
             );
         }
         let mode = if self.healthy {
@@ -847,6 +968,32 @@ impl World {
                     }
                 }
             }
+            Ext::NodeDown(i) => {
+                let i = i % self.nodes;
+                if let Some(d) = self.node_down.get_mut(i as usize) {
+                    *d = true;
+                }
+                // The others elect a new leader: CONNECTs closed without a CONNACK a while.
+                self.election_until = t + self.jitter(3_000, 8_000);
+                if let ConnW::Up { end, .. } = &mut self.conn {
+                    // Sessions on the dead node drop (the world does not track which node a
+                    // session is on beyond the attempt: every session drops).
+                    *end = Some((
+                        t,
+                        ConnEnd::Network {
+                            kind: NetKind::Closed,
+                            detail: "the node died".into(),
+                        },
+                    ));
+                }
+            }
+            Ext::NodeUp(i) => {
+                let i = i % self.nodes;
+                if let Some(d) = self.node_down.get_mut(i as usize) {
+                    *d = false;
+                }
+            }
+            Ext::RedirectNext(i) => self.redirect_next = Some(i % self.nodes),
             Ext::Suspend(_) | Ext::Reboot { .. } | Ext::Local(_) => {}
         }
     }
@@ -948,6 +1095,9 @@ impl World {
     /// From now on the world is healthy: every fault off, clocks right, sane sigs.
     pub fn make_healthy(&mut self) {
         self.healthy = true;
+        self.node_down.iter_mut().for_each(|d| *d = false);
+        self.election_until = 0;
+        self.redirect_next = None;
         self.broker = BrokerMode::Healthy;
         self.prov = ProvMode::Healthy;
         self.twin = false;

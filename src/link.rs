@@ -1,0 +1,341 @@
+//! One MQTT connection, in either protocol: its task dials TCP + TLS, starts the relay
+//! (`crate::relay`), and runs the rumqttc event loop (MQTT 5 `rumqttc::v5`, or MQTT 3.1.1
+//! `rumqttc`), reporting what happens as protocol-neutral [`Ev`]s.
+//!
+//! The event loop is **never cancelled mid-poll**: `EventLoop::poll` is not cancel-safe
+//! (dropping it during the connect abandons a connection the broker already accepted, and
+//! the next poll silently opens another), so the driver's `select!` only ever waits on the
+//! channel the task feeds. The task ends at the first error, so rumqttc can never reconnect
+//! on its own; dropping the [`Connection`] aborts it, and the relay with it.
+
+use std::collections::{HashMap, VecDeque};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::courier::{LinkId, Seq};
+use crate::identity::UserId;
+use crate::mqtt::MqttSettings;
+use crate::session::{ConnEnd, NetKind, Proto, Target};
+use crate::usersig::UserSig;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnState {
+    Connecting,
+    Online,
+    Closing,
+}
+
+/// What happened on a connection, the same for both protocols.
+#[derive(Debug)]
+pub enum Ev {
+    ConnAck {
+        session_present: bool,
+    },
+    Publish {
+        topic: Bytes,
+        /// `None` for QoS 0.
+        pkid: Option<u16>,
+        payload: Bytes,
+    },
+    /// A PUBACK (3.1.1 has no reason code: 0).
+    PubAck {
+        pkid: u16,
+        code: u8,
+    },
+    /// rumqttc gave our next PUBLISH this packet id (in the order it took them).
+    OutPublish(u16),
+    /// Our DISCONNECT is on the wire.
+    OutDisconnect,
+    /// The broker acknowledged the inbox subscription (`granted`: not refused).
+    SubAck {
+        granted: bool,
+    },
+}
+
+/// What a connection's task reports.
+pub enum ConnEvent {
+    Mqtt(Ev),
+    /// The connection is over, classified from what the broker actually said (the relay's
+    /// record) or, when it said nothing, from the transport's error.
+    Ended(ConnEnd),
+}
+
+/// The client half, in either protocol.
+enum Client {
+    V5(rumqttc::v5::AsyncClient),
+    V311(rumqttc::AsyncClient),
+}
+
+pub struct Connection {
+    client: Client,
+    pub events: mpsc::Receiver<ConnEvent>,
+    task: JoinHandle<()>,
+    pub state: ConnState,
+    /// The courier's name for this connection.
+    pub link: LinkId,
+    /// Whom it logs in as.
+    pub user: UserId,
+    /// Where it goes, in which protocol.
+    pub target: Target,
+    pub proto: Proto,
+    /// Publishes handed to rumqttc, waiting for their packet id.
+    pub unnumbered: VecDeque<Seq>,
+    /// Packet id → the courier's seq, until the PUBACK.
+    pub pkids: HashMap<u16, Seq>,
+    /// The broker acknowledged the inbox subscription on this connection.
+    pub subscribed: bool,
+}
+
+/// Aborts a task when dropped (the relay lives exactly as long as its connection's task).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn map_v5(ev: rumqttc::v5::Event) -> Option<Ev> {
+    use rumqttc::v5::Event as E;
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::Packet as P;
+    Some(match ev {
+        E::Incoming(P::ConnAck(a)) => Ev::ConnAck {
+            session_present: a.session_present,
+        },
+        E::Incoming(P::Publish(p)) => Ev::Publish {
+            pkid: (p.qos != QoS::AtMostOnce).then_some(p.pkid),
+            topic: p.topic,
+            payload: p.payload,
+        },
+        E::Incoming(P::PubAck(a)) => Ev::PubAck {
+            pkid: a.pkid,
+            code: crate::mqtt::puback_code(a.reason),
+        },
+        E::Incoming(P::SubAck(a)) => Ev::SubAck {
+            granted: a.return_codes.iter().all(|c| {
+                matches!(
+                    c,
+                    rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)
+                )
+            }),
+        },
+        E::Outgoing(rumqttc::Outgoing::Publish(pkid)) => Ev::OutPublish(pkid),
+        E::Outgoing(rumqttc::Outgoing::Disconnect) => Ev::OutDisconnect,
+        _ => return None,
+    })
+}
+
+fn map_v311(ev: rumqttc::Event) -> Option<Ev> {
+    use rumqttc::{Event as E, Packet as P, QoS};
+    Some(match ev {
+        E::Incoming(P::ConnAck(a)) => Ev::ConnAck {
+            session_present: a.session_present,
+        },
+        E::Incoming(P::Publish(p)) => Ev::Publish {
+            pkid: (p.qos != QoS::AtMostOnce).then_some(p.pkid),
+            topic: Bytes::from(p.topic.into_bytes()),
+            payload: p.payload,
+        },
+        E::Incoming(P::PubAck(a)) => Ev::PubAck {
+            pkid: a.pkid,
+            code: 0,
+        },
+        E::Incoming(P::SubAck(a)) => Ev::SubAck {
+            granted: a
+                .return_codes
+                .iter()
+                .all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_))),
+        },
+        E::Outgoing(rumqttc::Outgoing::Publish(pkid)) => Ev::OutPublish(pkid),
+        E::Outgoing(rumqttc::Outgoing::Disconnect) => Ev::OutDisconnect,
+        _ => return None,
+    })
+}
+
+impl Connection {
+    pub fn open(
+        mqtt: &MqttSettings,
+        user: &UserId,
+        sig: &UserSig,
+        relay_dir: &std::path::Path,
+        link: LinkId,
+        target: Target,
+        proto: Proto,
+    ) -> Result<Connection, ConnEnd> {
+        let Some((host, port)) = mqtt.endpoint(&target) else {
+            return Err(ConnEnd::Network {
+                kind: NetKind::Other,
+                detail: "the broker's redirect names no usable server".into(),
+            });
+        };
+        let (listener, path) = crate::relay::listen(relay_dir).map_err(|e| ConnEnd::Network {
+            kind: NetKind::Other,
+            detail: format!(
+                "could not create the MQTT relay socket in {}: {e}",
+                relay_dir.display()
+            ),
+        })?;
+        let (tx, events) = mpsc::channel(32);
+        let (tls, within) = (mqtt.tls.clone(), mqtt.connect_timeout);
+        let (client, mut loop_v5, mut loop_v311) = match proto {
+            Proto::V5 => {
+                let (c, l) = rumqttc::v5::AsyncClient::new(mqtt.options(user, sig, &path), 128);
+                (Client::V5(c), Some(l), None)
+            }
+            Proto::V311 => {
+                let (c, l) = rumqttc::AsyncClient::new(mqtt.options_v311(user, sig, &path), 128);
+                (Client::V311(c), None, Some(l))
+            }
+        };
+        let task = tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            let stream = match crate::relay::dial(&host, port, tls, within).await {
+                Ok(s) => s,
+                Err(end) => {
+                    let _ = std::fs::remove_file(&path);
+                    let _ = tx.send(ConnEvent::Ended(end)).await;
+                    return;
+                }
+            };
+            // One connect timeout covers TCP, TLS and the CONNACK together.
+            let left = within.saturating_sub(started.elapsed()).as_secs().max(1);
+            let observed = crate::relay::Shared::default();
+            let _relay = AbortOnDrop(tokio::spawn(crate::relay::relay(
+                listener,
+                path,
+                stream,
+                observed.clone(),
+                crate::mqtt::MAX_PACKET as usize + 8,
+                proto,
+            )));
+            let said = || {
+                observed
+                    .lock()
+                    .map(|o| o.end())
+                    .unwrap_or_else(|p| p.into_inner().end())
+            };
+            if let Some(el) = loop_v5.as_mut() {
+                el.options.set_connection_timeout(left);
+                loop {
+                    match el.poll().await {
+                        Ok(ev) => {
+                            if let Some(ev) = map_v5(ev)
+                                && tx.send(ConnEvent::Mqtt(ev)).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let end = said().unwrap_or_else(|| crate::mqtt::classify(&e));
+                            tracing::debug!(?end, "connection ended");
+                            let _ = tx.send(ConnEvent::Ended(end)).await;
+                            return;
+                        }
+                    }
+                }
+            }
+            if let Some(el) = loop_v311.as_mut() {
+                let mut n = el.network_options();
+                n.set_connection_timeout(left);
+                el.set_network_options(n);
+                loop {
+                    match el.poll().await {
+                        Ok(ev) => {
+                            if let Some(ev) = map_v311(ev)
+                                && tx.send(ConnEvent::Mqtt(ev)).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let end = said().unwrap_or_else(|| crate::mqtt::classify_v311(&e));
+                            tracing::debug!(?end, "connection ended");
+                            let _ = tx.send(ConnEvent::Ended(end)).await;
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Connection {
+            client,
+            events,
+            task,
+            state: ConnState::Connecting,
+            link,
+            user: user.clone(),
+            target,
+            proto,
+            unnumbered: VecDeque::new(),
+            pkids: HashMap::new(),
+            subscribed: false,
+        })
+    }
+
+    /// Queue the inbox subscription (QoS 1).
+    pub fn subscribe(&self, filter: String) -> Result<(), String> {
+        match &self.client {
+            Client::V5(c) => c
+                .try_subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+                .map_err(|e| e.to_string()),
+            Client::V311(c) => c
+                .try_subscribe(filter, rumqttc::QoS::AtLeastOnce)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Queue a QoS 1 PUBLISH.
+    pub fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), String> {
+        match &self.client {
+            Client::V5(c) => c
+                .try_publish(
+                    topic,
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    false,
+                    payload,
+                )
+                .map_err(|e| e.to_string()),
+            Client::V311(c) => c
+                .try_publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Queue the PUBACK of a received QoS 1 message.
+    pub fn ack(&self, pkid: u16) -> Result<(), String> {
+        match &self.client {
+            Client::V5(c) => {
+                let mut p = rumqttc::v5::mqttbytes::v5::Publish::new(
+                    "",
+                    rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                    Vec::new(),
+                    None,
+                );
+                p.pkid = pkid;
+                c.try_ack(&p).map_err(|e| e.to_string())
+            }
+            Client::V311(c) => {
+                let mut p = rumqttc::Publish::new("", rumqttc::QoS::AtLeastOnce, Vec::new());
+                p.pkid = pkid;
+                c.try_ack(&p).map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// Queue our DISCONNECT.
+    pub fn disconnect(&self) -> Result<(), String> {
+        match &self.client {
+            Client::V5(c) => c.try_disconnect().map_err(|e| e.to_string()),
+            Client::V311(c) => c.try_disconnect().map_err(|e| e.to_string()),
+        }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
