@@ -1876,7 +1876,9 @@ impl Machine {
                     if self.early_closes >= self.policy.takeover_closes {
                         let message = format!(
                             "the server closed the session {} times within {} of login: another \
-                             device is probably logged in with this identity; not fighting for it",
+                             device is probably logged in with this identity (or the broker \
+                             cannot serve this session, e.g. its queue is on a node that is \
+                             down); not fighting for it",
                             self.early_closes,
                             human_ms(self.policy.takeover_window)
                         );

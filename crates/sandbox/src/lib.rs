@@ -46,7 +46,7 @@ pub struct SandboxOptions {
     /// Lifetime of the UserSigs the provisioning endpoint issues.
     pub sig_lifetime: Duration,
     /// Where to write `endpoints.json` (and `endpoints.env` for shells), `ca.pem`,
-    /// `client.pem`, `client.key`, `device-token`.
+    /// `client.pem`, `client.key`, `server.pem`, `server.key`, `device-token`.
     pub state_dir: Option<PathBuf>,
     /// Require a client certificate (signed by the sandbox CA) on MQTT and provisioning.
     pub require_client_cert: bool,
@@ -272,6 +272,18 @@ impl Sandbox {
             write_file(&ca, pki.ca_pem.as_bytes(), 0o644)?;
             write_file(&cert, pki.client_cert_pem.as_bytes(), 0o644)?;
             write_file(&key, pki.client_key_pem.as_bytes(), 0o600)?;
+            // The server certificate and key too, for running another broker under the same
+            // CA in scripts (scripts/check-rabbitmq).
+            write_file(
+                &dir.join("server.pem"),
+                pki.server_cert_pem.as_bytes(),
+                0o644,
+            )?;
+            write_file(
+                &dir.join("server.key"),
+                pki.server_key_pem.as_bytes(),
+                0o600,
+            )?;
             write_file(
                 &dir.join("device-token"),
                 format!("{}\n", endpoints.device_token).as_bytes(),
