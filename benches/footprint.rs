@@ -11,58 +11,19 @@
 //! Run as root (the abuse part connects as another uid). Prints a Markdown table and writes it to
 //! `target/footprint.md`. The README shows a run.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::{UnixDatagram, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use imlink_sandbox::{Sandbox, SandboxOptions};
-use serde_json::{Value, json};
+use serde_json::json;
+
+mod common;
+use common::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_imlinkd");
-
-fn call(sock: &Path, method: &str, params: Value) -> Value {
-    let mut s = UnixStream::connect(sock).expect("connect");
-    let line = json!({"jsonrpc":"2.0","id":1,"method":method,"params":params}).to_string() + "\n";
-    s.write_all(line.as_bytes()).unwrap();
-    let mut r = BufReader::new(s);
-    let mut out = String::new();
-    r.read_line(&mut out).unwrap();
-    serde_json::from_str(&out).unwrap()
-}
-
-/// Block until the daemon reports `phase` (via `watch`).
-fn wait_phase(sock: &Path, phase: &str) {
-    let mut s = UnixStream::connect(sock).unwrap();
-    s.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"watch\"}\n")
-        .unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    let v: Value = serde_json::from_str(&line).unwrap();
-    if v["result"]["status"]["phase"] == phase {
-        return;
-    }
-    loop {
-        line.clear();
-        r.read_line(&mut line).expect("events until the phase");
-        let v: Value = serde_json::from_str(&line).unwrap();
-        if v["method"] == "state_changed" && v["params"]["phase"] == phase {
-            return;
-        }
-    }
-}
-
-fn proc_kib(pid: u32, file: &str, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
 
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -70,36 +31,6 @@ fn cpu_ticks(pid: u32) -> u64 {
     let f: Vec<&str> = after.split_whitespace().collect();
     f.get(11).and_then(|u| u.parse::<u64>().ok()).unwrap_or(0)
         + f.get(12).and_then(|s| s.parse::<u64>().ok()).unwrap_or(0)
-}
-
-/// The daemon dies with the bench, even when the bench panics.
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct Stats {
-    p50: Duration,
-    p99: Duration,
-    max: Duration,
-}
-
-fn stats(mut v: Vec<Duration>) -> Stats {
-    v.sort();
-    let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
-    Stats {
-        p50: at(0.5),
-        p99: at(0.99),
-        max: *v.last().unwrap(),
-    }
-}
-
-fn ms(d: Duration) -> String {
-    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
 fn api_latency(sock: &Path, n: usize) -> Stats {

@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 use imlink_sandbox::{Sandbox, SandboxOptions};
 use serde_json::{Value, json};
 
+mod common;
+use common::proc_kib;
+
 const BIN: &str = env!("CARGO_BIN_EXE_imlinkd");
 const N: usize = 5_000;
 const SENDERS: usize = 4;
@@ -36,15 +39,6 @@ fn call(s: &mut BufReader<UnixStream>, method: &str, params: Value) -> Value {
 
 fn connect(sock: &Path) -> BufReader<UnixStream> {
     BufReader::new(UnixStream::connect(sock).expect("connect"))
-}
-
-fn proc_kib(pid: u32, file: &str, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 struct Daemon {

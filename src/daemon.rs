@@ -199,11 +199,13 @@ async fn serve(path: &Path, config: Config) -> ExitCode {
     };
     let api_server = api::Server::new(config.api.clone(), session.clone());
     let api_task = tokio::spawn(api_server.serve(bound.listener));
+    let watchdog = systemd::watchdog_interval();
+    let mut driver = driver;
+    driver.set_watchdog(watchdog);
     let mut driver_task = tokio::spawn(driver.run());
     // READY: the config is valid and the API serves (being online is not required).
     systemd::ready(&session.status.borrow().summary.clone());
     let mirror = tokio::spawn(systemd::mirror_status(session.status.clone()));
-    let watchdog = systemd::spawn_watchdog(session.clone());
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         socket = %config.api.socket.display(),

@@ -14,7 +14,6 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,8 +35,6 @@ use crate::session::{
 use crate::store::{Received, StoreHandle, StoreRequest};
 use crate::usersig::{AppSig, SigCache, UserSig};
 
-/// The loop wakes at least this often, so its heartbeat proves it is alive.
-pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 
 /// Requests to the session, from the local API and the signal handlers.
 pub enum Command {
@@ -127,20 +124,9 @@ pub struct SessionHandle {
     pub store: StoreHandle,
     /// Message ids: one generator, so ids stay monotonic across API clients.
     pub ids: Arc<Mutex<IdGen>>,
-    /// Monotonic milliseconds (driver clock) of the loop's last iteration.
-    pub heartbeat: Arc<AtomicU64>,
     pub clock: Clock,
 }
 
-impl SessionHandle {
-    /// Milliseconds since the driver loop last made progress.
-    pub fn heartbeat_age_ms(&self) -> u64 {
-        self.clock
-            .now()
-            .mono
-            .saturating_sub(self.heartbeat.load(Ordering::Relaxed))
-    }
-}
 
 use crate::link::{ConnEvent, ConnState, Connection, Ev};
 
@@ -165,7 +151,6 @@ enum Wake {
     Conn(ConnEvent),
     Fetch(Result<Result<Fetched, FetchFailure>, tokio::task::JoinError>),
     Timer,
-    Tick,
 }
 
 pub struct Driver {
@@ -194,7 +179,9 @@ pub struct Driver {
     events: broadcast::Sender<Event>,
     replies: HashMap<RequestId, oneshot::Sender<Result<(), RequestError>>>,
     next_request: RequestId,
-    heartbeat: Arc<AtomicU64>,
+    /// systemd's watchdog interval, when it asked for one: the loop itself pings at half of
+    /// it (so a wedged loop stops the pings), and otherwise sleeps until something is due.
+    watchdog: Option<Duration>,
     #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
     test_hooks: bool,
     exit: bool,
@@ -310,7 +297,6 @@ impl Driver {
         let (messages, _) = broadcast::channel(watcher_queue.max(1));
         let (answers_tx, answers_rx) = mpsc::unbounded_channel();
         let (store_done_tx, store_done) = mpsc::unbounded_channel();
-        let heartbeat = Arc::new(AtomicU64::new(now.mono));
         let snapshot = machine.snapshot();
         let status0 = Self::status_of(&snapshot, &config, &mqtt, &clock);
         let (status, status_rx) = watch::channel(status0);
@@ -321,7 +307,6 @@ impl Driver {
             messages: messages.clone(),
             store: store.clone(),
             ids: Arc::new(Mutex::new(IdGen::new())),
-            heartbeat: heartbeat.clone(),
             clock,
         };
         let test_hooks = cfg!(feature = "test-hooks")
@@ -352,7 +337,7 @@ impl Driver {
                 events,
                 replies: HashMap::new(),
                 next_request: 1,
-                heartbeat,
+                watchdog: None,
                 test_hooks,
                 exit: false,
             },
@@ -415,6 +400,11 @@ impl Driver {
         self.machine.handle(now, input);
     }
 
+    /// Ping systemd's watchdog from the loop, at half of `interval` (call before `run`).
+    pub fn set_watchdog(&mut self, interval: Option<Duration>) {
+        self.watchdog = interval;
+    }
+
     /// Run until the machine says `Exit`.
     pub async fn run(mut self) {
         // Store answers reach the courier in the order the requests went out (the store
@@ -430,8 +420,8 @@ impl Driver {
             });
         }
         self.feed(Input::Start);
-        let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let ping_every = self.watchdog.map(|w| (w / 2).max(Duration::from_millis(50)));
+        let mut next_ping = ping_every.map(|_| self.clock.now().mono);
         loop {
             self.run_actions().await;
             self.sync_account();
@@ -440,24 +430,40 @@ impl Driver {
             if self.exit {
                 break;
             }
-            self.heartbeat
-                .store(self.clock.now().mono, Ordering::Relaxed);
-            let due = [self.machine.poll_timeout(), self.courier.poll_timeout()]
-                .into_iter()
-                .flatten()
-                .min();
-            if let Err(e) = self.timer.arm(due) {
-                // Cannot happen with a valid timerfd; the heartbeat tick still drives the
-                // machine, a second late at worst.
-                tracing::error!("arming the session timer: {e}");
+            // The watchdog ping comes from this loop, after a full iteration: a loop that
+            // stops making progress stops the pings, and systemd restarts the service.
+            let now = self.clock.now().mono;
+            if let (Some(every), Some(at)) = (ping_every, next_ping)
+                && at <= now
+            {
+                crate::systemd::ping_watchdog();
+                next_ping = Some(now + every.as_millis() as Millis);
             }
+            // Sleep until something is due (a timer of either machine, the next ping), or
+            // something happens: nothing wakes this loop for nothing.
+            let due = [
+                self.machine.poll_timeout(),
+                self.courier.poll_timeout(),
+                next_ping,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            let backstop = match self.timer.arm(due) {
+                Ok(()) => None,
+                Err(e) => {
+                    // Cannot happen with a valid timerfd; fall back to polling every second.
+                    tracing::error!("arming the session timer: {e}");
+                    Some(Duration::from_secs(1))
+                }
+            };
             let wake = tokio::select! {
                 done = self.store_done.recv() => Wake::Store(done),
                 cmd = self.commands.recv() => Wake::Command(cmd),
                 ev = next_conn_event(&mut self.conn), if self.conn.is_some() => Wake::Conn(ev),
                 res = next_fetch(&mut self.fetch), if self.fetch.is_some() => Wake::Fetch(res),
                 _ = self.timer.fired() => Wake::Timer,
-                _ = tick.tick() => Wake::Tick,
+                _ = backstop_sleep(backstop) => Wake::Timer,
             };
             match wake {
                 Wake::Store(Some(input)) => self.feed_courier(input),
@@ -466,7 +472,7 @@ impl Driver {
                 Wake::Command(Some(cmd)) => self.on_command(cmd).await,
                 Wake::Conn(ev) => self.on_conn_event(ev),
                 Wake::Fetch(res) => self.on_fetch_done(res),
-                Wake::Timer | Wake::Tick => {
+                Wake::Timer => {
                     let now = self.clock.now();
                     self.machine.handle_timeout(now);
                     self.courier.handle_timeout(now.mono);
@@ -1178,6 +1184,13 @@ impl Driver {
         // see the state the event announced.
         self.publish_status();
         let _ = self.events.send(event);
+    }
+}
+
+async fn backstop_sleep(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -1,5 +1,6 @@
-//! systemd integration: the sd_notify protocol (READY, STATUS, RELOADING, STOPPING, ERRNO) and a
-//! watchdog that pings only while the session driver makes progress.
+//! systemd integration: the sd_notify protocol (READY, STATUS, RELOADING, STOPPING, ERRNO) and
+//! the watchdog ping, which the session driver's own loop sends (so only a loop that makes
+//! progress pings, and an idle daemon wakes only for it and for what is due).
 //!
 //! Everything here is a no-op without `NOTIFY_SOCKET` / `WATCHDOG_USEC`, so the daemon runs
 //! unchanged outside systemd.
@@ -11,7 +12,7 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 use tokio::sync::watch;
 
-use crate::driver::{SessionHandle, Status};
+use crate::driver::Status;
 
 /// One notification, owned, on its way to the notifier thread.
 enum Note {
@@ -166,44 +167,35 @@ pub async fn mirror_status(mut rx: watch::Receiver<Status>) {
     }
 }
 
-/// When systemd asked for a watchdog, ping at half its interval — but only while the session
-/// driver's heartbeat is fresh (younger than half the interval). A wedged driver stops the
-/// pings, and systemd restarts the service. Runs on its own OS thread so it judges the driver
-/// from outside the runtime the driver runs on.
-pub fn spawn_watchdog(session: SessionHandle) -> Option<Duration> {
-    let interval = sd_notify::watchdog_enabled()?;
-    let half = interval / 2;
-    let period = half.max(Duration::from_millis(50));
-    let spawned = std::thread::Builder::new()
-        .name("imlinkd-watchdog".into())
-        .spawn(move || {
-            let mut warned = false;
-            loop {
-                let age = Duration::from_millis(session.heartbeat_age_ms());
-                if age < half {
-                    // Straight from this thread: a manager that stops reading stalls only the
-                    // pings, which is what a watchdog should do then.
-                    if let Err(e) = sd_notify::notify(&[NotifyState::Watchdog]) {
-                        tracing::debug!("sd_notify WATCHDOG failed: {e}");
-                    }
-                    warned = false;
-                } else if !warned {
-                    tracing::error!(
-                        stalled_ms = age.as_millis() as u64,
-                        "the session driver has made no progress for {age:?}; withholding watchdog pings so systemd restarts the service"
-                    );
-                    warned = true;
-                }
-                std::thread::sleep(period);
-            }
-        });
-    match spawned {
-        Ok(_) => Some(interval),
-        Err(e) => {
-            tracing::error!("could not start the watchdog thread: {e}");
-            None
-        }
+/// systemd's watchdog interval (`WATCHDOG_USEC`, for this process), when it asked for one.
+pub fn watchdog_interval() -> Option<Duration> {
+    sd_notify::watchdog_enabled()
+}
+
+/// Send `WATCHDOG=1`, without ever blocking: the session driver calls this from its loop
+/// (so only a loop that makes progress pings). A manager that is not reading its socket
+/// loses the ping, and then restarts the service, as it should.
+pub fn ping_watchdog() {
+    if let Err(e) = send_nonblocking(b"WATCHDOG=1") {
+        tracing::debug!("sd_notify WATCHDOG failed: {e}");
     }
+}
+
+fn send_nonblocking(msg: &[u8]) -> std::io::Result<()> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return Ok(());
+    };
+    let sock = UnixDatagram::unbound()?;
+    sock.set_nonblocking(true)?;
+    let bytes = std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str());
+    let addr = match bytes.strip_prefix(b"@") {
+        Some(name) => SocketAddr::from_abstract_name(name)?,
+        None => SocketAddr::from_pathname(&path)?,
+    };
+    sock.send_to_addr(msg, &addr)?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -129,8 +129,9 @@ async fn the_watchdog_pings_only_while_the_driver_makes_progress() {
         stalled,
         "no ping from a wedged driver"
     );
-    // The API still answers (only the driver is stuck), and says so through the status age.
-    assert!(d.log_text().contains("withholding watchdog pings"));
+    // The API still answers (only the driver is stuck): the pings stop because the loop that
+    // sends them is the one that stopped.
+    assert!(d.status().await.get("phase").is_some());
     d.signal(nix::sys::signal::Signal::SIGKILL);
     d.child.as_mut().unwrap().wait().await.unwrap();
     d.child = None;

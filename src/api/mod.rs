@@ -1037,7 +1037,6 @@ mod tests {
     }
     use crate::driver::{Clock, Status};
     use crate::session::{Counters, ErrorClass, LastError, Phase};
-    use std::sync::atomic::AtomicU64;
     use tokio::io::AsyncBufReadExt;
 
     fn status() -> Status {
@@ -1078,7 +1077,6 @@ mod tests {
             messages: broadcast::channel(8).0,
             store: crate::store::StoreHandle::open(dir.join("messages.db"), 1 << 20).0,
             ids: Arc::new(Mutex::new(crate::message::IdGen::new())),
-            heartbeat: Arc::new(AtomicU64::new(0)),
             clock: Clock::new(),
         };
         let cfg = ApiConfig {

@@ -161,6 +161,22 @@ async fn handle(c: &Control, req: Request) -> Response {
             }
             _ => Response::error(400, "seconds must be a whole number"),
         },
+        ("/connect-rate", _, true) => match req.query("per_s") {
+            None | Some("none") => {
+                c.set_connect_rate(None);
+                ok(serde_json::json!({ "connect_rate": null }))
+            }
+            Some(v) => match v.parse::<u32>() {
+                Ok(n) if n > 0 => {
+                    c.set_connect_rate(Some(n));
+                    ok(serde_json::json!({ "connect_rate": n }))
+                }
+                _ => Response::error(
+                    400,
+                    "per_s must be a whole number of CONNECTs per second (or none)",
+                ),
+            },
+        },
         ("/connack-delay", _, true) => match req.query("ms").map(str::parse::<u64>) {
             Some(Ok(ms)) => {
                 c.set_connack_delay(Duration::from_millis(ms));

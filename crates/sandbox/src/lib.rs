@@ -548,6 +548,16 @@ impl Control {
         self.shared.update(|st| st.provision_clock_offset = seconds);
     }
 
+    /// Accept at most `per_s` CONNECTs per second (counted in whole seconds, refused or not);
+    /// beyond, CONNACK 0x9F (connection rate exceeded), as EMQX's `max_conn_rate` or AWS IoT's
+    /// limits do. `None`: no limit.
+    pub fn set_connect_rate(&self, per_s: Option<u32>) {
+        self.shared.update(|st| {
+            st.connect_rate = per_s;
+            st.rate_window = None;
+        });
+    }
+
     /// Wait this long before each successful CONNACK (a slow link or a busy broker).
     pub fn set_connack_delay(&self, delay: Duration) {
         self.shared.update(|st| st.connack_delay = delay);

@@ -287,6 +287,10 @@ pub struct BrokerState {
     pub provision_clock_offset: i64,
     /// How long the broker waits before sending a successful CONNACK (a slow link).
     pub connack_delay: Duration,
+    /// CONNECTs accepted per second at most (`None`: no limit), and the current second's
+    /// start and count.
+    pub connect_rate: Option<u32>,
+    pub rate_window: Option<(Instant, u32)>,
     /// C2C messages for users with no session subscribed to their inbox yet, kept for when
     /// one does (the IM service keeps offline messages per user).
     pub offline: HashMap<String, VecDeque<Msg>>,
@@ -460,6 +464,8 @@ impl Shared {
                 connack_delay: Duration::ZERO,
                 short_disconnect: false,
                 offline: HashMap::new(),
+                connect_rate: None,
+                rate_window: None,
             }),
             changed,
         })
@@ -757,6 +763,23 @@ impl BrokerState {
         };
         if let Some(code) = Armed::fire(&mut self.faults.refuse, user) {
             return refuse(code);
+        }
+        if let Some(limit) = self.connect_rate {
+            let now = Instant::now();
+            let (start, n) = match self.rate_window {
+                Some((start, n)) if now.duration_since(start) < Duration::from_secs(1) => {
+                    (start, n)
+                }
+                _ => (now, 0),
+            };
+            self.rate_window = Some((start, n + 1));
+            if n >= limit {
+                return Some((
+                    reason::CONNECTION_RATE_EXCEEDED,
+                    70050,
+                    format!("the service accepts {limit} logins per second; try again later"),
+                ));
+            }
         }
         if c.auth_method.is_some() {
             return Some((

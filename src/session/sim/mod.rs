@@ -22,6 +22,7 @@
 
 mod check;
 mod schedule;
+pub mod storm;
 mod world;
 
 pub use check::Violation;
