@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Plots for docs/benchmarks/ from the CSVs scripts/bench wrote to target/bench/ (matplotlib)."""
+import csv
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+BENCH = sys.argv[1] if len(sys.argv) > 1 else "target/bench"
+OUT = sys.argv[2] if len(sys.argv) > 2 else "docs/benchmarks"
+
+
+def rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def storm_sim(path, title, png):
+    data = rows(path)
+    strategies = []
+    for r in data:
+        if r["strategy"] not in strategies:
+            strategies.append(r["strategy"])
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 8), sharex=True)
+    cap = None
+    for s in strategies:
+        rs = [r for r in data if r["strategy"] == s]
+        t = [int(r["second"]) for r in rs]
+        acc = [int(r["accepted"]) for r in rs]
+        ref = [int(r["refused"]) for r in rs]
+        cap = int(rs[0]["capacity"])
+        line = ax1.plot(t, [a + b for a, b in zip(acc, ref)], label=f"{s}: attempts")[0]
+        ax1.plot(t, acc, linestyle=":", color=line.get_color(), label=f"{s}: accepted")
+        ax2.plot(t, [float(r["online_fraction"]) for r in rs], color=line.get_color(), label=s)
+    ax1.axhline(cap, color="black", linestyle="--", linewidth=1, label=f"capacity {cap}/s")
+    ax1.axvspan(0, 30, color="grey", alpha=0.15, label="broker gone")
+    ax1.set_yscale("symlog", linthresh=10)
+    ax1.set_ylim(bottom=0)
+    ax1.set_ylabel("CONNECTs per second (log)")
+    ax1.set_title(title)
+    ax1.legend(fontsize=7, ncol=2)
+    ax2.axvspan(0, 30, color="grey", alpha=0.15)
+    ax2.set_ylabel("fraction online")
+    ax2.set_xlabel("seconds since the broker went away")
+    ax2.set_ylim(0, 1.02)
+    ax2.set_xlim(-5, 240)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def storm_real_vs_sim(real_path, sim_path, png):
+    real = rows(real_path)
+    sim = [r for r in rows(sim_path) if r["strategy"] == "imlinkd"]
+    n_real = max(int(r["online"]) for r in real) or 1
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    t = [int(r["second"]) for r in real]
+    ax1.plot(t, [int(r["accepted"]) + int(r["refused"]) for r in real], label="real fleet: CONNECTs reaching the broker")
+    ts = [int(r["second"]) for r in sim]
+    ax1.plot(ts, [int(r["accepted"]) + int(r["refused"]) for r in sim], linestyle="--", label="simulated engines: CONNECTs")
+    cap = int(real[0]["capacity"])
+    ax1.axhline(cap, color="black", linestyle=":", linewidth=1, label=f"capacity {cap}/s")
+    ax1.axvspan(0, 30, color="grey", alpha=0.15, label="broker gone")
+    ax1.set_ylabel("CONNECTs per second")
+    ax1.set_title("Reconnect storm: real imlinkd processes vs the simulated engines (same fleet, same capacity)")
+    ax1.legend(fontsize=8)
+    ax2.plot(t, [int(r["online"]) / n_real for r in real], label="real")
+    ax2.plot(ts, [float(r["online_fraction"]) for r in sim], linestyle="--", label="simulated")
+    ax2.axvspan(0, 30, color="grey", alpha=0.15)
+    ax2.set_ylabel("fraction online")
+    ax2.set_xlabel("seconds since the broker went away")
+    ax2.set_xlim(0, max(t[-1], 60))
+    ax2.set_ylim(0, 1.02)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def watchers(path, png):
+    data = rows(path)
+    n = [int(r["watchers"]) for r in data]
+    rss = [int(r["rss_kib"]) for r in data]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(n, rss, marker="o")
+    ax.set_xscale("log")
+    ax.set_xlabel("idle API watchers")
+    ax.set_ylabel("imlinkd RSS (KiB)")
+    for x, y, r in zip(n, rss, data):
+        ax.annotate(f"{float(r['per_watcher_kib']):.1f} KiB each", (x, y), fontsize=7,
+                    textcoords="offset points", xytext=(4, -10))
+    ax.set_title("Memory per watcher")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+os.makedirs(OUT, exist_ok=True)
+made = []
+p = os.path.join(BENCH, "sim10k", "storm-sim.csv")
+if os.path.exists(p):
+    storm_sim(p, "10,000 simulated engines after a 30 s broker outage", os.path.join(OUT, "storm-simulated.png"))
+    made.append("storm-simulated.png")
+r, s = os.path.join(BENCH, "storm-real.csv"), os.path.join(BENCH, "simfleet", "storm-sim.csv")
+if os.path.exists(r) and os.path.exists(s):
+    storm_real_vs_sim(r, s, os.path.join(OUT, "storm-real-vs-simulated.png"))
+    made.append("storm-real-vs-simulated.png")
+p = os.path.join(BENCH, "watchers.csv")
+if os.path.exists(p):
+    watchers(p, os.path.join(OUT, "watchers.png"))
+    made.append("watchers.png")
+print("plots:", ", ".join(made) or "none (no CSVs)")
