@@ -241,7 +241,11 @@ fn main() {
     std::thread::sleep(IDLE); // the idle window being measured
     let (w1, c1) = wakeups_and_cpu(pid);
     let (mw1, mc1) = wakeups_and_cpu(mpid);
-    let pings = d.notes.try_iter().filter(|n| n.contains("WATCHDOG=1")).count();
+    let pings = d
+        .notes
+        .try_iter()
+        .filter(|n| n.contains("WATCHDOG=1"))
+        .count();
     let (wake, mwake) = (w1 - w0, mw1 - mw0);
     let (cpu_ms, mcpu_ms) = ((c1 - c0) as f64 / 1e6, (mc1 - mc0) as f64 / 1e6);
     drop(msub);
@@ -274,9 +278,7 @@ fn main() {
         ratio(cpu_ms, mcpu_ms),
         verdict(cpu_ms <= 2.0 * mcpu_ms + 5.0)
     );
-    md += &format!(
-        "| watchdog pings in the window | {pings} | — | — | 8 at WatchdogSec=30s |\n\n"
-    );
+    md += &format!("| watchdog pings in the window | {pings} | — | — | 8 at WatchdogSec=30s |\n\n");
     md += "## Start-up\n\n| measure | imlinkd | mosquitto_sub | ratio | target |\n|---|---|---|---|---|\n";
     md += &format!(
         "| start → READY=1 (p50 of 10) | {} | — | — | ≤ 10 ms — {} |\n",
@@ -442,8 +444,15 @@ fn main() {
     let mut got = std::collections::BTreeSet::new();
     let mut after = 0i64;
     loop {
-        let v = call(&r.sock, "read_inbox", json!({ "after": after, "limit": 100 }));
-        let page = v["result"]["messages"].as_array().cloned().unwrap_or_default();
+        let v = call(
+            &r.sock,
+            "read_inbox",
+            json!({ "after": after, "limit": 100 }),
+        );
+        let page = v["result"]["messages"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         if page.is_empty() {
             break;
         }

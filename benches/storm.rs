@@ -104,14 +104,21 @@ fn main() {
     }
     let deadline = Instant::now() + Duration::from_secs(600);
     while sample(&sb).2 < n as u64 {
-        assert!(Instant::now() < deadline, "only {} of {n} online", sample(&sb).2);
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} online",
+            sample(&sb).2
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     let startup = t0.elapsed();
     // Stable sessions (the default backoff_reset_after is 5 min): the fleet is settled.
     eprintln!("all {n} online after {startup:?}; settling 5 min");
     std::thread::sleep(Duration::from_secs(310));
-    let pss: u64 = children.iter().map(|c| proc_kib(c.0.id(), "smaps_rollup", "Pss:")).sum();
+    let pss: u64 = children
+        .iter()
+        .map(|c| proc_kib(c.0.id(), "smaps_rollup", "Pss:"))
+        .sum();
 
     // The outage.
     sb.set_connect_rate(Some(capacity));
@@ -161,7 +168,10 @@ fn main() {
         pss as f64 / 1024.0,
         pss as f64 / 1024.0 / n as f64,
         startup.as_secs_f64(),
-        back_at.map_or("not within the window".into(), |d| format!("{:.0} s", d.as_secs_f64())),
+        back_at.map_or("not within the window".into(), |d| format!(
+            "{:.0} s",
+            d.as_secs_f64()
+        )),
         if back_at.is_some_and(|d| d <= Duration::from_secs(310)) {
             "met"
         } else {

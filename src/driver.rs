@@ -35,7 +35,6 @@ use crate::session::{
 use crate::store::{Received, StoreHandle, StoreRequest};
 use crate::usersig::{AppSig, SigCache, UserSig};
 
-
 /// Requests to the session, from the local API and the signal handlers.
 pub enum Command {
     Login {
@@ -126,7 +125,6 @@ pub struct SessionHandle {
     pub ids: Arc<Mutex<IdGen>>,
     pub clock: Clock,
 }
-
 
 use crate::link::{ConnEvent, ConnState, Connection, Ev};
 
@@ -420,7 +418,9 @@ impl Driver {
             });
         }
         self.feed(Input::Start);
-        let ping_every = self.watchdog.map(|w| (w / 2).max(Duration::from_millis(50)));
+        let ping_every = self
+            .watchdog
+            .map(|w| (w / 2).max(Duration::from_millis(50)));
         let mut next_ping = ping_every.map(|_| self.clock.now().mono);
         loop {
             self.run_actions().await;

@@ -776,3 +776,38 @@ async fn a_slow_refresh_during_backoff_does_not_keep_the_daemon_offline() {
     assert_eq!(sb.user("kiosk-31").server_disconnects.get("0xA0"), None);
     d.finish().await;
 }
+
+/// A broker that accepts only so many CONNECTs per second (the sandbox's `/connect-rate`, as
+/// EMQX's `max_conn_rate`): the refused ones (0x9F) back off and get in later, nobody loops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_rate_limit_is_busy_and_everyone_gets_in_by_backing_off() {
+    let sb = sandbox().await;
+    sb.set_connect_rate(Some(1));
+    let mut ds = Vec::new();
+    for i in 0..4 {
+        ds.push(Daemon::start(&sb, Opts::user(&format!("rate-{i}"))).await);
+    }
+    for d in &ds {
+        d.wait_phase_within("online", Duration::from_secs(60)).await;
+    }
+    let c = sb.counters();
+    let refused: u64 = (0..4)
+        .map(|i| {
+            c.user(&format!("rate-{i}"))
+                .refusals
+                .get("0x9F")
+                .copied()
+                .unwrap_or(0)
+        })
+        .sum();
+    assert!(refused >= 1, "the limit refused someone: {c:?}");
+    // 4 devices, 1 login per second, backoff from 200 ms to 2 s (the test config): a handful
+    // of refusals each, not a loop.
+    assert!(
+        refused <= 20,
+        "{refused} refusals: the refused must back off"
+    );
+    for d in ds {
+        d.finish().await;
+    }
+}

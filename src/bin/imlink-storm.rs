@@ -37,14 +37,19 @@ fn main() {
             std::process::exit(1);
         }
     };
-    let _ = writeln!(csv, "strategy,second,accepted,refused,online_fraction,capacity");
+    let _ = writeln!(
+        csv,
+        "strategy,second,accepted,refused,online_fraction,capacity"
+    );
     println!(
         "{} devices, broker gone for {} s, then {} CONNECTs/s\n",
         cfg.devices,
         cfg.outage / 1000,
         cfg.capacity
     );
-    println!("| strategy | peak CONNECTs/s (after the return) | total CONNECTs | 99 % online after the return | most refusals for one device |");
+    println!(
+        "| strategy | peak CONNECTs/s (after the return) | total CONNECTs | 99 % online after the return | most refusals for one device |"
+    );
     println!("|---|---|---|---|---|");
     for s in [Strategy::Imlinkd, Strategy::Naive, Strategy::Fixed1s] {
         let started = std::time::Instant::now();
@@ -67,7 +72,10 @@ fn main() {
             r.peak_after_return,
             r.total_attempts,
             r.to_99_percent
-                .map_or("not within the window".into(), |t| format!("{:.0} s", t as f64 / 1000.0)),
+                .map_or("not within the window".into(), |t| format!(
+                    "{:.0} s",
+                    t as f64 / 1000.0
+                )),
             r.max_refused_per_device
         );
         eprintln!("({} simulated in {:?})", s.name(), started.elapsed());

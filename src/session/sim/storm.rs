@@ -8,9 +8,7 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
-use super::super::{
-    Action, ConnEnd, Input, Machine, Millis, NetKind, Now, Policy, Rng, SigInfo,
-};
+use super::super::{Action, ConnEnd, Input, Machine, Millis, NetKind, Now, Policy, Rng, SigInfo};
 use crate::identity::UserId;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
