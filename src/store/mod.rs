@@ -137,6 +137,10 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
     }
     c.pragma_update(None, "synchronous", "FULL")?;
     c.pragma_update(None, "foreign_keys", "ON")?;
+    // SQLite's default page cache is 2 MiB per connection; on a kiosk the kernel's page cache
+    // holds the file anyway, so 512 KiB keeps a 100,000-message store within the memory
+    // budget (benches/messaging.rs measures it).
+    c.pragma_update(None, "cache_size", -512)?;
     c.busy_timeout(std::time::Duration::from_secs(5))?;
     migrate(&c, path)?;
     Ok(c)

@@ -276,6 +276,8 @@ fn a_committed_message_is_there_after_reopening() {
         .unwrap();
     let sync: i64 = c.query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
     assert_eq!((mode.as_str(), sync), ("wal", 2), "WAL, synchronous=FULL");
+    let cache: i64 = c.query_row("PRAGMA cache_size", [], |r| r.get(0)).unwrap();
+    assert_eq!(cache, -512, "a 512 KiB page cache (the memory budget)");
 }
 
 #[tokio::test(flavor = "current_thread")]
