@@ -317,4 +317,53 @@ async fn the_store_thread_commits_batches_and_answers_after_the_commit() {
     assert!(r.is_err());
 }
 
+/// A store that falls behind (here: another process holds the write lock) tells senders
+/// it is busy beyond its queue bound, and answers everything it accepted once it catches up.
+#[tokio::test(flavor = "current_thread")]
+async fn a_store_that_falls_behind_refuses_beyond_its_queue_and_answers_all_it_took() {
+    let path = tmp("behind");
+    let limit = 4;
+    let (h, opened) = StoreHandle::open_bounded(path.clone(), CAP, limit);
+    opened.unwrap();
+    let blocker = open(&path).unwrap();
+    blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let mut g = IdGen::new();
+    let mut send = |i: i64| {
+        let (tx, rx) = oneshot::channel();
+        let r = h.send(StoreRequest::Enqueue {
+            owner: "alice".into(),
+            msg: msg(&mut g, "alice", "bob", 1_800_000_000_000 + i, "m"),
+            reply: tx,
+        });
+        r.map(|()| rx)
+    };
+    // The first is taken by the store thread, which then waits for the lock.
+    let mut accepted = vec![send(0).unwrap()];
+    while h.waiting() > 0 {
+        tokio::task::yield_now().await;
+    }
+    let mut busy = 0;
+    for i in 1..=40 {
+        match send(i) {
+            Ok(rx) => accepted.push(rx),
+            Err(e) => {
+                assert!(e.to_string().contains("busy; try again"), "{e}");
+                busy += 1;
+            }
+        }
+    }
+    assert!(h.waiting() <= limit, "never more than the bound waiting");
+    assert!(
+        busy >= 30,
+        "beyond the bound senders hear 'busy' ({busy} of 40)"
+    );
+    blocker.execute_batch("COMMIT").unwrap();
+    let n = accepted.len();
+    for rx in accepted {
+        rx.await.unwrap().expect("everything accepted is committed");
+    }
+    assert_eq!(outbox(&open(&path).unwrap(), "alice").unwrap().len(), n);
+    assert_eq!(h.waiting(), 0);
+}
+
 use tokio::sync::oneshot;

@@ -5,7 +5,9 @@
 //! on disk.
 
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, Sender, channel};
 
 use rusqlite::Connection;
 use tokio::sync::oneshot;
@@ -84,27 +86,67 @@ pub enum StoreRequest {
 
 /// How many requests share one transaction at most.
 const BATCH: usize = 512;
-/// Requests queued before senders wait.
+/// Requests queued before senders are told the store is busy.
 const QUEUE: usize = 4096;
 
 /// A handle on the store thread; cheap to clone.
+///
+/// The queue is bounded by a count, not by a preallocated ring: `sync_channel(4096)` would
+/// allocate and touch 4096 slots up front (640 KiB of a daemon that otherwise holds about
+/// 800 KiB of anonymous memory); this one grows only while requests wait.
 #[derive(Clone)]
 pub struct StoreHandle {
-    tx: SyncSender<StoreRequest>,
+    tx: Sender<StoreRequest>,
+    queued: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+/// The store thread's end of the queue: every request taken out is counted off.
+struct Requests {
+    rx: Receiver<StoreRequest>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Requests {
+    fn recv(&self) -> Option<StoreRequest> {
+        let r = self.rx.recv().ok()?;
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+        Some(r)
+    }
+
+    fn try_recv(&self) -> Option<StoreRequest> {
+        let r = self.rx.try_recv().ok()?;
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+        Some(r)
+    }
 }
 
 impl StoreHandle {
     /// Open the store at `path` on a new thread. When it cannot be opened (a newer schema,
     /// an I/O error), the thread still runs and answers every request with the reason.
     pub fn open(path: PathBuf, cap_bytes: u64) -> (StoreHandle, Result<(), StoreError>) {
-        let (tx, rx) = sync_channel(QUEUE);
+        Self::open_bounded(path, cap_bytes, QUEUE)
+    }
+
+    /// [`StoreHandle::open`] with at most `limit` requests waiting.
+    pub(crate) fn open_bounded(
+        path: PathBuf,
+        cap_bytes: u64,
+        limit: usize,
+    ) -> (StoreHandle, Result<(), StoreError>) {
+        let (tx, rx) = channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let requests = Requests {
+            rx,
+            queued: queued.clone(),
+        };
         let (opened_tx, opened_rx) = std::sync::mpsc::channel();
         let spawned = std::thread::Builder::new()
             .name("imlinkd-store".into())
             .spawn(move || {
                 let conn = super::open(&path);
                 let _ = opened_tx.send(conn.as_ref().map(|_| ()).map_err(Clone::clone));
-                serve(conn, rx, cap_bytes);
+                serve(conn, requests, cap_bytes);
             });
         let opened = match spawned {
             Ok(_) => opened_rx
@@ -114,21 +156,28 @@ impl StoreHandle {
                 "could not start the store thread: {e}"
             ))),
         };
-        (StoreHandle { tx }, opened)
+        (StoreHandle { tx, queued, limit }, opened)
     }
 
     /// Queue a request. Never blocks the caller: a full queue is an error (the store is
     /// seconds behind; the caller says so).
     pub fn send(&self, req: StoreRequest) -> Result<(), StoreError> {
-        match self.tx.try_send(req) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => Err(StoreError::Unavailable(
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.limit {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(StoreError::Unavailable(
                 "the message store is busy; try again".into(),
-            )),
-            Err(TrySendError::Disconnected(_)) => {
-                Err(StoreError::Unavailable("the store thread is gone".into()))
-            }
+            ));
         }
+        self.tx.send(req).map_err(|_| {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            StoreError::Unavailable("the store thread is gone".into())
+        })
+    }
+
+    /// Requests sent and not yet taken by the store thread.
+    #[cfg(test)]
+    pub(crate) fn waiting(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
     }
 
     /// Ask and wait for the answer.
@@ -159,23 +208,23 @@ fn at_once<T: Send + 'static>(tx: Reply<T>, r: Result<T, StoreError>) -> Pending
     })
 }
 
-fn serve(conn: Result<Connection, StoreError>, rx: Receiver<StoreRequest>, cap: u64) {
+fn serve(conn: Result<Connection, StoreError>, rx: Requests, cap: u64) {
     let mut conn = match conn {
         Ok(c) => c,
         Err(e) => {
             // Answer everything with the reason, for as long as the daemon runs.
-            while let Ok(req) = rx.recv() {
+            while let Some(req) = rx.recv() {
                 refuse(req, &e);
             }
             return;
         }
     };
-    while let Ok(first) = rx.recv() {
+    while let Some(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < BATCH {
             match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
+                Some(r) => batch.push(r),
+                None => break,
             }
         }
         let tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
