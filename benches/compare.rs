@@ -266,6 +266,8 @@ fn main() {
     let (mrss, mpss, manon) = memory(mpid);
     let (w0, c0) = wakeups_and_cpu(pid);
     let (mw0, mc0) = wakeups_and_cpu(mpid);
+    // Only the window's pings: what came during start-up and the settle is not counted.
+    let _before_the_window = d.notes.try_iter().count();
     std::thread::sleep(IDLE); // the idle window being measured
     let (w1, c1) = wakeups_and_cpu(pid);
     let (mw1, mc1) = wakeups_and_cpu(mpid);
