@@ -6,7 +6,7 @@
 //! docs/benchmarks/. Run as root (raises the open-files limit for 1,000 watchers).
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -18,11 +18,13 @@ use serde_json::{Value, json};
 mod common;
 use common::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_imlinkd");
 /// The idle window for wake-ups and CPU.
 const IDLE: Duration = Duration::from_secs(120);
 /// How long both hold their session before memory is read.
 const SETTLE: Duration = Duration::from_secs(60);
+/// The default config, but for the API's client limits (the 1,000-watcher runs).
+const API_LIMITS: &str =
+    "max_clients = 1200\nmax_clients_per_uid = 1100\nmax_watchers_per_uid = 1100\n";
 
 struct Imlinkd {
     child: KillOnDrop,
@@ -30,55 +32,10 @@ struct Imlinkd {
     notes: mpsc::Receiver<String>,
 }
 
-fn write_config(sb: &Sandbox, dir: &Path, user: &str) -> PathBuf {
-    let e = sb.endpoints();
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("ca.pem"), &e.ca_pem).unwrap();
-    std::fs::write(dir.join("token"), &e.device_token).unwrap();
-    let cfg = format!(
-        "user_id = \"{user}\"\nsdk_app_id = {}\nstate_dir = \"{d}/state\"\nlog_level = \"warn\"\n\
-         [broker]\nurl = \"{}\"\nca_file = \"{d}/ca.pem\"\nkeepalive = \"60s\"\n\
-         [provisioning]\nurl = \"{}\"\ntoken_file = \"{d}/token\"\nca_file = \"{d}/ca.pem\"\n\
-         [api]\nsocket = \"{d}/api.sock\"\nmax_clients = 1200\nmax_clients_per_uid = 1100\n\
-         max_watchers_per_uid = 1100\nwatcher_queue = 64\n",
-        sb.sdk_app_id(),
-        e.mqtt_url,
-        e.provisioning_url_template,
-        d = dir.display()
-    );
-    let p = dir.join("imlinkd.toml");
-    std::fs::write(&p, cfg).unwrap();
-    p
-}
-
 /// Start imlinkd (release) with a 30 s watchdog, as the unit has; returns when READY=1 came,
 /// with the time it took.
 fn start(dir: &Path, config: &Path) -> (Imlinkd, Duration) {
-    let notify_path = dir.join("notify.sock");
-    let _ = std::fs::remove_file(&notify_path);
-    let notify = UnixDatagram::bind(&notify_path).unwrap();
-    notify
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let t0 = Instant::now();
-    let child = Command::new(BIN)
-        .arg("--config")
-        .arg(config)
-        .env("NOTIFY_SOCKET", &notify_path)
-        .env("WATCHDOG_USEC", "30000000")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = notify.recv(&mut buf).expect("READY=1");
-        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
-            break;
-        }
-    }
-    let ready = t0.elapsed();
+    let (child, notify, ready) = spawn_until_ready(config, dir, &[("WATCHDOG_USEC", "30000000")]);
     // Drain the notify socket as systemd would, keeping what came.
     let (tx, notes) = mpsc::channel();
     std::thread::spawn(move || {
@@ -188,21 +145,8 @@ fn watchers(sock: &Path, n: usize) -> Vec<BufReader<UnixStream>> {
 }
 
 fn main() {
-    // 1,000 watchers need more than the default 1,024 open files (here and in the daemon,
-    // which inherits the limit).
-    // SAFETY: plain setrlimit on this process.
-    unsafe {
-        let lim = libc::rlimit {
-            rlim_cur: 8192,
-            rlim_max: 8192,
-        };
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    // 1,000 watchers need more than the default 1,024 open files (here and in the daemon).
+    let rt = bench_runtime(Some(8192));
     let sb = rt
         .block_on(Sandbox::start(SandboxOptions {
             sig_lifetime: Duration::from_secs(86_400),
@@ -212,7 +156,7 @@ fn main() {
     let root = std::env::temp_dir().join(format!("imlinkd-compare-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     let dir = root.join("kiosk");
-    let config = write_config(&sb, &dir, "kiosk");
+    let config = device_config(&sb, &dir, "kiosk", "warn", API_LIMITS);
     let msub_sig = sb.issue_sig("msub", Duration::from_secs(86_400));
     let mut md = String::new();
     let now = chrono_free_date();
@@ -282,7 +226,7 @@ fn main() {
     drop(watcher);
 
     md += "## Footprint and idle cost, beside mosquitto_sub\n\n";
-    md += "Both hold one TLS MQTT 5 session (persistent, QoS 1 inbox, keepalive 60 s) to the same broker; imlinkd also has its message store open, one API watcher, and systemd's watchdog at 30 s (as the unit sets). Memory after 60 s online; wake-ups are context switches of all threads over 120 s idle; CPU from `/proc/PID/task/*/schedstat`.\n\n";
+    md += "Both hold one TLS MQTT 5 session (persistent, QoS 1 inbox, keepalive 60 s) to the same broker; imlinkd runs its default configuration (but for higher API client limits, for the watcher runs below), with its message store open, one API watcher, and systemd's watchdog at 30 s (as the unit sets). Memory after 60 s online; wake-ups are context switches of all threads over 120 s idle; CPU from `/proc/PID/task/*/schedstat`.\n\n";
     md += "| measure | imlinkd | mosquitto_sub | ratio | target |\n|---|---|---|---|---|\n";
     md += &format!(
         "| RSS | {rss} KiB | {mrss} KiB | {} | ≤ 0.7× — {} |\n",
@@ -411,7 +355,7 @@ fn main() {
     // a clean DISCONNECT/CONNECT; meanwhile the service publishes to the inbox every 10 ms.
     sb.set_sig_lifetime(Duration::from_secs(30));
     let rdir = root.join("rotor");
-    let rconfig = write_config(&sb, &rdir, "rotor");
+    let rconfig = device_config(&sb, &rdir, "rotor", "warn", API_LIMITS);
     let (r, _) = start(&rdir, &rconfig);
     wait_phase(&r.sock, "online");
     let mut w = watchers(&r.sock, 1).pop().unwrap();

@@ -12,9 +12,9 @@
 //! `target/footprint.md`. The README shows a run.
 
 use std::io::{Read, Write};
-use std::os::unix::net::{UnixDatagram, UnixStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use imlink_sandbox::{Sandbox, SandboxOptions};
@@ -22,8 +22,6 @@ use serde_json::json;
 
 mod common;
 use common::*;
-
-const BIN: &str = env!("CARGO_BIN_EXE_imlinkd");
 
 fn cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -45,35 +43,9 @@ fn api_latency(sock: &Path, n: usize) -> Stats {
     stats(samples)
 }
 
-fn write_config(sb: &Sandbox, dir: &Path) -> PathBuf {
-    let e = sb.endpoints();
-    std::fs::write(dir.join("ca.pem"), &e.ca_pem).unwrap();
-    std::fs::write(dir.join("token"), &e.device_token).unwrap();
-    let cfg = format!(
-        "user_id = \"bench\"\nsdk_app_id = {}\nstate_dir = \"{d}/state\"\nlog_level = \"info\"\n\
-         [broker]\nurl = \"{}\"\nca_file = \"{d}/ca.pem\"\n\
-         [provisioning]\nurl = \"{}\"\ntoken_file = \"{d}/token\"\nca_file = \"{d}/ca.pem\"\n\
-         [session]\n# the bench expires the sig on purpose, more often than the default budget allows;\n\
-         # renewals in a row are paced by backoff, so each one starts from a stable session\n\
-         sig_expired_budget = 1000\nbackoff_reset_after = \"1s\"\n\
-         [api]\nsocket = \"{d}/api.sock\"\nidle_timeout = \"2s\"\n",
-        sb.sdk_app_id(),
-        e.mqtt_url,
-        e.provisioning_url_template,
-        d = dir.display()
-    );
-    let p = dir.join("imlinkd.toml");
-    std::fs::write(&p, cfg).unwrap();
-    p
-}
-
 fn main() {
     // libtest-style arguments from `cargo bench` (e.g. --bench) are ignored.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = bench_runtime(None);
     let sb = rt
         .block_on(Sandbox::start(SandboxOptions {
             sig_lifetime: Duration::from_secs(3600),
@@ -82,38 +54,28 @@ fn main() {
         .unwrap();
     let dir = std::env::temp_dir().join(format!("imlinkd-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = write_config(&sb, &dir);
+    let config = device_config(
+        &sb,
+        &dir,
+        "bench",
+        "info",
+        "idle_timeout = \"2s\"\n\
+         [session]\n# the bench expires the sig on purpose, more often than the default budget allows;\n\
+         # renewals in a row are paced by backoff, so each one starts from a stable session\n\
+         sig_expired_budget = 1000\nbackoff_reset_after = \"1s\"\n",
+    );
     let sock = dir.join("api.sock");
-    let notify = UnixDatagram::bind(dir.join("notify.sock")).unwrap();
-    notify
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-
     let t0 = Instant::now();
-    let child: Child = Command::new(BIN)
-        .arg("--config")
-        .arg(&config)
-        .env("NOTIFY_SOCKET", dir.join("notify.sock"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (child, notify, to_ready) = spawn_until_ready(&config, &dir, &[]);
     let pid = child.id();
     let mut daemon = KillOnDrop(child);
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = notify.recv(&mut buf).expect("READY=1");
-        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
-            break;
-        }
-    }
-    let to_ready = t0.elapsed();
     wait_phase(&sock, "online");
     let to_online = t0.elapsed();
     // Drain the notify socket in the background, as systemd would.
-    std::thread::spawn(move || while notify.recv(&mut buf).is_ok() {});
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while notify.recv(&mut buf).is_ok() {}
+    });
 
     // Full logins: logout → login → online.
     let logins: Vec<Duration> = (0..20)

@@ -12,7 +12,7 @@
 //! Prints a Markdown table and writes it to `target/messaging.md`. The README shows a run.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,9 +21,8 @@ use imlink_sandbox::{Sandbox, SandboxOptions};
 use serde_json::{Value, json};
 
 mod common;
-use common::proc_kib;
+use common::{device_config, proc_kib, spawn_until_ready, wait_phase};
 
-const BIN: &str = env!("CARGO_BIN_EXE_imlinkd");
 const N: usize = 5_000;
 const SENDERS: usize = 4;
 const TRACED: usize = 1_000;
@@ -62,67 +61,15 @@ impl Daemon {
 /// Start a release imlinkd for `user` in `dir` and wait until it is online.
 fn start(sb: &Sandbox, root: &Path, user: &str) -> Daemon {
     let dir = root.join(user);
-    std::fs::create_dir_all(&dir).unwrap();
-    let e = sb.endpoints();
-    std::fs::write(dir.join("ca.pem"), &e.ca_pem).unwrap();
-    std::fs::write(dir.join("token"), &e.device_token).unwrap();
-    let cfg = format!(
-        "user_id = \"{user}\"\nsdk_app_id = {}\nstate_dir = \"{d}/state\"\nlog_level = \"info\"\n\
-         [broker]\nurl = \"{}\"\nca_file = \"{d}/ca.pem\"\n\
-         [provisioning]\nurl = \"{}\"\ntoken_file = \"{d}/token\"\nca_file = \"{d}/ca.pem\"\n\
-         [store]\nmax_bytes = \"1GiB\"\n\
-         [api]\nsocket = \"{d}/api.sock\"\n",
-        sb.sdk_app_id(),
-        e.mqtt_url,
-        e.provisioning_url_template,
-        d = dir.display()
-    );
-    std::fs::write(dir.join("imlinkd.toml"), cfg).unwrap();
-    let notify_path = dir.join("notify.sock");
-    let _ = std::fs::remove_file(&notify_path);
-    let notify = UnixDatagram::bind(&notify_path).unwrap();
-    notify
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let child = Command::new(BIN)
-        .arg("--config")
-        .arg(dir.join("imlinkd.toml"))
-        .env("NOTIFY_SOCKET", &notify_path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = notify.recv(&mut buf).expect("READY=1");
-        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
-            break;
-        }
-    }
-    std::thread::spawn(move || while notify.recv(&mut buf).is_ok() {});
+    let config = device_config(sb, &dir, user, "info", "[store]\nmax_bytes = \"1GiB\"\n");
+    let (child, notify, _) = spawn_until_ready(&config, &dir, &[]);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while notify.recv(&mut buf).is_ok() {}
+    });
     let sock = dir.join("api.sock");
-    wait_online(&sock);
+    wait_phase(&sock, "online");
     Daemon { child, sock }
-}
-
-fn wait_online(sock: &Path) {
-    let mut s = connect(sock);
-    s.get_mut()
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let v = call(&mut s, "watch", json!({}));
-    if v["result"]["status"]["phase"] == "online" {
-        return;
-    }
-    loop {
-        let mut line = String::new();
-        s.read_line(&mut line).expect("events until online");
-        let v: Value = serde_json::from_str(&line).unwrap();
-        if v["method"] == "state_changed" && v["params"]["phase"] == "online" {
-            return;
-        }
-    }
 }
 
 /// A watcher on `sock` that returns once it has seen `n` `message_received` notifications
@@ -232,11 +179,7 @@ fn prefill(path: &Path, owner: &str, n: usize) {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::bench_runtime(None);
     let sb = rt
         .block_on(Sandbox::start(SandboxOptions {
             offline_limit: 1_000_000,
@@ -297,7 +240,7 @@ fn main() {
     let big_anon = proc_kib(carol.pid(), "smaps_rollup", "Anonymous:");
     let alice_rss = proc_kib(alice.pid(), "status", "VmRSS:");
 
-    let size = std::fs::metadata(BIN).map(|m| m.len()).unwrap_or(0);
+    let size = std::fs::metadata(common::BIN).map(|m| m.len()).unwrap_or(0);
     let rate = N as f64 / e2e.as_secs_f64();
     let table = format!(
         "| measure | value |\n|---|---|\n\

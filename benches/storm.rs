@@ -15,8 +15,6 @@ use imlink_sandbox::{Sandbox, SandboxOptions};
 mod common;
 use common::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_imlinkd");
-
 fn env_num(key: &str, default: u64) -> u64 {
     std::env::var(key)
         .ok()
@@ -27,21 +25,7 @@ fn env_num(key: &str, default: u64) -> u64 {
 fn spawn(sb: &Sandbox, root: &Path, i: usize) -> Child {
     let user = format!("dev-{i:04}");
     let dir = root.join(&user);
-    std::fs::create_dir_all(&dir).unwrap();
-    let e = sb.endpoints();
-    let cfg = format!(
-        "user_id = \"{user}\"\nsdk_app_id = {}\nstate_dir = \"{d}/state\"\nlog_level = \"warn\"\n\
-         [broker]\nurl = \"{}\"\nca_file = \"{r}/ca.pem\"\n\
-         [provisioning]\nurl = \"{}\"\ntoken_file = \"{r}/token\"\nca_file = \"{r}/ca.pem\"\n\
-         [store]\nmax_bytes = \"1MiB\"\n\
-         [api]\nsocket = \"{d}/api.sock\"\n",
-        sb.sdk_app_id(),
-        e.mqtt_url,
-        e.provisioning_url_template,
-        d = dir.display(),
-        r = root.display(),
-    );
-    std::fs::write(dir.join("imlinkd.toml"), cfg).unwrap();
+    device_config(sb, &dir, &user, "warn", "[store]\nmax_bytes = \"1MiB\"\n");
     Command::new(BIN)
         .arg("--config")
         .arg(dir.join("imlinkd.toml"))
@@ -67,19 +51,7 @@ fn sample(sb: &Sandbox) -> (u64, u64, u64) {
 fn main() {
     let n = env_num("IMLINKD_STORM_DEVICES", 1_000) as usize;
     let capacity = env_num("IMLINKD_STORM_CAPACITY", 100) as u32;
-    // SAFETY: plain setrlimit on this process (children inherit it).
-    unsafe {
-        let lim = libc::rlimit {
-            rlim_cur: 65_536,
-            rlim_max: 65_536,
-        };
-        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = bench_runtime(Some(65_536)); // 1,000 daemons' sockets
     let sb = rt
         .block_on(Sandbox::start(SandboxOptions {
             sig_lifetime: Duration::from_secs(86_400),
@@ -90,8 +62,6 @@ fn main() {
     let root: PathBuf = std::env::temp_dir().join(format!("imlinkd-storm-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
     std::fs::create_dir_all(&root).unwrap();
-    std::fs::write(root.join("ca.pem"), &sb.endpoints().ca_pem).unwrap();
-    std::fs::write(root.join("token"), &sb.endpoints().device_token).unwrap();
 
     eprintln!("starting {n} imlinkd processes");
     let t0 = Instant::now();

@@ -2,12 +2,97 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::process::Child;
-use std::time::Duration;
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
+use imlink_sandbox::Sandbox;
 use serde_json::{Value, json};
+
+/// The release daemon `cargo bench` built.
+pub const BIN: &str = env!("CARGO_BIN_EXE_imlinkd");
+
+/// The runtime the benchmarks run the sandbox on; with `open_files`, this process's limit of
+/// open files is raised first (the daemons started from here inherit it).
+pub fn bench_runtime(open_files: Option<u64>) -> tokio::runtime::Runtime {
+    if let Some(n) = open_files {
+        let lim = libc::rlimit {
+            rlim_cur: n,
+            rlim_max: n,
+        };
+        // SAFETY: plain setrlimit on this process, with a valid struct.
+        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A device against `sb` in `dir`: the CA and the device token beside `imlinkd.toml`, the
+/// state directory and the API socket inside `dir`. The file ends in the `[api]` table:
+/// `extra` adds keys to it first, then any other tables. Returns the config's path.
+pub fn device_config(
+    sb: &Sandbox,
+    dir: &Path,
+    user: &str,
+    log_level: &str,
+    extra: &str,
+) -> PathBuf {
+    let e = sb.endpoints();
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("ca.pem"), &e.ca_pem).unwrap();
+    std::fs::write(dir.join("token"), &e.device_token).unwrap();
+    let cfg = format!(
+        "user_id = \"{user}\"\nsdk_app_id = {}\nstate_dir = \"{d}/state\"\nlog_level = \"{log_level}\"\n\
+         [broker]\nurl = \"{}\"\nca_file = \"{d}/ca.pem\"\nkeepalive = \"60s\"\n\
+         [provisioning]\nurl = \"{}\"\ntoken_file = \"{d}/token\"\nca_file = \"{d}/ca.pem\"\n\
+         [api]\nsocket = \"{d}/api.sock\"\n{extra}",
+        sb.sdk_app_id(),
+        e.mqtt_url,
+        e.provisioning_url_template,
+        d = dir.display()
+    );
+    let p = dir.join("imlinkd.toml");
+    std::fs::write(&p, cfg).unwrap();
+    p
+}
+
+/// Start the daemon with `config` and `env`, its sd_notify socket at `dir/notify.sock`;
+/// returns once READY=1 came, with the socket (still receiving) and the time from spawn.
+pub fn spawn_until_ready(
+    config: &Path,
+    dir: &Path,
+    env: &[(&str, &str)],
+) -> (Child, UnixDatagram, Duration) {
+    let notify_path = dir.join("notify.sock");
+    let _ = std::fs::remove_file(&notify_path);
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let t0 = Instant::now();
+    let child = Command::new(BIN)
+        .arg("--config")
+        .arg(config)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn imlinkd");
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = notify.recv(&mut buf).expect("READY=1");
+        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+            break;
+        }
+    }
+    (child, notify, t0.elapsed())
+}
 
 /// One request on a fresh connection; the response.
 pub fn call(sock: &Path, method: &str, params: Value) -> Value {
