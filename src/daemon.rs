@@ -124,7 +124,7 @@ fn refuse_core_dumps() {
 
 /// One malloc arena for the whole process (glibc). glibc gives each new thread its own arena
 /// (64 MiB reserved, its touched pages private): the store thread's alone held ~70 KiB of a
-/// daemon whose private memory is ~600 KiB. The daemon has two busy threads and little
+/// daemon whose private memory is under 700 KiB. The daemon has two busy threads and little
 /// allocation traffic, so one arena costs no measurable contention (benches/messaging.rs).
 fn one_malloc_arena() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

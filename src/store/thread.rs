@@ -92,8 +92,8 @@ const QUEUE: usize = 4096;
 /// A handle on the store thread; cheap to clone.
 ///
 /// The queue is bounded by a count, not by a preallocated ring: `sync_channel(4096)` would
-/// allocate and touch 4096 slots up front (640 KiB of a daemon that otherwise holds about
-/// 800 KiB of anonymous memory); this one grows only while requests wait.
+/// allocate and touch 4096 slots up front (640 KiB: more than all the rest of an idle daemon's
+/// private memory); this one grows only while requests wait.
 #[derive(Clone)]
 pub struct StoreHandle {
     tx: Sender<StoreRequest>,
