@@ -205,6 +205,35 @@ pub fn v311_code(rc: u8) -> u8 {
     }
 }
 
+// What both protocol versions' errors share (rumqttc has one TLS error type for both).
+
+fn tls_end(t: &rumqttc::TlsError) -> ConnEnd {
+    if crate::tls::is_not_yet_valid(t) {
+        ConnEnd::CertNotYetValid {
+            detail: t.to_string(),
+        }
+    } else {
+        ConnEnd::Network {
+            kind: NetKind::Tls,
+            detail: format!("TLS: {t}"),
+        }
+    }
+}
+
+fn keepalive_lost() -> ConnEnd {
+    ConnEnd::Network {
+        kind: NetKind::Timeout,
+        detail: "the server stopped answering keepalive pings".into(),
+    }
+}
+
+fn no_connack() -> ConnEnd {
+    ConnEnd::Network {
+        kind: NetKind::Timeout,
+        detail: "no CONNACK within the connect timeout".into(),
+    }
+}
+
 /// Translate a rumqttc 3.1.1 error into what the session machine classifies (a 3.1.1 broker
 /// never says why it closes: kicks and expiries look like closes).
 pub fn classify_v311(e: &rumqttc::ConnectionError) -> ConnEnd {
@@ -226,24 +255,10 @@ pub fn classify_v311(e: &rumqttc::ConnectionError) -> ConnEnd {
             NetKind::Closed,
             "the server closed the connection (MQTT 3.1.1 says no more)".into(),
         ),
-        E::MqttState(S::AwaitPingResp) => net(
-            NetKind::Timeout,
-            "the server stopped answering keepalive pings".into(),
-        ),
+        E::MqttState(S::AwaitPingResp) => keepalive_lost(),
         E::MqttState(S::Io(io)) | E::Io(io) => io_end(io),
-        E::NetworkTimeout => net(
-            NetKind::Timeout,
-            "no CONNACK within the connect timeout".into(),
-        ),
-        E::Tls(t) => {
-            if crate::tls::is_not_yet_valid(t) {
-                ConnEnd::CertNotYetValid {
-                    detail: t.to_string(),
-                }
-            } else {
-                net(NetKind::Tls, format!("TLS: {t}"))
-            }
-        }
+        E::NetworkTimeout => no_connack(),
+        E::Tls(t) => tls_end(t),
         other => net(NetKind::Other, other.to_string()),
     }
 }
@@ -312,24 +327,10 @@ pub fn classify(e: &ConnectionError) -> ConnEnd {
             NetKind::Closed,
             "the server closed the connection without a DISCONNECT".into(),
         ),
-        ConnectionError::MqttState(StateError::AwaitPingResp) => net(
-            NetKind::Timeout,
-            "the server stopped answering keepalive pings".into(),
-        ),
+        ConnectionError::MqttState(StateError::AwaitPingResp) => keepalive_lost(),
         ConnectionError::MqttState(StateError::Io(io)) | ConnectionError::Io(io) => io_end(io),
-        ConnectionError::Timeout(_) => net(
-            NetKind::Timeout,
-            "no CONNACK within the connect timeout".into(),
-        ),
-        ConnectionError::Tls(t) => {
-            if crate::tls::is_not_yet_valid(t) {
-                ConnEnd::CertNotYetValid {
-                    detail: t.to_string(),
-                }
-            } else {
-                net(NetKind::Tls, format!("TLS: {t}"))
-            }
-        }
+        ConnectionError::Timeout(_) => no_connack(),
+        ConnectionError::Tls(t) => tls_end(t),
         other => net(NetKind::Other, other.to_string()),
     }
 }
