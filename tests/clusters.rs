@@ -313,18 +313,25 @@ impl Ejabberd {
         e
     }
 
+    /// ejabberdctl's options for this private instance (directories, node name).
+    fn ctl_options(&self) -> Vec<std::ffi::OsString> {
+        vec![
+            "--config-dir".into(),
+            self.dir.clone().into(),
+            "--config".into(),
+            self.dir.join("ejabberd.yml").into(),
+            "--spool".into(),
+            self.dir.join("db").into(),
+            "--logs".into(),
+            self.dir.join("log").into(),
+            "--node".into(),
+            self.node.clone().into(),
+        ]
+    }
+
     async fn run(&self, args: &[&str]) -> std::process::Output {
         Command::new(&self.ctl)
-            .arg("--config-dir")
-            .arg(&self.dir)
-            .arg("--config")
-            .arg(self.dir.join("ejabberd.yml"))
-            .arg("--spool")
-            .arg(self.dir.join("db"))
-            .arg("--logs")
-            .arg(self.dir.join("log"))
-            .arg("--node")
-            .arg(&self.node)
+            .args(self.ctl_options())
             .args(args)
             .output()
             .await
@@ -345,16 +352,7 @@ impl Ejabberd {
 impl Drop for Ejabberd {
     fn drop(&mut self) {
         let _ = std::process::Command::new(&self.ctl)
-            .arg("--config-dir")
-            .arg(&self.dir)
-            .arg("--config")
-            .arg(self.dir.join("ejabberd.yml"))
-            .arg("--spool")
-            .arg(self.dir.join("db"))
-            .arg("--logs")
-            .arg(self.dir.join("log"))
-            .arg("--node")
-            .arg(&self.node)
+            .args(self.ctl_options())
             .arg("stop")
             .output();
     }
