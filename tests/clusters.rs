@@ -358,35 +358,6 @@ impl Drop for Ejabberd {
     }
 }
 
-/// A raw rumqttc v5 client taking over `user`'s client id on `url` (kept alive until dropped).
-fn take_over_at(
-    url: &str,
-    ca_dir: &Path,
-    app: u64,
-    user: &str,
-    password: &str,
-) -> tokio::task::JoinHandle<()> {
-    let (host, port) = imlinkd::config::parse_broker_url(url).unwrap();
-    let mut mo = rumqttc::v5::MqttOptions::new(format!("{app}:{user}:linux:0"), host, port);
-    mo.set_transport(rumqttc::Transport::tls_with_config(
-        rumqttc::TlsConfiguration::Rustls(
-            imlinkd::tls::client_config(
-                &imlinkd::config::CaSource::File(ca_dir.join("ca.pem")),
-                None,
-                &[],
-            )
-            .unwrap(),
-        ),
-    ));
-    mo.set_credentials(user, password);
-    mo.set_clean_start(false);
-    let (client, mut el) = rumqttc::v5::AsyncClient::new(mo, 10);
-    tokio::spawn(async move {
-        let _client = client;
-        while el.poll().await.is_ok() {}
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ejabberd_v5_takeover_is_a_kick_with_its_reason_and_no_reconnect_follows() {
     let sb = sandbox().await;
@@ -404,7 +375,7 @@ async fn ejabberd_v5_takeover_is_a_kick_with_its_reason_and_no_reconnect_follows
     let before = d.status().await["counters"]["connect_attempts"]
         .as_u64()
         .unwrap();
-    let _thief = take_over_at(&ej.url(), &d.dir, sb.sdk_app_id(), "kiosk-e", &sig);
+    let _thief = take_over_at(&ej.url(), &d.dir, sb.sdk_app_id(), "kiosk-e", &sig, false);
     let kick = loop {
         let v = tokio::time::timeout(WAIT, w.next()).await.expect("a kick");
         if v["method"] == "kicked_offline" {

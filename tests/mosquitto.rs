@@ -349,25 +349,5 @@ async fn send(d: &Daemon, to: &str, body: String) -> String {
 
 /// Wait (woken by notifications) until `d`'s inbox holds `n` messages; returns them in order.
 async fn wait_inbox(d: &Daemon, n: usize) -> Vec<serde_json::Value> {
-    let mut w = d.client().await;
-    w.call("watch", serde_json::json!({})).await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let r = d
-            .rpc(
-                "read_inbox",
-                serde_json::json!({ "after": 0, "limit": 100 }),
-            )
-            .await;
-        let all = r["result"]["messages"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        if all.len() >= n {
-            return all;
-        }
-        if tokio::time::timeout_at(deadline, w.next()).await.is_err() {
-            panic!("{} of {n} messages\n{}", all.len(), d.log_text());
-        }
-    }
+    inbox_at_least(d, n, WAIT).await
 }

@@ -505,12 +505,22 @@ pub async fn assert_flat(sb: &Sandbox, user: &str, secs: u64) {
 /// client over TLS with a fresh UserSig. Keep the handle: dropping it ends that client.
 pub fn take_over(sb: &Sandbox, ca_dir: &Path, user: &str) -> tokio::task::JoinHandle<()> {
     let sig = sb.issue_sig(user, Duration::from_secs(600));
-    let addr = sb.endpoints().mqtt_addr;
-    let mut mo = rumqttc::v5::MqttOptions::new(
-        format!("{}:{user}:linux:0", sb.sdk_app_id()),
-        addr.ip().to_string(),
-        addr.port(),
-    );
+    let url = sb.endpoints().mqtt_url.clone();
+    take_over_at(&url, ca_dir, sb.sdk_app_id(), user, &sig, true)
+}
+
+/// A raw rumqttc v5 client logging in with `user`'s client id (instance 0) on the broker at
+/// `url` (its CA in `ca_dir/ca.pem`), polled until it ends; dropping the handle ends it.
+pub fn take_over_at(
+    url: &str,
+    ca_dir: &Path,
+    app: u64,
+    user: &str,
+    password: &str,
+    clean_start: bool,
+) -> tokio::task::JoinHandle<()> {
+    let (host, port) = imlinkd::config::parse_broker_url(url).unwrap();
+    let mut mo = rumqttc::v5::MqttOptions::new(format!("{app}:{user}:linux:0"), host, port);
     mo.set_transport(rumqttc::Transport::tls_with_config(
         rumqttc::TlsConfiguration::Rustls(
             imlinkd::tls::client_config(
@@ -521,10 +531,11 @@ pub fn take_over(sb: &Sandbox, ca_dir: &Path, user: &str) -> tokio::task::JoinHa
             .unwrap(),
         ),
     ));
-    mo.set_credentials(user, sig);
-    let (_client, mut el) = rumqttc::v5::AsyncClient::new(mo, 10);
+    mo.set_credentials(user, password);
+    mo.set_clean_start(clean_start);
+    let (client, mut el) = rumqttc::v5::AsyncClient::new(mo, 10);
     tokio::spawn(async move {
-        let _client = _client;
+        let _client = client;
         while el.poll().await.is_ok() {}
     })
 }
