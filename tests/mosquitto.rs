@@ -6,29 +6,15 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::watch;
+use tokio::process::Command;
 
 struct Mosquitto {
-    _child: Child,
     url: String,
-    /// mosquitto's log lines, as they arrive.
-    lines: Arc<Mutex<Vec<String>>>,
-    changed: watch::Receiver<usize>,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    /// The running broker and its log lines, as they arrive.
+    log: Logged,
 }
 
 impl Mosquitto {
@@ -93,82 +79,30 @@ impl Mosquitto {
                 acl_line = acl_line,
             ),
         );
-        let mut child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("mosquitto is installed (.ci/run installs it)");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (tx, changed) = watch::channel(0usize);
-        for out in [
-            Box::new(child.stdout.take().unwrap()) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
-            Box::new(child.stderr.take().unwrap()),
-        ] {
-            let lines = lines.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut r = BufReader::new(out).lines();
-                while let Ok(Some(l)) = r.next_line().await {
-                    let mut v = lines.lock().unwrap();
-                    v.push(l);
-                    let _ = tx.send(v.len());
-                }
-            });
-        }
+        let mut cmd = Command::new("mosquitto");
+        cmd.arg("-c").arg(&conf);
         let mut m = Mosquitto {
-            _child: child,
             url: format!("mqtts://127.0.0.1:{port}"),
-            lines,
-            changed,
+            log: Logged::spawn("mosquitto", cmd),
         };
         m.wait_line("running").await;
         m
     }
 
     async fn wait_line(&mut self, needle: &str) -> String {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Some(l) = self
-                .lines
-                .lock()
-                .unwrap()
-                .iter()
-                .find(|l| l.contains(needle))
-            {
-                return l.clone();
-            }
-            if tokio::time::timeout_at(deadline, self.changed.changed())
-                .await
-                .is_err()
-            {
-                panic!(
-                    "mosquitto never logged {needle:?}: {:?}",
-                    self.lines.lock().unwrap()
-                );
-            }
-        }
+        self.log.wait_count(needle, 1, WAIT).await;
+        let lines = self.log.lines.lock().unwrap();
+        let found = lines.iter().find(|l| l.contains(needle));
+        found.cloned().unwrap_or_default()
     }
 
     /// How many CONNECTs mosquitto has seen (its "New client connected" lines).
     fn connects(&self) -> usize {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains("New client connected"))
-            .count()
+        self.log.count("New client connected")
     }
 
     fn refusals(&self) -> usize {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains("not authorised"))
-            .count()
+        self.log.count("not authorised")
     }
 }
 
@@ -225,7 +159,7 @@ async fn a_wrong_password_gets_one_fresh_sig_then_stops() {
         m.refusals(),
         2,
         "mosquitto refused two CONNECTs: {:?}",
-        m.lines.lock().unwrap()
+        m.log.lines.lock().unwrap()
     );
     d.finish().await;
 }
@@ -323,7 +257,8 @@ async fn two_daemons_exchange_messages_through_mosquitto_with_the_im_acl() {
     assert_eq!(at_alice[0]["id"], reply.as_str());
     // Everything went through the ACL: nothing was denied.
     assert!(
-        !m.lines
+        !m.log
+            .lines
             .lock()
             .unwrap()
             .iter()
