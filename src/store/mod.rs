@@ -290,14 +290,7 @@ pub fn enqueue(c: &Connection, owner: &str, m: &WireMessage, cap: u64) -> Result
             return Err(StoreError::Full { used, cap });
         }
     }
-    c.execute(
-        "INSERT INTO messages (owner, id, peer, dir, kind, body, ts, state)
-         VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, 0)",
-        params![owner, m.id, m.to, m.kind.as_str(), m.body, m.ts],
-    )?;
-    let seq = c.last_insert_rowid();
-    touch_conversation(c, owner, &m.to, seq, 0)?;
-    Ok(seq)
+    insert(c, owner, m, &m.to, 1, 0, 0)
 }
 
 /// Store a received message, once (by id). Over the cap, old consumed messages make room;
@@ -321,14 +314,28 @@ pub fn receive(
     if used_bytes(c)? >= cap {
         evict(c, cap)?;
     }
+    Ok(Received::New(insert(c, owner, m, &m.from, 0, 3, 1)?))
+}
+
+/// Insert `m` as `owner`'s message with `peer`, in direction `dir` (1 out, 0 in) and `state`,
+/// and bring the conversation up to date (`unread` more unread messages); returns its seq.
+fn insert(
+    c: &Connection,
+    owner: &str,
+    m: &WireMessage,
+    peer: &str,
+    dir: i64,
+    state: i64,
+    unread: i64,
+) -> Result<i64, StoreError> {
     c.execute(
         "INSERT INTO messages (owner, id, peer, dir, kind, body, ts, state)
-         VALUES (?1, ?2, ?3, 0, ?4, ?5, ?6, 3)",
-        params![owner, m.id, m.from, m.kind.as_str(), m.body, m.ts],
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![owner, m.id, peer, dir, m.kind.as_str(), m.body, m.ts, state],
     )?;
     let seq = c.last_insert_rowid();
-    touch_conversation(c, owner, &m.from, seq, 1)?;
-    Ok(Received::New(seq))
+    touch_conversation(c, owner, peer, seq, unread)?;
+    Ok(seq)
 }
 
 /// The broker's answer to an outgoing message: sent, or failed with an IM code.
