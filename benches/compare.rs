@@ -362,7 +362,7 @@ fn main() {
     w.get_mut()
         .set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
-    let topic = format!("im/{}/u/rotor/in", sb.sdk_app_id());
+    let topic = format!("im/{}/u/rotor/in/sender", sb.sdk_app_id());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let publisher = {
         let stop = stop.clone();

@@ -154,15 +154,23 @@ fn run(mut args: Vec<String>) -> Result<(), Fail> {
                 };
                 params["user_sig"] = json!(read_sig(source)?);
             }
+            let started = Instant::now();
             let r = Client::connect(&socket)?.call_with_timeout(
                 "login",
                 params,
                 t + Duration::from_secs(5),
             )?;
-            println!(
-                "logged in as {}",
-                r.get("login_user").and_then(Value::as_str).unwrap_or("?")
-            );
+            let who = r.get("login_user").and_then(Value::as_str).unwrap_or("?");
+            // Logged in at the CONNACK; online once the broker grants the inbox subscription
+            // (phase `subscribing` until then): wait for that too, within the same timeout.
+            let left = t.saturating_sub(started.elapsed());
+            wait_quietly(&socket, "online", left).map_err(|e| {
+                Fail(
+                    e.0,
+                    format!("logged in as {who}, but not online yet: {}", e.1),
+                )
+            })?;
+            println!("logged in as {who}");
             Ok(())
         }
         "logout" => {
@@ -672,6 +680,13 @@ fn watch(socket: &PathBuf, json_out: bool) -> Result<(), Fail> {
 }
 
 fn wait_for_phase(socket: &PathBuf, phase: &str, t: Duration) -> Result<(), Fail> {
+    wait_quietly(socket, phase, t)?;
+    println!("{phase}");
+    Ok(())
+}
+
+/// Wait (on `watch`) until the phase is `phase`.
+fn wait_quietly(socket: &PathBuf, phase: &str, t: Duration) -> Result<(), Fail> {
     let deadline = Instant::now() + t;
     let mut c = Client::connect(socket)?;
     let snapshot = c.call("watch", json!({}))?;
@@ -706,7 +721,6 @@ fn wait_for_phase(socket: &PathBuf, phase: &str, t: Duration) -> Result<(), Fail
             Err(e) => return Err(e),
         }
     }
-    println!("{phase}");
     Ok(())
 }
 
@@ -719,7 +733,7 @@ fn clock(t: i64) -> String {
 fn ago(t: i64) -> String {
     let d = t - now_secs();
     let (n, suffix) = if d >= 0 { (d, "from now") } else { (-d, "ago") };
-    format!("{} {suffix}", crate::driver::short(n * 1000))
+    format!("{} {suffix}", crate::status::short(n * 1000))
 }
 
 fn when(t: Option<i64>) -> String {

@@ -10,7 +10,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::oneshot;
 
 use crate::config::{self, Config};
-use crate::driver::{Command, Driver, SessionHandle};
+use crate::driver::Driver;
+use crate::status::{Command, SessionHandle};
 use crate::{api, logging, systemd};
 
 /// sysexits.h EX_CONFIG: the unit file's `RestartPreventExitStatus=78` stops restart loops on
@@ -215,7 +216,12 @@ async fn serve(path: &Path, config: Config) -> ExitCode {
     let watchdog = systemd::watchdog_interval();
     let mut driver = driver;
     driver.set_watchdog(watchdog);
-    let mut driver_task = tokio::spawn(driver.run());
+    // SIGTERM reaches the driver as its shutdown future (mini-redis's `run(listener,
+    // shutdown)`): it logs out cleanly, then ends.
+    let (stop, stopped) = oneshot::channel::<()>();
+    let mut driver_task = tokio::spawn(driver.run(async {
+        let _ = stopped.await;
+    }));
     // READY: the config is valid and the API serves (being online is not required).
     systemd::ready(&session.status.borrow().summary.clone());
     let mirror = tokio::spawn(systemd::mirror_status(session.status.clone()));
@@ -261,7 +267,7 @@ async fn serve(path: &Path, config: Config) -> ExitCode {
     if !exited {
         systemd::stopping();
         tracing::info!("stopping: logging out");
-        let _ = session.commands.send(Command::Shutdown).await;
+        let _ = stop.send(());
         if tokio::time::timeout(STOP_TIMEOUT, &mut driver_task)
             .await
             .is_err()

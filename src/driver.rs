@@ -1,15 +1,21 @@
-//! The tokio driver: the only place where the session meets the world.
+//! The tokio driver: the only place where the engine meets the world. It decides nothing.
 //!
-//! It owns the rumqttc connection, the provisioning fetch, the timers, the UserSig secrets and
-//! their cache, and feeds everything that happens to the [`Machine`] as [`Input`]s; then it
-//! carries out the machine's [`Action`]s. It holds no policy of its own: every decision is the
-//! machine's. Invariants:
-//! * rumqttc's event loop is polled only while the machine wants a connection; a failed
-//!   connection is dropped at once, so rumqttc can never reconnect on its own (its `poll()`
-//!   reconnects immediately) and no stale DISCONNECT is ever replayed;
-//! * the UserSig leaves this module only as the MQTT password and the 0600 cache file;
-//! * every state change goes out once, from [`Driver::emit`], to the log, the local API
-//!   watchers and (through [`Status`]) systemd.
+//! It owns what does I/O — the MQTT connection (`crate::link`), the provisioning fetch, the
+//! boot-time timer, the UserSig secrets and their cache, the store thread's answers — and
+//! carries out the [`Engine`]'s [`Action`]s, feeding back what happened as [`Input`]s stamped
+//! with the time. Everything it does, item by item (ARCHITECTURE.md lists the same):
+//! * open, feed and drop connections, and report every event of one as it happened;
+//! * run the provisioning fetch and report its answer;
+//! * keep the UserSig secrets the engine names (by fingerprint), write and delete the cache;
+//! * send store requests and deliver their answers **in request order** (one forwarding task);
+//! * sleep until the engine's next timer (a `CLOCK_BOOTTIME` timerfd) and ping systemd's
+//!   watchdog from its own loop;
+//! * turn the API's commands into inputs and route the engine's replies back;
+//! * emit: the log line, the API watchers and (through [`Status`]) systemd.
+//!
+//! Invariants: rumqttc's event loop is polled only while the engine has its link open (the
+//! connection's task ends at the first error, so rumqttc can never reconnect on its own); the
+//! UserSig leaves this module only as the MQTT password and the 0600 cache file.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -17,121 +23,31 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
-use crate::clock::{BootTimer, wall_ms};
+use crate::clock::{BootTimer, Clock, wall_ms};
 use crate::config::Config;
-use crate::courier::{self, Courier, LinkId, MessageEvent, Seq};
-use crate::identity::UserId;
-use crate::message::{IdGen, WireMessage};
+use crate::courier::{self, Courier, LinkId, MessageEvent};
+use crate::engine::{
+    Action, BroughtSig, Engine, Input, LinkEvent, Queued, Refusal, StoreAnswer, StoreFailure,
+    StoreOp, Topics,
+};
+use crate::link::Connection;
+use crate::message::IdGen;
 use crate::mqtt::MqttSettings;
 use crate::provision::{Fetched, Provisioner};
 use crate::session::{
-    Action, ConnEnd, Counters, ErrorClass, Event, FetchFailure, Input, LastError, Machine, Millis,
-    Phase, RequestError, RequestId, SigInfo, Snapshot,
+    ConnEnd, ErrorClass, Event, FetchFailure, Machine, Millis, NetKind, RequestError, RequestId,
+    SigInfo, quote_external,
 };
-use crate::store::{Received, StoreHandle, StoreRequest};
+use crate::status::{Command, SessionHandle, Stamp, Status, project, summary};
+use crate::store::{Received, StoreError, StoreHandle, StoreRequest};
 use crate::usersig::{AppSig, SigCache, UserSig};
-
-/// Requests to the session, from the local API and the signal handlers.
-pub enum Command {
-    Login {
-        user: Option<UserId>,
-        /// A UserSig the app brought, already checked by the API (user, app, expiry).
-        sig: Option<Box<AppSig>>,
-        reply: oneshot::Sender<Result<(), RequestError>>,
-    },
-    /// `send_message` committed a message to the store: the courier may send it.
-    Enqueued {
-        owner: String,
-        seq: Seq,
-        msg: WireMessage,
-    },
-    Logout {
-        reply: oneshot::Sender<Result<(), RequestError>>,
-    },
-    /// A new, validated config (SIGHUP).
-    Reload {
-        config: Box<Config>,
-        reply: oneshot::Sender<Result<(), String>>,
-    },
-    Shutdown,
-    /// Test hook (only honoured when `IMLINKD_TEST_HOOKS=1`): the driver loop stops making
-    /// progress, as a wedged daemon would, so the watchdog can be seen to notice.
-    Wedge,
-    /// Test hook (same gate): the driver panics, as a bug would, so the exit status can be
-    /// seen to say so.
-    Panic,
-}
-
-pub use crate::clock::Clock;
-
-/// What the API shows of the current UserSig (never the sig).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SigView {
-    pub fingerprint: String,
-    /// Unix seconds on the issuer's clock.
-    pub expires_at: Option<i64>,
-    /// Local Unix seconds when the daemon considers it expired (from the monotonic deadline).
-    pub valid_until: Option<i64>,
-    /// Local Unix seconds of the next proactive refresh.
-    pub refresh_at: Option<i64>,
-    pub refreshing: bool,
-}
-
-/// The status the local API serves and systemd's STATUS= summarises.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Status {
-    pub phase: Phase,
-    /// One human line, e.g. `online as kiosk-0042 (sig valid 41h)`.
-    pub summary: String,
-    pub login_status: u8,
-    pub login_user: String,
-    pub user_id: String,
-    pub sdk_app_id: u64,
-    /// The broker node in use (or the first configured one), `mqtts://host:port`.
-    pub broker: String,
-    /// The MQTT protocol of the current (or last) connection.
-    pub protocol: Option<crate::session::Proto>,
-    /// Online and the broker acknowledged the inbox subscription: messages to this user
-    /// reach the daemon (a fresh session on a plain broker drops what comes before).
-    pub inbox_subscribed: bool,
-    /// Unix seconds when the current phase began.
-    pub since: i64,
-    pub last_error: Option<LastError>,
-    pub sig: Option<SigView>,
-    /// Unix milliseconds of the next attempt, when one is scheduled.
-    pub next_retry_at_ms: Option<i64>,
-    pub counters: Counters,
-    /// The last kick or UserSig-expiry event.
-    pub last_event: Option<Event>,
-}
-
-pub use crate::session::{short, summary};
-
-/// The handle the rest of the daemon uses.
-#[derive(Clone)]
-pub struct SessionHandle {
-    pub commands: mpsc::Sender<Command>,
-    pub status: watch::Receiver<Status>,
-    pub events: broadcast::Sender<Event>,
-    /// Message notifications (hints: the store is the truth).
-    pub messages: broadcast::Sender<MessageEvent>,
-    /// The message store (the API reads it and commits sends directly).
-    pub store: StoreHandle,
-    /// Message ids: one generator, so ids stay monotonic across API clients.
-    pub ids: Arc<Mutex<IdGen>>,
-    pub clock: Clock,
-}
-
-use crate::link::{ConnEvent, ConnState, Connection, Ev};
 
 /// A sig the driver holds, with what is needed to cache it.
 struct HeldSig {
     sig: UserSig,
-    user: UserId,
     server_offset: i64,
     issued_at: Option<i64>,
     expires_at: Option<i64>,
@@ -140,32 +56,31 @@ struct HeldSig {
     anchor: Option<(i64, Millis)>,
 }
 
-/// A store answer on its way to the courier (answers are delivered in request order).
-type StoreAnswer = Pin<Box<dyn Future<Output = courier::Input> + Send>>;
+/// A store answer on its way to the engine (answers are delivered in request order).
+type Answer = Pin<Box<dyn Future<Output = StoreAnswer> + Send>>;
 
 enum Wake {
-    Store(Option<courier::Input>),
+    Store(Option<StoreAnswer>),
     Command(Option<Command>),
-    Conn(ConnEvent),
+    Link(LinkId, LinkEvent),
     Fetch(Result<Result<Fetched, FetchFailure>, tokio::task::JoinError>),
     Timer,
+    Shutdown,
 }
 
 pub struct Driver {
-    machine: Machine,
-    courier: Courier,
+    engine: Engine,
     clock: Clock,
     config: Config,
     mqtt: MqttSettings,
     provisioner: Option<Provisioner>,
     store: StoreHandle,
     /// Store answers, in request order (see [`Driver::run`]).
-    answers_tx: mpsc::UnboundedSender<StoreAnswer>,
-    answers_rx: Option<mpsc::UnboundedReceiver<StoreAnswer>>,
-    store_done: mpsc::UnboundedReceiver<courier::Input>,
-    store_done_tx: mpsc::UnboundedSender<courier::Input>,
+    answers_tx: mpsc::UnboundedSender<Answer>,
+    answers_rx: Option<mpsc::UnboundedReceiver<Answer>>,
+    store_done: mpsc::UnboundedReceiver<StoreAnswer>,
+    store_done_tx: mpsc::UnboundedSender<StoreAnswer>,
     messages: broadcast::Sender<MessageEvent>,
-    next_link: LinkId,
     cache: SigCache,
     sigs: HashMap<String, HeldSig>,
     conn: Option<Connection>,
@@ -176,6 +91,7 @@ pub struct Driver {
     status: watch::Sender<Status>,
     events: broadcast::Sender<Event>,
     replies: HashMap<RequestId, oneshot::Sender<Result<(), RequestError>>>,
+    sends: HashMap<RequestId, oneshot::Sender<Result<Queued, Refusal>>>,
     next_request: RequestId,
     /// systemd's watchdog interval, when it asked for one: the loop itself pings at half of
     /// it (so a wedged loop stops the pings), and otherwise sleeps until something is due.
@@ -207,6 +123,13 @@ fn endpoints(config: &Config) -> Result<(MqttSettings, Option<Provisioner>), Str
     Ok((mqtt, provisioner))
 }
 
+fn store_failure(e: StoreError) -> StoreFailure {
+    StoreFailure {
+        full: matches!(e, StoreError::Full { .. }),
+        message: e.to_string(),
+    }
+}
+
 impl Driver {
     /// Build the driver for `config`. A valid cached UserSig (if any) is loaded here.
     pub fn new(config: Config, watcher_queue: usize) -> Result<(Driver, SessionHandle), String> {
@@ -214,7 +137,11 @@ impl Driver {
         let now = clock.now();
         let (mqtt, provisioner) = endpoints(&config)?;
         let cache = SigCache::new(&config.state_dir);
-        let mut machine = Machine::new(config.policy.clone(), config.user_id.clone(), now, seed());
+        let machine = Machine::new(config.policy.clone(), config.user_id.clone(), now, seed());
+        let topics = Topics {
+            sdk_app_id: config.sdk_app_id,
+        };
+        let mut engine = Engine::new(machine, Courier::new(now.mono, seed()), topics, now);
         let mut sigs = HashMap::new();
         let boot_id = crate::clock::boot_id();
         match cache.load(&config.user_id, config.sdk_app_id) {
@@ -244,7 +171,7 @@ impl Driver {
                     same_boot = same_boot.is_some(),
                     "found a cached UserSig"
                 );
-                machine.handle(
+                engine.handle(
                     now,
                     Input::CachedSig(SigInfo {
                         fingerprint: fingerprint.clone(),
@@ -260,7 +187,6 @@ impl Driver {
                     fingerprint,
                     HeldSig {
                         sig: c.sig,
-                        user: config.user_id.clone(),
                         server_offset: c.server_offset,
                         issued_at: c.issued_at,
                         expires_at: c.expires_at,
@@ -295,8 +221,7 @@ impl Driver {
         let (messages, _) = broadcast::channel(watcher_queue.max(1));
         let (answers_tx, answers_rx) = mpsc::unbounded_channel();
         let (store_done_tx, store_done) = mpsc::unbounded_channel();
-        let snapshot = machine.snapshot();
-        let status0 = Self::status_of(&snapshot, &config, &mqtt, &clock);
+        let status0 = Self::status_of(&engine, &config, &mqtt, &clock);
         let (status, status_rx) = watch::channel(status0);
         let handle = SessionHandle {
             commands: commands_tx,
@@ -311,8 +236,7 @@ impl Driver {
             && std::env::var("IMLINKD_TEST_HOOKS").is_ok_and(|v| v == "1");
         Ok((
             Driver {
-                machine,
-                courier: Courier::new(now.mono, seed()),
+                engine,
                 clock,
                 config,
                 mqtt,
@@ -323,7 +247,6 @@ impl Driver {
                 store_done,
                 store_done_tx,
                 messages,
-                next_link: 1,
                 cache,
                 sigs,
                 conn: None,
@@ -334,6 +257,7 @@ impl Driver {
                 status,
                 events,
                 replies: HashMap::new(),
+                sends: HashMap::new(),
                 next_request: 1,
                 watchdog: None,
                 test_hooks,
@@ -343,46 +267,14 @@ impl Driver {
         ))
     }
 
-    fn status_of(s: &Snapshot, config: &Config, mqtt: &MqttSettings, clock: &Clock) -> Status {
-        let now = clock.now();
-        let broker = mqtt.url_of(s.via.as_ref().map(|(t, _)| t));
-        Status {
-            phase: s.phase,
-            summary: summary(s, &broker, now.mono),
-            login_status: s.login_status,
-            login_user: s.login_user.clone(),
-            user_id: s.user_id.clone(),
-            sdk_app_id: config.sdk_app_id,
-            broker,
-            protocol: s.via.as_ref().map(|(_, p)| *p),
-            inbox_subscribed: false,
-            since: clock.wall_ms(s.since_ms) / 1000,
-            last_error: s.last_error.clone(),
-            sig: s.sig.as_ref().map(|g| SigView {
-                fingerprint: g.fingerprint.clone(),
-                expires_at: g.expires_at,
-                valid_until: g.deadline_ms.map(|d| clock.wall_ms(d) / 1000),
-                refresh_at: g.refresh_at_ms.map(|d| clock.wall_ms(d) / 1000),
-                refreshing: g.refreshing,
-            }),
-            next_retry_at_ms: s.next_retry_ms.map(|t| clock.wall_ms(t)),
-            counters: s.counters.clone(),
-            last_event: s.last_event.clone(),
-        }
+    fn status_of(engine: &Engine, config: &Config, mqtt: &MqttSettings, clock: &Clock) -> Status {
+        let s = engine.snapshot();
+        let broker = mqtt.url_of(s.session.via.as_ref().map(|(t, _)| t));
+        project(&s, config.sdk_app_id, broker, Stamp::read(clock))
     }
 
     fn publish_status(&mut self) {
-        let mut s = Self::status_of(
-            &self.machine.snapshot(),
-            &self.config,
-            &self.mqtt,
-            &self.clock,
-        );
-        s.inbox_subscribed = s.phase == Phase::Online
-            && self
-                .conn
-                .as_ref()
-                .is_some_and(|c| c.state == ConnState::Online && c.subscribed);
+        let s = Self::status_of(&self.engine, &self.config, &self.mqtt, &self.clock);
         self.status.send_if_modified(|cur| {
             if *cur != s {
                 *cur = s;
@@ -395,7 +287,13 @@ impl Driver {
 
     fn feed(&mut self, input: Input) {
         let now = self.clock.now();
-        self.machine.handle(now, input);
+        self.engine.handle(now, input);
+    }
+
+    fn request_id(&mut self) -> RequestId {
+        let id = self.next_request;
+        self.next_request += 1;
+        id
     }
 
     /// Ping systemd's watchdog from the loop, at half of `interval` (call before `run`).
@@ -403,9 +301,10 @@ impl Driver {
         self.watchdog = interval;
     }
 
-    /// Run until the machine says `Exit`.
-    pub async fn run(mut self) {
-        // Store answers reach the courier in the order the requests went out (the store
+    /// Run until the engine says `Exit`. When `shutdown` completes (SIGTERM), the session is
+    /// logged out cleanly first.
+    pub async fn run(mut self, shutdown: impl Future<Output = ()>) {
+        // Store answers reach the engine in the order the requests went out (the store
         // thread answers in that order; this task keeps it across the await points).
         if let Some(mut answers) = self.answers_rx.take() {
             let done = self.store_done_tx.clone();
@@ -417,6 +316,8 @@ impl Driver {
                 }
             });
         }
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut shutting_down = false;
         self.feed(Input::Start);
         let ping_every = self
             .watchdog
@@ -424,8 +325,6 @@ impl Driver {
         let mut next_ping = ping_every.map(|_| self.clock.now().mono);
         loop {
             self.run_actions().await;
-            self.sync_account();
-            self.run_courier();
             self.publish_status();
             if self.exit {
                 break;
@@ -439,16 +338,12 @@ impl Driver {
                 crate::systemd::ping_watchdog();
                 next_ping = Some(now + every.as_millis() as Millis);
             }
-            // Sleep until something is due (a timer of either machine, the next ping), or
+            // Sleep until something is due (the engine's next timer, the next ping), or
             // something happens: nothing wakes this loop for nothing.
-            let due = [
-                self.machine.poll_timeout(),
-                self.courier.poll_timeout(),
-                next_ping,
-            ]
-            .into_iter()
-            .flatten()
-            .min();
+            let due = [self.engine.poll_timeout(), next_ping]
+                .into_iter()
+                .flatten()
+                .min();
             let backstop = match self.timer.arm(due) {
                 Ok(()) => None,
                 Err(e) => {
@@ -460,22 +355,31 @@ impl Driver {
             let wake = tokio::select! {
                 done = self.store_done.recv() => Wake::Store(done),
                 cmd = self.commands.recv() => Wake::Command(cmd),
-                ev = next_conn_event(&mut self.conn), if self.conn.is_some() => Wake::Conn(ev),
+                (link, ev) = next_link_event(&mut self.conn), if self.conn.is_some() => Wake::Link(link, ev),
                 res = next_fetch(&mut self.fetch), if self.fetch.is_some() => Wake::Fetch(res),
+                _ = &mut shutdown, if !shutting_down => Wake::Shutdown,
                 _ = self.timer.fired() => Wake::Timer,
                 _ = backstop_sleep(backstop) => Wake::Timer,
             };
             match wake {
-                Wake::Store(Some(input)) => self.feed_courier(input),
+                Wake::Store(Some(answer)) => self.feed(Input::Store(answer)),
                 Wake::Store(None) => {}
-                Wake::Command(None) => self.feed(Input::Shutdown),
+                Wake::Command(None) | Wake::Shutdown => {
+                    shutting_down = true;
+                    self.feed(Input::Shutdown);
+                }
                 Wake::Command(Some(cmd)) => self.on_command(cmd).await,
-                Wake::Conn(ev) => self.on_conn_event(ev),
+                Wake::Link(link, ev) => {
+                    if matches!(ev, LinkEvent::Ended(_)) {
+                        // The task already stopped polling; drop the connection (and the task).
+                        self.conn = None;
+                    }
+                    self.feed(Input::Link { link, event: ev });
+                }
                 Wake::Fetch(res) => self.on_fetch_done(res),
                 Wake::Timer => {
                     let now = self.clock.now();
-                    self.machine.handle_timeout(now);
-                    self.courier.handle_timeout(now.mono);
+                    self.engine.handle_timeout(now);
                 }
             }
         }
@@ -485,26 +389,25 @@ impl Driver {
     async fn on_command(&mut self, cmd: Command) {
         match cmd {
             Command::Login { user, sig, reply } => {
-                let id = self.next_request;
-                self.next_request += 1;
+                let id = self.request_id();
                 self.replies.insert(id, reply);
-                let sig = sig.map(|app| self.hold_app_sig(*app, user.as_ref()));
+                let sig = sig.map(|app| self.hold_app_sig(*app));
                 self.feed(Input::Login { id, user, sig });
             }
-            Command::Enqueued { owner, seq, msg } => {
-                self.feed_courier(courier::Input::Enqueued { owner, seq, msg });
-            }
             Command::Logout { reply } => {
-                let id = self.next_request;
-                self.next_request += 1;
+                let id = self.request_id();
                 self.replies.insert(id, reply);
                 self.feed(Input::Logout { id });
+            }
+            Command::Send { draft, reply } => {
+                let id = self.request_id();
+                self.sends.insert(id, reply);
+                self.feed(Input::Send { id, draft });
             }
             Command::Reload { config, reply } => {
                 let result = self.reload(*config);
                 let _ = reply.send(result);
             }
-            Command::Shutdown => self.feed(Input::Shutdown),
             #[cfg(feature = "test-hooks")]
             Command::Wedge if self.test_hooks => {
                 tracing::warn!("test hook: wedging the session driver");
@@ -527,101 +430,17 @@ impl Driver {
         self.cache = SigCache::new(&config.state_dir);
         let policy = config.policy.clone();
         let user = config.user_id.clone();
+        let topics = Topics {
+            sdk_app_id: config.sdk_app_id,
+        };
         self.config = config;
         self.feed(Input::Reconfigured {
             policy,
             user,
             reconnect,
+            topics,
         });
         Ok(())
-    }
-
-    fn on_conn_event(&mut self, ev: ConnEvent) {
-        let Some(conn) = self.conn.as_mut() else {
-            return;
-        };
-        let ev = match ev {
-            ConnEvent::Mqtt(ev) => ev,
-            ConnEvent::Ended(end) => {
-                let state = conn.state;
-                let link = conn.link;
-                // The task already stopped polling; drop the connection (and the task) now.
-                self.conn = None;
-                self.feed_courier(courier::Input::LinkDown(link));
-                if state == ConnState::Closing {
-                    self.feed(Input::Disconnected);
-                } else {
-                    self.feed(Input::ConnectionEnded(end));
-                }
-                return;
-            }
-        };
-        match ev {
-            Ev::ConnAck { session_present } if conn.state == ConnState::Connecting => {
-                conn.state = ConnState::Online;
-                self.feed(Input::Connected { session_present });
-            }
-            Ev::ConnAck { .. } => {}
-            Ev::Publish {
-                topic,
-                pkid,
-                payload,
-            } => {
-                let link = conn.link;
-                let inbox = self.mqtt.inbox_topic(&conn.user);
-                let msg = if topic.as_ref() != inbox.as_bytes() {
-                    Err(format!(
-                        "a PUBLISH on {:?}, not the inbox",
-                        String::from_utf8_lossy(&topic)
-                    ))
-                } else {
-                    WireMessage::decode(&payload, &conn.user).map_err(|e| e.to_string())
-                };
-                tracing::debug!(
-                    // Debug-quoted: the topic comes from outside.
-                    topic = ?String::from_utf8_lossy(&topic),
-                    bytes = payload.len(),
-                    qos1 = pkid.is_some(),
-                    "PUBLISH received"
-                );
-                let owner = conn.user.to_string();
-                self.feed(Input::MessageReceived);
-                self.feed_courier(courier::Input::Received {
-                    link,
-                    pkid,
-                    owner,
-                    msg,
-                });
-            }
-            Ev::OutPublish(pkid) => {
-                if let Some(seq) = conn.unnumbered.pop_front() {
-                    conn.pkids.insert(pkid, seq);
-                }
-            }
-            Ev::PubAck { pkid, code } => {
-                if let Some(seq) = conn.pkids.remove(&pkid) {
-                    let link = conn.link;
-                    self.feed_courier(courier::Input::PubAck { link, seq, code });
-                }
-            }
-            Ev::SubAck { granted } => {
-                conn.subscribed = granted;
-                if !granted {
-                    tracing::warn!(
-                        "the broker refused the inbox subscription: messages to this user will \
-                         not arrive (check the broker's ACL: docs/brokers.md)"
-                    );
-                }
-            }
-            Ev::OutDisconnect => {
-                // DISCONNECT is on the wire. Keep reading until the broker closes its side (it
-                // must, after a DISCONNECT): dropping the socket now, with anything unread in
-                // flight, would send a TCP reset that can destroy the DISCONNECT on the broker's
-                // side and turn a clean logout into a lost connection (and a published will).
-                // The machine's close timeout bounds the wait.
-                tracing::debug!("DISCONNECT sent; waiting for the broker to close");
-            }
-        }
     }
 
     fn on_fetch_done(
@@ -643,7 +462,6 @@ impl Driver {
                     fingerprint.clone(),
                     HeldSig {
                         sig: f.sig,
-                        user: f.user_id.clone(),
                         server_offset: server_now.saturating_sub(now.wall),
                         issued_at: f.issued_at,
                         expires_at: f.expires_at,
@@ -693,8 +511,10 @@ impl Driver {
         }
     }
 
+    /// Carry out the engine's actions (feeding back what happens at once, e.g. a publish the
+    /// client would not take) until it has none left.
     async fn run_actions(&mut self) {
-        while let Some(action) = self.machine.poll_action() {
+        while let Some(action) = self.engine.poll_action() {
             match action {
                 Action::FetchSig { user } => {
                     if let Some(old) = self.fetch.take() {
@@ -718,35 +538,71 @@ impl Driver {
                     }
                 }
                 Action::Connect {
+                    link,
                     user,
                     fingerprint,
                     target,
                     proto,
-                } => self.connect(user, &fingerprint, target, proto),
-                Action::Subscribe { user } => {
-                    if let Some(c) = self.conn.as_ref() {
-                        let filter = self.mqtt.inbox_filter(&user);
-                        if let Err(e) = c.subscribe(filter) {
-                            tracing::warn!("could not queue the inbox subscription: {e}");
-                        }
-                        // The session is up: the courier may publish on it.
-                        let link = c.link;
-                        self.feed_courier(courier::Input::LinkUp(link));
+                } => self.connect(link, user, &fingerprint, target, proto),
+                Action::Subscribe { link, filter } => {
+                    if let Some(c) = self.conn.as_ref().filter(|c| c.link == link)
+                        && let Err(e) = c.subscribe(filter)
+                    {
+                        // No SUBACK will come: the engine's subscribe timeout covers it.
+                        tracing::debug!("could not queue the inbox subscription: {e}");
                     }
                 }
-                Action::Disconnect => {
-                    if let Some(link) = self.conn.as_ref().map(|c| c.link) {
-                        self.feed_courier(courier::Input::LinkDown(link));
+                Action::Publish {
+                    link,
+                    seq,
+                    topic,
+                    payload,
+                } => {
+                    let taken = match self.conn.as_ref().filter(|c| c.link == link) {
+                        Some(c) => c.publish(topic, payload).map_err(|e| {
+                            tracing::debug!("the MQTT client would not take a publish now: {e}")
+                        }),
+                        None => Err(()),
+                    };
+                    if taken.is_err() {
+                        self.feed(Input::Link {
+                            link,
+                            event: LinkEvent::NotTaken(seq),
+                        });
                     }
-                    self.disconnect();
                 }
-                Action::Abandon => {
-                    if let Some(c) = self.conn.take() {
-                        self.feed_courier(courier::Input::LinkDown(c.link));
+                Action::Ack { link, pkid } => {
+                    if let Some(c) = self.conn.as_ref().filter(|c| c.link == link)
+                        && let Err(e) = c.ack(pkid)
+                    {
+                        // The connection is going: the broker sends it again on the next.
+                        tracing::debug!("could not queue a PUBACK: {e}");
+                    }
+                }
+                Action::Disconnect { link } => {
+                    let sent = match self.conn.as_ref().filter(|c| c.link == link) {
+                        Some(c) => c.disconnect().map_err(|e| e.to_string()),
+                        None => Err("the connection is already gone".into()),
+                    };
+                    if let Err(detail) = sent {
+                        // It is over already: say so, as its end.
+                        self.conn = None;
+                        self.feed(Input::Link {
+                            link,
+                            event: LinkEvent::Ended(ConnEnd::Network {
+                                kind: NetKind::Closed,
+                                detail,
+                            }),
+                        });
+                    }
+                }
+                Action::Abandon { link } => {
+                    if self.conn.as_ref().is_some_and(|c| c.link == link) {
+                        self.conn = None;
                         tracing::debug!("connection dropped without waiting");
                     }
                 }
-                Action::PersistSig { fingerprint } => self.persist(&fingerprint).await,
+                Action::PersistSig { fingerprint, user } => self.persist(&fingerprint, &user).await,
                 Action::ForgetSig => {
                     if let Err(e) = self.cache.forget() {
                         tracing::warn!(
@@ -764,68 +620,13 @@ impl Driver {
                         let _ = tx.send(result);
                     }
                 }
-                Action::Exit => self.exit = true,
-            }
-        }
-    }
-
-    /// Keep a sig a local app brought (checked by the API) and describe it to the machine.
-    fn hold_app_sig(&mut self, app: AppSig, user: Option<&UserId>) -> SigInfo {
-        let now = self.clock.now();
-        let user = user.cloned().unwrap_or_else(|| self.machine.user().clone());
-        let fingerprint = app.sig.fingerprint();
-        tracing::info!(fingerprint = %fingerprint, user_id = %user, "a local app brought a UserSig");
-        self.sigs.insert(
-            fingerprint.clone(),
-            HeldSig {
-                sig: app.sig,
-                user: user.clone(),
-                // No issuer's clock to compare with: our wall clock is the reference.
-                server_offset: 0,
-                issued_at: app.issued_at,
-                expires_at: app.expires_at,
-                anchor: Some((now.wall, now.mono)),
-            },
-        );
-        SigInfo {
-            fingerprint,
-            user_id: user,
-            issued_at: app.issued_at,
-            expires_at: app.expires_at,
-            server_now: now.wall,
-            received_at: now.mono,
-            wall_anchored: true,
-        }
-    }
-
-    /// The courier sends the outbox of whom the session logs in as.
-    fn sync_account(&mut self) {
-        let user = self.machine.user().as_str();
-        if self.courier.owner() != Some(user) {
-            let owner = Some(user.to_string());
-            self.feed_courier(courier::Input::Account(owner));
-        }
-    }
-
-    fn feed_courier(&mut self, input: courier::Input) {
-        let now = self.clock.now().mono;
-        self.courier.handle(now, input);
-    }
-
-    /// Carry out the courier's actions (none of them waits).
-    fn run_courier(&mut self) {
-        while let Some(action) = self.courier.poll_action() {
-            match action {
-                courier::Action::Publish { link, seq, msg } => self.publish(link, seq, &msg),
-                courier::Action::Ack { link, pkid } => {
-                    if let Some(c) = self.conn.as_ref().filter(|c| c.link == link)
-                        && let Err(e) = c.ack(pkid)
-                    {
-                        // The connection is going: the broker sends it again on the next.
-                        tracing::debug!("could not queue a PUBACK: {e}");
+                Action::SendReply { id, result } => {
+                    if let Some(tx) = self.sends.remove(&id) {
+                        let _ = tx.send(result);
                     }
                 }
-                courier::Action::Notify(e) => {
+                Action::Store(op) => self.store_op(op),
+                Action::Notify(e) => {
                     match &e {
                         MessageEvent::MessageReceived { id, from, .. } => {
                             tracing::debug!(id = %id, from = %from, "message received")
@@ -848,190 +649,178 @@ impl Driver {
                     }
                     let _ = self.messages.send(e);
                 }
-                courier::Action::LoadOutbox {
-                    token,
+                Action::Exit => self.exit = true,
+            }
+        }
+    }
+
+    /// Send a store request; its answer joins the ordered pipeline (a request the store would
+    /// not take is answered at once, in its place, with the reason).
+    fn store_op(&mut self, op: StoreOp) {
+        macro_rules! ask {
+            ($make:expr, $answer:expr, $refused:expr) => {{
+                let (tx, rx) = oneshot::channel();
+                let sent = self.store.send($make(tx));
+                let fut: Answer = match sent {
+                    Ok(()) => Box::pin($answer(rx)),
+                    Err(e) => {
+                        tracing::warn!("{e}");
+                        let refused: StoreAnswer = $refused(e);
+                        Box::pin(async move { refused })
+                    }
+                };
+                if self.answers_tx.send(fut).is_err() {
+                    tracing::error!("the store answer pipeline is gone");
+                }
+            }};
+        }
+        let gone = || StoreError::Unavailable("the store thread is gone".into());
+        match op {
+            StoreOp::Enqueue { req, owner, msg } => {
+                let (o2, m2) = (owner.clone(), msg.clone());
+                let (o3, m3) = (owner.clone(), msg.clone());
+                ask!(
+                    |reply| StoreRequest::Enqueue { owner, msg, reply },
+                    |rx: oneshot::Receiver<Result<i64, StoreError>>| async move {
+                        let result = rx.await.unwrap_or_else(|_| Err(gone()));
+                        StoreAnswer::Enqueued {
+                            req,
+                            owner: o2,
+                            msg: m2,
+                            result: result.map_err(store_failure),
+                        }
+                    },
+                    |e: StoreError| StoreAnswer::Enqueued {
+                        req,
+                        owner: o3,
+                        msg: m3,
+                        result: Err(store_failure(e)),
+                    }
+                )
+            }
+            StoreOp::Receive {
+                link,
+                pkid,
+                owner,
+                msg,
+            } => {
+                let (m2, m3) = (msg.clone(), msg.clone());
+                ask!(
+                    |reply| StoreRequest::Receive { owner, msg, reply },
+                    |rx: oneshot::Receiver<Result<Received, StoreError>>| async move {
+                        let result = match rx.await.unwrap_or_else(|_| Err(gone())) {
+                            Ok(Received::New(seq)) => Ok(Some(seq)),
+                            Ok(Received::Duplicate) => Ok(None),
+                            Err(e) => {
+                                tracing::warn!("storing a received message: {e}");
+                                Err(store_failure(e))
+                            }
+                        };
+                        StoreAnswer::Received {
+                            link,
+                            pkid,
+                            msg: m2,
+                            result,
+                        }
+                    },
+                    |e: StoreError| StoreAnswer::Received {
+                        link,
+                        pkid,
+                        msg: m3,
+                        result: Err(store_failure(e)),
+                    }
+                )
+            }
+            StoreOp::LoadOutbox {
+                token,
+                owner,
+                after,
+                limit,
+                skip,
+            } => ask!(
+                |reply| StoreRequest::Outbox {
                     owner,
                     after,
                     limit,
                     skip,
-                } => {
-                    let (tx, rx) = oneshot::channel();
-                    let sent = self.store.send(StoreRequest::Outbox {
-                        owner,
-                        after,
-                        limit,
-                        skip,
-                        reply: tx,
-                    });
-                    self.answer(
-                        sent,
-                        async move {
-                            match rx.await {
-                                Ok(Ok((page, complete))) => courier::Input::OutboxPage {
-                                    token,
-                                    page,
-                                    complete,
-                                },
-                                Ok(Err(e)) => {
-                                    tracing::warn!("reading the outbox: {e}");
-                                    courier::Input::OutboxFailed { token }
-                                }
-                                Err(_) => courier::Input::OutboxFailed { token },
-                            }
+                    reply,
+                },
+                |rx: oneshot::Receiver<_>| async move {
+                    match rx.await {
+                        Ok(Ok((page, complete))) => StoreAnswer::OutboxPage {
+                            token,
+                            page,
+                            complete,
                         },
-                        courier::Input::OutboxFailed { token },
-                    );
-                }
-                courier::Action::Settle {
-                    owner,
-                    seq,
-                    id,
-                    outcome,
-                } => {
-                    let failed = match outcome {
-                        courier::Outcome::Sent => None,
-                        courier::Outcome::Failed { code, .. } => Some(code),
-                    };
-                    let (tx, rx) = oneshot::channel();
-                    let sent = self.store.send(StoreRequest::Settle {
+                        Ok(Err(e)) => {
+                            tracing::warn!("reading the outbox: {e}");
+                            StoreAnswer::OutboxFailed { token }
+                        }
+                        Err(_) => StoreAnswer::OutboxFailed { token },
+                    }
+                },
+                |_| StoreAnswer::OutboxFailed { token }
+            ),
+            StoreOp::Settle {
+                owner,
+                seq,
+                id,
+                outcome,
+            } => {
+                let failed = match outcome {
+                    courier::Outcome::Sent => None,
+                    courier::Outcome::Failed { code, .. } => Some(code),
+                };
+                ask!(
+                    |reply| StoreRequest::Settle {
                         owner,
                         id,
                         failed,
-                        reply: tx,
-                    });
-                    self.answer(
-                        sent,
-                        async move {
-                            let committed = matches!(rx.await, Ok(Ok(_)));
-                            courier::Input::Settled { seq, committed }
-                        },
-                        courier::Input::Settled {
-                            seq,
-                            committed: false,
-                        },
-                    );
-                }
-                courier::Action::Store {
-                    link,
-                    pkid,
-                    owner,
-                    msg,
-                } => {
-                    let (tx, rx) = oneshot::channel();
-                    let sent = self.store.send(StoreRequest::Receive {
-                        owner,
-                        msg: msg.clone(),
-                        reply: tx,
-                    });
-                    let failed = courier::Input::Stored {
-                        link,
-                        pkid,
-                        msg: msg.clone(),
-                        result: Err(()),
-                    };
-                    self.answer(
-                        sent,
-                        async move {
-                            let result = match rx.await {
-                                Ok(Ok(Received::New(seq))) => Ok(Some(seq)),
-                                Ok(Ok(Received::Duplicate)) => Ok(None),
-                                Ok(Err(e)) => {
-                                    tracing::warn!("storing a received message: {e}");
-                                    Err(())
-                                }
-                                Err(_) => Err(()),
-                            };
-                            courier::Input::Stored {
-                                link,
-                                pkid,
-                                msg,
-                                result,
-                            }
-                        },
-                        failed,
-                    );
-                }
-            }
-        }
-    }
-
-    /// Queue the answer to a store request in request order; a request the store would not
-    /// take is answered at once with `refused`.
-    fn answer(
-        &mut self,
-        sent: Result<(), crate::store::StoreError>,
-        answer: impl Future<Output = courier::Input> + Send + 'static,
-        refused: courier::Input,
-    ) {
-        let fut: StoreAnswer = match sent {
-            Ok(()) => Box::pin(answer),
-            Err(e) => {
-                tracing::warn!("{e}");
-                Box::pin(async move { refused })
-            }
-        };
-        if self.answers_tx.send(fut).is_err() {
-            tracing::error!("the store answer pipeline is gone");
-        }
-    }
-
-    /// Publish one message of the outbox on the current connection.
-    fn publish(&mut self, link: LinkId, seq: Seq, msg: &WireMessage) {
-        let topic = self.mqtt.inbox_topic_of(&msg.to);
-        let refused = courier::Input::PublishRefused { link, seq };
-        let Some(c) = self.conn.as_mut().filter(|c| c.link == link) else {
-            return self.feed_courier(refused);
-        };
-        let payload = match msg.encode() {
-            Ok(p) => p,
-            Err(e) => {
-                // Checked when it was sent; a stored message cannot grow. Fail it for good.
-                tracing::error!(id = %msg.id, "cannot send a stored message: {e}");
-                return self.feed_courier(courier::Input::PubAck {
-                    link,
-                    seq,
-                    code: 0x99,
-                });
-            }
-        };
-        match c.publish(topic, payload) {
-            Ok(()) => c.unnumbered.push_back(seq),
-            Err(e) => {
-                tracing::debug!("the MQTT client would not take a publish now: {e}");
-                self.feed_courier(refused);
+                        reply,
+                    },
+                    |rx: oneshot::Receiver<Result<bool, StoreError>>| async move {
+                        let committed = matches!(rx.await, Ok(Ok(_)));
+                        StoreAnswer::Settled { seq, committed }
+                    },
+                    |_| StoreAnswer::Settled {
+                        seq,
+                        committed: false,
+                    }
+                )
             }
         }
     }
 
     fn connect(
         &mut self,
-        user: UserId,
+        link: LinkId,
+        user: crate::identity::UserId,
         fingerprint: &str,
         target: crate::session::Target,
         proto: crate::session::Proto,
     ) {
-        if let Some(old) = self.conn.take() {
-            // Cannot happen (the machine connects only with no connection); fail safe.
-            self.feed_courier(courier::Input::LinkDown(old.link));
-        }
+        // The engine connects only with no link open; an old one is gone with this.
+        self.conn = None;
         let Some(held) = self.sigs.get(fingerprint) else {
-            // Cannot happen (the machine only names sigs it has not released); fail safe.
-            self.feed(Input::ConnectionEnded(crate::session::ConnEnd::Network {
-                kind: crate::session::NetKind::Other,
-                detail: "internal: the UserSig to connect with is gone".into(),
-            }));
+            // Cannot happen (the engine only names sigs it has not released); fail safe.
+            self.feed(Input::Link {
+                link,
+                event: LinkEvent::Ended(ConnEnd::Network {
+                    kind: NetKind::Other,
+                    detail: "internal: the UserSig to connect with is gone".into(),
+                }),
+            });
             return;
         };
         tracing::info!(
-            broker = %self.mqtt.url_of(Some(&target)),
+            // Quoted: a redirect's host comes from the broker.
+            broker = %quote_external(&self.mqtt.url_of(Some(&target)), 200),
             protocol = proto.as_str(),
             client_id = %self.mqtt.client_id(&user),
             user_id = %user,
             fingerprint,
             "connecting"
         );
-        let link = self.next_link;
-        self.next_link += 1;
         match Connection::open(
             &self.mqtt,
             &user,
@@ -1042,31 +831,14 @@ impl Driver {
             proto,
         ) {
             Ok(c) => self.conn = Some(c),
-            Err(end) => self.feed(Input::ConnectionEnded(end)),
+            Err(end) => self.feed(Input::Link {
+                link,
+                event: LinkEvent::Ended(end),
+            }),
         }
     }
 
-    /// Send DISCONNECT and keep reading until the broker closes (the machine bounds the wait
-    /// and says `Abandon` when it is over).
-    fn disconnect(&mut self) {
-        match self.conn.as_mut() {
-            None => self.feed(Input::Disconnected),
-            Some(c) if c.state == ConnState::Closing => {}
-            Some(c) if c.state == ConnState::Connecting => {
-                self.conn = None;
-                self.feed(Input::Disconnected);
-            }
-            Some(c) => {
-                c.state = ConnState::Closing;
-                if c.disconnect().is_err() {
-                    self.conn = None;
-                    self.feed(Input::Disconnected);
-                }
-            }
-        }
-    }
-
-    async fn persist(&mut self, fingerprint: &str) {
+    async fn persist(&mut self, fingerprint: &str, user: &crate::identity::UserId) {
         let Some(h) = self.sigs.get(fingerprint) else {
             return;
         };
@@ -1078,7 +850,7 @@ impl Driver {
             return;
         }
         let cache = self.cache.clone();
-        let (user, app, sig) = (h.user.clone(), self.config.sdk_app_id, h.sig.clone());
+        let (user, app, sig) = (user.clone(), self.config.sdk_app_id, h.sig.clone());
         let (offset, issued, expires) = (h.server_offset, h.issued_at, h.expires_at);
         let anchor = match (&self.boot_id, h.anchor) {
             (Some(id), Some((server_now, received))) => Some(crate::usersig::BootAnchor {
@@ -1110,6 +882,31 @@ impl Driver {
         }
     }
 
+    /// Keep the secret of a sig a local app brought (checked by the API) and describe it to
+    /// the engine (which decides whether it is for the right user).
+    fn hold_app_sig(&mut self, app: AppSig) -> BroughtSig {
+        let now = self.clock.now();
+        let fingerprint = app.sig.fingerprint();
+        tracing::info!(fingerprint = %fingerprint, "a local app brought a UserSig");
+        self.sigs.insert(
+            fingerprint.clone(),
+            HeldSig {
+                sig: app.sig,
+                // No issuer's clock to compare with: our wall clock is the reference.
+                server_offset: 0,
+                issued_at: app.issued_at,
+                expires_at: app.expires_at,
+                anchor: Some((now.wall, now.mono)),
+            },
+        );
+        BroughtSig {
+            fingerprint,
+            user: app.user,
+            issued_at: app.issued_at,
+            expires_at: app.expires_at,
+        }
+    }
+
     /// The one emitter: a log line, the API watchers, and (via the status) systemd.
     fn emit(&mut self, event: Event) {
         match &event {
@@ -1119,12 +916,15 @@ impl Driver {
                 login_user,
                 last_error,
             } => {
-                let snapshot = self.machine.snapshot();
+                let snapshot = self.engine.machine().snapshot();
                 // The summary describes the current state; an older queued event gets its phase.
                 let text = if snapshot.phase == *phase {
                     summary(
                         &snapshot,
-                        &self.mqtt.url_of(snapshot.via.as_ref().map(|(t, _)| t)),
+                        &quote_external(
+                            &self.mqtt.url_of(snapshot.via.as_ref().map(|(t, _)| t)),
+                            200,
+                        ),
                         self.clock.now().mono,
                     )
                 } else {
@@ -1195,14 +995,17 @@ async fn backstop_sleep(d: Option<Duration>) {
 }
 
 /// The next event of the current connection (cancel-safe: a channel receive).
-async fn next_conn_event(conn: &mut Option<Connection>) -> ConnEvent {
+async fn next_link_event(conn: &mut Option<Connection>) -> (LinkId, LinkEvent) {
     match conn {
-        Some(c) => c.events.recv().await.unwrap_or_else(|| {
-            ConnEvent::Ended(ConnEnd::Network {
-                kind: crate::session::NetKind::Other,
-                detail: "the connection task ended".into(),
-            })
-        }),
+        Some(c) => {
+            let ev = c.events.recv().await.unwrap_or_else(|| {
+                LinkEvent::Ended(ConnEnd::Network {
+                    kind: NetKind::Other,
+                    detail: "the connection task ended".into(),
+                })
+            });
+            (c.link, ev)
+        }
         None => std::future::pending().await,
     }
 }

@@ -8,59 +8,15 @@
 //! channel the task feeds. The task ends at the first error, so rumqttc can never reconnect
 //! on its own; dropping the [`Connection`] aborts it, and the relay with it.
 
-use std::collections::{HashMap, VecDeque};
-
-use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::courier::{LinkId, Seq};
+use crate::courier::LinkId;
+use crate::engine::LinkEvent;
 use crate::identity::UserId;
 use crate::mqtt::MqttSettings;
 use crate::session::{ConnEnd, NetKind, Proto, Target};
 use crate::usersig::UserSig;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnState {
-    Connecting,
-    Online,
-    Closing,
-}
-
-/// What happened on a connection, the same for both protocols.
-#[derive(Debug)]
-pub enum Ev {
-    ConnAck {
-        session_present: bool,
-    },
-    Publish {
-        topic: Bytes,
-        /// `None` for QoS 0.
-        pkid: Option<u16>,
-        payload: Bytes,
-    },
-    /// A PUBACK (3.1.1 has no reason code: 0).
-    PubAck {
-        pkid: u16,
-        code: u8,
-    },
-    /// rumqttc gave our next PUBLISH this packet id (in the order it took them).
-    OutPublish(u16),
-    /// Our DISCONNECT is on the wire.
-    OutDisconnect,
-    /// The broker acknowledged the inbox subscription (`granted`: not refused).
-    SubAck {
-        granted: bool,
-    },
-}
-
-/// What a connection's task reports.
-pub enum ConnEvent {
-    Mqtt(Ev),
-    /// The connection is over, classified from what the broker actually said (the relay's
-    /// record) or, when it said nothing, from the transport's error.
-    Ended(ConnEnd),
-}
 
 /// The client half, in either protocol.
 enum Client {
@@ -70,22 +26,11 @@ enum Client {
 
 pub struct Connection {
     client: Client,
-    pub events: mpsc::Receiver<ConnEvent>,
+    /// What happened on it, in order; the last is always [`LinkEvent::Ended`].
+    pub events: mpsc::Receiver<LinkEvent>,
     task: JoinHandle<()>,
-    pub state: ConnState,
-    /// The courier's name for this connection.
+    /// The engine's name for this connection.
     pub link: LinkId,
-    /// Whom it logs in as.
-    pub user: UserId,
-    /// Where it goes, in which protocol.
-    pub target: Target,
-    pub proto: Proto,
-    /// Publishes handed to rumqttc, waiting for their packet id.
-    pub unnumbered: VecDeque<Seq>,
-    /// Packet id → the courier's seq, until the PUBACK.
-    pub pkids: HashMap<u16, Seq>,
-    /// The broker acknowledged the inbox subscription on this connection.
-    pub subscribed: bool,
 }
 
 /// Aborts a task when dropped (the relay lives exactly as long as its connection's task).
@@ -97,24 +42,24 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn map_v5(ev: rumqttc::v5::Event) -> Option<Ev> {
+fn map_v5(ev: rumqttc::v5::Event) -> Option<LinkEvent> {
     use rumqttc::v5::Event as E;
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::mqttbytes::v5::Packet as P;
     Some(match ev {
-        E::Incoming(P::ConnAck(a)) => Ev::ConnAck {
+        E::Incoming(P::ConnAck(a)) => LinkEvent::ConnAck {
             session_present: a.session_present,
         },
-        E::Incoming(P::Publish(p)) => Ev::Publish {
+        E::Incoming(P::Publish(p)) => LinkEvent::Publish {
             pkid: (p.qos != QoS::AtMostOnce).then_some(p.pkid),
-            topic: p.topic,
-            payload: p.payload,
+            topic: p.topic.to_vec(),
+            payload: p.payload.to_vec(),
         },
-        E::Incoming(P::PubAck(a)) => Ev::PubAck {
+        E::Incoming(P::PubAck(a)) => LinkEvent::PubAck {
             pkid: a.pkid,
             code: crate::mqtt::puback_code(a.reason),
         },
-        E::Incoming(P::SubAck(a)) => Ev::SubAck {
+        E::Incoming(P::SubAck(a)) => LinkEvent::SubAck {
             granted: a.return_codes.iter().all(|c| {
                 matches!(
                     c,
@@ -122,37 +67,68 @@ fn map_v5(ev: rumqttc::v5::Event) -> Option<Ev> {
                 )
             }),
         },
-        E::Outgoing(rumqttc::Outgoing::Publish(pkid)) => Ev::OutPublish(pkid),
-        E::Outgoing(rumqttc::Outgoing::Disconnect) => Ev::OutDisconnect,
+        E::Outgoing(rumqttc::Outgoing::Publish(pkid)) => LinkEvent::OutPublish(pkid),
+        E::Outgoing(rumqttc::Outgoing::Disconnect) => LinkEvent::OutDisconnect,
         _ => return None,
     })
 }
 
-fn map_v311(ev: rumqttc::Event) -> Option<Ev> {
+fn map_v311(ev: rumqttc::Event) -> Option<LinkEvent> {
     use rumqttc::{Event as E, Packet as P, QoS};
     Some(match ev {
-        E::Incoming(P::ConnAck(a)) => Ev::ConnAck {
+        E::Incoming(P::ConnAck(a)) => LinkEvent::ConnAck {
             session_present: a.session_present,
         },
-        E::Incoming(P::Publish(p)) => Ev::Publish {
+        E::Incoming(P::Publish(p)) => LinkEvent::Publish {
             pkid: (p.qos != QoS::AtMostOnce).then_some(p.pkid),
-            topic: Bytes::from(p.topic.into_bytes()),
-            payload: p.payload,
+            topic: p.topic.into_bytes(),
+            payload: p.payload.to_vec(),
         },
-        E::Incoming(P::PubAck(a)) => Ev::PubAck {
+        E::Incoming(P::PubAck(a)) => LinkEvent::PubAck {
             pkid: a.pkid,
             code: 0,
         },
-        E::Incoming(P::SubAck(a)) => Ev::SubAck {
+        E::Incoming(P::SubAck(a)) => LinkEvent::SubAck {
             granted: a
                 .return_codes
                 .iter()
                 .all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_))),
         },
-        E::Outgoing(rumqttc::Outgoing::Publish(pkid)) => Ev::OutPublish(pkid),
-        E::Outgoing(rumqttc::Outgoing::Disconnect) => Ev::OutDisconnect,
+        E::Outgoing(rumqttc::Outgoing::Publish(pkid)) => LinkEvent::OutPublish(pkid),
+        E::Outgoing(rumqttc::Outgoing::Disconnect) => LinkEvent::OutDisconnect,
         _ => return None,
     })
+}
+
+/// An empty PUBLISH that stands for one the relay found over the size limit becomes
+/// [`LinkEvent::Oversized`]; oversized QoS 0 PUBLISHes (never passed on) are reported too.
+fn with_oversized(ev: LinkEvent, observed: &crate::relay::Shared) -> Vec<LinkEvent> {
+    let mut o = observed.lock().unwrap_or_else(|p| p.into_inner());
+    let mut out = Vec::new();
+    while let Some(&(None, bytes)) = o.oversized.front() {
+        o.oversized.pop_front();
+        out.push(LinkEvent::Oversized {
+            topic: Vec::new(),
+            pkid: None,
+            bytes,
+        });
+    }
+    match ev {
+        LinkEvent::Publish {
+            topic,
+            pkid: Some(p),
+            payload,
+        } if payload.is_empty() && o.oversized.front().is_some_and(|x| x.0 == Some(p)) => {
+            let bytes = o.oversized.pop_front().map_or(0, |x| x.1);
+            out.push(LinkEvent::Oversized {
+                topic,
+                pkid: Some(p),
+                bytes,
+            });
+        }
+        ev => out.push(ev),
+    }
+    out
 }
 
 impl Connection {
@@ -178,7 +154,7 @@ impl Connection {
                 relay_dir.display()
             ),
         })?;
-        let (tx, events) = mpsc::channel(32);
+        let (tx, events) = mpsc::channel::<LinkEvent>(32);
         let (tls, within) = (mqtt.tls.clone(), mqtt.connect_timeout);
         let (client, mut loop_v5, mut loop_v311) = match proto {
             Proto::V5 => {
@@ -196,7 +172,7 @@ impl Connection {
                 Ok(s) => s,
                 Err(end) => {
                     let _ = std::fs::remove_file(&path);
-                    let _ = tx.send(ConnEvent::Ended(end)).await;
+                    let _ = tx.send(LinkEvent::Ended(end)).await;
                     return;
                 }
             };
@@ -222,16 +198,19 @@ impl Connection {
                 loop {
                     match el.poll().await {
                         Ok(ev) => {
-                            if let Some(ev) = map_v5(ev)
-                                && tx.send(ConnEvent::Mqtt(ev)).await.is_err()
+                            for ev in map_v5(ev)
+                                .map(|e| with_oversized(e, &observed))
+                                .unwrap_or_default()
                             {
-                                return;
+                                if tx.send(ev).await.is_err() {
+                                    return;
+                                }
                             }
                         }
                         Err(e) => {
                             let end = said().unwrap_or_else(|| crate::mqtt::classify(&e));
                             tracing::debug!(?end, "connection ended");
-                            let _ = tx.send(ConnEvent::Ended(end)).await;
+                            let _ = tx.send(LinkEvent::Ended(end)).await;
                             return;
                         }
                     }
@@ -244,16 +223,19 @@ impl Connection {
                 loop {
                     match el.poll().await {
                         Ok(ev) => {
-                            if let Some(ev) = map_v311(ev)
-                                && tx.send(ConnEvent::Mqtt(ev)).await.is_err()
+                            for ev in map_v311(ev)
+                                .map(|e| with_oversized(e, &observed))
+                                .unwrap_or_default()
                             {
-                                return;
+                                if tx.send(ev).await.is_err() {
+                                    return;
+                                }
                             }
                         }
                         Err(e) => {
                             let end = said().unwrap_or_else(|| crate::mqtt::classify_v311(&e));
                             tracing::debug!(?end, "connection ended");
-                            let _ = tx.send(ConnEvent::Ended(end)).await;
+                            let _ = tx.send(LinkEvent::Ended(end)).await;
                             return;
                         }
                     }
@@ -264,14 +246,7 @@ impl Connection {
             client,
             events,
             task,
-            state: ConnState::Connecting,
             link,
-            user: user.clone(),
-            target,
-            proto,
-            unnumbered: VecDeque::new(),
-            pkids: HashMap::new(),
-            subscribed: false,
         })
     }
 

@@ -119,21 +119,6 @@ impl MqttSettings {
         }
     }
 
-    /// The topic filter for what `user` receives: `im/{sdk_app_id}/u/{user_id}/#`.
-    pub fn inbox_filter(&self, user: &UserId) -> String {
-        format!("im/{}/u/{}/#", self.sdk_app_id, user)
-    }
-
-    /// `user`'s inbox, where C2C messages to them are published.
-    pub fn inbox_topic(&self, user: &UserId) -> String {
-        self.inbox_topic_of(user.as_str())
-    }
-
-    /// The inbox of `peer` (a UserID already checked by whoever stored the message).
-    pub fn inbox_topic_of(&self, peer: &str) -> String {
-        format!("im/{}/u/{}/in", self.sdk_app_id, peer)
-    }
-
     /// Options for one connection: persistent session (clean start off, session expiry),
     /// username = UserID, password = UserSig. rumqttc speaks MQTT over `relay`, the private
     /// Unix socket of `crate::relay`, which carries it over TLS (ring) to the broker.

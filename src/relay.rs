@@ -22,7 +22,7 @@ use tokio::net::{TcpStream, UnixListener};
 use tokio_rustls::client::TlsStream;
 
 use crate::session::{ConnEnd, NetKind, Proto};
-use crate::wire::{self, Seen};
+use crate::wire;
 
 /// What the broker said on one connection, as it said it.
 #[derive(Debug, Clone, Default)]
@@ -32,6 +32,9 @@ pub struct Observed {
     /// Why the relay itself ended the connection (the broker's side failed or sent bytes
     /// that are not MQTT), when it did.
     pub broken: Option<ConnEnd>,
+    /// PUBLISHes over the size limit, in arrival order: (packet id, bytes). Those with a
+    /// packet id reached rumqttc as an empty stub to acknowledge in order.
+    pub oversized: std::collections::VecDeque<(Option<u16>, usize)>,
 }
 
 pub type Shared = Arc<Mutex<Observed>>;
@@ -180,7 +183,10 @@ async fn pump_up(
     let _ = to.shutdown().await;
 }
 
-/// broker → rumqttc: packet by packet, CONNACK and DISCONNECT recorded and normalized.
+/// broker → rumqttc: packet by packet ([`wire::Downstream`]): CONNACK and DISCONNECT
+/// recorded and normalized, an oversized PUBLISH passed on as an empty stub (recorded in
+/// `oversized`, so the connection's task can tell the engine) instead of ending the
+/// connection — one large message from any peer must not keep a device offline.
 async fn pump_down(
     mut from: tokio::io::ReadHalf<TlsStream<TcpStream>>,
     mut to: tokio::net::unix::OwnedWriteHalf,
@@ -188,9 +194,11 @@ async fn pump_down(
     max_packet: usize,
     proto: Proto,
 ) {
-    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut framer = wire::Downstream::new(max_packet, proto == Proto::V5);
     let mut chunk = vec![0u8; 8192];
-    'outer: loop {
+    let mut notes = Vec::new();
+    let mut out: Vec<u8> = Vec::new();
+    loop {
         let n = match from.read(&mut chunk).await {
             Ok(0) => break,
             Ok(n) => n,
@@ -202,58 +210,55 @@ async fn pump_down(
                 break;
             }
         };
-        buf.extend_from_slice(&chunk[..n]);
-        // Forward every whole packet; keep the rest (drained once per read).
-        let mut at = 0;
-        let mut out: Vec<u8> = Vec::new();
-        loop {
-            let (h, len) = match wire::frame(&buf[at..], max_packet) {
-                Ok(Some(x)) => x,
-                Ok(None) => break,
-                Err(e) => {
-                    lock(&observed).broken = Some(ConnEnd::Network {
-                        kind: NetKind::Other,
-                        detail: format!("the broker sent bytes that are not MQTT ({e})"),
-                    });
-                    break 'outer;
-                }
-            };
-            if buf.len() - at < h + len {
-                break;
-            }
-            let first = buf[at];
-            let body = &buf[at + h..at + h + len];
-            match (proto, wire::inspect(first, body)) {
-                (Proto::V311, Ok(Seen::ConnAck(mut a))) => {
-                    // A 3.1.1 return code, recorded as the MQTT 5 code that means the same.
-                    a.code = crate::mqtt::v311_code(a.code);
-                    lock(&observed).connack = Some(a);
-                }
-                (Proto::V5, Ok(Seen::ConnAck(mut a))) => {
-                    // A 3.1.1 broker answers an MQTT 5 CONNECT with its own refusal
-                    // (`20 02 00 01`: unacceptable protocol version).
-                    if body.len() == 2 && (1..=5).contains(&a.code) {
-                        a.code = crate::mqtt::v311_code(a.code);
+        out.clear();
+        notes.clear();
+        let framed = framer.feed(&chunk[..n], &mut out, &mut notes);
+        {
+            let mut o = lock(&observed);
+            for note in notes.drain(..) {
+                match note {
+                    wire::Note::ConnAck { mut ack, short } => {
+                        // A 3.1.1 return code is recorded as the MQTT 5 code that means the
+                        // same; a 3.1.1 broker answers an MQTT 5 CONNECT with its own refusal
+                        // (`20 02 00 01`: unacceptable protocol version).
+                        if proto == Proto::V311 || (short && (1..=5).contains(&ack.code)) {
+                            ack.code = crate::mqtt::v311_code(ack.code);
+                        }
+                        o.connack = Some(ack);
                     }
-                    lock(&observed).connack = Some(a);
-                }
-                (Proto::V5, Ok(Seen::Disconnect(d))) => lock(&observed).disconnect = Some(d),
-                (_, Ok(_)) => {}
-                (_, Err(e)) => {
-                    // rumqttc will refuse it too; say what it was.
-                    tracing::debug!("an undecodable CONNACK/DISCONNECT from the broker: {e}");
+                    wire::Note::Disconnect(d) if proto == Proto::V5 => o.disconnect = Some(d),
+                    wire::Note::Disconnect(_) => {}
+                    wire::Note::Oversized { pkid, bytes } => {
+                        tracing::debug!(
+                            bytes,
+                            qos1 = pkid.is_some(),
+                            "an oversized PUBLISH skipped"
+                        );
+                        if o.oversized.len() < MAX_OVERSIZED_NOTES {
+                            o.oversized.push_back((pkid, bytes));
+                        }
+                    }
+                    wire::Note::Undecodable(e) => {
+                        // rumqttc will refuse it too; say what it was.
+                        tracing::debug!("an undecodable CONNACK/DISCONNECT from the broker: {e}");
+                    }
                 }
             }
-            match (proto, wire::normalize(first, body)) {
-                (Proto::V5, Some(long)) => out.extend_from_slice(&long),
-                _ => out.extend_from_slice(&buf[at..at + h + len]),
-            }
-            at += h + len;
         }
-        buf.drain(..at);
+        // What came before a bad packet goes on first (a CONNACK in the same read included).
         if !out.is_empty() && to.write_all(&out).await.is_err() {
+            break;
+        }
+        if let Err(e) = framed {
+            lock(&observed).broken = Some(ConnEnd::Network {
+                kind: NetKind::Other,
+                detail: format!("the broker sent bytes that are not MQTT ({e})"),
+            });
             break;
         }
     }
     let _ = to.shutdown().await;
 }
+
+/// Oversized PUBLISHes remembered until the connection's task reports them.
+const MAX_OVERSIZED_NOTES: usize = 64;

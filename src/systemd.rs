@@ -12,7 +12,7 @@ use std::time::Duration;
 use sd_notify::NotifyState;
 use tokio::sync::watch;
 
-use crate::driver::Status;
+use crate::status::Status;
 
 /// One notification, owned, on its way to the notifier thread.
 enum Note {

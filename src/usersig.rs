@@ -112,23 +112,27 @@ pub fn inspect(sig: &str) -> Result<SigFormat, String> {
 #[derive(Debug)]
 pub struct AppSig {
     pub sig: UserSig,
+    /// Whom it says it is for (TLS-sig v2); `None` for formats that do not say. Whether that
+    /// is the user being logged in is the engine's decision.
+    pub user: Option<UserId>,
     pub issued_at: Option<i64>,
     pub expires_at: Option<i64>,
 }
 
-/// Check a UserSig a local app brought for `user` of app `sdk_app_id`: well formed, issued
-/// for them, and (when it says when, and the wall clock `now` is plausible) not expired.
-/// Errors carry an IM code and never quote the sig.
+/// Check a UserSig a local app brought for app `sdk_app_id`: well formed, for this app, for
+/// `user` when the app named one (else the engine checks it against whom the session logs in
+/// as), and (when it says when, and the wall clock `now` is plausible) not expired. Errors
+/// carry an IM code and never quote the sig.
 pub fn check_app_sig(
     text: &str,
-    user: &UserId,
+    user: Option<&UserId>,
     sdk_app_id: u64,
     now: i64,
     clock_plausible: bool,
 ) -> Result<AppSig, (u32, String)> {
     use crate::session::codes;
     let text = text.trim_matches(|c: char| c.is_ascii_whitespace());
-    let (issued_at, expires_at) = match inspect(text) {
+    let (for_user, issued_at, expires_at) = match inspect(text) {
         Err(e) => return Err((codes::SVR_SIG_CHECK_FAILED, format!("user_sig: {e}"))),
         Ok(SigFormat::TlsSigV2 {
             identifier,
@@ -136,13 +140,22 @@ pub fn check_app_sig(
             issued_at,
             expires_at,
         }) => {
-            if identifier != user.as_str() {
+            let Ok(for_user) = UserId::parse(&identifier) else {
+                return Err((
+                    codes::SVR_SIG_MISMATCH_ID,
+                    format!(
+                        "user_sig was issued for {}, which is not a valid UserID",
+                        crate::session::quote_external(&identifier, 40)
+                    ),
+                ));
+            };
+            if let Some(u) = user.filter(|u| **u != for_user) {
                 return Err((
                     codes::SVR_SIG_MISMATCH_ID,
                     format!(
                         "user_sig was issued for {:?}, not {:?}",
-                        crate::session::quote_external(&identifier, 40),
-                        user.as_str()
+                        for_user.as_str(),
+                        u.as_str()
                     ),
                 ));
             }
@@ -152,13 +165,13 @@ pub fn check_app_sig(
                     format!("user_sig was issued for SDKAppID {app}, not {sdk_app_id}"),
                 ));
             }
-            (Some(issued_at), Some(expires_at))
+            (Some(for_user), Some(issued_at), Some(expires_at))
         }
         Ok(SigFormat::Jwt {
             issued_at,
             expires_at,
-        }) => (issued_at, expires_at),
-        Ok(SigFormat::Opaque) => (None, None),
+        }) => (None, issued_at, expires_at),
+        Ok(SigFormat::Opaque) => (None, None, None),
     };
     if clock_plausible && expires_at.is_some_and(|e| e < now) {
         return Err((
@@ -168,6 +181,7 @@ pub fn check_app_sig(
     }
     Ok(AppSig {
         sig: UserSig::new(text),
+        user: for_user,
         issued_at,
         expires_at,
     })

@@ -270,6 +270,186 @@ pub fn normalize(first: u8, body: &[u8]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// The head of a PUBLISH too large to pass on: enough to acknowledge it in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishHead {
+    /// Bytes of the variable header (topic, packet id, properties) in the body.
+    pub len: usize,
+    pub topic: Vec<u8>,
+    /// `None` for QoS 0.
+    pub pkid: Option<u16>,
+}
+
+/// Read a PUBLISH's variable header from the first bytes of its body (`first` is the fixed
+/// header's first byte). `Ok(None)`: more bytes are needed.
+pub fn publish_head(first: u8, body: &[u8], v5: bool) -> Result<Option<PublishHead>, WireError> {
+    let qos = (first >> 1) & 0x03;
+    if qos == 3 {
+        return Err(WireError::BadFlags);
+    }
+    let mut r = Reader { b: body };
+    let attempt = (|| {
+        let topic = r.binary()?.to_vec();
+        let pkid = if qos > 0 { Some(r.u16()?) } else { None };
+        if v5 {
+            let n = r.varint()?;
+            r.take(n)?;
+        }
+        Ok((topic, pkid))
+    })();
+    match attempt {
+        Ok((topic, pkid)) => Ok(Some(PublishHead {
+            len: body.len() - r.b.len(),
+            topic,
+            pkid,
+        })),
+        Err(WireError::Truncated) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// A PUBLISH with the same flags, topic and packet id as `head` and an empty payload (and no
+/// properties): what rumqttc is given instead of a packet too large to carry, so that it
+/// acknowledges it in its place in the order of arrival.
+pub fn stub_publish(first: u8, head: &PublishHead, v5: bool) -> Vec<u8> {
+    let mut body = Vec::with_capacity(head.topic.len() + 5);
+    body.extend_from_slice(&(head.topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(&head.topic);
+    if let Some(p) = head.pkid {
+        body.extend_from_slice(&p.to_be_bytes());
+    }
+    if v5 {
+        body.push(0);
+    }
+    let mut out = Vec::with_capacity(body.len() + 5);
+    out.push(first);
+    put_varint(&mut out, body.len());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// The most of an oversized PUBLISH's head the relay buffers to read its topic and packet id
+/// (a topic is at most 65,535 bytes; properties beyond that are not worth reading).
+pub const MAX_HEAD: usize = 70_000;
+
+/// What [`Downstream`] noticed in the bytes it framed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Note {
+    /// A CONNACK; `short`: its body had no property length (how a 3.1.1 broker answers).
+    ConnAck {
+        ack: ConnAck,
+        short: bool,
+    },
+    Disconnect(Disconnect),
+    /// A PUBLISH over the size limit: passed on as an empty stub, its payload skipped.
+    Oversized {
+        pkid: Option<u16>,
+        bytes: usize,
+    },
+    /// A CONNACK or DISCONNECT that does not decode (rumqttc refuses it too).
+    Undecodable(WireError),
+}
+
+/// broker → client framing, without I/O: fed the bytes as they arrive, it returns the bytes
+/// to pass on (whole packets, CONNACK/DISCONNECT in their long form, an oversized PUBLISH as a
+/// stub whose payload is skipped as it streams past, never buffered) and notes what it saw.
+/// On an error, what precedes the bad packet has still been put in `out` — a CONNACK that
+/// arrived in the same read as a broken packet is not lost.
+#[derive(Debug)]
+pub struct Downstream {
+    buf: Vec<u8>,
+    /// Bytes of an oversized PUBLISH still to skip.
+    skip: usize,
+    max_packet: usize,
+    v5: bool,
+}
+
+impl Downstream {
+    pub fn new(max_packet: usize, v5: bool) -> Downstream {
+        Downstream {
+            buf: Vec::with_capacity(4096),
+            skip: 0,
+            max_packet,
+            v5,
+        }
+    }
+
+    /// Bytes held waiting for the rest of a packet.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn feed(
+        &mut self,
+        mut data: &[u8],
+        out: &mut Vec<u8>,
+        notes: &mut Vec<Note>,
+    ) -> Result<(), WireError> {
+        if self.skip > 0 {
+            let n = self.skip.min(data.len());
+            self.skip -= n;
+            data = &data[n..];
+        }
+        self.buf.extend_from_slice(data);
+        let mut at = 0;
+        let result = loop {
+            let (h, len) = match frame(&self.buf[at..], usize::MAX) {
+                Ok(Some(x)) => x,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
+            };
+            let first = self.buf[at];
+            if h + len > self.max_packet {
+                if first >> 4 != 3 {
+                    break Err(WireError::TooLarge);
+                }
+                let have = &self.buf[at + h..];
+                let head = match publish_head(first, &have[..have.len().min(len)], self.v5) {
+                    Ok(Some(head)) => head,
+                    Ok(None) if have.len() < MAX_HEAD => break Ok(()),
+                    Ok(None) => break Err(WireError::TooLarge),
+                    Err(e) => break Err(e),
+                };
+                if head.pkid.is_some() {
+                    out.extend_from_slice(&stub_publish(first, &head, self.v5));
+                }
+                notes.push(Note::Oversized {
+                    pkid: head.pkid,
+                    bytes: h + len,
+                });
+                let buffered = self.buf.len() - at;
+                if buffered >= h + len {
+                    at += h + len;
+                    continue;
+                }
+                self.skip = h + len - buffered;
+                at = self.buf.len();
+                break Ok(());
+            }
+            if self.buf.len() - at < h + len {
+                break Ok(());
+            }
+            let body = &self.buf[at + h..at + h + len];
+            match inspect(first, body) {
+                Ok(Seen::ConnAck(ack)) => notes.push(Note::ConnAck {
+                    ack,
+                    short: body.len() == 2,
+                }),
+                Ok(Seen::Disconnect(d)) => notes.push(Note::Disconnect(d)),
+                Ok(Seen::Other) => {}
+                Err(e) => notes.push(Note::Undecodable(e)),
+            }
+            match normalize(first, body).filter(|_| self.v5) {
+                Some(long) => out.extend_from_slice(&long),
+                None => out.extend_from_slice(&self.buf[at..at + h + len]),
+            }
+            at += h + len;
+        };
+        self.buf.drain(..at);
+        result
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,7 +38,7 @@ impl Nats {
             .iter()
             .map(|(u, p)| {
                 format!(
-                    "    {{user: \"{u}\", password: \"{p}\", permissions: {{ publish: {{ allow: [\"im.*.u.*.in\"] }}, subscribe: {{ allow: [\"im.*.u.{u}\", \"im.*.u.{u}.>\", \"$MQTT.sub.>\"] }} }} }}"
+                    "    {{user: \"{u}\", password: \"{p}\", permissions: {{ publish: {{ allow: [\"im.*.u.*.in.{u}\"] }}, subscribe: {{ allow: [\"im.*.u.{u}\", \"im.*.u.{u}.>\", \"$MQTT.sub.>\"] }} }} }}"
                 )
             })
             .collect::<Vec<_>>()
@@ -273,7 +273,7 @@ impl Ejabberd {
             "hosts:\n  - localhost\nloglevel: info\ncertfiles:\n  - {d}/ejabberd.pem\n\
              listen:\n  -\n    port: {port}\n    ip: \"127.0.0.1\"\n    module: mod_mqtt\n    tls: true\n\
              auth_method: internal\n\
-             modules:\n  mod_mqtt:\n    access_publish:\n      \"im/+/u/+/in\":\n        - allow: all\n      \"#\":\n        - deny\n    access_subscribe:\n      \"im/+/u/%u/#\":\n        - allow: all\n      \"#\":\n        - deny\n",
+             modules:\n  mod_mqtt:\n    access_publish:\n      \"im/+/u/+/in/%u\":\n        - allow: all\n      \"#\":\n        - deny\n    access_subscribe:\n      \"im/+/u/%u/#\":\n        - allow: all\n      \"#\":\n        - deny\n",
             d = dir.display(),
         );
         std::fs::write(dir.join("ejabberd.yml"), yml).unwrap();

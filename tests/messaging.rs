@@ -362,16 +362,21 @@ async fn the_service_refuses_a_forged_sender_and_the_message_fails_for_good() {
         "id": "01JZZZZZZZZZZZZZZZZZZZZZZZ", "from": "alice", "to": "bob",
         "kind": "text", "body": "trust me", "ts": 1
     });
-    let topic = format!("im/{}/u/bob/in", sb.sdk_app_id());
-    client
-        .publish(
-            topic.clone(),
-            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-            false,
-            forged.to_string(),
-        )
-        .await
-        .unwrap();
+    // The sender goes in the topic: claiming alice there, or in the payload on mallory's own
+    // topic, is refused alike.
+    let as_alice = format!("im/{}/u/bob/in/alice", sb.sdk_app_id());
+    let topic = format!("im/{}/u/bob/in/mallory", sb.sdk_app_id());
+    for t in [&as_alice, &topic] {
+        client
+            .publish(
+                t.clone(),
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                false,
+                forged.to_string(),
+            )
+            .await
+            .unwrap();
+    }
     let oversize = "x".repeat(13 * 1024);
     client
         .publish(
@@ -383,7 +388,7 @@ async fn the_service_refuses_a_forged_sender_and_the_message_fails_for_good() {
         .await
         .unwrap();
     let mut codes = Vec::new();
-    while codes.len() < 2 {
+    while codes.len() < 3 {
         if let rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::PubAck(a)) =
             tokio::time::timeout(WAIT, ev.poll())
                 .await
@@ -394,9 +399,12 @@ async fn the_service_refuses_a_forged_sender_and_the_message_fails_for_good() {
         }
     }
     use rumqttc::v5::mqttbytes::v5::PubAckReason as R;
-    assert_eq!(codes, [R::NotAuthorized, R::PayloadFormatInvalid]);
+    assert_eq!(
+        codes,
+        [R::NotAuthorized, R::NotAuthorized, R::PayloadFormatInvalid]
+    );
     let c = sb.user("mallory");
-    assert_eq!(c.messages_refused.get("0x87"), Some(&1));
+    assert_eq!(c.messages_refused.get("0x87"), Some(&2));
     assert_eq!(c.messages_refused.get("0x99"), Some(&1));
     assert_eq!(c.messages_published, 0);
 }

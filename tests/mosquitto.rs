@@ -213,7 +213,7 @@ async fn two_daemons_with_one_client_id_do_not_fight() {
 /// The IM ACL for a plain MQTT broker (docs/brokers.md): each user reads only their own
 /// subtree and may write only to inboxes. mosquitto cannot check `from` inside the payload:
 /// that stays the IM service's job (the receiving daemon keeps what the broker delivers).
-const IM_ACL: &str = "pattern read im/+/u/%u/#\npattern write im/+/u/+/in\n";
+const IM_ACL: &str = "pattern read im/+/u/%u/#\npattern write im/+/u/+/in/%u\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_daemons_exchange_messages_through_mosquitto_with_the_im_acl() {

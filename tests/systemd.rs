@@ -334,6 +334,8 @@ async fn logs_go_to_journald_with_queryable_fields() {
         .unwrap();
     let _ = raw;
     counters_until(&sb, "online", |c| c.user(&user).logins_accepted == 1).await;
+    // Online (the inbox subscribed, after the CONNACK) before the kick.
+    wait_phase_at(&dir.join("api.sock"), "online", WAIT, String::new).await;
     sb.kick(&user);
     counters_until(&sb, "kicked", |c| {
         c.user(&user).server_disconnects.get("0x98") == Some(&1)

@@ -8,10 +8,10 @@
 use serde_json::{Value, json};
 
 use super::{RpcError, rpc};
-use crate::driver::{Command, SessionHandle};
+use crate::engine::{Draft, Refusal};
 use crate::identity::UserId;
-use crate::message::{Kind, MAX_MESSAGE_BYTES, MessageError, WireMessage};
-use crate::session::{codes, login_status};
+use crate::message::{Kind, MAX_MESSAGE_BYTES};
+use crate::status::{Command, SessionHandle};
 use crate::store::{StoreError, StoreRequest};
 
 /// Most messages one history or inbox page returns.
@@ -76,55 +76,25 @@ fn owner(session: &SessionHandle) -> String {
     session.status.borrow().user_id.clone()
 }
 
-/// Build the message `send_message` describes, refused (before anything is stored) when
-/// it is not one.
-pub fn compose(
-    from: &str,
-    params: &Value,
-    id: String,
-    now_ms: i64,
-) -> Result<WireMessage, RpcError> {
+/// What `send_message` asks for, or why it cannot be read.
+fn draft(session: &SessionHandle, params: &Value) -> Result<Draft, RpcError> {
     let to = peer(params, "to")?;
-    let body = string(params, "body")?;
+    let body = string(params, "body")?.to_string();
     let kind = match params.get("kind") {
         None | Some(Value::Null) => Kind::Text,
         Some(Value::String(k)) => Kind::parse(k)
             .ok_or_else(|| invalid(format!("kind {k:?}: use \"text\" or \"custom\"")))?,
         Some(_) => return Err(invalid("kind must be a string".into())),
     };
-    let msg = WireMessage {
-        id,
-        from: from.to_string(),
-        to: to.to_string(),
-        kind,
-        body: body.to_string(),
-        ts: now_ms,
-    };
-    match msg.encode() {
-        Ok(_) => Ok(msg),
-        Err(MessageError::TooLarge(n)) => Err(RpcError::new(
+    if body.len() > MAX_MESSAGE_BYTES {
+        // Refused before it costs the daemon anything more (the engine checks the encoding).
+        return Err(RpcError::new(
             i64::from(crate::courier::codes::MSG_TOO_LARGE),
             format!(
-                "the message is {n} bytes encoded; at most {MAX_MESSAGE_BYTES} (12 KB) are \
-                 allowed: it was not stored or sent"
+                "the message body is {} bytes; at most {MAX_MESSAGE_BYTES} (12 KB) are allowed \
+                 encoded: it was not stored or sent",
+                body.len()
             ),
-        )),
-        Err(e) => Err(invalid(e.to_string())),
-    }
-}
-
-pub async fn send_message(session: &SessionHandle, params: &Value) -> Result<Value, RpcError> {
-    let (status, user) = {
-        let st = session.status.borrow();
-        (st.login_status, st.user_id.clone())
-    };
-    // Like the SDK: sending needs a login, or one under way (offline sends are queued).
-    if status == login_status::LOGOUT {
-        return Err(RpcError::new(
-            i64::from(codes::NOT_LOGGED_IN),
-            "not logged in: sending needs a login (or one in progress; sends made while \
-             offline are queued); run `imlinkctl login`"
-                .into(),
         ));
     }
     let now = crate::clock::wall_ms();
@@ -132,28 +102,42 @@ pub async fn send_message(session: &SessionHandle, params: &Value) -> Result<Val
         Ok(mut g) => g.next(now),
         Err(p) => p.into_inner().next(now),
     };
-    let msg = compose(&user, params, id, now)?;
-    let seq = session
-        .store
-        .ask(|reply| StoreRequest::Enqueue {
-            owner: user.clone(),
-            msg: msg.clone(),
-            reply,
-        })
-        .await
-        .map_err(store_error)?;
-    let id = msg.id.clone();
-    let to = msg.to.clone();
-    // Committed: it goes out even if this fails (the next start reads the outbox).
-    let _ = session
+    Ok(Draft {
+        id,
+        to,
+        kind,
+        body,
+        ts: now,
+    })
+}
+
+pub async fn send_message(session: &SessionHandle, params: &Value) -> Result<Value, RpcError> {
+    // Whether it may be sent (the send gate comes first: logged out is 6014 whatever the
+    // params), whose message it is, and the commit: the engine's. It knows whom the session
+    // logs in as at this instant; a status copy could trail it.
+    let draft = draft(session, params).map_err(|e| Refusal {
+        code: e.code,
+        message: e.message,
+    });
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    session
         .commands
-        .send(Command::Enqueued {
-            owner: user,
-            seq,
-            msg,
-        })
-        .await;
-    Ok(json!({ "id": id, "seq": seq, "to": to, "state": "queued" }))
+        .send(Command::Send { draft, reply: tx })
+        .await
+        .map_err(|_| {
+            RpcError::new(
+                super::rpc::NOT_AVAILABLE,
+                "the daemon is shutting down".into(),
+            )
+        })?;
+    match rx.await {
+        Ok(Ok(q)) => Ok(json!({ "id": q.id, "seq": q.seq, "to": q.to, "state": "queued" })),
+        Ok(Err(e)) => Err(RpcError::new(e.code, e.message)),
+        Err(_) => Err(RpcError::new(
+            super::rpc::NOT_AVAILABLE,
+            "the daemon is shutting down".into(),
+        )),
+    }
 }
 
 pub async fn get_conversations(session: &SessionHandle) -> Result<Value, RpcError> {
@@ -249,46 +233,4 @@ pub async fn ack_inbox(session: &SessionHandle, params: &Value) -> Result<Value,
         .await
         .map_err(store_error)?;
     Ok(json!({ "cursor": acked }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_message_over_12_kb_is_refused_before_it_is_stored() {
-        let id = crate::message::IdGen::new().next(1_800_000_000_000);
-        let big = json!({ "to": "bob", "body": "x".repeat(MAX_MESSAGE_BYTES) });
-        let e = compose("alice", &big, id.clone(), 1).unwrap_err();
-        assert_eq!(e.code, i64::from(crate::courier::codes::MSG_TOO_LARGE));
-        assert!(
-            e.message.contains("12 KB") && e.message.contains("not stored"),
-            "{}",
-            e.message
-        );
-        let ok = compose(
-            "alice",
-            &json!({ "to": "bob", "body": "hi" }),
-            id.clone(),
-            1,
-        )
-        .unwrap();
-        assert_eq!(
-            (ok.kind, ok.from.as_str(), ok.to.as_str()),
-            (Kind::Text, "alice", "bob")
-        );
-        for (bad, what) in [
-            (json!({ "body": "hi" }), "to is required"),
-            (json!({ "to": "b o b", "body": "hi" }), "to:"),
-            (json!({ "to": "bob" }), "body is required"),
-            (json!({ "to": "bob", "body": 3 }), "body must be a string"),
-            (
-                json!({ "to": "bob", "body": "x", "kind": "image" }),
-                "kind \"image\"",
-            ),
-        ] {
-            let e = compose("alice", &bad, id.clone(), 1).unwrap_err();
-            assert!(e.message.contains(what), "{bad}: {}", e.message);
-        }
-    }
 }

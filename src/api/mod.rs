@@ -22,9 +22,9 @@ mod messages;
 
 use crate::config::ApiConfig;
 use crate::courier::MessageEvent;
-use crate::driver::{Command, SessionHandle};
 use crate::identity::UserId;
 use crate::session::{Event, codes, login_status};
+use crate::status::{Command, SessionHandle};
 
 /// JSON-RPC error codes (the IM codes are used for IM errors).
 pub mod rpc {
@@ -811,24 +811,17 @@ impl ClientConn<'_> {
         }
     }
 
-    /// Check a UserSig an app brought for `user` (default: the configured or current user).
+    /// Check a UserSig an app brought (format, app, expiry; for `user` when the app named
+    /// one — otherwise the engine checks it against whom the session logs in as).
     fn check_sig(
         &self,
         text: &str,
         user: Option<&UserId>,
     ) -> Result<crate::usersig::AppSig, RpcError> {
-        let (target, app) = {
-            let st = self.server.session.status.borrow();
-            (st.user_id.clone(), st.sdk_app_id)
-        };
-        let target = match user {
-            Some(u) => u.clone(),
-            None => UserId::parse(&target)
-                .map_err(|e| RpcError::new(i64::from(codes::INVALID_PARAMETERS), e.to_string()))?,
-        };
+        let app = self.server.session.status.borrow().sdk_app_id;
         let now = crate::clock::wall_ms() / 1000;
         let plausible = now >= crate::config::BUILD_UNIX;
-        crate::usersig::check_app_sig(text, &target, app, now, plausible)
+        crate::usersig::check_app_sig(text, user, app, now, plausible)
             .map_err(|(code, message)| RpcError::new(i64::from(code), message))
     }
 
@@ -1035,8 +1028,8 @@ mod tests {
         r.push(b"toolong\n");
         assert_eq!(r.next_line(), LineOut::TooLong);
     }
-    use crate::driver::{Clock, Status};
     use crate::session::{Counters, ErrorClass, LastError, Phase};
+    use crate::status::{Clock, Status};
     use tokio::io::AsyncBufReadExt;
 
     fn status() -> Status {
@@ -1050,11 +1043,13 @@ mod tests {
             broker: "mqtts://x:1".into(),
             protocol: None,
             inbox_subscribed: false,
+            next_subscribe_at_ms: None,
             since: 0,
             last_error: None,
             sig: None,
             next_retry_at_ms: None,
             counters: Counters::default(),
+            messages: Default::default(),
             last_event: None,
         }
     }

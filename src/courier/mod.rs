@@ -696,8 +696,10 @@ impl Courier {
         let msg = match msg {
             Ok(m) => Some(m),
             Err(why) => {
-                tracing::warn!(
-                    "dropping a PUBLISH on the inbox that is not a message: {}",
+                // The engine said why (once per connection, in the log); here it is only
+                // acknowledged in its turn.
+                tracing::debug!(
+                    "acknowledging and dropping {}",
                     crate::session::quote_external(&why, 200)
                 );
                 None

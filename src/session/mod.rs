@@ -317,6 +317,10 @@ pub enum Input {
     ConnectionEnded(ConnEnd),
     /// Our own DISCONNECT completed (the broker closed its side).
     Disconnected,
+    /// The broker answered the inbox SUBSCRIBE (`granted`: every filter granted).
+    SubAck {
+        granted: bool,
+    },
     MessageReceived,
 }
 
@@ -334,8 +338,9 @@ pub enum Action {
         target: Target,
         proto: Proto,
     },
-    /// Subscribe to `user`'s inbox on the connection that just came up (on every login: a
-    /// session can exist without its subscription, and subscribing again is idempotent).
+    /// Subscribe to `user`'s inbox on the established connection (on every login: a session
+    /// can exist without its subscription, and subscribing again is idempotent); again after
+    /// a refusal. Answer with `SubAck`.
     Subscribe { user: UserId },
     /// Send DISCONNECT on the established connection; answer with `Disconnected` once the
     /// broker has closed its side.
@@ -343,8 +348,8 @@ pub enum Action {
     /// Drop the connection now, without waiting (an attempt with no CONNACK yet, or a clean
     /// close that took longer than the close timeout). No answer.
     Abandon,
-    /// Store the sig with this fingerprint in the cache (0600, atomic).
-    PersistSig { fingerprint: String },
+    /// Store the sig with this fingerprint (issued for `user`) in the cache (0600, atomic).
+    PersistSig { fingerprint: String, user: UserId },
     /// Delete the cached sig.
     ForgetSig,
     /// The machine will never name this sig again: the driver may drop the secret.
@@ -386,6 +391,8 @@ enum Conn {
         fingerprint: String,
         user: UserId,
         since: Millis,
+        /// The inbox subscription on this connection.
+        inbox: Inbox,
     },
     /// Our DISCONNECT is out; waiting for the broker to close (bounded by `deadline`).
     Closing {
@@ -393,6 +400,32 @@ enum Conn {
         deadline: Millis,
     },
 }
+
+/// The inbox subscription of an established connection. Until the broker grants it, the
+/// phase is `subscribing`, not `online`: a session that cannot receive is not online (a
+/// cluster electing a leader refuses SUBSCRIBEs for a while; an ACL may refuse them for
+/// good). A refusal is retried on the same connection with its own backoff
+/// ([`SUBSCRIBE_RETRY`]); a SUBSCRIBE with no SUBACK within the connect timeout counts as one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inbox {
+    /// SUBSCRIBE sent; no SUBACK yet (given up on at `deadline`).
+    Pending {
+        deadline: Millis,
+    },
+    Subscribed,
+    /// Refused (or unanswered): SUBSCRIBE again at `retry_at`.
+    Refused {
+        retry_at: Millis,
+    },
+}
+
+/// The backoff between SUBSCRIBEs the broker refused (cheap: one packet on an open
+/// connection; capped low so the inbox comes back soon after a cluster election).
+pub const SUBSCRIBE_RETRY: BackoffPolicy = BackoffPolicy {
+    base: 1_000,
+    cap: 30_000,
+    reset_after: 0,
+};
 
 /// What the engine is trying to do. The phase is derived from this and from what is in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -457,6 +490,8 @@ pub struct Machine {
     fetch_backoff: Backoff,
     expired_backoff: Backoff,
     refresh_backoff: Backoff,
+    /// Between refused SUBSCRIBEs on one connection ([`SUBSCRIBE_RETRY`]).
+    subscribe_backoff: Backoff,
     /// When premature sig-expired renewals happened, within the budget window.
     expiry_spent: VecDeque<Millis>,
     /// The one fresh-sig retry after a refusal has been used.
@@ -539,6 +574,7 @@ impl Machine {
             fetch_backoff: Backoff::default(),
             expired_backoff: Backoff::default(),
             refresh_backoff: Backoff::default(),
+            subscribe_backoff: Backoff::default(),
             expiry_spent: VecDeque::new(),
             rejected_retry_used: false,
             protocol_spent: 0,
@@ -589,6 +625,7 @@ impl Machine {
                 }
             }
             Input::MessageReceived => self.counters.messages_received += 1,
+            Input::SubAck { granted } => self.on_suback(granted),
         }
         self.next_step();
         self.emit_state();
@@ -609,6 +646,11 @@ impl Machine {
         let fetch = self.fetch.map(|f| f.deadline);
         let conn = match &self.conn {
             Conn::Connecting { deadline, .. } | Conn::Closing { deadline, .. } => Some(*deadline),
+            Conn::Online { inbox, .. } => match inbox {
+                Inbox::Pending { deadline } => Some(*deadline),
+                Inbox::Refused { retry_at } => Some(*retry_at),
+                Inbox::Subscribed => None,
+            },
             _ => None,
         };
         let relogin = match self.goal {
@@ -663,6 +705,20 @@ impl Machine {
             counters: self.counters.clone(),
             last_event: self.last_event.clone(),
             via: self.via.clone(),
+            inbox_subscribed: matches!(
+                self.conn,
+                Conn::Online {
+                    inbox: Inbox::Subscribed,
+                    ..
+                }
+            ),
+            next_subscribe_ms: match self.conn {
+                Conn::Online {
+                    inbox: Inbox::Refused { retry_at },
+                    ..
+                } => Some(retry_at),
+                _ => None,
+            },
         }
     }
 
@@ -676,7 +732,12 @@ impl Machine {
                 _ => Phase::LoggingOut,
             },
             Goal::Online => match &self.conn {
-                Conn::Online { user, .. } if *user == self.user => Phase::Online,
+                Conn::Online {
+                    user,
+                    inbox: Inbox::Subscribed,
+                    ..
+                } if *user == self.user => Phase::Online,
+                Conn::Online { user, .. } if *user == self.user => Phase::Subscribing,
                 Conn::Online { .. } => Phase::LoggingOut,
                 Conn::Closing { user, .. } if *user != self.user => Phase::LoggingOut,
                 Conn::Closing { .. } | Conn::Connecting { .. } => Phase::Connecting,
@@ -827,6 +888,7 @@ impl Machine {
                     // session keeps QoS 1 messages), then CONNECT with the new sig.
                     return self.begin_close();
                 }
+                self.step_inbox();
                 self.maybe_refresh();
                 return;
             }
@@ -872,6 +934,53 @@ impl Machine {
             }
             Some(_) => {}
             None => self.start_fetch(Purpose::Login),
+        }
+    }
+
+    /// The broker answered the inbox SUBSCRIBE.
+    fn on_suback(&mut self, granted: bool) {
+        let now = self.now.mono;
+        let Conn::Online { inbox, .. } = &mut self.conn else {
+            return; // stale: that connection is gone
+        };
+        if !matches!(inbox, Inbox::Pending { .. }) {
+            return; // an answer to a SUBSCRIBE already given up on
+        }
+        if granted {
+            *inbox = Inbox::Subscribed;
+            self.subscribe_backoff.reset();
+            return;
+        }
+        let wait = self.subscribe_backoff.next(&SUBSCRIBE_RETRY, &mut self.rng);
+        *inbox = Inbox::Refused {
+            retry_at: now + wait,
+        };
+        self.counters.subscribe_refusals += 1;
+    }
+
+    /// The inbox subscription's timers: a SUBSCRIBE unanswered for the connect timeout counts
+    /// as refused; a refused one goes out again when its backoff is over.
+    fn step_inbox(&mut self) {
+        let now = self.now.mono;
+        let Conn::Online { inbox, user, .. } = &mut self.conn else {
+            return;
+        };
+        match *inbox {
+            Inbox::Pending { deadline } if deadline <= now => {
+                let wait = self.subscribe_backoff.next(&SUBSCRIBE_RETRY, &mut self.rng);
+                *inbox = Inbox::Refused {
+                    retry_at: now + wait,
+                };
+                self.counters.subscribe_refusals += 1;
+            }
+            Inbox::Refused { retry_at } if retry_at <= now => {
+                *inbox = Inbox::Pending {
+                    deadline: now + self.policy.connect_timeout,
+                };
+                let user = user.clone();
+                self.act(Action::Subscribe { user });
+            }
+            _ => {}
         }
     }
 
@@ -1405,7 +1514,9 @@ impl Machine {
                 // A fresh sig from the app while trying (or online): use it from now on.
                 self.install_app_sig(info);
             }
-            if matches!(self.conn, Conn::Online { .. }) && self.phase() == Phase::Online {
+            if matches!(self.conn, Conn::Online { .. })
+                && matches!(self.phase(), Phase::Online | Phase::Subscribing)
+            {
                 return self.act(Action::Reply { id, result: Ok(()) });
             }
             let waiting = self.conn == Conn::None
@@ -1472,10 +1583,11 @@ impl Machine {
         self.held.insert(info.fingerprint.clone());
         let sig = self.derive(info);
         let fingerprint = sig.info.fingerprint.clone();
+        let user = sig.info.user_id.clone();
         self.refresh_due = sig.refresh_at.filter(|_| self.policy.provisioning);
         self.sig = Some(sig);
         self.refresh_blocked = false;
-        self.act(Action::PersistSig { fingerprint });
+        self.act(Action::PersistSig { fingerprint, user });
     }
 
     /// No usable sig and no provisioning URL: only a local app can bring one. Log out and
@@ -1657,6 +1769,7 @@ impl Machine {
         self.limited = None;
         self.refresh_blocked = false;
         let fingerprint = sig.info.fingerprint.clone();
+        let user = sig.info.user_id.clone();
         let expires_at = sig.info.expires_at;
         self.refresh_due = sig.refresh_at;
         self.sig = Some(sig);
@@ -1666,6 +1779,7 @@ impl Machine {
         }
         self.act(Action::PersistSig {
             fingerprint: fingerprint.clone(),
+            user,
         });
         self.event(Event::UserSigRefreshed {
             fingerprint,
@@ -1766,7 +1880,11 @@ impl Machine {
             fingerprint,
             user: user.clone(),
             since: self.now.mono,
+            inbox: Inbox::Pending {
+                deadline: self.now.mono + self.policy.connect_timeout,
+            },
         };
+        self.subscribe_backoff.reset();
         if let Some((target, proto)) = &self.via {
             // Remember what the broker speaks; stay with a node that works.
             self.learned = Some(*proto);

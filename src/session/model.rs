@@ -19,7 +19,11 @@ pub enum Phase {
     FetchingSig,
     /// TLS + CONNECT sent, waiting for CONNACK.
     Connecting,
-    /// CONNACK success: the session is up.
+    /// CONNACK success, but the broker has not (yet) granted the inbox subscription: logged
+    /// in and able to send, not yet able to receive. A refused SUBSCRIBE is retried with
+    /// backoff on the same connection.
+    Subscribing,
+    /// CONNACK success and the inbox subscribed: the session is up.
     Online,
     /// Waiting before the next attempt (exponential backoff with jitter).
     Backoff,
@@ -40,6 +44,7 @@ impl Phase {
             Phase::WaitingForClock => "waiting_for_clock",
             Phase::FetchingSig => "fetching_sig",
             Phase::Connecting => "connecting",
+            Phase::Subscribing => "subscribing",
             Phase::Online => "online",
             Phase::Backoff => "backoff",
             Phase::LoggingOut => "logging_out",
@@ -54,6 +59,7 @@ impl Phase {
             Phase::WaitingForClock,
             Phase::FetchingSig,
             Phase::Connecting,
+            Phase::Subscribing,
             Phase::Online,
             Phase::Backoff,
             Phase::LoggingOut,
@@ -234,6 +240,8 @@ pub struct Counters {
     pub sig_refreshes: u64,
     pub kicks: u64,
     pub messages_received: u64,
+    /// SUBSCRIBEs the broker refused (or left unanswered for the connect timeout).
+    pub subscribe_refusals: u64,
 }
 
 /// The whole observable state. Times are on the machine's monotonic clock; the driver turns
@@ -255,6 +263,10 @@ pub struct Snapshot {
     pub last_event: Option<Event>,
     /// Where the current (or last) connection went, and in which protocol.
     pub via: Option<(Target, Proto)>,
+    /// Connected and the broker granted the inbox subscription.
+    pub inbox_subscribed: bool,
+    /// When the next SUBSCRIBE goes out, after a refused one.
+    pub next_subscribe_ms: Option<Millis>,
 }
 
 /// A duration, coarsely: `45s`, `3m`, `41h`, `3d` (negative counts as zero).
@@ -287,6 +299,15 @@ pub fn summary(s: &Snapshot, broker: &str, now_mono: Millis) -> String {
             }
             Some(_) => format!("online as {} (sig past its expiry, renewing)", s.login_user),
             None => format!("online as {}", s.login_user),
+        },
+        Phase::Subscribing => match s.next_subscribe_ms {
+            Some(t) => format!(
+                "connected as {}, but the broker refused the inbox subscription: messages to \
+                 it do not arrive yet (subscribing again in {})",
+                s.login_user,
+                until(t)
+            ),
+            None => format!("connected as {}, subscribing to the inbox", s.login_user),
         },
         Phase::Idle => "logged out — run `imlinkctl login` to log in".into(),
         Phase::WaitingForClock => format!("waiting for clock sync: {err}"),

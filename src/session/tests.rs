@@ -38,7 +38,18 @@ impl H {
         h
     }
 
+    /// Feed `i`. A CONNACK is followed by the broker granting the inbox subscription at
+    /// once (what a healthy broker does; `input_raw` leaves the SUBACK to the test).
     fn input(&mut self, i: Input) -> Vec<Action> {
+        let connack = matches!(i, Input::Connected { .. });
+        let mut out = self.input_raw(i);
+        if connack && out.iter().any(|a| matches!(a, Action::Subscribe { .. })) {
+            out.extend(self.input_raw(Input::SubAck { granted: true }));
+        }
+        out
+    }
+
+    fn input_raw(&mut self, i: Input) -> Vec<Action> {
         self.m.handle(self.now, i);
         self.drain()
     }
@@ -198,6 +209,7 @@ fn start_fetches_a_sig_then_connects_then_is_online() {
     assert!(has(
         &a,
         &Action::PersistSig {
+            user: alice(),
             fingerprint: "fp1".into()
         }
     ));
@@ -207,7 +219,11 @@ fn start_fetches_a_sig_then_connects_then_is_online() {
     let a = h.input(Input::Connected {
         session_present: false,
     });
-    assert_eq!(events(&a), ["connect_success", "state_changed"]);
+    // Logged in at the CONNACK (phase `subscribing`), online once the inbox is subscribed.
+    assert_eq!(
+        events(&a),
+        ["connect_success", "state_changed", "state_changed"]
+    );
     assert_eq!(h.phase(), Phase::Online);
     assert_eq!(h.m.login_status(), login_status::LOGINED);
     assert_eq!(h.m.login_user(), "alice");
@@ -1043,6 +1059,7 @@ fn proactive_refresh_moves_the_session_to_the_new_sig_before_expiry() {
     // Stored first, then a clean DISCONNECT, then CONNECT with the new sig.
     let persist = a.iter().position(|x| {
         *x == Action::PersistSig {
+            user: alice(),
             fingerprint: "fp2".into(),
         }
     });
@@ -1343,9 +1360,11 @@ fn every_state_change_is_emitted_exactly_once() {
         [
             Phase::FetchingSig,
             Phase::Connecting,
+            Phase::Subscribing,
             Phase::Online,
             Phase::Backoff,
             Phase::Connecting,
+            Phase::Subscribing,
             Phase::Online
         ]
     );

@@ -310,26 +310,7 @@ impl Daemon {
     }
 
     pub async fn wait_phase_within(&self, phase: &str, within: Duration) -> Value {
-        let mut w = self.client().await;
-        let snap = w.call("watch", json!({})).await;
-        let mut current = snap["result"]["status"]["phase"]
-            .as_str()
-            .unwrap_or("")
-            .to_string();
-        let deadline = tokio::time::Instant::now() + within;
-        while current != phase {
-            let v = tokio::time::timeout_at(deadline, w.next())
-                .await
-                .unwrap_or_else(|_| {
-                    panic!(
-                        "phase {phase:?} not reached within {within:?} (still {current:?})\nlog:\n{}",
-                        self.log_text()
-                    )
-                });
-            if v["method"] == "state_changed" {
-                current = v["params"]["phase"].as_str().unwrap_or("").to_string();
-            }
-        }
+        wait_phase_at(&self.socket, phase, within, || self.log_text()).await;
         self.status().await
     }
 
@@ -686,6 +667,31 @@ pub async fn inbox_at_least(d: &Daemon, n: usize, within: Duration) -> Vec<Value
         }
         if tokio::time::timeout_at(deadline, w.next()).await.is_err() {
             panic!("{} of {n} messages\n{}", all.len(), d.log_text());
+        }
+    }
+}
+
+/// Wait (on `watch` notifications of the API at `sock`) until the phase is `phase`; `log`
+/// gives the daemon's log for the failure message.
+pub async fn wait_phase_at(sock: &Path, phase: &str, within: Duration, log: impl Fn() -> String) {
+    let mut w = Client::connect(sock).await;
+    let snap = w.call("watch", json!({})).await;
+    let mut current = snap["result"]["status"]["phase"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    let deadline = tokio::time::Instant::now() + within;
+    while current != phase {
+        let v = tokio::time::timeout_at(deadline, w.next())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "phase {phase:?} not reached within {within:?} (still {current:?})\nlog:\n{}",
+                    log()
+                )
+            });
+        if v["method"] == "state_changed" {
+            current = v["params"]["phase"].as_str().unwrap_or("").to_string();
         }
     }
 }

@@ -548,14 +548,35 @@ impl Run<'_> {
 /// The most a C2C message may be (the IM service's limit: 12 KB).
 pub const MAX_C2C_BYTES: usize = 12 * 1024;
 
-/// What the IM service checks in a C2C message to an inbox (`im/{app}/u/{peer}/in`): its size,
-/// that it is one, and that `from` is the user who logged in. Other topics pass.
+/// What the IM service checks in a C2C message to an inbox
+/// (`im/{app}/u/{peer}/in/{sender}`): that the topic's sender is the user who logged in (what
+/// any broker's ACL can pin too), its size, that it is one, and that its `from` is the user who
+/// logged in as well. Other topics pass.
 pub fn check_c2c(p: &codec::Publish, user: &str) -> Result<(), (u8, u32, String)> {
     let Some(rest) = p.topic.strip_prefix("im/") else {
         return Ok(());
     };
-    if !rest.ends_with("/in") {
+    let levels: Vec<&str> = rest.split('/').collect();
+    if levels.get(3) != Some(&"in") {
         return Ok(());
+    }
+    match levels.get(4) {
+        Some(sender) if levels.len() == 5 && !sender.is_empty() => {
+            if *sender != user {
+                return Err((
+                    reason::NOT_AUTHORIZED,
+                    20003,
+                    format!("the topic's sender must be your UserID ({user})"),
+                ));
+            }
+        }
+        _ => {
+            return Err((
+                reason::TOPIC_NAME_INVALID,
+                20001,
+                "a C2C message goes to im/{sdk_app_id}/u/{peer}/in/{sender}".to_string(),
+            ));
+        }
     }
     if p.payload.len() > MAX_C2C_BYTES {
         return Err((

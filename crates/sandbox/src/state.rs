@@ -185,12 +185,13 @@ pub const MAX_PENDING: usize = 1000;
 /// How long the service keeps a user's offline messages (a session's expiry is capped at it).
 pub const RETENTION_SECS: u32 = 7 * 86_400;
 
-/// The user of an inbox topic `im/{app}/u/{user}/in`.
+/// The user of an inbox topic `im/{app}/u/{user}/in/{sender}`.
 fn inbox_user(topic: &str) -> Option<&str> {
     let rest = topic.strip_prefix("im/")?;
     let mut l = rest.split('/');
-    let (_app, u, user, inbox, end) = (l.next()?, l.next()?, l.next()?, l.next()?, l.next());
-    (u == "u" && inbox == "in" && end.is_none() && !user.is_empty()).then_some(user)
+    let (_app, u, user, inbox, sender) = (l.next()?, l.next()?, l.next()?, l.next()?, l.next()?);
+    (u == "u" && inbox == "in" && l.next().is_none() && !user.is_empty() && !sender.is_empty())
+        .then_some(user)
 }
 
 /// The `{platform}` of a client id `{sdk_app_id}:{user_id}:{platform}:{instance}`.

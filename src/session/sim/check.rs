@@ -142,7 +142,7 @@ pub fn short_action(a: &Action) -> String {
         Action::Subscribe { .. } => "Subscribe".into(),
         Action::Disconnect => "Disconnect".into(),
         Action::Abandon => "Abandon".into(),
-        Action::PersistSig { fingerprint } => format!("Persist({fingerprint})"),
+        Action::PersistSig { fingerprint, .. } => format!("Persist({fingerprint})"),
         Action::ForgetSig => "Forget".into(),
         Action::ReleaseSig { fingerprint } => format!("Release({fingerprint})"),
         Action::Emit(Event::StateChanged { phase, .. }) => format!("→{}", phase.as_str()),
@@ -651,7 +651,7 @@ impl Checker {
         let phase = snap.phase;
         // Truth.
         let up = w.conn_state() == "up";
-        if (phase == Phase::Online) != up {
+        if matches!(phase, Phase::Online | Phase::Subscribing) != up {
             self.violate(
                 "truth: online",
                 format!(
@@ -659,6 +659,12 @@ impl Checker {
                     phase.as_str(),
                     w.conn_state()
                 ),
+            );
+        }
+        if phase == Phase::Online && !w.subscribed {
+            self.violate(
+                "truth: online",
+                "online while the broker has not granted the inbox subscription".into(),
             );
         }
         let excluded = matches!(
@@ -677,7 +683,7 @@ impl Checker {
             }
         }
         let status_ok = match phase {
-            Phase::Online => snap.login_status == login_status::LOGINED,
+            Phase::Online | Phase::Subscribing => snap.login_status == login_status::LOGINED,
             Phase::Idle | Phase::Stopped | Phase::Kicked => {
                 snap.login_status == login_status::LOGOUT
             }
@@ -728,6 +734,7 @@ impl Checker {
         }
         let prefix = match phase {
             Phase::Online => "online as ",
+            Phase::Subscribing => "connected as ",
             Phase::Idle => "logged out",
             Phase::WaitingForClock => "waiting for clock sync",
             Phase::FetchingSig => "fetching a UserSig",

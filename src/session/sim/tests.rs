@@ -92,6 +92,8 @@ fn the_simulator_catches_a_reintroduced_loop() {
         counters: Default::default(),
         last_event: None,
         via: None,
+        inbox_subscribed: true,
+        next_subscribe_ms: None,
     };
     let mut t = 1_000;
     for _ in 0..3 {

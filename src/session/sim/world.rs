@@ -125,6 +125,10 @@ pub struct World {
     given_refs: BTreeSet<String>,
     /// The protocol of the connection up now (3.1.1: no DISCONNECT; kicks are closes).
     conn_proto: Proto,
+    /// The SUBACK the broker owes the session up now, due then (granted).
+    suback: Option<Millis>,
+    /// The broker granted the inbox subscription on the session up now.
+    pub subscribed: bool,
 }
 
 fn pick<T: Copy>(rng: &mut Rng, xs: &[T]) -> T {
@@ -177,6 +181,8 @@ impl World {
             redirect_next: None,
             given_refs: BTreeSet::new(),
             conn_proto: Proto::V5,
+            suback: None,
+            subscribed: false,
         }
     }
 
@@ -242,12 +248,37 @@ impl World {
             ConnW::Up { end, .. } => end.as_ref().map(|e| e.0),
             ConnW::None => None,
         };
-        [f, c].into_iter().flatten().min()
+        let sub = self
+            .suback
+            .filter(|_| matches!(self.conn, ConnW::Up { .. }));
+        [f, c, sub].into_iter().flatten().min()
+    }
+
+    /// A subscription belongs to the session up now: it goes with it.
+    fn forget_subscription_unless_up(&mut self) {
+        if !matches!(self.conn, ConnW::Up { .. }) {
+            self.suback = None;
+            self.subscribed = false;
+        }
     }
 
     /// Take the world's next delivery (at `self.t`), as an input for the machine.
     pub fn pop_event(&mut self, m: &Machine, chk: &mut Checker) -> Option<(Input, String)> {
+        let r = self.pop_event_inner(m, chk);
+        self.forget_subscription_unless_up();
+        r
+    }
+
+    fn pop_event_inner(&mut self, m: &Machine, chk: &mut Checker) -> Option<(Input, String)> {
         let t = self.t;
+        if matches!(self.conn, ConnW::Up { .. }) && self.suback.is_some_and(|a| a <= t) {
+            self.suback = None;
+            self.subscribed = true;
+            return Some((
+                Input::SubAck { granted: true },
+                "broker: SUBACK granted".into(),
+            ));
+        }
         let conn_due = match &self.conn {
             ConnW::Connecting { at, .. } | ConnW::Closing { at } => at.is_some_and(|a| a <= t),
             ConnW::Up { end, .. } => end.as_ref().is_some_and(|e| e.0 <= t),
@@ -441,6 +472,11 @@ impl World {
 
     /// Carry out one action of the machine, as the driver and the world would.
     pub fn act(&mut self, a: &Action, m: &Machine, chk: &mut Checker) {
+        self.act_inner(a, m, chk);
+        self.forget_subscription_unless_up();
+    }
+
+    fn act_inner(&mut self, a: &Action, m: &Machine, chk: &mut Checker) {
         let t = self.t;
         match a {
             Action::FetchSig { user } => {
@@ -551,6 +587,9 @@ impl World {
                 if !matches!(self.conn, ConnW::Up { .. }) {
                     chk.violate("truth", "Subscribe without a session".into());
                 }
+                // Granted a moment later (a fixed delay: the world's random stream, and so
+                // every older seed's world, is unchanged).
+                self.suback = Some(t + 5);
             }
             Action::Disconnect => match self.conn {
                 ConnW::Up { .. } => {
@@ -578,7 +617,7 @@ impl World {
                 ),
                 ConnW::None => {}
             },
-            Action::PersistSig { fingerprint } => {
+            Action::PersistSig { fingerprint, .. } => {
                 if !self.held.contains(fingerprint) {
                     chk.violate(
                         "safety: sigs",
