@@ -681,4 +681,105 @@ mod tests {
             Some(vec![0x20, 0x03, 0x00, 0x87, 0x00])
         );
     }
+
+    // --- Downstream: the relay's framing --------------------------------------------------
+
+    fn publish(qos1: bool, topic: &str, pkid: u16, v5: bool, payload: &[u8]) -> Vec<u8> {
+        let mut body = Vec::new();
+        s(&mut body, topic);
+        if qos1 {
+            body.extend_from_slice(&pkid.to_be_bytes());
+        }
+        if v5 {
+            body.push(0);
+        }
+        body.extend_from_slice(payload);
+        let mut out = vec![if qos1 { 0x32 } else { 0x30 }];
+        put_varint(&mut out, body.len());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// Feed `bytes` in chunks of `step`, collecting what is passed on and noted.
+    fn run(
+        d: &mut Downstream,
+        bytes: &[u8],
+        step: usize,
+    ) -> (Vec<u8>, Vec<Note>, Result<(), WireError>) {
+        let (mut out, mut notes) = (Vec::new(), Vec::new());
+        for c in bytes.chunks(step) {
+            let r = d.feed(c, &mut out, &mut notes);
+            if r.is_err() {
+                return (out, notes, r);
+            }
+        }
+        (out, notes, Ok(()))
+    }
+
+    #[test]
+    fn an_oversized_publish_becomes_an_empty_stub_in_its_place_whatever_the_chunking() {
+        for v5 in [false, true] {
+            let small1 = publish(true, "im/1/u/a/in/b", 1, v5, b"{}");
+            let big = publish(true, "im/1/u/a/in/b", 2, v5, &vec![b'x'; 300_000]);
+            let big_len = big.len();
+            let small2 = publish(true, "im/1/u/a/in/b", 3, v5, b"{}");
+            let bytes = [small1.clone(), big, small2.clone()].concat();
+            let stub = publish(true, "im/1/u/a/in/b", 2, v5, b"");
+            let want = [small1.clone(), stub, small2.clone()].concat();
+            for step in [1, 7, 8192, bytes.len()] {
+                let mut d = Downstream::new(256 * 1024, v5);
+                let (out, notes, r) = run(&mut d, &bytes, step);
+                assert_eq!(r, Ok(()), "v5 {v5} step {step}");
+                assert_eq!(out, want, "v5 {v5} step {step}");
+                assert_eq!(
+                    notes,
+                    [Note::Oversized {
+                        pkid: Some(2),
+                        bytes: big_len
+                    }],
+                    "v5 {v5} step {step}"
+                );
+                // The payload was skipped as it streamed, never held.
+                assert_eq!(d.buffered(), 0);
+            }
+        }
+    }
+
+    #[test]
+    fn an_oversized_qos0_publish_is_skipped_and_noted() {
+        let big = publish(false, "t", 0, false, &vec![0u8; 400_000]);
+        let after = publish(true, "t", 9, false, b"ok");
+        let mut d = Downstream::new(256 * 1024, false);
+        let (out, notes, r) = run(&mut d, &[big, after.clone()].concat(), 4096);
+        assert_eq!(r, Ok(()));
+        assert_eq!(out, after);
+        assert!(matches!(notes[..], [Note::Oversized { pkid: None, .. }]));
+    }
+
+    #[test]
+    fn packets_before_a_broken_one_are_passed_on_the_connack_included() {
+        // A CONNACK and, in the same read, an oversized packet that is not a PUBLISH.
+        let connack = [0x20, 0x03, 0x00, 0x00, 0x00];
+        let mut bad = vec![0x90];
+        put_varint(&mut bad, 300_000);
+        let mut d = Downstream::new(256 * 1024, true);
+        let (out, notes, r) = run(&mut d, &[&connack[..], &bad].concat(), 8192);
+        assert_eq!(r, Err(WireError::TooLarge));
+        assert_eq!(out, connack);
+        assert!(matches!(notes[..], [Note::ConnAck { short: false, .. }]));
+    }
+
+    #[test]
+    fn a_publish_head_larger_than_the_cap_is_refused_not_buffered_forever() {
+        let mut p = vec![0x32];
+        put_varint(&mut p, 2_000_000);
+        // A topic length of 65,535 but the properties' length claims more than MAX_HEAD.
+        p.extend_from_slice(&[0x00, 0x01, b't', 0x00, 0x01]);
+        put_varint(&mut p, 1_000_000);
+        p.extend(std::iter::repeat_n(0u8, MAX_HEAD + 10));
+        let mut d = Downstream::new(256 * 1024, true);
+        let (_, _, r) = run(&mut d, &p, 4096);
+        assert_eq!(r, Err(WireError::TooLarge));
+        assert!(d.buffered() <= MAX_HEAD + 8192);
+    }
 }

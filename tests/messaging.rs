@@ -564,3 +564,50 @@ async fn a_store_from_a_newer_imlinkd_is_left_alone_and_messaging_says_why() {
     assert_eq!(std::fs::read(&db).unwrap(), before, "not a byte changed");
     d.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_inbox_subscription_is_retried_and_the_daemon_is_never_online_and_deaf() {
+    // A NATS cluster electing a leader refuses SUBSCRIBEs for a few seconds after a node
+    // dies. The daemon used to log a warning and stay `online`, receiving nothing, for good.
+    // Now it says `subscribing` until the broker grants the inbox, retrying with backoff.
+    let sb = sandbox().await;
+    let alice = Daemon::start(&sb, Opts::user("alice")).await;
+    alice.wait_phase("online").await;
+    let mut o = Opts::user("bob");
+    o.top_extra = "login_on_start = false".into();
+    let bob = Daemon::start(&sb, o).await;
+    let mut w = bob.client().await;
+    w.call("watch", json!({})).await;
+    sb.refuse_subscribe(Some(2), Some("bob"));
+    let login = bob.rpc("login", json!({})).await;
+    assert_eq!(
+        login["result"]["login_status"], 1,
+        "logged in at the CONNACK: {login}"
+    );
+    // Sent while bob cannot receive: it waits at the service, and arrives once he can.
+    let id = send(&alice, "bob", "during the election").await;
+    let mut phases = Vec::new();
+    while phases.last().map(String::as_str) != Some("online") {
+        let v = tokio::time::timeout(WAIT, w.next()).await.expect("events");
+        if v["method"] == "state_changed" {
+            phases.push(v["params"]["phase"].as_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(
+        phases,
+        ["fetching_sig", "connecting", "subscribing", "online"]
+    );
+    let got = inbox_reaches(&bob, 1).await;
+    assert_eq!(ids(&got), [id]);
+    let st = bob.status().await;
+    assert_eq!(st["inbox_subscribed"], true);
+    assert_eq!(st["counters"]["subscribe_refusals"], 2, "{st}");
+    assert_eq!(
+        st["counters"]["connect_attempts"], 1,
+        "no reconnect for it: {st}"
+    );
+    let c = sb.user("bob");
+    assert_eq!((c.subscribes, c.subscribes_refused), (3, 2));
+    alice.finish().await;
+    bob.finish().await;
+}

@@ -286,3 +286,86 @@ async fn send(d: &Daemon, to: &str, body: String) -> String {
 async fn wait_inbox(d: &Daemon, n: usize) -> Vec<serde_json::Value> {
     inbox_at_least(d, n, WAIT).await
 }
+
+/// A raw MQTT 3.1.1 client over TLS, as `user` with `password`: a peer with no daemon.
+async fn raw_v311(
+    m: &Mosquitto,
+    dir: &Path,
+    user: &str,
+    password: &str,
+) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let port: u16 = m.url.rsplit(':').next().unwrap().parse().unwrap();
+    let mut o = rumqttc::MqttOptions::new(format!("raw-{user}"), "127.0.0.1", port);
+    o.set_credentials(user, password);
+    o.set_max_packet_size(1 << 20, 1 << 20);
+    let tls = imlinkd::tls::client_config(
+        &imlinkd::config::CaSource::File(dir.join("mq-ca.pem")),
+        None,
+        &[],
+    )
+    .unwrap();
+    o.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(tls),
+    ));
+    rumqttc::AsyncClient::new(o, 10)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_large_message_on_mqtt_3_1_1_is_dropped_and_the_session_stays_online() {
+    // MQTT 3.1.1 has no Maximum Packet Size: the broker delivers whatever a peer the ACL lets
+    // write sends. One QoS 1 message over the daemon's 256 KiB limit used to end the
+    // connection — and, redelivered first on every reconnect, keep the device offline for
+    // good. Now it is acknowledged and dropped, counted, and the session goes on.
+    let sb = sandbox().await;
+    let dir = temp_dir("mq-large");
+    let sa = sb.issue_sig("alice", Duration::from_secs(3600));
+    let sm = sb.issue_sig("mallory", Duration::from_secs(3600));
+    sb.pin_sig("alice", Some(&sa));
+    let m =
+        Mosquitto::start_with(&sb, &dir, &[("alice", &sa), ("mallory", &sm)], Some(IM_ACL)).await;
+    let mut o = opts_for(&m, "alice");
+    o.broker_extra = "protocol = \"v3.1.1\"\n".into();
+    let alice = Daemon::start(&sb, o).await;
+    alice.wait_phase("online").await;
+    let (peer, mut ev) = raw_v311(&m, &dir, "mallory", &sm).await;
+    let pump = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+    let topic = format!("im/{}/u/alice/in/mallory", sb.sdk_app_id());
+    let msg = |id: &str, from: &str, body: &str| {
+        serde_json::json!({
+            "id": id, "from": from, "to": "alice", "kind": "text", "body": body, "ts": 1
+        })
+        .to_string()
+    };
+    use rumqttc::QoS::AtLeastOnce;
+    let big = msg(
+        "01JAAAAAAAAAAAAAAAAAAAAAAA",
+        "mallory",
+        &"x".repeat(300 * 1024),
+    );
+    peer.publish(&topic, AtLeastOnce, false, big).await.unwrap();
+    // A payload that claims another sender than its topic: forged, dropped too.
+    let forged = msg("01JAAAAAAAAAAAAAAAAAAAAAAB", "bob", "it's me, bob");
+    peer.publish(&topic, AtLeastOnce, false, forged)
+        .await
+        .unwrap();
+    let fine = msg("01JAAAAAAAAAAAAAAAAAAAAAAC", "mallory", "after the big one");
+    peer.publish(&topic, AtLeastOnce, false, fine)
+        .await
+        .unwrap();
+    let got = wait_inbox(&alice, 1).await;
+    assert_eq!(got[0]["id"], "01JAAAAAAAAAAAAAAAAAAAAAAC");
+    let st = alice.status().await;
+    assert_eq!(st["phase"], "online");
+    assert_eq!(st["messages"]["dropped_oversized"], 1, "{st}");
+    assert_eq!(st["messages"]["dropped_forged"], 1, "{st}");
+    assert_eq!(
+        st["counters"]["connect_attempts"], 1,
+        "the connection was never lost: {st}"
+    );
+    assert_eq!(m.connects(), 2, "alice once, mallory once");
+    // Both were acknowledged: a new session of alice's gets nothing redelivered.
+    let log = alice.log_text();
+    assert!(log.contains("over the size limit"), "said so in the log");
+    pump.abort();
+    alice.finish().await;
+}

@@ -10,6 +10,7 @@
 //! | `POST /drop-all` | close every MQTT socket without DISCONNECT |
 //! | `POST /listener/stop`, `POST /listener/start` | take the MQTT listener away / back |
 //! | `POST /refuse?code=0x87[&count=N][&user_id=U]` | refuse next CONNECTs with a code |
+//! | `POST /refuse-subscribe[?count=N][&user_id=U]` | answer the next SUBSCRIBEs with SUBACK 0x80 (a cluster election) |
 //! | `POST /on-login?action=disconnect&code=0xA0[&reason=TEXT]` or `action=close` `[&count=N][&user_id=U]` | act right after a login (with `reason`: exactly that reason string) |
 //! | `POST /provisioning/fault` + JSON body `{"mode": …, "count": N, "user_id": U}` | provisioning failure modes |
 //! | `POST /provisioning/clock-offset?seconds=S` | skew the provisioning clock |
@@ -120,6 +121,10 @@ async fn handle(c: &Control, req: Request) -> Response {
             }
             None => Response::error(400, "code is missing (e.g. code=0x87)"),
         },
+        ("/refuse-subscribe", _, true) => {
+            c.refuse_subscribe(count, user.as_deref());
+            ok(serde_json::json!({ "refusing_subscribe": true }))
+        }
         ("/on-login", _, true) => {
             let fault = match req.query("action") {
                 Some("close") => LoginFault::Close,

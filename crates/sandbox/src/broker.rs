@@ -463,6 +463,15 @@ impl Run<'_> {
                 }
                 let own = format!("im/{}/u/{}/", self.shared.settings.sdk_app_id, self.user);
                 let codes: Vec<u8> = self.shared.update(|st| {
+                    let refused =
+                        crate::state::Armed::fire(&mut st.faults.refuse_subscribe, self.user)
+                            .is_some();
+                    let uc = st.counters.users.entry(self.user.to_string()).or_default();
+                    uc.subscribes += 1;
+                    if refused {
+                        uc.subscribes_refused += 1;
+                        return vec![reason::UNSPECIFIED; sub.filters.len()];
+                    }
                     let Some(sess) = st.sessions.get_mut(self.client_id) else {
                         return vec![reason::UNSPECIFIED; sub.filters.len()];
                     };

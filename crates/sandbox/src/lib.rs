@@ -521,6 +521,18 @@ impl Control {
         });
     }
 
+    /// Answer the next `count` SUBSCRIBEs (of `user`, or anyone) with SUBACK 0x80, as a
+    /// cluster electing a leader does. `count: None` refuses until [`Control::clear_faults`].
+    pub fn refuse_subscribe(&self, count: Option<u32>, user: Option<&str>) {
+        self.shared.update(|st| {
+            st.faults.refuse_subscribe = Some(Armed {
+                fault: (),
+                remaining: count,
+                user: user.map(str::to_string),
+            })
+        });
+    }
+
     /// Right after the next `count` accepted logins (of `user`, or anyone), do `fault`.
     pub fn on_login(&self, fault: LoginFault, count: Option<u32>, user: Option<&str>) {
         self.shared.update(|st| {

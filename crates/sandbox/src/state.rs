@@ -38,6 +38,11 @@ pub struct UserCounters {
     pub messages_refused: BTreeMap<String, u64>,
     /// Messages delivered to this user (QoS 1: acknowledged; QoS 0: written).
     pub messages_delivered: u64,
+    /// SUBSCRIBE packets of this user, and those refused (SUBACK ≥ 0x80 for a filter).
+    #[serde(default)]
+    pub subscribes: u64,
+    #[serde(default)]
+    pub subscribes_refused: u64,
     /// Logins that presented a client certificate.
     pub client_cert_logins: u64,
 }
@@ -150,6 +155,8 @@ impl<T: Clone> Armed<T> {
 #[derive(Debug, Default)]
 pub struct Faults {
     pub refuse: Option<Armed<u8>>,
+    /// SUBSCRIBEs answered with SUBACK 0x80 (a cluster electing a leader does this).
+    pub refuse_subscribe: Option<Armed<()>>,
     pub on_login: Option<Armed<LoginFault>>,
     pub provision: Option<Armed<ProvisionFault>>,
 }
