@@ -8,7 +8,9 @@
 //! step.
 //!
 //! **Sending.** The outbox lives in the store; the courier holds a bounded page of it
-//! (`LOAD` messages) plus at most `WINDOW` in flight. It publishes in store order, oldest
+//! (`LOAD` messages) plus at most `WINDOW` in flight — and at most **one per peer**: a broker
+//! may refuse a message for now (0x97) and accept the next one, so a second message in flight
+//! to the same peer could overtake the first. It publishes in store order, oldest
 //! first, only on the link it was told is up, and at most once per link. A PUBACK settles a
 //! message: below 0x80 it was sent; a refusal that cannot change (0x87 not authorized, 0x95
 //! too large, 0x99 payload invalid, ...) fails it for good and it is never published again;
@@ -43,7 +45,7 @@ pub type LinkId = u64;
 /// The store's order of a message.
 pub type Seq = i64;
 
-/// Messages published and not yet acknowledged, at most.
+/// Messages published and not yet acknowledged, at most (across peers: one per peer).
 pub const WINDOW: usize = 16;
 /// Messages of the outbox held in memory (loaded, in flight or being settled), at most.
 pub const LOAD: usize = 64;
@@ -800,15 +802,26 @@ impl Courier {
             return;
         }
         if let (Some(link), Some(_)) = (self.link, self.owner.as_ref()) {
-            while self.inflight.len() < WINDOW {
-                let next = self
-                    .pending
-                    .iter()
-                    .find(|(_, m)| !self.paused.contains_key(&m.to))
-                    .map(|(s, _)| *s);
-                let Some(seq) = next else { break };
-                let Some(msg) = self.pending.remove(&seq) else {
+            // One message in flight per peer, up to WINDOW across peers: a broker may refuse
+            // one for now (0x97) and accept the next, so a second one in flight to the same
+            // peer could overtake the first (the courier's simulator found exactly that).
+            let mut busy: BTreeSet<&str> =
+                self.inflight.values().map(|f| f.msg.to.as_str()).collect();
+            let mut picked = Vec::new();
+            for (seq, m) in &self.pending {
+                if self.inflight.len() + picked.len() >= WINDOW {
                     break;
+                }
+                // Earlier messages to a peer go first: a peer with one in flight or one
+                // picked, or paused, waits.
+                if self.paused.contains_key(&m.to) || !busy.insert(m.to.as_str()) {
+                    continue;
+                }
+                picked.push(*seq);
+            }
+            for seq in picked {
+                let Some(msg) = self.pending.remove(&seq) else {
+                    continue;
                 };
                 self.inflight.insert(seq, Flight { msg: msg.clone() });
                 self.actions.push_back(Action::Publish { link, seq, msg });

@@ -132,6 +132,10 @@ struct World {
     /// Messages the broker refused for good since the daemon last started: never again
     /// within this run (after a crash, only if the store still holds them as queued).
     refused: BTreeSet<String>,
+    /// Messages the broker accepted (PUBACK 0x00), and per (sender, peer) the store order of
+    /// the last one accepted for the first time: what the peer receives, in that order.
+    accepted: BTreeSet<String>,
+    peer_order: BTreeMap<(String, String), Seq>,
     sessions: BTreeMap<String, BrokerSession>,
     /// The link each session's delivered messages went out on.
     delivered_on: BTreeMap<String, LinkId>,
@@ -180,6 +184,8 @@ impl World {
             published: VecDeque::new(),
             outstanding: BTreeSet::new(),
             refused: BTreeSet::new(),
+            accepted: BTreeSet::new(),
+            peer_order: BTreeMap::new(),
             sessions,
             delivered_on: BTreeMap::new(),
             busy_until: 0,
@@ -545,6 +551,19 @@ impl World {
         };
         if code == 0x87 {
             self.refused.insert(m.id.clone());
+        }
+        if code == 0x00 && self.accepted.insert(m.id.clone()) {
+            // Per-peer order: the peer receives a sender's messages in the order they were
+            // sent (a redelivery of one already accepted is deduplicated there).
+            let key = (m.from.clone(), m.to.clone());
+            let last = self.peer_order.get(&key).copied().unwrap_or(0);
+            if seq < last {
+                return Err(self.fail(format!(
+                    "per-peer order: {} (seq {seq}) to {} accepted after seq {last}",
+                    m.id, m.to
+                )));
+            }
+            self.peer_order.insert(key, seq);
         }
         self.feed(Input::PubAck { link, seq, code })
     }

@@ -28,6 +28,13 @@ fn publishes(actions: &[Action]) -> Vec<Seq> {
 
 /// A courier for alice with `n` queued messages to `to` loaded, link 1 up.
 fn loaded(n: i64, to: &str) -> (Courier, Vec<WireMessage>) {
+    let peers = vec![to.to_string(); n as usize];
+    loaded_to(&peers)
+}
+
+/// A courier for alice with one queued message to each of `peers` (in that order) loaded,
+/// link 1 up.
+fn loaded_to(peers: &[String]) -> (Courier, Vec<WireMessage>) {
     let mut g = IdGen::with_seed(1);
     let mut c = Courier::new(0, 7);
     c.handle(0, Input::Account(Some("alice".into())));
@@ -39,7 +46,7 @@ fn loaded(n: i64, to: &str) -> (Courier, Vec<WireMessage>) {
         ] => *token,
         other => panic!("{other:?}"),
     };
-    let msgs: Vec<WireMessage> = (0..n).map(|_| m(&mut g, "alice", to)).collect();
+    let msgs: Vec<WireMessage> = peers.iter().map(|to| m(&mut g, "alice", to)).collect();
     let page = msgs
         .iter()
         .cloned()
@@ -61,7 +68,9 @@ fn loaded(n: i64, to: &str) -> (Courier, Vec<WireMessage>) {
 
 #[test]
 fn the_outbox_goes_out_in_order_within_the_window_and_again_after_a_reconnect() {
-    let (mut c, _) = loaded(20, "bob");
+    // Twenty peers, one message each: up to WINDOW in flight at once.
+    let peers: Vec<String> = (0..20).map(|i| format!("p{i}")).collect();
+    let (mut c, _) = loaded_to(&peers);
     let first = publishes(&drain(&mut c));
     assert_eq!(first, (1..=WINDOW as Seq).collect::<Vec<_>>());
     c.handle(
@@ -115,7 +124,7 @@ fn the_outbox_goes_out_in_order_within_the_window_and_again_after_a_reconnect() 
 #[test]
 fn a_refusal_that_cannot_change_fails_the_message_once_and_it_is_never_sent_again() {
     let (mut c, msgs) = loaded(2, "mallory");
-    assert_eq!(publishes(&drain(&mut c)), vec![1, 2]);
+    assert_eq!(publishes(&drain(&mut c)), vec![1], "one in flight per peer");
     c.handle(
         10,
         Input::PubAck {
@@ -126,8 +135,8 @@ fn a_refusal_that_cannot_change_fails_the_message_once_and_it_is_never_sent_agai
     );
     let a = drain(&mut c);
     assert_eq!(
-        a,
-        vec![Action::Settle {
+        a[0],
+        Action::Settle {
             owner: "alice".into(),
             seq: 1,
             id: msgs[0].id.clone(),
@@ -135,8 +144,9 @@ fn a_refusal_that_cannot_change_fails_the_message_once_and_it_is_never_sent_agai
                 code: codes::MSG_NOT_AUTHORIZED,
                 reason: 0x87
             },
-        }]
+        }
     );
+    assert_eq!(publishes(&a), vec![2], "the next one to that peer goes now");
     // The store could not record it: it is asked again, and the message is not published
     // again meanwhile.
     c.handle(
@@ -184,6 +194,49 @@ fn a_refusal_that_cannot_change_fails_the_message_once_and_it_is_never_sent_agai
 }
 
 #[test]
+fn one_message_in_flight_per_peer_so_a_refusal_for_now_cannot_be_overtaken() {
+    // The courier's simulator found it (seed 3, step 3138): with several messages to one
+    // peer in flight, a 0x97 on the first and a success on the next delivered them out of
+    // order. Now the second goes only once the first is answered.
+    let (mut c, _) = loaded_to(&["busy".into(), "busy".into(), "bob".into()]);
+    assert_eq!(publishes(&drain(&mut c)), vec![1, 3]);
+    c.handle(
+        10,
+        Input::PubAck {
+            link: 1,
+            seq: 1,
+            code: 0x97,
+        },
+    );
+    // Refused for now: busy is paused; its second message stays behind the first.
+    assert!(publishes(&drain(&mut c)).is_empty());
+    let resume = c.poll_timeout().expect("the pause ends");
+    c.handle_timeout(resume);
+    let a = drain(&mut c);
+    // The outbox is read again; seq 1 goes first, alone.
+    let token = a
+        .iter()
+        .find_map(|x| match x {
+            Action::LoadOutbox { token, .. } => Some(*token),
+            _ => None,
+        })
+        .expect("a reload");
+    let mut g = IdGen::with_seed(9);
+    c.handle(
+        resume,
+        Input::OutboxPage {
+            token,
+            page: vec![
+                (1, m(&mut g, "alice", "busy")),
+                (2, m(&mut g, "alice", "busy")),
+            ],
+            complete: true,
+        },
+    );
+    assert_eq!(publishes(&drain(&mut c)), vec![1]);
+}
+
+#[test]
 fn quota_exceeded_pauses_that_peer_only_and_its_messages_go_later_in_order() {
     let mut g = IdGen::with_seed(2);
     let mut c = Courier::new(0, 3);
@@ -205,7 +258,8 @@ fn quota_exceeded_pauses_that_peer_only_and_its_messages_go_later_in_order() {
         },
     );
     c.handle(0, Input::LinkUp(1));
-    assert_eq!(publishes(&drain(&mut c)), vec![1, 2, 3]);
+    // One in flight per peer: busy's second message waits behind its first.
+    assert_eq!(publishes(&drain(&mut c)), vec![1, 2]);
     c.handle(
         5,
         Input::PubAck {
@@ -232,15 +286,6 @@ fn quota_exceeded_pauses_that_peer_only_and_its_messages_go_later_in_order() {
         drain(&mut c).as_slice(),
         [Action::Settle { seq: 2, .. }]
     ));
-    c.handle(
-        7,
-        Input::PubAck {
-            link: 1,
-            seq: 3,
-            code: 0x97,
-        },
-    );
-    assert!(publishes(&drain(&mut c)).is_empty());
     let until = c.poll_timeout().expect("a pause ends");
     assert!((100..=PAUSE.base + 5).contains(&(until - 5)), "{until}");
     // The pause ends: the outbox is read again from the start, busy's messages in order.
@@ -267,7 +312,20 @@ fn quota_exceeded_pauses_that_peer_only_and_its_messages_go_later_in_order() {
             complete: true,
         },
     );
-    assert_eq!(publishes(&drain(&mut c)), vec![1, 3]);
+    assert_eq!(publishes(&drain(&mut c)), vec![1]);
+    c.handle(
+        until,
+        Input::PubAck {
+            link: 1,
+            seq: 1,
+            code: 0,
+        },
+    );
+    assert_eq!(
+        publishes(&drain(&mut c)),
+        vec![3],
+        "then the next, in order"
+    );
 }
 
 #[test]
@@ -412,7 +470,7 @@ fn acknowledgements_never_cross_links() {
 #[test]
 fn an_account_switch_sends_each_users_outbox_as_that_user() {
     let (mut c, _) = loaded(3, "bob");
-    assert_eq!(publishes(&drain(&mut c)).len(), 3);
+    assert_eq!(publishes(&drain(&mut c)).len(), 1, "one in flight per peer");
     c.handle(1, Input::LinkDown(1));
     c.handle(2, Input::Account(Some("carol".into())));
     let a = drain(&mut c);
