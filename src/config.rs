@@ -168,6 +168,9 @@ struct RawBroker {
     session_expiry: Dur,
     #[serde(default = "default_connect_timeout")]
     connect_timeout: Dur,
+    /// Publish the device's status, retained, with a last will (docs/api.md).
+    #[serde(default = "yes")]
+    publish_status: bool,
 }
 
 fn default_protocol() -> String {
@@ -357,6 +360,8 @@ pub struct BrokerConfig {
     pub keepalive: Duration,
     pub session_expiry_secs: u32,
     pub connect_timeout: Duration,
+    /// Publish the retained device status and set the last will.
+    pub publish_status: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -765,6 +770,7 @@ fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigErr
             keepalive,
             session_expiry_secs,
             connect_timeout: b.connect_timeout.0,
+            publish_status: b.publish_status,
         },
         provisioning,
         store,

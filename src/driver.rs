@@ -30,8 +30,8 @@ use crate::clock::{BootTimer, Clock, wall_ms};
 use crate::config::Config;
 use crate::courier::{self, Courier, LinkId, MessageEvent};
 use crate::engine::{
-    Action, BroughtSig, Engine, Input, LinkEvent, Queued, Refusal, StoreAnswer, StoreFailure,
-    StoreOp, Topics,
+    Action, BroughtSig, Device, Engine, Input, LinkEvent, Out, Queued, Refusal, StoreAnswer,
+    StoreFailure, StoreOp, Topics, Will,
 };
 use crate::link::Connection;
 use crate::message::IdGen;
@@ -123,6 +123,19 @@ fn endpoints(config: &Config) -> Result<(MqttSettings, Option<Provisioner>), Str
     Ok((mqtt, provisioner))
 }
 
+/// This device as its status on the broker describes it.
+fn device_of(config: &Config, mqtt: &MqttSettings) -> Device {
+    Device {
+        platform: config.platform.clone(),
+        instance: config.instance.clone(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        nodes: (0..config.broker.nodes.len() as u32)
+            .map(|i| mqtt.url_of(Some(&crate::session::Target::Node(i))))
+            .collect(),
+        publish_status: config.broker.publish_status,
+    }
+}
+
 fn store_failure(e: StoreError) -> StoreFailure {
     StoreFailure {
         full: matches!(e, StoreError::Full { .. }),
@@ -141,7 +154,8 @@ impl Driver {
         let topics = Topics {
             sdk_app_id: config.sdk_app_id,
         };
-        let mut engine = Engine::new(machine, Courier::new(now.mono, seed()), topics, now);
+        let device = device_of(&config, &mqtt);
+        let mut engine = Engine::new(machine, Courier::new(now.mono, seed()), topics, device, now);
         let mut sigs = HashMap::new();
         let boot_id = crate::clock::boot_id();
         match cache.load(&config.user_id, config.sdk_app_id) {
@@ -433,12 +447,14 @@ impl Driver {
         let topics = Topics {
             sdk_app_id: config.sdk_app_id,
         };
+        let device = device_of(&config, &self.mqtt);
         self.config = config;
         self.feed(Input::Reconfigured {
             policy,
             user,
             reconnect,
             topics,
+            device,
         });
         Ok(())
     }
@@ -543,7 +559,8 @@ impl Driver {
                     fingerprint,
                     target,
                     proto,
-                } => self.connect(link, user, &fingerprint, target, proto),
+                    will,
+                } => self.connect(link, user, &fingerprint, target, proto, will),
                 Action::Subscribe { link, filter } => {
                     if let Some(c) = self.conn.as_ref().filter(|c| c.link == link)
                         && let Err(e) = c.subscribe(filter)
@@ -554,21 +571,19 @@ impl Driver {
                 }
                 Action::Publish {
                     link,
-                    seq,
+                    what,
                     topic,
                     payload,
+                    retain,
                 } => {
                     let taken = match self.conn.as_ref().filter(|c| c.link == link) {
-                        Some(c) => c.publish(topic, payload).map_err(|e| {
+                        Some(c) => c.publish(topic, payload, retain).map_err(|e| {
                             tracing::debug!("the MQTT client would not take a publish now: {e}")
                         }),
                         None => Err(()),
                     };
                     if taken.is_err() {
-                        self.feed(Input::Link {
-                            link,
-                            event: LinkEvent::NotTaken(seq),
-                        });
+                        self.not_taken(link, what);
                     }
                 }
                 Action::Ack { link, pkid } => {
@@ -791,6 +806,13 @@ impl Driver {
         }
     }
 
+    fn not_taken(&mut self, link: LinkId, what: Out) {
+        self.feed(Input::Link {
+            link,
+            event: LinkEvent::NotTaken(what),
+        });
+    }
+
     fn connect(
         &mut self,
         link: LinkId,
@@ -798,6 +820,7 @@ impl Driver {
         fingerprint: &str,
         target: crate::session::Target,
         proto: crate::session::Proto,
+        will: Option<Will>,
     ) {
         // The engine connects only with no link open; an old one is gone with this.
         self.conn = None;
@@ -821,15 +844,15 @@ impl Driver {
             fingerprint,
             "connecting"
         );
-        match Connection::open(
-            &self.mqtt,
-            &user,
-            &held.sig,
-            &self.config.state_dir,
+        let dial = crate::link::Dial {
             link,
+            user: &user,
+            sig: &held.sig,
             target,
             proto,
-        ) {
+            will,
+        };
+        match Connection::open(&self.mqtt, &self.config.state_dir, dial) {
             Ok(c) => self.conn = Some(c),
             Err(end) => self.feed(Input::Link {
                 link,

@@ -69,6 +69,19 @@ impl Topics {
         format!("im/{}/u/{}/in/{}", self.sdk_app_id, peer, sender)
     }
 
+    /// Where the device publishes its status (retained) and its will: outside the inbox
+    /// subtree, so the daemon never receives its own status. `.` in platform or instance is
+    /// written `_` (NATS uses `.` as its subject separator).
+    pub fn status_of(&self, user: &UserId, platform: &str, instance: &str) -> String {
+        format!(
+            "im/{}/d/{}/{}/{}/status",
+            self.sdk_app_id,
+            user,
+            platform.replace('.', "_"),
+            instance.replace('.', "_")
+        )
+    }
+
     /// Read the topic of a PUBLISH that reached `me`.
     pub fn arrival(&self, me: &UserId, topic: &[u8]) -> Arrival {
         let Ok(topic) = std::str::from_utf8(topic) else {
@@ -80,6 +93,37 @@ impl Topics {
             _ => Arrival::Other,
         }
     }
+}
+
+/// This device, as its status on the broker describes it (docs/api.md, "Device status").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    pub platform: String,
+    pub instance: String,
+    /// imlinkd's version.
+    pub version: String,
+    /// The configured broker nodes, as shown (`mqtts://host:port`), by node number.
+    pub nodes: Vec<String>,
+    /// Publish the retained status and set the will (`broker.publish_status`).
+    pub publish_status: bool,
+}
+
+/// The version of the status document.
+pub const STATUS_DOC_VERSION: u32 = 1;
+
+/// A will for a CONNECT: published by the broker, retained, if the connection ends without
+/// a normal DISCONNECT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Will {
+    pub topic: String,
+    pub payload: Vec<u8>,
+}
+
+/// What an outgoing PUBLISH carries: a message of the outbox, or the device's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Out {
+    Message(Seq),
+    Status,
 }
 
 /// Something that happened on connection `link` (the driver reports it as it happened; the
@@ -103,8 +147,8 @@ pub enum LinkEvent {
     },
     /// The local MQTT client gave our next PUBLISH this packet id (in the order it took them).
     OutPublish(u16),
-    /// The local MQTT client would not take the PUBLISH of `seq` (its queue is full).
-    NotTaken(Seq),
+    /// The local MQTT client would not take this PUBLISH (its queue is full).
+    NotTaken(Out),
     /// A PUBACK (3.1.1: code 0).
     PubAck { pkid: u16, code: u8 },
     /// The broker answered the inbox SUBSCRIBE.
@@ -259,6 +303,7 @@ pub enum Input {
         user: UserId,
         reconnect: bool,
         topics: Topics,
+        device: Device,
     },
     SigFetched(SigInfo),
     SigFetchFailed(session::FetchFailure),
@@ -283,25 +328,28 @@ pub enum Action {
         user: UserId,
     },
     CancelFetch,
-    /// Open connection `link` (report its events as `Input::Link { link, .. }`).
+    /// Open connection `link` (report its events as `Input::Link { link, .. }`), with this
+    /// last will (retained, QoS 1).
     Connect {
         link: LinkId,
         user: UserId,
         fingerprint: String,
         target: session::Target,
         proto: Proto,
+        will: Option<Will>,
     },
     /// Send SUBSCRIBE (QoS 1) for `filter` on `link`.
     Subscribe {
         link: LinkId,
         filter: String,
     },
-    /// Publish QoS 1 on `link` (report `OutPublish` with its packet id, or `NotTaken(seq)`).
+    /// Publish QoS 1 on `link` (report `OutPublish` with its packet id, or `NotTaken(what)`).
     Publish {
         link: LinkId,
-        seq: Seq,
+        what: Out,
         topic: String,
         payload: Vec<u8>,
+        retain: bool,
     },
     /// PUBACK `pkid` on `link`.
     Ack {
@@ -360,6 +408,9 @@ pub struct MessageCounters {
     pub dropped_oversized: u64,
     /// PUBLISHes that are not a message (or not for us): acknowledged and dropped.
     pub dropped_invalid: u64,
+    /// Status documents published (retained).
+    #[serde(default)]
+    pub status_published: u64,
 }
 
 /// What the engine shows (the session's snapshot, and the messages').
@@ -385,10 +436,18 @@ struct Link {
     courier_up: bool,
     /// Our DISCONNECT was asked for: its end is the machine's `Disconnected`.
     closing: bool,
+    /// The CONNECT carried the status will.
+    will: bool,
     /// Publishes handed to the client, waiting for their packet id.
-    unnumbered: VecDeque<Seq>,
-    /// Packet id → the courier's seq, until the PUBACK.
-    pkids: HashMap<u16, Seq>,
+    unnumbered: VecDeque<Out>,
+    /// Packet id → what it carries, until the PUBACK.
+    pkids: HashMap<u16, Out>,
+    /// The status document the broker holds from this link (without its `at`), and whether
+    /// one is on its way; `status_refused`: the broker refused one (an ACL): no more tries on
+    /// this link.
+    status_sent: Option<serde_json::Value>,
+    status_in_flight: bool,
+    status_refused: bool,
     /// What was already said in the log about this link (one line per kind and link).
     warned_forged: bool,
     warned_invalid: bool,
@@ -400,25 +459,38 @@ pub struct Engine {
     machine: Machine,
     courier: Courier,
     topics: Topics,
+    device: Device,
     link: Option<Link>,
     next_link: LinkId,
     now: Now,
     counters: MessageCounters,
     inbound_held: bool,
+    /// The broker refused a CONNECT for its will (ejabberd: CONNACK 0x90 "Publishing to this
+    /// will topic is forbidden"): the status is off until a reload, so an ACL that does not
+    /// know the status topic never keeps a device from logging in.
+    status_unwelcome: bool,
     actions: VecDeque<Action>,
 }
 
 impl Engine {
-    pub fn new(machine: Machine, courier: Courier, topics: Topics, now: Now) -> Engine {
+    pub fn new(
+        machine: Machine,
+        courier: Courier,
+        topics: Topics,
+        device: Device,
+        now: Now,
+    ) -> Engine {
         Engine {
             machine,
             courier,
             topics,
+            device,
             link: None,
             next_link: 1,
             now,
             counters: MessageCounters::default(),
             inbound_held: false,
+            status_unwelcome: false,
             actions: VecDeque::new(),
         }
     }
@@ -466,6 +538,7 @@ impl Engine {
         self.machine.handle_timeout(now);
         self.courier.handle_timeout(now.mono);
         self.pump();
+        self.publish_status();
     }
 
     pub fn handle(&mut self, now: Now, input: Input) {
@@ -496,10 +569,18 @@ impl Engine {
                 user,
                 reconnect,
                 topics,
+                device,
             } => {
-                // Another SDKAppID means other topics: only a new connection can use them.
-                let reconnect = reconnect || topics != self.topics;
+                // Another SDKAppID, platform or instance means other topics (and another
+                // will): only a new connection can use them.
+                let reconnect = reconnect
+                    || topics != self.topics
+                    || device.platform != self.device.platform
+                    || device.instance != self.device.instance
+                    || device.publish_status != self.device.publish_status;
                 self.topics = topics;
+                self.device = device;
+                self.status_unwelcome = false;
                 self.session(SInput::Reconfigured {
                     policy,
                     user,
@@ -513,6 +594,7 @@ impl Engine {
             Input::Store(answer) => self.on_store(answer),
         }
         self.pump();
+        self.publish_status();
     }
 
     // --- routing ------------------------------------------------------------------------
@@ -563,14 +645,22 @@ impl Engine {
                 }
                 let link = self.next_link;
                 self.next_link += 1;
+                let will = self.status_on().then(|| Will {
+                    topic: self.status_topic(&user),
+                    payload: self.status_doc(&user, "offline", Some("connection lost"), true),
+                });
                 self.link = Some(Link {
                     id: link,
                     user: user.clone(),
                     up: false,
                     courier_up: false,
                     closing: false,
+                    will: will.is_some(),
                     unnumbered: VecDeque::new(),
                     pkids: HashMap::new(),
+                    status_sent: None,
+                    status_in_flight: false,
+                    status_refused: false,
                     warned_forged: false,
                     warned_invalid: false,
                     warned_oversized: false,
@@ -582,6 +672,7 @@ impl Engine {
                     fingerprint,
                     target,
                     proto,
+                    will,
                 });
             }
             SAction::Subscribe { user } => {
@@ -601,8 +692,33 @@ impl Engine {
             SAction::Disconnect => match self.link.as_mut() {
                 Some(l) => {
                     l.closing = true;
-                    let link = l.id;
+                    let (link, user, up) = (l.id, l.user.clone(), l.up && !l.status_refused);
                     self.courier_in(courier::Input::LinkDown(link));
+                    // A clean end says why, before the DISCONNECT (which suppresses the will);
+                    // a planned reconnect (a new UserSig, a reload) says nothing: the device is
+                    // back in a moment.
+                    let why = if self.machine.exiting() {
+                        Some(("stopped", "service stopped"))
+                    } else if self.machine.logged_out() || user != *self.machine.user() {
+                        Some(("logged_out", "logged out"))
+                    } else {
+                        None
+                    };
+                    if let Some((state, reason)) = why.filter(|_| up && self.status_on()) {
+                        let payload = self.status_doc(&user, state, Some(reason), false);
+                        let topic = self.status_topic(&user);
+                        if let Some(l) = self.link.as_mut() {
+                            l.unnumbered.push_back(Out::Status);
+                        }
+                        self.counters.status_published += 1;
+                        self.act(Action::Publish {
+                            link,
+                            what: Out::Status,
+                            topic,
+                            payload,
+                            retain: true,
+                        });
+                    }
                     self.act(Action::Disconnect { link });
                 }
                 // Nothing to close: done already.
@@ -705,18 +821,143 @@ impl Engine {
         };
         let topic = self.topics.inbox_of(&msg.to, &msg.from);
         if let Some(l) = self.link.as_mut() {
-            l.unnumbered.push_back(seq);
+            l.unnumbered.push_back(Out::Message(seq));
         }
         self.act(Action::Publish {
             link,
-            seq,
+            what: Out::Message(seq),
             topic,
             payload,
+            retain: false,
         });
     }
 
     fn act(&mut self, a: Action) {
         self.actions.push_back(a);
+    }
+
+    fn status_topic(&self, user: &UserId) -> String {
+        self.topics
+            .status_of(user, &self.device.platform, &self.device.instance)
+    }
+
+    /// The status document (docs/api.md, "Device status") of `user`'s session, as
+    /// `state`; `will`: the document the broker publishes if the connection is lost.
+    fn status_doc(&self, user: &UserId, state: &str, reason: Option<&str>, will: bool) -> Vec<u8> {
+        let mut v = self.status_value(user, state, reason, will);
+        v["at"] = serde_json::json!(self.now.wall);
+        serde_json::to_vec(&v).unwrap_or_default()
+    }
+
+    /// The document without its `at` (what "changed" compares).
+    fn status_value(
+        &self,
+        user: &UserId,
+        state: &str,
+        reason: Option<&str>,
+        will: bool,
+    ) -> serde_json::Value {
+        let s = self.machine.snapshot();
+        let wall_of = |mono: session::Millis| {
+            self.now.wall - (self.now.mono as i64 - mono as i64).div_euclid(1000)
+        };
+        let broker = s.via.as_ref().map(|(t, _)| match t {
+            session::Target::Node(i) => self
+                .device
+                .nodes
+                .get(*i as usize)
+                .cloned()
+                .unwrap_or_default(),
+            session::Target::Redirect(r) => format!(
+                "mqtts://{}",
+                session::quote_external(r, 80).trim_matches('"')
+            ),
+        });
+        let user_sig = s.sig.as_ref().map(|g| {
+            let renewal = if g.refreshing {
+                "renewing"
+            } else if s.renewal_failures > 0 {
+                "failing"
+            } else {
+                "ok"
+            };
+            serde_json::json!({
+                "expires_at": g.expires_at,
+                "renewal": renewal,
+                "failures": s.renewal_failures,
+            })
+        });
+        serde_json::json!({
+            "v": STATUS_DOC_VERSION,
+            "state": state,
+            "reason": reason,
+            "phase": if will { None } else { Some(s.phase.as_str()) },
+            "login_status": if will { session::login_status::LOGOUT } else { s.login_status },
+            "user_id": user.as_str(),
+            "platform": self.device.platform,
+            "instance": self.device.instance,
+            "version": self.device.version,
+            "since": if will { self.now.wall } else { wall_of(s.since_ms) },
+            "last_error": s.last_error.as_ref().map(|e| serde_json::json!({
+                "class": e.class.as_str(),
+                "code": e.code,
+            })),
+            "user_sig": user_sig,
+            "broker": broker,
+            "protocol": s.via.as_ref().map(|(_, p)| p.as_str()),
+            "outbox_pending": serde_json::Value::Null,
+            "inbox_unacked": serde_json::Value::Null,
+        })
+    }
+
+    /// Publish the status when it changed (retained, QoS 1): one in flight at a time, the
+    /// latest wins. Not before the broker answered the inbox SUBSCRIBE (the phase would
+    /// change again at once), never on a link being closed.
+    /// Whether the device status (and its will) is published.
+    fn status_on(&self) -> bool {
+        self.device.publish_status && !self.status_unwelcome
+    }
+
+    fn publish_status(&mut self) {
+        if !self.status_on() {
+            return;
+        }
+        let s = self.machine.snapshot();
+        let Some(l) = self.link.as_ref() else { return };
+        let ready = l.up
+            && !l.closing
+            && !l.status_in_flight
+            && !l.status_refused
+            && l.user == *self.machine.user()
+            && matches!(
+                s.phase,
+                session::Phase::Online | session::Phase::Subscribing
+            )
+            && (s.inbox_subscribed || s.next_subscribe_ms.is_some());
+        if !ready {
+            return;
+        }
+        let user = l.user.clone();
+        let value = self.status_value(&user, "online", None, false);
+        if l.status_sent.as_ref() == Some(&value) {
+            return;
+        }
+        let payload = self.status_doc(&user, "online", None, false);
+        let topic = self.status_topic(&user);
+        let link = l.id;
+        if let Some(l) = self.link.as_mut() {
+            l.status_sent = Some(value);
+            l.status_in_flight = true;
+            l.unnumbered.push_back(Out::Status);
+        }
+        self.counters.status_published += 1;
+        self.act(Action::Publish {
+            link,
+            what: Out::Status,
+            topic,
+            payload,
+            retain: true,
+        });
     }
 
     // --- inputs -------------------------------------------------------------------------
@@ -761,15 +1002,39 @@ impl Engine {
                     l.pkids.insert(pkid, seq);
                 }
             }
-            LinkEvent::NotTaken(seq) => {
-                l.unnumbered.retain(|s| *s != seq);
-                self.courier_in(courier::Input::PublishRefused { link, seq });
-            }
-            LinkEvent::PubAck { pkid, code } => {
-                if let Some(seq) = l.pkids.remove(&pkid) {
-                    self.courier_in(courier::Input::PubAck { link, seq, code });
+            LinkEvent::NotTaken(what) => {
+                // The last one handed over is the one not taken.
+                if let Some(i) = l.unnumbered.iter().rposition(|o| *o == what) {
+                    l.unnumbered.remove(i);
+                }
+                match what {
+                    Out::Message(seq) => {
+                        self.courier_in(courier::Input::PublishRefused { link, seq })
+                    }
+                    Out::Status => {
+                        // Tried again at the next change or event.
+                        l.status_in_flight = false;
+                        l.status_sent = None;
+                    }
                 }
             }
+            LinkEvent::PubAck { pkid, code } => match l.pkids.remove(&pkid) {
+                Some(Out::Message(seq)) => {
+                    self.courier_in(courier::Input::PubAck { link, seq, code })
+                }
+                Some(Out::Status) => {
+                    l.status_in_flight = false;
+                    if code >= 0x80 && !std::mem::replace(&mut l.status_refused, true) {
+                        tracing::warn!(
+                            code = format!("0x{code:02X}"),
+                            "the broker refused the device status (its ACL must let this \
+                             device write its own status topic: docs/brokers.md); not \
+                             publishing it again on this connection"
+                        );
+                    }
+                }
+                None => {}
+            },
             LinkEvent::SubAck { granted } => {
                 if !granted && !std::mem::replace(&mut l.warned_subscribe, true) {
                     tracing::warn!(
@@ -792,9 +1057,38 @@ impl Engine {
                 // The machine's close timeout bounds the wait.
             }
             LinkEvent::Ended(end) => {
-                let closing = l.closing;
+                let (closing, will, up) = (l.closing, l.will, l.up);
                 self.link = None;
                 self.courier_in(courier::Input::LinkDown(link));
+                let end = match end {
+                    // A broker whose ACL does not know the status topic refuses the will
+                    // itself: connect without it from now on, at once, at no budget's cost.
+                    ConnEnd::Refused {
+                        code: code @ (0x90 | 0x9A | 0x9B),
+                        reason,
+                        ..
+                    } if will && !up => {
+                        self.status_unwelcome = true;
+                        tracing::warn!(
+                            code = format!("0x{code:02X}"),
+                            "the broker refused the CONNECT's will (the device status topic{}); \
+                             connecting without the device status until the config is reloaded \
+                             (docs/brokers.md: let the device write its status topic)",
+                            reason
+                                .as_deref()
+                                .map(|r| format!(": {}", session::quote_external(r, 120)))
+                                .unwrap_or_default()
+                        );
+                        ConnEnd::Network {
+                            kind: session::NetKind::Other,
+                            detail: format!(
+                                "the broker refused the status will (CONNACK 0x{code:02X}); \
+                                 connecting without it"
+                            ),
+                        }
+                    }
+                    end => end,
+                };
                 if closing {
                     self.session(SInput::Disconnected);
                 } else {

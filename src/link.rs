@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::courier::LinkId;
-use crate::engine::LinkEvent;
+use crate::engine::{LinkEvent, Will};
 use crate::identity::UserId;
 use crate::mqtt::MqttSettings;
 use crate::session::{ConnEnd, NetKind, Proto, Target};
@@ -131,16 +131,30 @@ fn with_oversized(ev: LinkEvent, observed: &crate::relay::Shared) -> Vec<LinkEve
     out
 }
 
+/// One connection to open: what the engine's `Connect` names, with the secret it names.
+pub struct Dial<'a> {
+    pub link: LinkId,
+    pub user: &'a UserId,
+    pub sig: &'a UserSig,
+    pub target: Target,
+    pub proto: Proto,
+    pub will: Option<Will>,
+}
+
 impl Connection {
     pub fn open(
         mqtt: &MqttSettings,
-        user: &UserId,
-        sig: &UserSig,
         relay_dir: &std::path::Path,
-        link: LinkId,
-        target: Target,
-        proto: Proto,
+        dial: Dial<'_>,
     ) -> Result<Connection, ConnEnd> {
+        let Dial {
+            link,
+            user,
+            sig,
+            target,
+            proto,
+            will,
+        } = dial;
         let Some((host, port)) = mqtt.endpoint(&target) else {
             return Err(ConnEnd::Network {
                 kind: NetKind::Other,
@@ -158,11 +172,30 @@ impl Connection {
         let (tls, within) = (mqtt.tls.clone(), mqtt.connect_timeout);
         let (client, mut loop_v5, mut loop_v311) = match proto {
             Proto::V5 => {
-                let (c, l) = rumqttc::v5::AsyncClient::new(mqtt.options(user, sig, &path), 128);
+                let mut o = mqtt.options(user, sig, &path);
+                if let Some(w) = will {
+                    o.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+                        w.topic,
+                        w.payload,
+                        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                        true,
+                        None,
+                    ));
+                }
+                let (c, l) = rumqttc::v5::AsyncClient::new(o, 128);
                 (Client::V5(c), Some(l), None)
             }
             Proto::V311 => {
-                let (c, l) = rumqttc::AsyncClient::new(mqtt.options_v311(user, sig, &path), 128);
+                let mut o = mqtt.options_v311(user, sig, &path);
+                if let Some(w) = will {
+                    o.set_last_will(rumqttc::LastWill::new(
+                        w.topic,
+                        w.payload,
+                        rumqttc::QoS::AtLeastOnce,
+                        true,
+                    ));
+                }
+                let (c, l) = rumqttc::AsyncClient::new(o, 128);
                 (Client::V311(c), None, Some(l))
             }
         };
@@ -263,18 +296,18 @@ impl Connection {
     }
 
     /// Queue a QoS 1 PUBLISH.
-    pub fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), String> {
+    pub fn publish(&self, topic: String, payload: Vec<u8>, retain: bool) -> Result<(), String> {
         match &self.client {
             Client::V5(c) => c
                 .try_publish(
                     topic,
                     rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                    false,
+                    retain,
                     payload,
                 )
                 .map_err(|e| e.to_string()),
             Client::V311(c) => c
-                .try_publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                .try_publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
                 .map_err(|e| e.to_string()),
         }
     }

@@ -38,7 +38,7 @@ impl Nats {
             .iter()
             .map(|(u, p)| {
                 format!(
-                    "    {{user: \"{u}\", password: \"{p}\", permissions: {{ publish: {{ allow: [\"im.*.u.*.in.{u}\"] }}, subscribe: {{ allow: [\"im.*.u.{u}\", \"im.*.u.{u}.>\", \"$MQTT.sub.>\"] }} }} }}"
+                    "    {{user: \"{u}\", password: \"{p}\", permissions: {{ publish: {{ allow: [\"im.*.u.*.in.{u}\", \"im.*.d.{u}.*.*.status\"] }}, subscribe: {{ allow: [\"im.*.u.{u}\", \"im.*.u.{u}.>\", \"$MQTT.sub.>\"] }} }} }}"
                 )
             })
             .collect::<Vec<_>>()
@@ -261,8 +261,20 @@ struct Ejabberd {
 }
 
 impl Ejabberd {
-    async fn start(sb: &imlink_sandbox::Sandbox, dir: &Path, users: &[(&str, &str)]) -> Ejabberd {
+    /// `status_acl`: the ACL lets each device write its status topic (docs/brokers.md); without
+    /// it ejabberd refuses a CONNECT whose will names that topic.
+    async fn start(
+        sb: &imlink_sandbox::Sandbox,
+        dir: &Path,
+        users: &[(&str, &str)],
+        status_acl: bool,
+    ) -> Ejabberd {
         let port = free_port();
+        let status_rule = if status_acl {
+            "      \"im/+/d/%u/+/+/status\":\n        - allow: all\n"
+        } else {
+            ""
+        };
         let node = format!("imlinkd{}@localhost", std::process::id());
         let pem = format!("{}{}", sb.server_cert_pem(), sb.server_key_pem());
         std::fs::write(dir.join("ejabberd.pem"), pem).unwrap();
@@ -273,7 +285,7 @@ impl Ejabberd {
             "hosts:\n  - localhost\nloglevel: info\ncertfiles:\n  - {d}/ejabberd.pem\n\
              listen:\n  -\n    port: {port}\n    ip: \"127.0.0.1\"\n    module: mod_mqtt\n    tls: true\n\
              auth_method: internal\n\
-             modules:\n  mod_mqtt:\n    access_publish:\n      \"im/+/u/+/in/%u\":\n        - allow: all\n      \"#\":\n        - deny\n    access_subscribe:\n      \"im/+/u/%u/#\":\n        - allow: all\n      \"#\":\n        - deny\n",
+             modules:\n  mod_mqtt:\n    access_publish:\n      \"im/+/u/+/in/%u\":\n        - allow: all\n{status_rule}      \"#\":\n        - deny\n    access_subscribe:\n      \"im/+/u/%u/#\":\n        - allow: all\n      \"#\":\n        - deny\n",
             d = dir.display(),
         );
         std::fs::write(dir.join("ejabberd.yml"), yml).unwrap();
@@ -364,12 +376,17 @@ async fn ejabberd_v5_takeover_is_a_kick_with_its_reason_and_no_reconnect_follows
     let dir = temp_dir("ejabberd");
     let sig = sb.issue_sig("kiosk-e", Duration::from_secs(3600));
     sb.pin_sig("kiosk-e", Some(&sig));
-    let ej = Ejabberd::start(&sb, &dir, &[("kiosk-e", &sig)]).await;
+    // An ACL that does not know the device status topic: ejabberd refuses a CONNECT whose
+    // will names it (CONNACK 0x90), and the daemon connects without the status at once.
+    let ej = Ejabberd::start(&sb, &dir, &[("kiosk-e", &sig)], false).await;
     let mut o = Opts::user("kiosk-e");
     o.broker_url = Some(ej.url());
     let d = Daemon::start(&sb, o).await;
     let st = d.wait_phase("online").await;
     assert_eq!(st["protocol"], "v5", "{st}");
+    assert_eq!(st["counters"]["connect_attempts"], 2, "{st}");
+    assert_eq!(st["messages"]["status_published"], 0, "{st}");
+    assert!(d.log_text().contains("refused the CONNECT's will"));
     let mut w = d.client().await;
     w.call("watch", json!({})).await;
     let before = d.status().await["counters"]["connect_attempts"]
@@ -418,7 +435,7 @@ async fn ejabberd_over_mqtt_3_1_1_logs_in_and_carries_messages() {
     let sbb = sb.issue_sig("ej-b", Duration::from_secs(3600));
     sb.pin_sig("ej-a", Some(&sa));
     sb.pin_sig("ej-b", Some(&sbb));
-    let ej = Ejabberd::start(&sb, &dir, &[("ej-a", &sa), ("ej-b", &sbb)]).await;
+    let ej = Ejabberd::start(&sb, &dir, &[("ej-a", &sa), ("ej-b", &sbb)], true).await;
     let mut o = Opts::user("ej-a");
     o.broker_url = Some(ej.url());
     o.broker_extra = "protocol = \"v3.1.1\"\n".into();

@@ -211,9 +211,10 @@ async fn two_daemons_with_one_client_id_do_not_fight() {
 }
 
 /// The IM ACL for a plain MQTT broker (docs/brokers.md): each user reads only their own
-/// subtree and may write only to inboxes. mosquitto cannot check `from` inside the payload:
+/// subtree and may write only to inboxes, as themselves, and their own device status. mosquitto cannot check `from` inside the payload:
 /// that stays the IM service's job (the receiving daemon keeps what the broker delivers).
-const IM_ACL: &str = "pattern read im/+/u/%u/#\npattern write im/+/u/+/in/%u\n";
+const IM_ACL: &str =
+    "pattern read im/+/u/%u/#\npattern write im/+/u/+/in/%u\npattern write im/+/d/%u/+/+/status\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_daemons_exchange_messages_through_mosquitto_with_the_im_acl() {
@@ -367,5 +368,145 @@ async fn one_large_message_on_mqtt_3_1_1_is_dropped_and_the_session_stays_online
     let log = alice.log_text();
     assert!(log.contains("over the size limit"), "said so in the log");
     pump.abort();
+    alice.finish().await;
+}
+
+/// The operator's view of the status tree: a raw MQTT 5 client reading `im/+/d/#`.
+struct StatusReader {
+    rx: tokio::sync::mpsc::UnboundedReceiver<(String, serde_json::Value, bool)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StatusReader {
+    async fn start(
+        m: &Mosquitto,
+        dir: &Path,
+        user: &str,
+        password: &str,
+        app: u64,
+    ) -> StatusReader {
+        let port: u16 = m.url.rsplit(':').next().unwrap().parse().unwrap();
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut o = rumqttc::v5::MqttOptions::new(format!("reader-{user}-{n}"), "127.0.0.1", port);
+        o.set_credentials(user, password);
+        let tls = imlinkd::tls::client_config(
+            &imlinkd::config::CaSource::File(dir.join("mq-ca.pem")),
+            None,
+            &[],
+        )
+        .unwrap();
+        o.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls),
+        ));
+        let (client, mut ev) = rumqttc::v5::AsyncClient::new(o, 10);
+        client
+            .subscribe(
+                format!("im/{app}/d/#"),
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            )
+            .await
+            .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            let _keep = client;
+            while let Ok(e) = ev.poll().await {
+                if let rumqttc::v5::Event::Incoming(rumqttc::v5::mqttbytes::v5::Packet::Publish(
+                    p,
+                )) = e
+                {
+                    let doc = serde_json::from_slice(&p.payload).unwrap_or_default();
+                    let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                    if tx.send((topic, doc, p.retain)).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        StatusReader { rx, task }
+    }
+
+    /// The next status document whose `state` is `state` (within `within`).
+    async fn until_state(&mut self, state: &str, within: Duration) -> (String, serde_json::Value) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let (topic, doc, _) = tokio::time::timeout_at(deadline, self.rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("no status {state:?} within {within:?}"))
+                .expect("the reader is running");
+            if doc["state"] == state {
+                return (topic, doc);
+            }
+        }
+    }
+}
+
+impl Drop for StatusReader {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_status_on_mosquitto_is_online_then_offline_by_the_will_or_says_why() {
+    let sb = sandbox().await;
+    let dir = temp_dir("mq-status");
+    let sa = sb.issue_sig("alice", Duration::from_secs(3600));
+    sb.pin_sig("alice", Some(&sa));
+    let ops_secret = "operator-secret-1";
+    let acl = format!("{IM_ACL}user ops\ntopic read im/+/d/#\n");
+    let m = Mosquitto::start_with(
+        &sb,
+        &dir,
+        &[("alice", &sa), ("ops", ops_secret)],
+        Some(&acl),
+    )
+    .await;
+    let app = sb.sdk_app_id();
+    let mut reader = StatusReader::start(&m, &dir, "ops", ops_secret, app).await;
+    let mut o = opts_for(&m, "alice");
+    o.env
+        .push(("IMLINKD__BROKER__KEEPALIVE".into(), "5s".into()));
+    let mut alice = Daemon::start(&sb, o.clone()).await;
+    alice.wait_phase("online").await;
+    let (topic, doc) = reader.until_state("online", WAIT).await;
+    assert_eq!(topic, format!("im/{app}/d/alice/linux/0/status"));
+    assert_eq!(doc["v"], 1);
+    assert_eq!(doc["phase"], "online");
+    assert_eq!(doc["login_status"], 1);
+    assert_eq!(doc["user_sig"]["renewal"], "ok");
+    assert_eq!(doc["protocol"], "v5");
+    // Power lost (kill -9): the broker publishes the will, retained.
+    let t = std::time::Instant::now();
+    alice.kill9().await;
+    let (_, doc) = reader
+        .until_state("offline", Duration::from_millis(7_500))
+        .await;
+    eprintln!("offline after {:?}", t.elapsed());
+    assert_eq!(doc["reason"], "connection lost");
+    // A late reader sees it retained.
+    let mut late = StatusReader::start(&m, &dir, "ops", ops_secret, app).await;
+    let (_, doc) = late.until_state("offline", WAIT).await;
+    assert_eq!(doc["reason"], "connection lost");
+    // Back, then a clean logout says so (no will), then a service stop.
+    o.dir = Some(alice.dir.clone());
+    let mut alice = Daemon::start(&sb, o).await;
+    alice.wait_phase("online").await;
+    reader.until_state("online", WAIT).await;
+    let r = alice.rpc("logout", serde_json::json!({})).await;
+    assert!(r.get("result").is_some(), "{r}");
+    let t = std::time::Instant::now();
+    let (_, doc) = reader
+        .until_state("logged_out", Duration::from_secs(1))
+        .await;
+    assert!(t.elapsed() < Duration::from_secs(1));
+    assert_eq!(doc["reason"], "logged out");
+    alice.rpc("login", serde_json::json!({})).await;
+    reader.until_state("online", WAIT).await;
+    alice.terminate().await;
+    let (_, doc) = reader.until_state("stopped", Duration::from_secs(1)).await;
+    assert_eq!(doc["reason"], "service stopped");
+    // The device never receives its own status: it is outside its inbox subtree.
+    assert!(!alice.log_text().contains("not on the inbox"));
     alice.finish().await;
 }

@@ -18,12 +18,29 @@ struct H {
 
 impl H {
     fn new() -> H {
+        H::with_status(false)
+    }
+
+    fn with_status(publish_status: bool) -> H {
         let now = Now {
             mono: 1_000,
             wall: WALL0,
         };
         let m = Machine::new(Policy::default(), user("alice"), now, 3);
-        let e = Engine::new(m, Courier::new(now.mono, 4), Topics { sdk_app_id: 7 }, now);
+        let device = Device {
+            platform: "linux".into(),
+            instance: "k.1".into(),
+            version: "9.9.9".into(),
+            nodes: vec!["mqtts://n0:8883".into()],
+            publish_status,
+        };
+        let e = Engine::new(
+            m,
+            Courier::new(now.mono, 4),
+            Topics { sdk_app_id: 7 },
+            device,
+            now,
+        );
         H {
             e,
             now,
@@ -42,10 +59,13 @@ impl H {
         let end = self.now.mono + ms;
         let mut out = Vec::new();
         while let Some(t) = self.e.poll_timeout().filter(|t| *t <= end) {
-            self.now.mono = t.max(self.now.mono);
+            let t = t.max(self.now.mono);
+            self.now.wall += ((t - self.now.mono) / 1000) as i64;
+            self.now.mono = t;
             self.e.handle_timeout(self.now);
             out.extend(std::iter::from_fn(|| self.e.poll_action()));
         }
+        self.now.wall += ((end - self.now.mono) / 1000) as i64;
         self.now.mono = end;
         self.out.extend(out.clone());
         out
@@ -432,15 +452,23 @@ fn a_publish_the_client_would_not_take_is_published_again_later() {
         },
         result: Ok(1),
     }));
-    assert!(
-        a.iter()
-            .any(|x| matches!(x, Action::Publish { seq: 1, .. }))
-    );
-    h.link_ev(link, LinkEvent::NotTaken(1));
+    assert!(a.iter().any(|x| matches!(
+        x,
+        Action::Publish {
+            what: Out::Message(1),
+            ..
+        }
+    )));
+    h.link_ev(link, LinkEvent::NotTaken(Out::Message(1)));
     let a = h.advance(courier::HOLD);
     assert!(
-        a.iter()
-            .any(|x| matches!(x, Action::Publish { seq: 1, .. })),
+        a.iter().any(|x| matches!(
+            x,
+            Action::Publish {
+                what: Out::Message(1),
+                ..
+            }
+        )),
         "{a:?}"
     );
 }
@@ -495,4 +523,199 @@ fn the_courier_serves_whom_the_session_logs_in_as_across_an_account_switch() {
         Some("bob"),
         "switched with the machine, at once"
     );
+}
+
+// --- the device status on the broker -------------------------------------------------------
+
+fn status_publishes(a: &[Action]) -> Vec<serde_json::Value> {
+    a.iter()
+        .filter_map(|x| match x {
+            Action::Publish {
+                what: Out::Status,
+                topic,
+                payload,
+                retain: true,
+                ..
+            } => {
+                assert_eq!(topic, "im/7/d/alice/linux/k_1/status");
+                Some(serde_json::from_slice(payload).unwrap())
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn every_connect_carries_a_retained_will_that_says_offline() {
+    let mut h = H::with_status(true);
+    h.input(Input::Start);
+    let s = h.sig(86_400);
+    let a = h.input(Input::SigFetched(s));
+    let will = a.iter().find_map(|x| match x {
+        Action::Connect { will, .. } => will.clone(),
+        _ => None,
+    });
+    let will = will.expect("a will");
+    assert_eq!(will.topic, "im/7/d/alice/linux/k_1/status");
+    let doc: serde_json::Value = serde_json::from_slice(&will.payload).unwrap();
+    assert_eq!(doc["v"], 1);
+    assert_eq!(doc["state"], "offline");
+    assert_eq!(doc["reason"], "connection lost");
+    assert_eq!(doc["phase"], serde_json::Value::Null);
+    assert_eq!(doc["version"], "9.9.9");
+    assert_eq!(doc["since"], WALL0);
+}
+
+#[test]
+fn the_status_is_published_once_the_inbox_is_answered_and_again_only_on_change() {
+    let mut h = H::with_status(true);
+    let link = h.online(false);
+    assert!(status_publishes(&h.out).is_empty(), "not before the SUBACK");
+    let a = h.link_ev(link, LinkEvent::SubAck { granted: true });
+    let docs = status_publishes(&a);
+    assert_eq!(docs.len(), 1);
+    assert_eq!(docs[0]["state"], "online");
+    assert_eq!(docs[0]["phase"], "online");
+    assert_eq!(docs[0]["broker"], "mqtts://n0:8883");
+    assert_eq!(docs[0]["user_sig"]["renewal"], "ok");
+    // Nothing changed: nothing published (no periodic status).
+    let a = h.advance(60_000);
+    assert!(status_publishes(&a).is_empty());
+    // A change while one is in flight waits for its PUBACK; then the latest goes.
+    h.link_ev(link, LinkEvent::OutPublish(7));
+    let mut a = Vec::new();
+    while !a.iter().any(|x| matches!(x, Action::FetchSig { .. })) {
+        let next = h.e.poll_timeout().expect("the refresh is armed");
+        a.extend(h.advance(next - h.now.mono));
+    }
+    assert!(status_publishes(&a).is_empty(), "one in flight at a time");
+    let a = h.link_ev(link, LinkEvent::PubAck { pkid: 7, code: 0 });
+    let docs = status_publishes(&a);
+    assert_eq!(docs.len(), 1, "{a:?}");
+    assert_eq!(docs[0]["user_sig"]["renewal"], "renewing");
+    // The refresh fails: renewal failing, with the count an alert can watch.
+    h.link_ev(link, LinkEvent::OutPublish(8));
+    h.link_ev(link, LinkEvent::PubAck { pkid: 8, code: 0 });
+    let a = h.input(Input::SigFetchFailed(session::FetchFailure::new(
+        session::ErrorClass::Busy,
+        codes::NET_DISCONNECT,
+        "x",
+    )));
+    let docs = status_publishes(&a);
+    assert_eq!(docs[0]["user_sig"]["renewal"], "failing");
+    assert_eq!(docs[0]["user_sig"]["failures"], 1);
+    assert_eq!(docs[0]["last_error"]["class"], "busy");
+}
+
+#[test]
+fn a_logout_and_a_stop_say_so_before_the_disconnect_and_a_rotation_says_nothing() {
+    for (input, state) in [
+        (Input::Logout { id: 1 }, "logged_out"),
+        (Input::Shutdown, "stopped"),
+    ] {
+        let mut h = H::with_status(true);
+        let link = h.online(true);
+        let a = h.input(input);
+        let publish = a
+            .iter()
+            .position(|x| {
+                matches!(
+                    x,
+                    Action::Publish {
+                        what: Out::Status,
+                        ..
+                    }
+                )
+            })
+            .expect("a status");
+        let disconnect = a
+            .iter()
+            .position(|x| *x == Action::Disconnect { link })
+            .expect("a DISCONNECT");
+        assert!(publish < disconnect);
+        assert_eq!(status_publishes(&a)[0]["state"], state);
+    }
+    // A planned reconnect onto a new UserSig: the device is back at once; no status.
+    let mut h = H::with_status(true);
+    let link = h.online(true);
+    let mut s = h.sig(86_400);
+    s.fingerprint = "newer".into();
+    // A fetched sig that is newer moves the session (the refresh is not due: force it by
+    // handing it in as a login with a brought sig for the same user).
+    let a = h.input(Input::Login {
+        id: 3,
+        user: None,
+        sig: Some(BroughtSig {
+            fingerprint: s.fingerprint,
+            user: None,
+            issued_at: s.issued_at,
+            expires_at: s.expires_at,
+        }),
+    });
+    assert!(a.contains(&Action::Disconnect { link }), "{a:?}");
+    assert!(status_publishes(&a).is_empty());
+}
+
+#[test]
+fn a_status_the_broker_refuses_is_not_sent_again_on_that_connection() {
+    let mut h = H::with_status(true);
+    let link = h.online(true);
+    h.link_ev(link, LinkEvent::OutPublish(1));
+    h.link_ev(
+        link,
+        LinkEvent::PubAck {
+            pkid: 1,
+            code: 0x87,
+        },
+    );
+    let a = h.input(Input::SigFetchFailed(session::FetchFailure::new(
+        session::ErrorClass::Busy,
+        codes::NET_DISCONNECT,
+        "x",
+    )));
+    assert!(status_publishes(&a).is_empty());
+    let a = h.input(Input::Logout { id: 1 });
+    assert!(status_publishes(&a).is_empty(), "not even the logout's");
+}
+
+#[test]
+fn a_broker_that_refuses_the_will_gets_connects_without_it_at_no_budgets_cost() {
+    let mut h = H::with_status(true);
+    h.input(Input::Start);
+    let s = h.sig(86_400);
+    let a = h.input(Input::SigFetched(s));
+    let link = connect_of(&a).unwrap();
+    // ejabberd with an ACL that does not know the status topic.
+    h.link_ev(
+        link,
+        LinkEvent::Ended(ConnEnd::Refused {
+            code: 0x90,
+            reason: Some("Publishing to this will topic is forbidden by service policy".into()),
+        }),
+    );
+    let snap = h.e.snapshot().session;
+    assert_eq!(
+        snap.last_error.as_ref().map(|e| e.class),
+        Some(session::ErrorClass::Network)
+    );
+    let mut a = Vec::new();
+    while connect_of(&a).is_none() {
+        let next = h.e.poll_timeout().expect("a retry");
+        a.extend(h.advance(next - h.now.mono));
+    }
+    let will = a.iter().find_map(|x| match x {
+        Action::Connect { will, .. } => Some(will.clone()),
+        _ => None,
+    });
+    assert_eq!(will, Some(None), "no will any more");
+    let link = connect_of(&a).unwrap();
+    h.link_ev(
+        link,
+        LinkEvent::ConnAck {
+            session_present: false,
+        },
+    );
+    let a = h.link_ev(link, LinkEvent::SubAck { granted: true });
+    assert!(status_publishes(&a).is_empty(), "and no status");
+    assert_eq!(h.e.machine().phase(), Phase::Online);
 }

@@ -492,6 +492,8 @@ pub struct Machine {
     refresh_backoff: Backoff,
     /// Between refused SUBSCRIBEs on one connection ([`SUBSCRIBE_RETRY`]).
     subscribe_backoff: Backoff,
+    /// Consecutive failed fetches since the last usable sig (see `Snapshot::renewal_failures`).
+    renewal_failures: u32,
     /// When premature sig-expired renewals happened, within the budget window.
     expiry_spent: VecDeque<Millis>,
     /// The one fresh-sig retry after a refusal has been used.
@@ -575,6 +577,7 @@ impl Machine {
             expired_backoff: Backoff::default(),
             refresh_backoff: Backoff::default(),
             subscribe_backoff: Backoff::default(),
+            renewal_failures: 0,
             expiry_spent: VecDeque::new(),
             rejected_retry_used: false,
             protocol_spent: 0,
@@ -705,6 +708,7 @@ impl Machine {
             counters: self.counters.clone(),
             last_event: self.last_event.clone(),
             via: self.via.clone(),
+            renewal_failures: self.renewal_failures,
             inbox_subscribed: matches!(
                 self.conn,
                 Conn::Online {
@@ -759,6 +763,16 @@ impl Machine {
 
     pub fn user(&self) -> &UserId {
         &self.user
+    }
+
+    /// Shutting down (SIGTERM): whatever is closed now is closed for good.
+    pub fn exiting(&self) -> bool {
+        self.goal == Goal::Exit
+    }
+
+    /// Logged out on request (`logout`), or logging out.
+    pub fn logged_out(&self) -> bool {
+        self.goal == Goal::Idle
     }
 
     pub fn policy(&self) -> &Policy {
@@ -1764,6 +1778,7 @@ impl Machine {
 
     fn adopt(&mut self, sig: Sig) {
         self.counters.sig_refreshes += 1;
+        self.renewal_failures = 0;
         self.fetch_backoff.reset();
         self.refresh_backoff.reset();
         self.limited = None;
@@ -1796,6 +1811,7 @@ impl Machine {
 
     fn fetch_outcome_failed(&mut self, purpose: Purpose, f: FetchFailure) {
         self.counters.sig_fetch_failures += 1;
+        self.renewal_failures = self.renewal_failures.saturating_add(1);
         let online = matches!(self.conn, Conn::Online { .. });
         let current_valid = self.usable_sig().is_some();
         if purpose == Purpose::Refresh && (current_valid || online) {

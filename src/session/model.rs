@@ -263,6 +263,10 @@ pub struct Snapshot {
     pub last_event: Option<Event>,
     /// Where the current (or last) connection went, and in which protocol.
     pub via: Option<(Target, Proto)>,
+    /// Consecutive failed UserSig fetches (refreshes and login fetches) since the last one
+    /// that brought a usable sig: what a "renewal keeps failing" alert watches.
+    #[serde(default)]
+    pub renewal_failures: u32,
     /// Connected and the broker granted the inbox subscription.
     pub inbox_subscribed: bool,
     /// When the next SUBSCRIBE goes out, after a refused one.

@@ -331,6 +331,13 @@ impl Daemon {
         status
     }
 
+    /// SIGKILL (a power loss, as far as the broker can tell) and wait for it to be gone.
+    pub async fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         if let Some(pid) = self.child.as_ref().and_then(|c| c.id()) {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);

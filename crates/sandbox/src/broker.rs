@@ -394,7 +394,10 @@ impl Run<'_> {
                         .await;
                     return Some(Ending::Server(reason::QOS_NOT_SUPPORTED));
                 }
-                if publish.retain {
+                // A device's own status (`im/{app}/d/{user}/…`) may be retained (interim:
+                // accepted and routed, not yet kept for later subscribers); nothing else.
+                let own_status = format!("im/{}/d/{}/", self.shared.settings.sdk_app_id, self.user);
+                if publish.retain && !publish.topic.starts_with(&own_status) {
                     conn.disconnect(reason::RETAIN_NOT_SUPPORTED, &Props::default())
                         .await;
                     return Some(Ending::Server(reason::RETAIN_NOT_SUPPORTED));
@@ -405,7 +408,9 @@ impl Run<'_> {
                     return Some(Ending::Server(reason::TOPIC_NAME_INVALID));
                 }
                 let settings = &self.shared.settings;
-                let verdict = if !publish_allowed(settings.sdk_app_id, &publish.topic) {
+                let verdict = if !publish_allowed(settings.sdk_app_id, &publish.topic)
+                    && !publish.topic.starts_with(&own_status)
+                {
                     Err((
                         reason::NOT_AUTHORIZED,
                         20003,
@@ -427,9 +432,12 @@ impl Run<'_> {
                             ),
                         })
                 });
+                let status = publish.topic.starts_with(&own_status);
                 self.shared.update(|st| {
                     let uc = st.counters.users.entry(self.user.to_string()).or_default();
                     match &verdict {
+                        // A device's status is not a message.
+                        Ok(_) if status => {}
                         Ok(_) => uc.messages_published += 1,
                         Err((code, _, _)) => {
                             *uc.messages_refused

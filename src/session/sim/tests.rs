@@ -92,6 +92,7 @@ fn the_simulator_catches_a_reintroduced_loop() {
         counters: Default::default(),
         last_event: None,
         via: None,
+        renewal_failures: 0,
         inbox_subscribed: true,
         next_subscribe_ms: None,
     };
