@@ -1,1 +1,5 @@
-fn main() {}
+//! `imlink-auth`: see `imlink_auth::cli`.
+
+fn main() -> std::process::ExitCode {
+    imlink_auth::cli::main()
+}
