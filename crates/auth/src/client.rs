@@ -77,7 +77,7 @@ pub enum ConnError {
     #[error("timed out after {0:?}")]
     Timeout(Duration),
     #[error("{0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("the node closed the connection")]
     Closed,
     #[error("protocol error: {0}")]
@@ -96,6 +96,17 @@ pub enum ConnError {
     Stale,
     #[error("the node entered lame-duck mode")]
     LameDuck,
+}
+
+impl From<std::io::Error> for ConnError {
+    fn from(e: std::io::Error) -> Self {
+        // A TLS peer that just goes away is a close, not a TLS error worth a paragraph.
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            ConnError::Closed
+        } else {
+            ConnError::Io(e)
+        }
+    }
 }
 
 /// A connection that has logged in and subscribed.

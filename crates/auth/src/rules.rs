@@ -9,6 +9,8 @@
 //!    characters of `A-Za-z0-9_-`. **A `.` is refused** (6017) although the daemon's config
 //!    allows it today: `.` separates NATS subject tokens, so a platform `a.b` would turn the
 //!    status topic `im/{app}/d/{user}/a.b/{instance}/status` into a subject of another shape.
+//!    (nats-server 2.15 does not even ask: it refuses a client id containing whitespace, `.`,
+//!    `*` or `>` itself, with CONNACK 2, identifier rejected.)
 //! 3. The identity part is the MQTT username: else 6017 (the client id belongs to another user).
 //! 4. The app is one this service serves: else 70014.
 //! 5. A username starting with `@` is an **operator** (`@name`, configured with its own
@@ -18,11 +20,14 @@
 //! 6. Otherwise the username is a UserID: 1–32 characters of `A-Za-z0-9_-` (6017 if not —
 //!    it goes into subjects, where `*`, `>` or `.` would widen the grant). The password is a
 //!    UserSig, checked as the reference services do (`imlink_usersig::verify`): empty 70002,
-//!    malformed 70003, another app 70014, another user 70013, expired 70001 (valid while
-//!    `now <= TLS.time + TLS.expire`, no grace), then the HMAC with each of the app's keys
-//!    (one, or two during a rotation; 70009 when none verifies). A verified sig issued more
-//!    than `clock_skew` in the future (`TLS.time > now + skew`: the issuer's clock is ahead)
-//!    is refused as malformed, 70003.
+//!    malformed 70003, another app 70014, another user 70013, expired 70001 (the codec's
+//!    rule: `now > TLS.time + TLS.expire`, no grace), then the HMAC with each of the app's
+//!    keys (one, or two during a rotation; 70009 when none verifies). A verified sig in its
+//!    last second (`now == TLS.time + TLS.expire`) is refused as expired too, 70001: the user
+//!    JWT's `exp` is the sig's expiry, and nats-server, which counts whole seconds, would end
+//!    the session in the second it opens it — before its CONNACK, as observed. A verified sig
+//!    issued more than `clock_skew` in the future (`TLS.time > now + skew`: the issuer's clock
+//!    is ahead) is refused as malformed, 70003.
 //!
 //! ## What is granted (NATS subjects: the MQTT topic with `/` as `.`; `a/#` needs `a` and `a.>`)
 //! A device of user U (app A, platform P, instance I):
@@ -260,6 +265,11 @@ impl Rules {
             return Err(Refusal::new(6017, "user id is not 1-32 of A-Za-z0-9_-"));
         }
         let (decoded, key_slot) = self.verify_sig(now, app, login)?;
+        if decoded.expires_at() <= now {
+            // Its last second: nats-server would end the session in the second it opens it,
+            // before or right after the CONNACK. A refusal is the clearer answer.
+            return Err(Refusal::new(70001, "UserSig expires within this second"));
+        }
         if decoded.time > now.saturating_add(self.skew) {
             return Err(Refusal::new(
                 70003,
@@ -447,9 +457,11 @@ mod tests {
         let r = rules(&[KEY]);
         let cid = "1400000000:alice:linux:0";
         // 70001: expired (valid through the expiry second, not after).
-        let s = sig(KEY, APP, "alice", NOW - 100, 100);
+        let s = sig(KEY, APP, "alice", NOW - 100, 101);
         assert!(r.decide(NOW, &login("alice", &s, cid)).is_ok());
+        // Its last second: refused too (the session would end before its CONNACK).
         assert_eq!(code(r.decide(NOW + 1, &login("alice", &s, cid))), 70001);
+        assert_eq!(code(r.decide(NOW + 2, &login("alice", &s, cid))), 70001);
         // 70002, 70003.
         assert_eq!(
             code(r.decide(NOW, &login("alice", &Secret::new(String::new()), cid))),
