@@ -143,19 +143,20 @@ fn ensure_binaries(bin_dir: &Path) {
         return;
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let st = Command::new(cargo)
-        .current_dir(repo_root())
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "imlink-auth",
-            "-p",
-            "imlink-sandbox",
-            "--bins",
-        ])
-        .status()
-        .expect("cargo build");
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(repo_root()).args([
+        "build",
+        "-q",
+        "-p",
+        "imlink-auth",
+        "-p",
+        "imlink-sandbox",
+        "--bins",
+    ]);
+    if bin_dir.file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let st = cmd.status().expect("cargo build");
     assert!(st.success(), "building imlink-auth and imlink-sandbox");
 }
 
