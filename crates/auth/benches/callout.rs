@@ -18,7 +18,6 @@
 //! Environment: IMLINK_BENCH_SECONDS (default 20), IMLINK_BENCH_CLIENTS (default 32).
 
 #[path = "../../../tests/common/im_cluster.rs"]
-#[allow(dead_code)]
 mod im_cluster;
 
 use std::path::Path;
