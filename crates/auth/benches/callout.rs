@@ -163,6 +163,31 @@ fn main() {
         (a, b, refused)
     });
     assert_eq!(refused, 0, "sequential logins refused");
+    // Refused logins (a UserSig signed with another key): the callout round trip without the
+    // MQTT session work a CONNACK 0 costs.
+    let mut refused_lat = rt.block_on(async {
+        let mut v = Vec::new();
+        for i in 0..200 {
+            let user = format!("bad-{i}");
+            let bad = c.sig_with("not-the-app-key", app, &user, im_cluster::unix_now(), 3600);
+            let l = login(
+                &tls,
+                ports[i % ports.len()],
+                &format!("{app}:{user}:bench:0"),
+                &user,
+                &bad,
+            )
+            .await
+            .expect("a refusal");
+            assert_eq!(l.code, 5, "a wrong key is refused");
+            v.push(l.connack);
+        }
+        v
+    });
+    let refused_q = (
+        quantile(&mut refused_lat, 0.5),
+        quantile(&mut refused_lat, 0.99),
+    );
     let seq = (
         quantile(&mut connack, 0.5),
         quantile(&mut connack, 0.99),
@@ -272,6 +297,11 @@ fn main() {
         "| CONNECT → CONNACK 0, one login at a time (300) | {} | {} |\n",
         ms(seq.0),
         ms(seq.1)
+    ));
+    md.push_str(&format!(
+        "| CONNECT → CONNACK 5 (refused: the callout round trip without session work), one at a time (200) | {} | {} |\n",
+        ms(refused_q.0),
+        ms(refused_q.1)
     ));
     md.push_str(&format!(
         "| whole login (TCP + TLS + CONNECT → CONNACK), one at a time | {} | {} |\n",
