@@ -70,6 +70,8 @@ pub struct UpOptions {
     pub sig_lifetime: Option<String>,
     pub nodes: usize,
     pub auth: usize,
+    /// The nodes' client port (imlink-auth's) in plain TCP on loopback instead of TLS.
+    pub nats_plain: bool,
 }
 
 impl Default for UpOptions {
@@ -78,6 +80,7 @@ impl Default for UpOptions {
             sig_lifetime: None,
             nodes: 3,
             auth: 2,
+            nats_plain: false,
         }
     }
 }
@@ -189,6 +192,9 @@ impl ImCluster {
                 .env("IMLINK_BIN", bin_dir);
             if let Some(l) = &o.sig_lifetime {
                 cmd.args(["--sig-lifetime", l]);
+            }
+            if o.nats_plain {
+                cmd.arg("--nats-plain");
             }
             let out = cmd.output().expect("running scripts/im-cluster up");
             if out.status.success() {
