@@ -1,12 +1,19 @@
-//! The systemd units and the sysusers file: `systemd-analyze verify` says nothing,
-//! `systemd-analyze security --offline=true` scores ≤ 1.5, and the directives the brief asks
-//! for are there.
+//! The systemd units and the sysusers files (imlinkd's and imlink-auth's):
+//! `systemd-analyze verify` says nothing, `systemd-analyze security --offline=true` scores
+//! ≤ 1.5, and the directives the brief asks for are there.
 
 use std::path::Path;
 use std::process::Command;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const BIN: &str = env!("CARGO_BIN_EXE_imlinkd");
+
+/// imlink-auth, built by the same workspace build (`cargo nextest run --workspace`).
+fn auth_bin() -> std::path::PathBuf {
+    let b = Path::new(BIN).parent().unwrap().join("imlink-auth");
+    assert!(b.exists(), "the workspace build has the imlink-auth binary");
+    b
+}
 
 fn unit(name: &str) -> String {
     std::fs::read_to_string(Path::new(ROOT).join("systemd").join(name)).unwrap()
@@ -24,6 +31,11 @@ fn staged() -> std::path::PathBuf {
     )
     .unwrap();
     std::fs::write(dir.join("imlinkd.socket"), unit("imlinkd.socket")).unwrap();
+    std::fs::write(
+        dir.join("imlink-auth.service"),
+        unit("imlink-auth.service").replace("/usr/bin/imlink-auth", &auth_bin().to_string_lossy()),
+    )
+    .unwrap();
     dir
 }
 
@@ -32,7 +44,12 @@ fn systemd_analyze_verify_is_silent() {
     let dir = staged();
     let out = Command::new("systemd-analyze")
         .current_dir(&dir)
-        .args(["verify", "imlinkd.service", "imlinkd.socket"])
+        .args([
+            "verify",
+            "imlinkd.service",
+            "imlinkd.socket",
+            "imlink-auth.service",
+        ])
         .output()
         .expect("systemd-analyze (Debian package systemd; .ci/run installs it)");
     let said = format!(
@@ -48,10 +65,19 @@ fn systemd_analyze_verify_is_silent() {
 
 #[test]
 fn the_service_is_hardened_to_an_exposure_of_at_most_1_5() {
+    exposure_at_most_1_5("imlinkd.service");
+}
+
+#[test]
+fn the_auth_service_is_hardened_to_an_exposure_of_at_most_1_5() {
+    exposure_at_most_1_5("imlink-auth.service");
+}
+
+fn exposure_at_most_1_5(name: &str) {
     let dir = staged();
     let out = Command::new("systemd-analyze")
         .args(["security", "--offline=true"])
-        .arg(dir.join("imlinkd.service"))
+        .arg(dir.join(name))
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -65,8 +91,8 @@ fn the_service_is_hardened_to_an_exposure_of_at_most_1_5() {
         .and_then(|s| s.split_whitespace().next())
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("unparsable: {line}"));
-    eprintln!("systemd-analyze security: {score}");
-    assert!(score <= 1.5, "exposure {score} > 1.5:\n{text}");
+    eprintln!("systemd-analyze security {name}: {score}");
+    assert!(score <= 1.5, "{name}: exposure {score} > 1.5:\n{text}");
 }
 
 #[test]
@@ -100,6 +126,33 @@ fn the_service_has_the_directives_the_brief_asks_for() {
     assert!(!s.lines().any(|l| l.starts_with("PrivateUsers=")));
     let sock = unit("imlinkd.socket");
     assert!(sock.contains("SocketMode=0660") && sock.contains("SocketGroup=imlinkd-clients"));
+}
+
+#[test]
+fn the_auth_service_has_its_directives() {
+    let s = unit("imlink-auth.service");
+    for line in [
+        "Type=notify",
+        "ExecStart=/usr/bin/imlink-auth --config /etc/imlink-auth/imlink-auth.toml",
+        "Restart=always",
+        "RestartPreventExitStatus=78",
+        "User=imlink-auth",
+        "ConfigurationDirectory=imlink-auth",
+        "After=network-online.target time-set.target",
+        // No core dump can carry the issuer seed or an app key to disk; no listener.
+        "LimitCORE=0",
+        "MemoryMax=",
+        "TasksMax=",
+        "SocketBindDeny=any",
+        "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+    ] {
+        assert!(s.contains(line), "imlink-auth.service lacks {line}");
+    }
+    // It never claims a watchdog it does not ping.
+    assert!(!s.contains("WatchdogSec="));
+    let users =
+        std::fs::read_to_string(Path::new(ROOT).join("systemd/imlink-auth.sysusers")).unwrap();
+    assert!(users.lines().any(|l| l.starts_with("u imlink-auth ")));
 }
 
 #[test]

@@ -7,6 +7,10 @@
 //! UserSig the sandbox issued, no device token and no app key appears in it.
 #![allow(dead_code)]
 
+/// The IM service on a real clustered engine (`scripts/im-cluster`): nats-server 2.15.1,
+/// imlink-auth, the sandbox's provisioning.
+pub mod im_cluster;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU32, Ordering};
