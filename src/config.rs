@@ -513,6 +513,12 @@ fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigErr
                 ),
             ));
         }
+        if v.contains('.') {
+            warnings.push(format!(
+                "{key} {v:?} contains '.': NATS refuses such a client id (CONNACK 2), and the \
+                 device status topic writes it as '_'; prefer A-Z a-z 0-9 _ -"
+            ));
+        }
     }
     let log_level = match raw.log_level.to_ascii_lowercase().as_str() {
         "trace" => tracing::Level::TRACE,
