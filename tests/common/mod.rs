@@ -26,6 +26,43 @@ pub const WAIT: Duration = Duration::from_secs(20);
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
+/// `bin` copied where any uid can run it (for tests that run a binary as another user): the
+/// build's own directory may not be reachable — a clone under a 0700 home or `mktemp -d`
+/// puts `target/` out of other users' reach. Copied once per binary and process, into a
+/// 0755 directory under the temporary directory, whose every ancestor must let others
+/// through (else the test says how to fix it).
+pub fn runnable_by_anyone(bin: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    static COPIES: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
+    let mut copies = COPIES.lock().unwrap();
+    if let Some((_, p)) = copies.iter().find(|(b, _)| b == bin) {
+        return p.clone();
+    }
+    let dir = std::env::temp_dir().join(format!("imlk-{}-bin", std::process::id()));
+    for a in dir.ancestors().skip(1) {
+        let mode = std::fs::metadata(a)
+            .map(|m| m.permissions().mode())
+            .unwrap_or(0);
+        assert!(
+            mode & 0o001 != 0,
+            "{} is not reachable by other users (mode {mode:o}): run the tests with TMPDIR \
+             pointing at a directory everyone can traverse, such as /tmp",
+            a.display()
+        );
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let name = Path::new(bin).file_name().unwrap();
+    let copy = dir.join(name);
+    // A fresh name first, then rename: a copy another test is running is never rewritten.
+    let tmp = dir.join(format!("{}.tmp", name.to_string_lossy()));
+    std::fs::copy(bin, &tmp).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, &copy).unwrap();
+    copies.push((bin.to_string(), copy.clone()));
+    copy
+}
+
 /// A fresh directory for one daemon (short: socket paths are limited to 108 bytes).
 pub fn temp_dir(tag: &str) -> PathBuf {
     let n = COUNTER.fetch_add(1, Ordering::SeqCst);
@@ -688,4 +725,46 @@ pub async fn inbox_at_least(d: &Daemon, n: usize, within: Duration) -> Vec<Value
             panic!("{} of {n} messages\n{}", all.len(), d.log_text());
         }
     }
+}
+
+/// Open `n` connections to `path` as `uid`/`gid`, from a thread whose own credentials are
+/// switched with raw syscalls (thread-local, unlike libc's process-wide setuid). The peer
+/// credentials the daemon sees are that thread's.
+pub fn connect_as(
+    uid: u32,
+    gid: u32,
+    path: std::path::PathBuf,
+    n: usize,
+) -> Vec<std::os::unix::net::UnixStream> {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test switches uids and must run as root"
+    );
+    std::thread::spawn(move || {
+        // SAFETY: plain syscalls changing this thread's credentials only; the thread ends
+        // right after.
+        unsafe {
+            assert_eq!(libc::syscall(libc::SYS_setresgid, gid, gid, gid), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), 0);
+        }
+        (0..n)
+            .filter_map(|_| std::os::unix::net::UnixStream::connect(&path).ok())
+            .collect()
+    })
+    .join()
+    .unwrap()
+}
+
+/// A `key:` line of /proc/PID/status, in KiB (`VmHWM:` the peak resident set, `VmRSS:`).
+pub fn proc_status_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+}
+
+pub fn vm_hwm_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmHWM:")
 }
