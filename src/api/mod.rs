@@ -777,7 +777,7 @@ impl ClientConn<'_> {
                 self.require_operator(method)?;
                 messages::send_message(session, params).await
             }
-            "get_conversations" => messages::get_conversations(session).await,
+            "get_conversations" => messages::get_conversations(session, params).await,
             "get_history" => messages::get_history(session, params).await,
             "read_inbox" => messages::read_inbox(session, params).await,
             "mark_read" => {

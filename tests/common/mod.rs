@@ -705,19 +705,38 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Every message in the inbox of `d`'s current account, from the start (acknowledged or
+/// not), oldest first: read_inbox from the cursor `USER:0`.
+pub async fn inbox_all(d: &Daemon) -> Vec<Value> {
+    let user = d.status().await["user_id"]
+        .as_str()
+        .expect("status.user_id")
+        .to_string();
+    let mut cursor = format!("{user}:0");
+    let mut all = Vec::new();
+    loop {
+        let r = d
+            .rpc("read_inbox", json!({ "cursor": cursor, "limit": 100 }))
+            .await;
+        let page = r["result"]["messages"]
+            .as_array()
+            .cloned()
+            .unwrap_or_else(|| panic!("read_inbox: {r}"));
+        if page.is_empty() {
+            return all;
+        }
+        cursor = r["result"]["cursor"].as_str().unwrap().to_string();
+        all.extend(page);
+    }
+}
+
 /// Wait (woken by notifications) until `d`'s inbox holds `n` messages; returns them in order.
 pub async fn inbox_at_least(d: &Daemon, n: usize, within: Duration) -> Vec<Value> {
     let mut w = d.client().await;
     w.call("watch", json!({})).await;
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        let r = d
-            .rpc("read_inbox", json!({ "after": 0, "limit": 100 }))
-            .await;
-        let all = r["result"]["messages"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
+        let all = inbox_all(d).await;
         if all.len() >= n {
             return all;
         }
@@ -767,4 +786,21 @@ pub fn proc_status_kib(pid: u32, key: &str) -> u64 {
 
 pub fn vm_hwm_kib(pid: u32) -> u64 {
     proc_status_kib(pid, "VmHWM:")
+}
+
+/// Wait until the daemon's log holds a line containing `needle` (the log is a file another
+/// process writes: polled, with a deadline); returns that line.
+pub async fn log_line(d: &Daemon, needle: &str, within: Duration) -> String {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(l) = d.log_text().lines().find(|l| l.contains(needle)) {
+            return l.to_string();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {needle:?} in the daemon's log within {within:?}:\n{}",
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // polling a file
+    }
 }
