@@ -2,12 +2,12 @@
 //! what the inbox consumer has not acknowledged; the cap bounds received messages too, and a
 //! peer's flood never blocks local sends (the broker keeps what the store cannot take);
 //! inbox cursors name their user and survive account switches (the API and `imlinkctl inbox
-//! --follow`).
+//! --follow`); readers that never read their answers cannot exhaust the daemon's memory.
 
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::BufRead;
+use std::io::{BufRead, Write};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -402,5 +402,101 @@ async fn imlinkctl_inbox_follows_across_account_switches() {
     let r = d.rpc("read_inbox", json!({})).await;
     assert_eq!(r["result"]["messages"], json!([]), "{r}");
     carol.finish().await;
+    d.finish().await;
+}
+
+/// 2,000 conversations whose last messages are ~12 KB: `get_conversations` returned all of
+/// them in one 23 MB answer, and readers that asked and never read made the daemon hold one
+/// each (279 MB for six; the packaged unit has MemoryMax=64M). Lists are paged now, and
+/// answers being written share a byte budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_that_never_read_cannot_exhaust_memory() {
+    const CONVERSATIONS: usize = 2_000;
+    let sb = sandbox().await;
+    let dir = temp_dir("readers");
+    let db = dir.join("state/messages.db");
+    std::fs::create_dir_all(db.parent().unwrap()).unwrap();
+    std::fs::set_permissions(
+        db.parent().unwrap(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    {
+        let c = imlinkd::store::open(&db).unwrap();
+        let mut ids = imlinkd::message::IdGen::new();
+        c.execute_batch("BEGIN").unwrap();
+        for i in 0..CONVERSATIONS {
+            let ts = 1_790_000_000_000 + i as i64;
+            let m = imlinkd::message::WireMessage {
+                id: ids.next(ts),
+                from: format!("peer-{i}"),
+                to: "bob".into(),
+                kind: imlinkd::message::Kind::Text,
+                body: "z".repeat(12_000),
+                ts,
+            };
+            assert!(m.encode().is_ok(), "a message that fits the 12 KB limit");
+            imlinkd::store::receive(&c, "bob", &m, 1 << 34).unwrap();
+        }
+        c.execute_batch("COMMIT").unwrap();
+    }
+    let mut o = Opts::user("bob");
+    o.dir = Some(dir);
+    o.top_extra = "[store]\nmax_bytes = \"1GiB\"\n".into();
+    let d = Daemon::start(&sb, o).await;
+    let pid = d.child.as_ref().unwrap().id().unwrap();
+
+    // Paged: 20 by default, at most 100, every conversation once, newest first.
+    let r = d.rpc("get_conversations", json!({})).await;
+    assert_eq!(r["result"]["conversations"].as_array().unwrap().len(), 20);
+    assert_eq!(r["result"]["conversations"][0]["peer"], "peer-1999");
+    let (code, _) = error_of(&d.rpc("get_conversations", json!({ "limit": 101 })).await);
+    assert_eq!(code, -32602);
+    let (code, _) = error_of(&d.rpc("get_conversations", json!({ "before": "x" })).await);
+    assert_eq!(code, -32602);
+
+    // Six readers (another uid) ask for the largest page and never read the answer.
+    let mut slow = connect_as(52_100, 0, d.socket.clone(), 6);
+    for s in &mut slow {
+        s.write_all(
+            b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"get_conversations\",\"params\":{\"limit\":100}}\n",
+        )
+        .unwrap();
+    }
+    // Meanwhile another client reads the whole list, a page at a time.
+    let mut c = d.client().await;
+    let mut peers = Vec::new();
+    let mut before = Value::Null;
+    loop {
+        let r = c
+            .call(
+                "get_conversations",
+                json!({ "limit": 100, "before": before }),
+            )
+            .await;
+        let page = r["result"]["conversations"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{r}"))
+            .clone();
+        assert!(page.len() <= 100);
+        peers.extend(page.iter().map(|c| c["peer"].as_str().unwrap().to_string()));
+        if r["result"]["next_before"].is_null() {
+            break;
+        }
+        before = r["result"]["next_before"].clone();
+    }
+    let want: Vec<String> = (0..CONVERSATIONS)
+        .rev()
+        .map(|i| format!("peer-{i}"))
+        .collect();
+    assert_eq!(peers, want, "every conversation once, newest first");
+    let peak = vm_hwm_kib(pid);
+    eprintln!("peak RSS with six readers that never read: {peak} KiB");
+    assert!(
+        peak < 40 * 1024,
+        "the daemon's peak stays far below MemoryMax=64M: {peak} KiB"
+    );
+    drop(slow);
+    assert_eq!(d.status().await["phase"], "online");
     d.finish().await;
 }

@@ -8,7 +8,9 @@
 //! that owner whoever is logged in, so a consumer whose account switched between its
 //! `read_inbox` and its `ack_inbox` acknowledges what it read, not another user's messages.
 //!
-//! Every list a reader can ask for is paged (at most [`MAX_PAGE`] items).
+//! Every list a reader can ask for is paged (at most [`MAX_PAGE`] items), and
+//! [`answer_bound`] says how large its answer can be, which the connection reserves from the
+//! answer budget before asking the store (see `api::ANSWER_BUDGET`).
 
 use serde_json::{Value, json};
 
@@ -21,6 +23,10 @@ use crate::store::{StoreError, StoreRequest};
 
 /// Most items (messages, conversations) one page returns.
 pub const MAX_PAGE: u32 = 100;
+/// The most one item of a page takes in an answer: a message is at most 12 KB encoded on
+/// the wire, and the store's fields (seq, peer, direction, state, code; a conversation's
+/// peer and unread count) add less than this margin.
+pub const MAX_ITEM_BYTES: usize = MAX_MESSAGE_BYTES + 512;
 /// Default page sizes.
 const HISTORY_PAGE: u32 = 20;
 const CONVERSATIONS_PAGE: u32 = 20;
@@ -69,6 +75,20 @@ fn limit(params: &Value, default: u32) -> Result<u32, RpcError> {
             .map(|n| n as u32)
             .ok_or_else(|| invalid(format!("limit must be a whole number from 1 to {MAX_PAGE}"))),
     }
+}
+
+/// The most bytes the answer to `method` with `params` can take, for the methods whose
+/// answers are pages of messages (`None` for the others: their answers are small).
+pub fn answer_bound(method: &str, params: &Value) -> Option<usize> {
+    let default = match method {
+        "get_history" => HISTORY_PAGE,
+        "get_conversations" => CONVERSATIONS_PAGE,
+        "read_inbox" => INBOX_PAGE,
+        _ => return None,
+    };
+    // A bad limit is refused before the store is asked; until then, reserve the most.
+    let items = limit(params, default).unwrap_or(MAX_PAGE) as usize;
+    Some(items * MAX_ITEM_BYTES + 1024)
 }
 
 fn cursor_error(message: String) -> RpcError {
@@ -427,5 +447,61 @@ mod tests {
             assert!(e.message.contains(says), "{bad}: {}", e.message);
             assert!(!e.message.contains('\n'), "quoted: {}", e.message);
         }
+    }
+
+    #[test]
+    fn paged_answers_have_a_bound_and_other_answers_none() {
+        let item = MAX_ITEM_BYTES;
+        assert_eq!(
+            answer_bound("get_history", &json!({})),
+            Some(20 * item + 1024)
+        );
+        assert_eq!(
+            answer_bound("get_conversations", &json!({ "limit": 5 })),
+            Some(5 * item + 1024)
+        );
+        assert_eq!(
+            answer_bound("read_inbox", &json!(null)),
+            Some(100 * item + 1024)
+        );
+        // A bad limit is refused later; until then the largest page is reserved.
+        assert_eq!(
+            answer_bound("get_history", &json!({ "limit": 1000 })),
+            Some(100 * item + 1024)
+        );
+        assert_eq!(answer_bound("status", &json!({})), None);
+        assert!(100 * item + 1024 <= crate::api::ANSWER_SHARE);
+        // A stored message's JSON fits the margin: the largest body a 12 KB wire message
+        // can carry, with the longest peer, a failure code and every field.
+        let mut wire = WireMessage {
+            id: "01JZZZZZZZZZZZZZZZZZZZZZZZ".into(),
+            from: "a".into(),
+            to: "b".into(),
+            kind: Kind::Text,
+            body: String::new(),
+            ts: 0,
+        };
+        let empty = wire.encode().unwrap().len();
+        wire.body = "x".repeat(MAX_MESSAGE_BYTES - empty);
+        assert!(wire.encode().is_ok());
+        let body = wire.body;
+        let stored = crate::store::Stored {
+            seq: i64::MAX,
+            id: "01JZZZZZZZZZZZZZZZZZZZZZZZ".into(),
+            peer: "p".repeat(32),
+            direction: crate::store::Direction::Out,
+            kind: Kind::Custom,
+            body,
+            ts: i64::MAX,
+            state: crate::store::State::Failed,
+            code: Some(u32::MAX),
+        };
+        let conv = crate::store::Conversation {
+            peer: "p".repeat(32),
+            unread: u64::MAX,
+            last: Some(stored),
+            last_seq: 0,
+        };
+        assert!(serde_json::to_string(&conv).unwrap().len() < item);
     }
 }
