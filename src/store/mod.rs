@@ -253,6 +253,10 @@ fn migrate(c: &Connection, path: &Path) -> Result<(), StoreError> {
     }
     if found < 2 {
         in_transaction(c, v1_to_v2)?;
+        if found == 1 {
+            // The old table's pages: back to the file system.
+            give_back_free_pages(c)?;
+        }
     }
     Ok(())
 }
@@ -391,6 +395,15 @@ fn row_to_stored(r: &rusqlite::Row<'_>) -> rusqlite::Result<Stored> {
 
 const COLUMNS: &str = "seq, id, peer, dir, kind, ts, state, code, body";
 
+/// Give the free pages back to the file system. (`PRAGMA incremental_vacuum` frees one page
+/// per step: it must be stepped to the end, which `execute_batch` does not do.)
+fn give_back_free_pages(c: &Connection) -> Result<(), StoreError> {
+    let mut st = c.prepare_cached("PRAGMA incremental_vacuum")?;
+    let mut rows = st.query([])?;
+    while rows.next()?.is_some() {}
+    Ok(())
+}
+
 /// Bytes the store uses (pages in use, not free ones).
 pub fn used_bytes(c: &Connection) -> Result<u64, StoreError> {
     let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
@@ -453,7 +466,7 @@ pub fn evict(c: &Connection, target: u64) -> Result<u64, StoreError> {
         }
     }
     if evicted > 0 {
-        c.execute_batch("PRAGMA incremental_vacuum")?;
+        give_back_free_pages(c)?;
     }
     Ok(evicted)
 }

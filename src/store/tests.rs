@@ -392,6 +392,10 @@ fn eviction_takes_only_consumed_messages_and_a_full_store_refuses_sends() {
     )
     .unwrap();
     assert!(used_bytes(&c).unwrap() < cap);
+    let free: i64 = c
+        .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(free, 0, "what eviction freed went back to the file system");
 }
 
 /// docs/api.md promised "unacknowledged messages are never evicted", but v1 evicted
@@ -671,6 +675,13 @@ fn a_version_1_store_with_data_migrates_and_keeps_everything() {
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
     assert_eq!(version, 2);
+    let free: i64 = c
+        .query_row("PRAGMA freelist_count", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        free, 0,
+        "the old table's pages went back to the file system"
+    );
     let after: Vec<Stored> = c
         .prepare(&format!("SELECT {COLUMNS} FROM messages ORDER BY seq"))
         .unwrap()
