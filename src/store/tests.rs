@@ -864,8 +864,9 @@ async fn one_batch(h: &StoreHandle, path: &std::path::Path, requests: Vec<StoreR
 }
 
 /// A read in a batch may see a write of the same batch; v1 answered reads at once, so when
-/// the COMMIT then failed, an app had been shown a message that was never stored. Reads are
-/// now answered after the COMMIT, and fail with it.
+/// the COMMIT then failed, an app had been shown a message that was never stored. A read
+/// after a write of its batch is now answered after the COMMIT, and fails with it; a read
+/// before any write saw only committed data and is answered as it was.
 #[tokio::test(flavor = "current_thread")]
 async fn reads_are_answered_after_the_commit_and_fail_with_it() {
     let path = tmp("commit-fails");
@@ -884,6 +885,7 @@ async fn reads_are_answered_after_the_commit_and_fail_with_it() {
     let (h, opened) = StoreHandle::open(path.clone(), CAP);
     opened.unwrap();
     let mut g = IdGen::new();
+    let (before_tx, before) = oneshot::channel();
     let (sent_tx, sent) = oneshot::channel();
     let (seen_tx, seen) = oneshot::channel();
     let (inbox_tx, inbox_rx) = oneshot::channel();
@@ -891,6 +893,13 @@ async fn reads_are_answered_after_the_commit_and_fail_with_it() {
         &h,
         &path,
         vec![
+            StoreRequest::History {
+                owner: "alice".into(),
+                peer: "bob".into(),
+                before: None,
+                limit: 10,
+                reply: before_tx,
+            },
             StoreRequest::Enqueue {
                 owner: "alice".into(),
                 msg: msg(&mut g, "alice", "bob", 1, "poison"),
@@ -912,6 +921,11 @@ async fn reads_are_answered_after_the_commit_and_fail_with_it() {
         ],
     )
     .await;
+    assert_eq!(
+        before.await.unwrap(),
+        Ok(vec![]),
+        "before the write: committed data"
+    );
     let sent = sent.await.unwrap();
     assert!(sent.is_err(), "the COMMIT failed: {sent:?}");
     let seen = seen.await.unwrap();

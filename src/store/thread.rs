@@ -3,8 +3,10 @@
 //! the thread takes whatever is queued — up to a batch — runs it in **one transaction**, and
 //! answers only after the COMMIT: many messages, one fsync, and no answer before the data is
 //! on disk. Every request runs in a savepoint of its own (a request that fails leaves nothing
-//! half done in the batch), and reads are answered after the COMMIT too: a read may have
-//! seen a write of the same batch, so if the COMMIT fails, the read fails with it.
+//! half done in the batch). A read that comes after a write in its batch is answered after
+//! the COMMIT too: it may have seen that write, so if the COMMIT fails, the read fails with
+//! it. A read before any write of its batch saw only committed data and is answered at once
+//! (the courier's outbox pages do not wait for an fsync).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -90,6 +92,25 @@ pub enum StoreRequest {
     },
     /// (messages, bytes in use).
     Stats { reply: Reply<(u64, u64)> },
+}
+
+impl StoreRequest {
+    /// Whether it only reads (it changes nothing in the store).
+    fn is_read(&self) -> bool {
+        match self {
+            StoreRequest::Outbox { .. }
+            | StoreRequest::Get { .. }
+            | StoreRequest::Conversations { .. }
+            | StoreRequest::History { .. }
+            | StoreRequest::ReadInbox { .. }
+            | StoreRequest::Stats { .. } => true,
+            StoreRequest::Enqueue { .. }
+            | StoreRequest::Receive { .. }
+            | StoreRequest::Settle { .. }
+            | StoreRequest::MarkRead { .. }
+            | StoreRequest::AckInbox { .. } => false,
+        }
+    }
 }
 
 /// How many requests share one transaction at most.
@@ -201,8 +222,8 @@ impl StoreHandle {
 }
 
 /// A reply to send once the transaction is over: the request's result if the COMMIT
-/// succeeded, the COMMIT's error otherwise (reads too: they may have seen this batch's
-/// writes, which a failed COMMIT undoes).
+/// succeeded, the COMMIT's error otherwise (reads after a write too: they may have seen it,
+/// and a failed COMMIT undoes it).
 type Pending = Box<dyn FnOnce(&Result<(), StoreError>) + Send>;
 
 fn after_commit<T: Send + 'static>(tx: Reply<T>, r: Result<T, StoreError>) -> Pending {
@@ -246,8 +267,16 @@ fn serve(conn: Result<Connection, StoreError>, rx: Requests, cap: u64) {
             }
         };
         let mut pending = Vec::with_capacity(batch.len());
+        let unchanged = tx.total_changes();
         for req in batch {
-            pending.push(run(&tx, req, cap));
+            // Nothing written yet in this transaction: a read sees only committed data.
+            let at_once = req.is_read() && tx.total_changes() == unchanged;
+            let reply = run(&tx, req, cap);
+            if at_once {
+                reply(&Ok(()));
+            } else {
+                pending.push(reply);
+            }
         }
         let commit = tx.commit().map_err(StoreError::from);
         if let Err(e) = &commit {
