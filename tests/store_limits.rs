@@ -389,9 +389,20 @@ async fn imlinkctl_inbox_follows_across_account_switches() {
         want.map(|(u, b)| (u.to_string(), b.to_string())),
         "each once, with its user"
     );
-    // Nothing more comes, and nothing is left unacknowledged for either user.
-    let r = d.rpc("read_inbox", json!({})).await;
-    assert_eq!(r["result"]["messages"], json!([]), "{r}");
+    // It acknowledges each page after printing it: wait for the last acknowledgement (the
+    // daemon's state, polled), then nothing is left unacknowledged for either user.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let r = d.rpc("read_inbox", json!({})).await;
+        if r["result"]["messages"] == json!([]) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never acknowledged: {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await; // polling the daemon's state
+    }
     let _ = follow.kill();
     let _ = follow.wait();
     assert!(
