@@ -34,13 +34,17 @@ USAGE:
   imlinkctl [--socket PATH] version
   imlinkctl [--socket PATH] send PEER TEXT|- [--custom]
                                                  send a message (- reads it from stdin); prints its id
-  imlinkctl [--socket PATH] conversations [--json]
+  imlinkctl [--socket PATH] conversations [--before CURSOR] [--limit N] [--json]
+                                                 newest first, a page at a time (20 by default)
   imlinkctl [--socket PATH] history PEER [--before ID] [--limit N] [--json]
                                                  newest first; works offline and logged out
   imlinkctl [--socket PATH] inbox [--follow] [--max N]
-                                                 print received messages as JSON lines, then
-                                                 acknowledge them (at least once: a message is
-                                                 acknowledged only after it was written out);
+                                                 print the current account's received messages
+                                                 as JSON lines (with the user_id whose inbox it
+                                                 is), then acknowledge them (at least once: a
+                                                 message is acknowledged only after it was
+                                                 written out; an account switch meanwhile
+                                                 acknowledges what was read, for its user);
                                                  --follow: keep waiting for more; --max N: stop
                                                  after N messages
   imlinkctl sig decode [--file PATH]             decode a UserSig read from stdin (or a file);
@@ -233,8 +237,13 @@ fn run(mut args: Vec<String>) -> Result<(), Fail> {
         }
         "conversations" => {
             let json_out = flag(&mut args, "--json");
+            let before = value(&mut args, "--before")?;
+            let limit = page_limit(value(&mut args, "--limit")?)?;
             no_more(&args)?;
-            let r = Client::connect(&socket)?.call("get_conversations", json!({}))?;
+            let r = Client::connect(&socket)?.call(
+                "get_conversations",
+                json!({ "before": before, "limit": limit }),
+            )?;
             if json_out {
                 println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
                 return Ok(());
@@ -251,19 +260,15 @@ fn run(mut args: Vec<String>) -> Result<(), Fail> {
                     c.get("last").map(one_line).unwrap_or_default()
                 );
             }
+            if let Some(next) = r["next_before"].as_str() {
+                println!("(more: imlinkctl conversations --before {next})");
+            }
             Ok(())
         }
         "history" => {
             let json_out = flag(&mut args, "--json");
             let before = value(&mut args, "--before")?;
-            let limit = match value(&mut args, "--limit")? {
-                None => 20,
-                Some(n) => n
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|n| (1..=100).contains(n))
-                    .ok_or_else(|| Fail::usage(format!("--limit {n}: a number from 1 to 100")))?,
-            };
+            let limit = page_limit(value(&mut args, "--limit")?)?;
             if args.len() != 1 {
                 return Err(Fail::usage("history needs PEER"));
             }
@@ -337,6 +342,18 @@ fn run(mut args: Vec<String>) -> Result<(), Fail> {
     }
 }
 
+/// `--limit N`: 1 to 100, 20 when absent.
+fn page_limit(arg: Option<String>) -> Result<u32, Fail> {
+    match arg {
+        None => Ok(20),
+        Some(n) => n
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=100).contains(n))
+            .ok_or_else(|| Fail::usage(format!("--limit {n}: a number from 1 to 100"))),
+    }
+}
+
 /// One message as one human line: time, direction, peer, state, body (control characters
 /// escaped: the body comes from outside).
 fn one_line(m: &Value) -> String {
@@ -371,7 +388,14 @@ fn one_line(m: &Value) -> String {
 }
 
 /// The at-least-once consumer: print each received message as a JSON line, flush, and only
-/// then acknowledge it; with `follow`, wait for more (woken by `message_received`).
+/// then acknowledge it; with `follow`, wait for more (woken by `message_received` or any
+/// other notification).
+///
+/// Account switches: each read is of the current account from its acknowledged position
+/// (no cursor is passed), and the acknowledgement carries the cursor that read returned,
+/// which names its user: a switch between the two acknowledges what was printed, for the
+/// user it belongs to, and the next read is the new account's. Nothing is lost or
+/// acknowledged for the wrong user.
 fn inbox(socket: &PathBuf, follow: bool, max: usize) -> Result<(), Fail> {
     let mut watcher = if follow {
         let mut w = Client::connect(socket)?;
@@ -391,16 +415,20 @@ fn inbox(socket: &PathBuf, follow: bool, max: usize) -> Result<(), Fail> {
             }
             let r = c.call("read_inbox", json!({ "limit": left }))?;
             let page = r["messages"].as_array().cloned().unwrap_or_default();
-            let Some(last) = page.last().map(|m| m["seq"].clone()) else {
+            if page.is_empty() {
                 break;
-            };
+            }
             for m in &page {
+                let mut m = m.clone();
+                if let Some(o) = m.as_object_mut() {
+                    o.insert("user_id".into(), r["user_id"].clone());
+                }
                 writeln!(out, "{m}")
                     .map_err(|e| Fail(EXIT_FAILED, format!("writing to stdout: {e}")))?;
             }
             out.flush()
                 .map_err(|e| Fail(EXIT_FAILED, format!("writing to stdout: {e}")))?;
-            c.call("ack_inbox", json!({ "cursor": last }))?;
+            c.call("ack_inbox", json!({ "cursor": r["cursor"] }))?;
             printed += page.len();
         }
         let Some(w) = watcher.as_mut() else {

@@ -3,7 +3,14 @@
 //! `read_inbox`), plus `mark_read` and `ack_inbox` (operator: they change the store).
 //!
 //! Whose messages: the account the session logs in as (`status.user_id`), whatever the
-//! phase, so history is there while logged out, kicked, stopped or offline.
+//! phase, so history is there while logged out, kicked, stopped or offline. The exception is
+//! `ack_inbox`: an inbox cursor names its owner (`"alice:120"`), and acknowledging applies to
+//! that owner whoever is logged in, so a consumer whose account switched between its
+//! `read_inbox` and its `ack_inbox` acknowledges what it read, not another user's messages.
+//!
+//! Every list a reader can ask for is paged (at most [`MAX_PAGE`] items), and
+//! [`answer_bound`] says how large its answer can be, which the connection reserves from the
+//! answer budget before asking the store (see `api::ANSWER_BUDGET`).
 
 use serde_json::{Value, json};
 
@@ -11,11 +18,20 @@ use super::{RpcError, rpc};
 use crate::engine::{Draft, Refusal};
 use crate::identity::UserId;
 use crate::message::{Kind, MAX_MESSAGE_BYTES};
+use crate::session::codes;
 use crate::status::{Command, SessionHandle};
 use crate::store::{StoreError, StoreRequest};
 
-/// Most messages one history or inbox page returns.
+/// Most items (messages, conversations) one page returns.
 pub const MAX_PAGE: u32 = 100;
+/// The most one item of a page takes in an answer: a message is at most 12 KB encoded on
+/// the wire, and the store's fields (seq, peer, direction, state, code; a conversation's
+/// peer and unread count) add less than this margin.
+pub const MAX_ITEM_BYTES: usize = MAX_MESSAGE_BYTES + 512;
+/// Default page sizes.
+const HISTORY_PAGE: u32 = 20;
+const CONVERSATIONS_PAGE: u32 = 20;
+const INBOX_PAGE: u32 = MAX_PAGE;
 
 fn invalid(message: String) -> RpcError {
     RpcError::new(rpc::INVALID_PARAMS, message)
@@ -24,6 +40,7 @@ fn invalid(message: String) -> RpcError {
 fn store_error(e: StoreError) -> RpcError {
     let code = match e {
         StoreError::Full { .. } => crate::courier::codes::STORE_FULL,
+        StoreError::Cursor(_) => codes::INVALID_PARAMETERS,
         _ => crate::courier::codes::STORE_FAILED,
     };
     RpcError::new(i64::from(code), e.to_string())
@@ -61,15 +78,94 @@ fn limit(params: &Value, default: u32) -> Result<u32, RpcError> {
     }
 }
 
-fn seq_param(params: &Value, key: &str) -> Result<Option<i64>, RpcError> {
-    match params.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_i64()
-            .filter(|n| *n >= 0)
-            .map(Some)
-            .ok_or_else(|| invalid(format!("{key} must be a whole number ≥ 0 (a seq)"))),
+/// The most bytes the answer to `method` with `params` can take, for the methods whose
+/// answers are pages of messages (`None` for the others: their answers are small).
+pub fn answer_bound(method: &str, params: &Value) -> Option<usize> {
+    let default = match method {
+        "get_history" => HISTORY_PAGE,
+        "get_conversations" => CONVERSATIONS_PAGE,
+        "read_inbox" => INBOX_PAGE,
+        _ => return None,
+    };
+    // A bad limit is refused before the store is asked; until then, reserve the most.
+    let items = limit(params, default).unwrap_or(MAX_PAGE) as usize;
+    Some(items * MAX_ITEM_BYTES + 1024)
+}
+
+fn cursor_error(message: String) -> RpcError {
+    RpcError::new(i64::from(codes::INVALID_PARAMETERS), message)
+}
+
+/// An inbox cursor: `"OWNER:POSITION"`, as `read_inbox` returns it.
+pub fn inbox_cursor(owner: &str, at: i64) -> String {
+    format!("{owner}:{at}")
+}
+
+/// Read an inbox cursor parameter (`None` when absent). Integers (the old cursors, which
+/// named no owner) and anything else that is not `"OWNER:POSITION"` are refused (6017).
+fn cursor_param(params: &Value, key: &str) -> Result<Option<(UserId, i64)>, RpcError> {
+    let text = match params.get(key) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) => s,
+        Some(Value::Number(n)) => {
+            return Err(cursor_error(format!(
+                "{key} {n}: inbox cursors are strings naming their user (\"alice:120\", as \
+                 read_inbox returns them) since integer cursors, which named no user, could \
+                 acknowledge another account's messages; read_inbox without a cursor starts \
+                 from the acknowledged position"
+            )));
+        }
+        Some(_) => {
+            return Err(cursor_error(format!(
+                "{key} must be a cursor string (\"alice:120\", as read_inbox returns it)"
+            )));
+        }
+    };
+    let bad = || {
+        cursor_error(format!(
+            "{key} {} is not an inbox cursor: cursors are \"USER:POSITION\" strings as \
+             read_inbox returns them (e.g. \"alice:120\")",
+            crate::session::quote_external(text, 80)
+        ))
+    };
+    let (owner, at) = text.split_once(':').ok_or_else(bad)?;
+    let owner = UserId::parse(owner).map_err(|_| bad())?;
+    if at.is_empty() || !at.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
     }
+    let at = at.parse::<i64>().map_err(|_| bad())?;
+    Ok(Some((owner, at)))
+}
+
+/// A conversations cursor: `"LAST_SEQ/PEER"`, opaque to apps (`next_before`).
+fn conversations_cursor(c: &crate::store::Conversation) -> String {
+    format!("{}/{}", c.last_seq, c.peer)
+}
+
+fn before_conversation(params: &Value) -> Result<Option<(i64, String)>, RpcError> {
+    let text = match params.get("before") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::String(s)) => s,
+        Some(_) => {
+            return Err(invalid(
+                "before must be the next_before string of the previous page".into(),
+            ));
+        }
+    };
+    let bad = || {
+        invalid(format!(
+            "before {} is not a next_before of get_conversations: pass it as it was returned",
+            crate::session::quote_external(text, 80)
+        ))
+    };
+    let (seq, peer) = text.split_once('/').ok_or_else(bad)?;
+    let seq = seq
+        .parse::<i64>()
+        .ok()
+        .filter(|s| *s >= 0)
+        .ok_or_else(bad)?;
+    let peer = UserId::parse(peer).map_err(|_| bad())?;
+    Ok(Some((seq, peer.to_string())))
 }
 
 fn owner(session: &SessionHandle) -> String {
@@ -140,14 +236,26 @@ pub async fn send_message(session: &SessionHandle, params: &Value) -> Result<Val
     }
 }
 
-pub async fn get_conversations(session: &SessionHandle) -> Result<Value, RpcError> {
+pub async fn get_conversations(session: &SessionHandle, params: &Value) -> Result<Value, RpcError> {
+    let limit = limit(params, CONVERSATIONS_PAGE)?;
+    let before = before_conversation(params)?;
     let owner = owner(session);
-    let list = session
+    let (list, more) = session
         .store
-        .ask(|reply| StoreRequest::Conversations { owner, reply })
+        .ask(|reply| StoreRequest::Conversations {
+            owner,
+            before,
+            limit,
+            reply,
+        })
         .await
         .map_err(store_error)?;
-    Ok(json!({ "conversations": list }))
+    let next = if more {
+        list.last().map(conversations_cursor)
+    } else {
+        None
+    };
+    Ok(json!({ "conversations": list, "next_before": next }))
 }
 
 pub async fn get_history(session: &SessionHandle, params: &Value) -> Result<Value, RpcError> {
@@ -157,7 +265,7 @@ pub async fn get_history(session: &SessionHandle, params: &Value) -> Result<Valu
         Some(Value::String(s)) if crate::message::is_ulid(s) => Some(s.clone()),
         Some(_) => return Err(invalid("before must be a message id (a ULID)".into())),
     };
-    let limit = limit(params, 20)?;
+    let limit = limit(params, HISTORY_PAGE)?;
     let owner = owner(session);
     let messages = session
         .store
@@ -188,49 +296,161 @@ pub async fn mark_read(session: &SessionHandle, params: &Value) -> Result<Value,
     Ok(json!({ "marked": n }))
 }
 
+/// `read_inbox {cursor?, limit?}` → `{user_id, messages, cursor}`: the current account's
+/// received messages after the cursor (none: after its acknowledged position), oldest first.
+/// A cursor of another account is refused: readers read the current account.
 pub async fn read_inbox(session: &SessionHandle, params: &Value) -> Result<Value, RpcError> {
-    let limit = limit(params, MAX_PAGE)?;
+    if params.get("after").is_some_and(|v| !v.is_null()) {
+        return Err(cursor_error(
+            "read_inbox takes no \"after\" any more: pass \"cursor\", the string read_inbox \
+             returned (\"alice:120\"), or nothing to start from the acknowledged position"
+                .into(),
+        ));
+    }
+    let limit = limit(params, INBOX_PAGE)?;
     let owner = owner(session);
-    let after = match seq_param(params, "after")? {
-        Some(a) => a,
-        None => {
-            let o = owner.clone();
-            session
-                .store
-                .ask(|reply| StoreRequest::InboxCursor { owner: o, reply })
-                .await
-                .map_err(store_error)?
+    let after = match cursor_param(params, "cursor")? {
+        None => None,
+        Some((of, at)) if of.as_str() == owner => Some(at),
+        Some((of, at)) => {
+            return Err(cursor_error(format!(
+                "cursor {of}:{at} is {of}'s inbox, but the session is {owner}'s: read_inbox \
+                 reads the current account's inbox; call it without a cursor to start from \
+                 {owner}'s acknowledged position (ack_inbox still takes {of}'s cursor)"
+            )));
         }
     };
-    let messages = session
+    let o = owner.clone();
+    let page = session
         .store
         .ask(|reply| StoreRequest::ReadInbox {
-            owner,
+            owner: o,
             after,
             limit,
             reply,
         })
         .await
         .map_err(store_error)?;
-    let cursor = messages.last().map_or(after, |m| m.seq);
-    Ok(json!({ "messages": messages, "cursor": cursor }))
+    Ok(json!({
+        "user_id": owner,
+        "messages": page.messages,
+        "cursor": inbox_cursor(&owner, page.cursor),
+    }))
 }
 
+/// `ack_inbox {cursor}` → `{user_id, cursor}`: the cursor's owner has consumed its inbox up
+/// to there, whoever is logged in now (the position only moves forward).
 pub async fn ack_inbox(session: &SessionHandle, params: &Value) -> Result<Value, RpcError> {
-    let Some(cursor) = seq_param(params, "cursor")? else {
-        return Err(invalid(
-            "cursor is required (the cursor read_inbox returned)".into(),
+    let Some((of, at)) = cursor_param(params, "cursor")? else {
+        return Err(cursor_error(
+            "cursor is required: the cursor string read_inbox returned (\"alice:120\")".into(),
         ));
     };
-    let owner = owner(session);
+    let of = of.to_string();
+    let session_user = owner(session);
+    let o = of.clone();
     let acked = session
         .store
         .ask(|reply| StoreRequest::AckInbox {
-            owner,
-            cursor,
+            owner: o,
+            cursor: at,
+            session_user,
             reply,
         })
         .await
         .map_err(store_error)?;
-    Ok(json!({ "cursor": acked }))
+    Ok(json!({ "user_id": of, "cursor": inbox_cursor(&of, acked) }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::WireMessage;
+
+    #[test]
+    fn inbox_cursors_name_their_user_and_anything_else_is_refused() {
+        let ok = cursor_param(&json!({ "cursor": "alice:120" }), "cursor").unwrap();
+        assert_eq!(
+            ok.map(|(u, at)| (u.to_string(), at)),
+            Some(("alice".into(), 120))
+        );
+        assert_eq!(inbox_cursor("alice", 120), "alice:120");
+        assert!(cursor_param(&json!({}), "cursor").unwrap().is_none());
+        for (bad, says) in [
+            (json!(12), "strings naming their user"),
+            (json!(true), "must be a cursor string"),
+            (json!("alice"), "is not an inbox cursor"),
+            (json!("alice:"), "is not an inbox cursor"),
+            (json!(":12"), "is not an inbox cursor"),
+            (json!("alice:+1"), "is not an inbox cursor"),
+            (json!("alice:1:2"), "is not an inbox cursor"),
+            (
+                json!("alice:99999999999999999999"),
+                "is not an inbox cursor",
+            ),
+            (json!("al ice:1"), "is not an inbox cursor"),
+            (json!("alice:1\nforged log line"), "is not an inbox cursor"),
+        ] {
+            let e = cursor_param(&json!({ "cursor": bad }), "cursor").unwrap_err();
+            assert_eq!(e.code, 6017, "{bad}");
+            assert!(e.message.contains(says), "{bad}: {}", e.message);
+            assert!(!e.message.contains('\n'), "quoted: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn paged_answers_have_a_bound_and_other_answers_none() {
+        let item = MAX_ITEM_BYTES;
+        assert_eq!(
+            answer_bound("get_history", &json!({})),
+            Some(20 * item + 1024)
+        );
+        assert_eq!(
+            answer_bound("get_conversations", &json!({ "limit": 5 })),
+            Some(5 * item + 1024)
+        );
+        assert_eq!(
+            answer_bound("read_inbox", &json!(null)),
+            Some(100 * item + 1024)
+        );
+        // A bad limit is refused later; until then the largest page is reserved.
+        assert_eq!(
+            answer_bound("get_history", &json!({ "limit": 1000 })),
+            Some(100 * item + 1024)
+        );
+        assert_eq!(answer_bound("status", &json!({})), None);
+        assert!(100 * item + 1024 <= crate::api::ANSWER_SHARE);
+        // A stored message's JSON fits the margin: the largest body a 12 KB wire message
+        // can carry, with the longest peer, a failure code and every field.
+        let mut wire = WireMessage {
+            id: "01JZZZZZZZZZZZZZZZZZZZZZZZ".into(),
+            from: "a".into(),
+            to: "b".into(),
+            kind: Kind::Text,
+            body: String::new(),
+            ts: 0,
+        };
+        let empty = wire.encode().unwrap().len();
+        wire.body = "x".repeat(MAX_MESSAGE_BYTES - empty);
+        assert!(wire.encode().is_ok());
+        let body = wire.body;
+        let stored = crate::store::Stored {
+            seq: i64::MAX,
+            id: "01JZZZZZZZZZZZZZZZZZZZZZZZ".into(),
+            peer: "p".repeat(32),
+            direction: crate::store::Direction::Out,
+            kind: Kind::Custom,
+            body,
+            ts: i64::MAX,
+            state: crate::store::State::Failed,
+            code: Some(u32::MAX),
+        };
+        let conv = crate::store::Conversation {
+            peer: "p".repeat(32),
+            unread: u64::MAX,
+            last: Some(stored),
+            last_seq: 0,
+        };
+        assert!(serde_json::to_string(&conv).unwrap().len() < item);
+    }
 }

@@ -3,8 +3,9 @@
 //! Security: the socket is 0660 with a configurable client group; SO_PEERCRED decides the
 //! role: anyone who can connect may read; `login`/`logout` need root, the daemon's uid, or a
 //! configured operator uid/gid. Everything is bounded (clients in all and per uid, line length,
-//! idle time, each watcher's backlog): a client can never crash or stall the daemon: a slow
-//! watcher is told it lagged and is dropped. See `docs/api.md`.
+//! idle time, each watcher's backlog, the answers being written): a client can never crash or
+//! stall the daemon: a slow watcher is told it lagged and is dropped, and answers that are
+//! pages of messages share one byte budget ([`ANSWER_BUDGET`]). See `docs/api.md`.
 
 use std::collections::HashMap;
 use std::os::fd::FromRawFd;
@@ -16,7 +17,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, oneshot};
 
 mod messages;
 
@@ -41,6 +42,20 @@ pub mod rpc {
 
 /// The API version reported by `version`.
 pub const API_VERSION: u32 = 1;
+
+/// The most bytes of paged answers (history, conversations, inbox: up to 100 messages of up
+/// to 12 KB each) the daemon holds at once, across all connections. A connection reserves
+/// its answer's bound before the store is asked and keeps what the answer takes until it is
+/// written; a client that does not read holds its share until the write timeout drops it.
+/// So however many readers ask and never read, their answers take at most this much; the
+/// others wait their turn (in order) for at most [`ANSWER_WAIT`]. One uid may hold at most
+/// [`ANSWER_SHARE`] of it, so the connections of one reader cannot make everyone else wait.
+pub const ANSWER_BUDGET: usize = 4 << 20;
+/// The part of [`ANSWER_BUDGET`] one uid may hold: a little more than one largest page.
+pub const ANSWER_SHARE: usize = ANSWER_BUDGET / 2;
+/// How long a paged request waits for its share of [`ANSWER_BUDGET`] before it is refused
+/// (-32004, try again): two write timeouts.
+pub const ANSWER_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BindError {
@@ -234,6 +249,8 @@ struct Limits {
     total: usize,
     per_uid: HashMap<u32, usize>,
     watchers_per_uid: HashMap<u32, usize>,
+    /// Each connected uid's [`ANSWER_SHARE`] (dropped with its last connection).
+    answer_share: HashMap<u32, Arc<Semaphore>>,
 }
 
 /// Slots only operators may take: however many connections readers hold, root and the
@@ -262,6 +279,9 @@ impl Drop for Slot {
             }
         };
         dec(&mut l.per_uid, self.uid);
+        if !l.per_uid.contains_key(&self.uid) {
+            l.answer_share.remove(&self.uid);
+        }
         if self.watching {
             dec(&mut l.watchers_per_uid, self.uid);
         }
@@ -273,6 +293,8 @@ pub struct Server {
     session: SessionHandle,
     daemon_uid: u32,
     limits: Arc<Mutex<Limits>>,
+    /// [`ANSWER_BUDGET`], in bytes.
+    answers: Arc<Semaphore>,
     #[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
     test_hooks: bool,
 }
@@ -287,7 +309,9 @@ impl Server {
                 total: 0,
                 per_uid: HashMap::new(),
                 watchers_per_uid: HashMap::new(),
+                answer_share: HashMap::new(),
             })),
+            answers: Arc::new(Semaphore::new(ANSWER_BUDGET)),
             test_hooks: cfg!(feature = "test-hooks")
                 && std::env::var("IMLINKD_TEST_HOOKS").is_ok_and(|v| v == "1"),
         })
@@ -411,6 +435,7 @@ impl Server {
             lines: LineReader::new(self.cfg.max_line_bytes),
             watch: None,
             watch_messages: None,
+            answer: None,
         };
         loop {
             match conn.next_line(&mut rd).await {
@@ -420,6 +445,8 @@ impl Server {
                     {
                         return;
                     }
+                    // Written: its share of the answer budget goes back.
+                    conn.answer = None;
                     // One request at a time per client, and others get their turn.
                     tokio::task::yield_now().await;
                 }
@@ -600,6 +627,9 @@ struct ClientConn<'a> {
     watch: Option<broadcast::Receiver<Event>>,
     /// Message notifications, for a watcher.
     watch_messages: Option<broadcast::Receiver<MessageEvent>>,
+    /// What the answer being made or written holds of [`ANSWER_BUDGET`] and of its uid's
+    /// [`ANSWER_SHARE`].
+    answer: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
 }
 
 impl ClientConn<'_> {
@@ -682,12 +712,58 @@ impl ClientConn<'_> {
             Ok(r) => r,
             Err((id, code, msg)) => return Some(error_line(&id, code, &msg, None)),
         };
-        let result = self.dispatch(&req.method, &req.params).await;
+        let result = match self.reserve_answer(&req).await {
+            Ok(()) => self.dispatch(&req.method, &req.params).await,
+            Err(e) => Err(e),
+        };
         let id = req.id?;
-        Some(match result {
+        let line = match result {
             Ok(r) => json!({ "jsonrpc": "2.0", "id": id, "result": r }).to_string() + "\n",
             Err(e) => error_line(&id, e.code, &e.message, e.data),
-        })
+        };
+        // Keep only what the answer takes (the rest of the bound goes back at once).
+        if let Some((all, mine)) = self.answer.as_mut() {
+            let excess = all.num_permits().saturating_sub(line.len());
+            drop((all.split(excess), mine.split(excess)));
+        }
+        Some(line)
+    }
+
+    /// For a request whose answer is a page of messages, wait (in turn, at most
+    /// [`ANSWER_WAIT`]) until its bound fits in its uid's [`ANSWER_SHARE`] and in
+    /// [`ANSWER_BUDGET`], and hold both.
+    async fn reserve_answer(&mut self, req: &Request) -> Result<(), RpcError> {
+        let Some(bound) = messages::answer_bound(&req.method, &req.params) else {
+            return Ok(());
+        };
+        let want = u32::try_from(bound.min(ANSWER_SHARE)).unwrap_or(u32::MAX);
+        let share = {
+            let mut l = self.server.limits.lock().unwrap_or_else(|p| p.into_inner());
+            l.answer_share
+                .entry(self.peer.uid)
+                .or_insert_with(|| Arc::new(Semaphore::new(ANSWER_SHARE)))
+                .clone()
+        };
+        let budget = self.server.answers.clone();
+        let both = async {
+            let mine = share.acquire_many_owned(want).await?;
+            let all = budget.acquire_many_owned(want).await?;
+            Ok::<_, tokio::sync::AcquireError>((all, mine))
+        };
+        match tokio::time::timeout(ANSWER_WAIT, both).await {
+            Ok(Ok(permits)) => {
+                self.answer = Some(permits);
+                Ok(())
+            }
+            _ => Err(RpcError::new(
+                rpc::NOT_AVAILABLE,
+                format!(
+                    "busy: answers to other clients fill the answer budget ({} MiB being \
+                     written); try again",
+                    ANSWER_BUDGET >> 20
+                ),
+            )),
+        }
     }
 
     fn require_operator(&self, method: &str) -> Result<(), RpcError> {
@@ -777,7 +853,7 @@ impl ClientConn<'_> {
                 self.require_operator(method)?;
                 messages::send_message(session, params).await
             }
-            "get_conversations" => messages::get_conversations(session).await,
+            "get_conversations" => messages::get_conversations(session, params).await,
             "get_history" => messages::get_history(session, params).await,
             "read_inbox" => messages::read_inbox(session, params).await,
             "mark_read" => {
