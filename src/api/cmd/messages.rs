@@ -14,7 +14,7 @@
 
 use serde_json::{Value, json};
 
-use super::{RpcError, rpc};
+use crate::api::rpc::{self, RpcError};
 use crate::engine::{Draft, Refusal};
 use crate::identity::UserId;
 use crate::message::{Kind, MAX_MESSAGE_BYTES};
@@ -220,17 +220,12 @@ pub async fn send_message(session: &SessionHandle, params: &Value) -> Result<Val
         .commands
         .send(Command::Send { draft, reply: tx })
         .await
-        .map_err(|_| {
-            RpcError::new(
-                super::rpc::NOT_AVAILABLE,
-                "the daemon is shutting down".into(),
-            )
-        })?;
+        .map_err(|_| RpcError::new(rpc::NOT_AVAILABLE, "the daemon is shutting down".into()))?;
     match rx.await {
         Ok(Ok(q)) => Ok(json!({ "id": q.id, "seq": q.seq, "to": q.to, "state": "queued" })),
         Ok(Err(e)) => Err(RpcError::new(e.code, e.message)),
         Err(_) => Err(RpcError::new(
-            super::rpc::NOT_AVAILABLE,
+            rpc::NOT_AVAILABLE,
             "the daemon is shutting down".into(),
         )),
     }
