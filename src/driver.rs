@@ -418,6 +418,7 @@ impl Driver {
                 self.sends.insert(id, reply);
                 self.feed(Input::Send { id, draft });
             }
+            Command::StoreRoom => self.feed(Input::StoreRoom),
             Command::Reload { config, reply } => {
                 let result = self.reload(*config);
                 let _ = reply.send(result);
@@ -718,10 +719,17 @@ impl Driver {
                 pkid,
                 owner,
                 msg,
+                order,
             } => {
                 let (m2, m3) = (msg.clone(), msg.clone());
+                let order = order.map(|n| (link, n));
                 ask!(
-                    |reply| StoreRequest::Receive { owner, msg, reply },
+                    |reply| StoreRequest::Receive {
+                        owner,
+                        msg,
+                        order,
+                        reply
+                    },
                     |rx: oneshot::Receiver<Result<Received, StoreError>>| async move {
                         let result = match rx.await.unwrap_or_else(|_| Err(gone())) {
                             Ok(Received::New(seq)) => Ok(Some(seq)),

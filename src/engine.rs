@@ -255,12 +255,15 @@ pub enum StoreOp {
         owner: String,
         msg: WireMessage,
     },
-    /// Commit a received message once (by sender and id).
+    /// Commit a received message once (by sender and id). `order`: its place in the arrival
+    /// order on `link`: the store commits none after one it refused for room until that one
+    /// is in (so the app sees messages in the order they arrived).
     Receive {
         link: LinkId,
         pkid: Option<u16>,
         owner: String,
         msg: WireMessage,
+        order: Option<u64>,
     },
     /// Queued messages of `owner` with seq > `after`, oldest first, up to `limit`, leaving
     /// out messages to the `skip` peers.
@@ -312,6 +315,9 @@ pub enum Input {
         link: LinkId,
         event: LinkEvent,
     },
+    /// An app consumed messages (`ack_inbox`, `mark_read`): room may have been made for the
+    /// received messages the store refused.
+    StoreRoom,
     /// `send_message`: the message, or why the API could not read it (answered only once
     /// the send gate let it through: a logged-out daemon says 6014 first).
     Send {
@@ -592,6 +598,7 @@ impl Engine {
             Input::Link { link, event } => self.on_link(link, event),
             Input::Send { id, draft } => self.on_send(id, draft),
             Input::Store(answer) => self.on_store(answer),
+            Input::StoreRoom => self.courier_in(courier::Input::StoreRoom),
         }
         self.pump();
         self.publish_status();
@@ -789,11 +796,13 @@ impl Engine {
                 pkid,
                 owner,
                 msg,
+                order,
             } => self.act(Action::Store(StoreOp::Receive {
                 link,
                 pkid,
                 owner,
                 msg,
+                order,
             })),
         }
     }

@@ -40,6 +40,9 @@ pub enum Command {
         draft: Result<Draft, Refusal>,
         reply: oneshot::Sender<Result<Queued, Refusal>>,
     },
+    /// An app consumed messages (`ack_inbox`, `mark_read`): received messages that wait for
+    /// room in the store may go in now.
+    StoreRoom,
     /// A new, validated config (SIGHUP).
     Reload {
         config: Box<Config>,
@@ -137,9 +140,16 @@ impl Stamp {
 /// settings know the URLs).
 pub fn project(s: &EngineSnapshot, sdk_app_id: u64, broker: String, at: Stamp) -> Status {
     let x = &s.session;
+    let mut line = summary(x, &broker, at.mono);
+    if s.inbound_held {
+        line.push_str(
+            "; incoming messages wait at the broker: the message store is full (consume the \
+             inbox: ack_inbox or mark_read; or raise store.max_bytes)",
+        );
+    }
     Status {
         phase: x.phase,
-        summary: summary(x, &broker, at.mono),
+        summary: line,
         login_status: x.login_status,
         login_user: x.login_user.clone(),
         user_id: x.user_id.clone(),

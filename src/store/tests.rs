@@ -1040,3 +1040,60 @@ async fn an_eviction_that_frees_too_little_stays_done_and_says_so() {
 }
 
 use tokio::sync::oneshot;
+
+/// Received messages are committed in the order they arrived on their link: one refused for
+/// room holds back the later ones (the app must not see message 2 before message 1), until
+/// it goes in; another link starts afresh.
+#[tokio::test]
+async fn a_received_message_refused_for_room_holds_back_the_later_ones_of_its_link() {
+    let path = tmp("held");
+    let cap: u64 = 1 << 20;
+    let (h, opened) = StoreHandle::open(path.clone(), cap);
+    opened.unwrap();
+    let mut g = IdGen::new();
+    let receive = |m: WireMessage, order: Option<(u64, u64)>| {
+        h.ask(move |reply| StoreRequest::Receive {
+            owner: "bob".into(),
+            msg: m,
+            order,
+            reply,
+        })
+    };
+    // Fill bob's share of the store with received messages (link 1).
+    let mut pos = 0;
+    let mut last_seq = 0;
+    let refused = loop {
+        let m = msg(&mut g, "mallory", "bob", 1_800_000_000_000, &big());
+        match receive(m.clone(), Some((1, pos))).await {
+            Ok(Received::New(seq)) => {
+                pos += 1;
+                last_seq = seq;
+            }
+            Ok(Received::Duplicate) => unreachable!("every id is new"),
+            Err(e) => break (m, e),
+        }
+        assert!(pos < 1000);
+    };
+    assert!(matches!(refused.1, StoreError::Full { incoming: true, .. }));
+    let held_at = pos;
+    // The consumer makes room: acknowledging everything so far.
+    h.ask(|reply| StoreRequest::AckInbox {
+        owner: "bob".into(),
+        cursor: last_seq,
+        session_user: "bob".into(),
+        reply,
+    })
+    .await
+    .unwrap();
+    // A later message of that link is still refused: the held one goes first.
+    let later = msg(&mut g, "mallory", "bob", 1_800_000_000_001, "later");
+    let e = receive(later.clone(), Some((1, held_at + 1)))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StoreError::Full { incoming: true, .. }), "{e}");
+    // The held one goes in, then the later one.
+    let first = receive(refused.0.clone(), Some((1, held_at))).await;
+    assert!(first.is_ok(), "{first:?}");
+    let second = receive(later, Some((1, held_at + 1))).await;
+    assert!(second.is_ok(), "{second:?}");
+}

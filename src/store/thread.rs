@@ -33,6 +33,10 @@ pub enum StoreRequest {
     Receive {
         owner: String,
         msg: WireMessage,
+        /// (link, its place in the arrival order there): while one is refused for room, the
+        /// later ones of that link are refused too, so messages are committed in the order
+        /// they arrived. `None`: no order to keep (QoS 0).
+        order: Option<(u64, u64)>,
         reply: Reply<Received>,
     },
     /// The broker's answer to an outgoing message.
@@ -248,6 +252,8 @@ fn serve(conn: Result<Connection, StoreError>, rx: Requests, cap: u64) {
             return;
         }
     };
+    // The first received message refused for room (link, arrival position), if one waits.
+    let mut held: Option<(u64, u64)> = None;
     while let Some(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < BATCH {
@@ -268,10 +274,14 @@ fn serve(conn: Result<Connection, StoreError>, rx: Requests, cap: u64) {
         };
         let mut pending = Vec::with_capacity(batch.len());
         let unchanged = tx.total_changes();
+        let first_receive = batch.iter().find_map(|r| match r {
+            StoreRequest::Receive { order, .. } => *order,
+            _ => None,
+        });
         for req in batch {
             // Nothing written yet in this transaction: a read sees only committed data.
             let at_once = req.is_read() && tx.total_changes() == unchanged;
-            let reply = run(&tx, req, cap);
+            let reply = run(&tx, req, cap, &mut held);
             if at_once {
                 reply(&Ok(()));
             } else {
@@ -281,6 +291,11 @@ fn serve(conn: Result<Connection, StoreError>, rx: Requests, cap: u64) {
         let commit = tx.commit().map_err(StoreError::from);
         if let Err(e) = &commit {
             tracing::error!("the message store could not commit: {e}");
+            // Every receive of the batch failed with it: none after its first may go in
+            // before that one does.
+            if let Some(first) = first_receive {
+                held = Some(first);
+            }
         }
         for p in pending {
             p(&commit);
@@ -304,13 +319,42 @@ fn guarded<T>(c: &Connection, f: impl FnOnce() -> Result<T, StoreError>) -> Resu
     }
 }
 
-fn run(c: &Connection, req: StoreRequest, cap: u64) -> Pending {
+fn run(c: &Connection, req: StoreRequest, cap: u64, held: &mut Option<(u64, u64)>) -> Pending {
     match req {
         StoreRequest::Enqueue { owner, msg, reply } => {
             after_commit(reply, guarded(c, || super::enqueue(c, &owner, &msg, cap)))
         }
-        StoreRequest::Receive { owner, msg, reply } => {
-            after_commit(reply, guarded(c, || super::receive(c, &owner, &msg, cap)))
+        StoreRequest::Receive {
+            owner,
+            msg,
+            order,
+            reply,
+        } => {
+            let r = match (order, *held) {
+                // A later message of a link whose earlier one waits for room: refused
+                // without trying (it must not be committed first).
+                (Some((link, n)), Some((hl, hn))) if link == hl && n > hn => {
+                    Err(StoreError::Full {
+                        used: 0,
+                        cap,
+                        evicted: 0,
+                        incoming: true,
+                    })
+                }
+                _ => guarded(c, || super::receive(c, &owner, &msg, cap)),
+            };
+            match (order, &r) {
+                (Some(o), Err(StoreError::Full { .. }))
+                    if held.is_none_or(|h| h.0 != o.0 || o.1 < h.1) =>
+                {
+                    *held = Some(o);
+                }
+                (Some(o), Ok(_)) if *held == Some(o) || held.is_some_and(|h| h.0 != o.0) => {
+                    *held = None;
+                }
+                _ => {}
+            }
+            after_commit(reply, r)
         }
         StoreRequest::Settle {
             owner,

@@ -288,6 +288,8 @@ pub async fn mark_read(session: &SessionHandle, params: &Value) -> Result<Value,
         .ask(|reply| StoreRequest::MarkRead { owner, peer, reply })
         .await
         .map_err(store_error)?;
+    // Room may have been made for received messages that wait for it.
+    let _ = session.commands.try_send(Command::StoreRoom);
     Ok(json!({ "marked": n }))
 }
 
@@ -354,6 +356,8 @@ pub async fn ack_inbox(session: &SessionHandle, params: &Value) -> Result<Value,
         })
         .await
         .map_err(store_error)?;
+    // Room may have been made for received messages that wait for it.
+    let _ = session.commands.try_send(Command::StoreRoom);
     Ok(json!({ "user_id": of, "cursor": inbox_cursor(&of, acked) }))
 }
 
