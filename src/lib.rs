@@ -10,6 +10,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod driver;
 pub mod engine;
+pub mod fleet;
 pub mod fuzzing;
 pub mod identity;
 pub mod link;

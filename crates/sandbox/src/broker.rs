@@ -533,6 +533,10 @@ impl Run<'_> {
                     for (filter, qos) in send_retained {
                         st.send_retained(self.client_id, &filter, qos);
                     }
+                    if codes.iter().any(|c| *c >= 0x80) {
+                        let uc = st.counters.users.entry(self.user.to_string()).or_default();
+                        uc.subscribes_refused += 1;
+                    }
                     codes
                 });
                 if conn.write(&codec::suback(sub.pkid, &codes)).await.is_err() {
