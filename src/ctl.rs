@@ -626,6 +626,9 @@ impl Link {
             // The broker does not send a PUBLISH larger than this (MQTT 5 drops it for us).
             o.set_max_packet_size(Some(64 * 1024));
             o.set_request_channel_capacity(8);
+            // It publishes nothing; rumqttc would otherwise keep a slot for each of 65,535
+            // in-flight publishes (about 10 MB).
+            o.set_outgoing_inflight_upper_limit(8);
             let (c, el) = rumqttc::v5::AsyncClient::new(o, 8);
             Link::V5(c, Box::new(el))
         } else {
@@ -637,6 +640,7 @@ impl Link {
             // MQTT 3.1.1 cannot tell the broker a limit: a larger packet ends the connection.
             o.set_max_packet_size(1 << 20, 64 * 1024);
             o.set_request_channel_capacity(8);
+            o.set_inflight(8);
             let (c, el) = rumqttc::AsyncClient::new(o, 8);
             Link::V311(c, Box::new(el))
         };
@@ -892,13 +896,6 @@ impl Out {
             .and_then(|()| o.flush())
             .map_err(|_| Fail(0, String::new()))
     }
-
-    fn block(&mut self, text: &str) -> Result<(), Fail> {
-        let mut o = self.0.lock();
-        o.write_all(text.as_bytes())
-            .and_then(|()| o.flush())
-            .map_err(|_| Fail(0, String::new()))
-    }
 }
 
 fn connection_line(as_json: bool, event: &str, url: &str, detail: &str) -> String {
@@ -919,7 +916,7 @@ async fn fleet_run(
     password: &str,
     tls: std::sync::Arc<rustls::ClientConfig>,
 ) -> Result<(), Fail> {
-    use crate::fleet::{Fleet, change_line, render_ndjson, render_text, status_filter};
+    use crate::fleet::{Fleet, change_line, status_filter, write_ndjson, write_text};
     let mut out = Out(std::io::stdout());
     let filter = status_filter(a.sdk_app_id);
     let mut fleet = Fleet::new(a.sdk_app_id, a.offline_longer_than);
@@ -951,10 +948,15 @@ async fn fleet_run(
         }
     }
     let now = now_secs();
-    if a.json {
-        out.block(&render_ndjson(&fleet, now))?;
-    } else {
-        out.block(&render_text(&fleet, now))?;
+    {
+        let mut w = std::io::BufWriter::new(std::io::stdout().lock());
+        if a.json {
+            write_ndjson(&fleet, now, &mut w)
+        } else {
+            write_text(&fleet, now, &mut w)
+        }
+        .and_then(|()| w.flush())
+        .map_err(|_| Fail(0, String::new()))?;
     }
     if fleet.is_empty() {
         // Some brokers (mosquitto's acl_file) grant any SUBSCRIBE and then deliver only what
@@ -989,9 +991,15 @@ async fn fleet_run(
                     let mut wait = Duration::from_secs(1);
                     loop {
                         tokio::time::sleep(wait).await;
-                        match connect_any(a, password, &tls).await {
-                            Ok((mut l, u, proto)) => {
-                                let early = l.subscribe(&filter, &u).await?;
+                        let attempt = match connect_any(a, password, &tls).await {
+                            Ok((mut l, u, proto)) => match l.subscribe(&filter, &u).await {
+                                Ok(early) => Ok((l, u, proto, early)),
+                                Err(f) => Err(f),
+                            },
+                            Err(f) => Err(f),
+                        };
+                        match attempt {
+                            Ok((l, u, proto, early)) => {
                                 out.line(&connection_line(a.json, "restored", &u, proto))?;
                                 for m in early {
                                     let now = now_secs();

@@ -693,13 +693,22 @@ fn describe(fleet: &Fleet, d: &Device, now: i64) -> String {
 /// The report for a human: counts by state, phase and last error, then the devices that
 /// need attention.
 pub fn render_text(fleet: &Fleet, now: i64) -> String {
+    let mut out = Vec::new();
+    // Writing into a Vec cannot fail.
+    let _ = write_text(fleet, now, &mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// [`render_text`], written line by line to `out` (10,000 devices are never one string).
+pub fn write_text(fleet: &Fleet, now: i64, out: &mut impl std::io::Write) -> std::io::Result<()> {
     let s = fleet.summary(now);
-    let mut out = format!(
-        "fleet of SDKAppID {} at {}: {} devices\n",
+    writeln!(
+        out,
+        "fleet of SDKAppID {} at {}: {} devices",
         fleet.sdk_app_id,
         utc(now),
         s.devices
-    );
+    )?;
     let join = |items: Vec<String>| {
         if items.is_empty() {
             "—".to_string()
@@ -709,52 +718,60 @@ pub fn render_text(fleet: &Fleet, now: i64) -> String {
     };
     let mut states: Vec<String> = State::ALL
         .iter()
-        .map(|st| format!("{} {}", st.as_str(), s.by_state[st.as_str()]))
+        .map(|st| {
+            let n = s.by_state.get(st.as_str()).copied().unwrap_or(0);
+            format!("{} {n}", st.as_str())
+        })
         .collect();
     if s.unreadable > 0 {
         states.push(format!("unreadable {}", s.unreadable));
     }
-    out.push_str(&format!("  by state:      {}\n", join(states)));
+    writeln!(out, "  by state:      {}", join(states))?;
     let mut phases: Vec<(&String, &usize)> = s.by_phase.iter().collect();
     phases.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-    out.push_str(&format!(
-        "  by phase:      {}\n",
+    writeln!(
+        out,
+        "  by phase:      {}",
         join(phases.iter().map(|(k, n)| format!("{k} {n}")).collect())
-    ));
+    )?;
     let mut errors: Vec<(&ErrorKey, &usize)> = s.by_error.iter().collect();
     errors.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
-    out.push_str(&format!(
-        "  by last error: {}\n",
+    writeln!(
+        out,
+        "  by last error: {}",
         join(
             errors
                 .iter()
                 .map(|(e, n)| format!("{} {} ×{n}", e.class, e.code))
                 .collect()
         )
-    ));
+    )?;
     let attention = fleet.attention(now);
     if attention.is_empty() {
-        out.push_str(&format!(
-            "no device needs attention (none stopped, kicked, failing renewal, offline longer than {} or logged out)\n",
+        return writeln!(
+            out,
+            "no device needs attention (none stopped, kicked, failing renewal, offline longer \
+             than {} or logged out)",
             span(fleet.offline_longer_than)
-        ));
-        return out;
+        );
     }
-    out.push_str(&format!(
-        "needs attention: {} (offline: longer than {})\n",
+    writeln!(
+        out,
+        "needs attention: {} (offline: longer than {})",
         attention.len(),
         span(fleet.offline_longer_than)
-    ));
+    )?;
     for (id, d, concerns) in attention {
         let names: Vec<&str> = concerns.iter().map(|c| c.as_str()).collect();
-        out.push_str(&format!(
-            "  {:<16} {} {}\n",
+        writeln!(
+            out,
+            "  {:<16} {} {}",
             names.join(","),
             quoted(&id.display()),
             describe(fleet, d, now)
-        ));
+        )?;
     }
-    out
+    Ok(())
 }
 
 /// One device as a JSON object (the NDJSON line `{"type":"device",…}`).
@@ -829,14 +846,18 @@ pub fn summary_json(fleet: &Fleet, now: i64) -> Value {
 
 /// Every line of an NDJSON report: one object per device (in topic order), then the summary.
 pub fn render_ndjson(fleet: &Fleet, now: i64) -> String {
-    let mut out = String::new();
+    let mut out = Vec::new();
+    // Writing into a Vec cannot fail.
+    let _ = write_ndjson(fleet, now, &mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// [`render_ndjson`], written line by line to `out`.
+pub fn write_ndjson(fleet: &Fleet, now: i64, out: &mut impl std::io::Write) -> std::io::Result<()> {
     for (id, d) in &fleet.devices {
-        out.push_str(&device_json(fleet, id, d, now).to_string());
-        out.push('\n');
+        writeln!(out, "{}", device_json(fleet, id, d, now))?;
     }
-    out.push_str(&summary_json(fleet, now).to_string());
-    out.push('\n');
-    out
+    writeln!(out, "{}", summary_json(fleet, now))
 }
 
 /// One `--watch` line for a change: text (`HH:MM:SS "user/platform/instance" was → now …`)

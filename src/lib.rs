@@ -16,6 +16,7 @@ pub mod identity;
 pub mod link;
 pub mod logging;
 pub mod message;
+pub mod metrics;
 pub mod mqtt;
 pub mod provision;
 pub mod relay;

@@ -434,6 +434,23 @@ async fn fleet_watch_sees_a_will_and_a_renewal_failing_as_they_happen() {
     assert_eq!(c["type"], "attention", "{c}");
     assert_eq!(c["device"]["attention"], json!(["offline"]));
     assert!(c["device"]["offline_for"].as_i64().unwrap() >= 2);
+    // The broker drops every connection: the watcher says so, reconnects, reads the tree
+    // again, and nothing changed meanwhile, so no device line follows.
+    sb.drop_all();
+    let c = next().await;
+    assert_eq!(
+        (c["type"].as_str(), c["event"].as_str()),
+        (Some("connection"), Some("lost")),
+        "{c}"
+    );
+    let c = next().await;
+    assert_eq!(c["event"], "restored", "{c}");
+    assert_eq!(c["broker"], ctl.url.as_str());
+    sb.wait_for("the second subscription", WAIT, |c| {
+        c.user("ops").subscribes == 2
+    })
+    .await
+    .unwrap();
     let _ = child.kill().await;
 }
 

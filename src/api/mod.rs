@@ -25,6 +25,7 @@ use crate::courier::MessageEvent;
 use crate::identity::UserId;
 use crate::session::{Event, codes, login_status};
 use crate::status::{Command, SessionHandle};
+use crate::store::StoreRequest;
 
 /// JSON-RPC error codes (the IM codes are used for IM errors).
 pub mod rpc {
@@ -777,6 +778,18 @@ impl ClientConn<'_> {
                 self.require_operator(method)?;
                 messages::send_message(session, params).await
             }
+            "metrics" => {
+                // The status as it is now, and the store's figures when it answers (a busy
+                // or broken store leaves them out rather than failing the scrape).
+                let st = session.status.borrow().clone();
+                let store = session
+                    .store
+                    .ask(|reply| StoreRequest::Stats { reply })
+                    .await
+                    .ok()
+                    .map(|(messages, bytes)| crate::metrics::StoreFigures { messages, bytes });
+                Ok(json!({ "text": crate::metrics::render(&st, store) }))
+            }
             "get_conversations" => messages::get_conversations(session).await,
             "get_history" => messages::get_history(session, params).await,
             "read_inbox" => messages::read_inbox(session, params).await,
@@ -804,7 +817,7 @@ impl ClientConn<'_> {
                 rpc::METHOD_NOT_FOUND,
                 format!(
                     "no method {other:?}; methods: status, get_login_user, get_login_status, \
-                     login, logout, watch, version, send_message, get_conversations, \
+                     login, logout, watch, version, metrics, send_message, get_conversations, \
                      get_history, mark_read, read_inbox, ack_inbox"
                 ),
             )),

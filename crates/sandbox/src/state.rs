@@ -1086,8 +1086,15 @@ impl BrokerState {
     ) -> Result<usize, RouteError> {
         let now = Instant::now();
         self.sessions.retain(|_, s| !s.expired(now));
-        // A status message is never refused for a subscriber's backlog: that copy is dropped.
+        // A status message is never refused for a subscriber's backlog: that copy is dropped,
+        // and only beyond a bound as large as the retained messages' (an operator watching a
+        // whole fleet change at once must keep up, not lose the changes).
         let status = in_status_tree(&msg.topic);
+        let limit = if status {
+            limit.max(MAX_RETAINED)
+        } else {
+            limit
+        };
         let mut dropped = 0;
         let mut targets: Vec<(String, u8, bool)> = Vec::new();
         for (client_id, sess) in self.sessions.iter() {

@@ -702,3 +702,23 @@ async fn the_admin_endpoint_publishes_lists_and_clears_retained_messages_and_add
     let r = admin(&sb, "POST", "/operator/remove?name=ops2", "").await;
     assert_eq!(r.json()["disconnected"], 1);
 }
+
+/// An operator watching a whole fleet change at once gets every change: status copies are
+/// queued far beyond the 1,000 a C2C inbox keeps, and never refuse the device publishing.
+#[tokio::test]
+async fn an_operator_behind_by_thousands_of_status_changes_loses_none() {
+    let sb = sandbox_with_ops().await;
+    let (_op, mut el) = operator(&sb).await;
+    // Nobody polls the operator's connection while 3,000 devices change.
+    for i in 0..3000 {
+        sb.publish_with(
+            &status_topic(&sb, &format!("d{i}"), "0"),
+            1,
+            true,
+            b"changed",
+        )
+        .unwrap();
+    }
+    assert_eq!(receive(&mut el, 3000).await.len(), 3000);
+    assert_eq!(sb.counters().deliveries_dropped, 0);
+}
