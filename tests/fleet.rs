@@ -702,3 +702,148 @@ async fn fleet_reports_and_watches_on_mosquitto_in_both_mqtt_versions() {
         "the forgery was denied"
     );
 }
+
+// --- NATS (MQTT 3.1.1 only) ----------------------------------------------------------------------
+
+/// A device on MQTT 3.1.1: retained status, the will; `kill` loses the socket.
+async fn device_v311(
+    port: u16,
+    ca: &Path,
+    app: u64,
+    user: &str,
+    password: &str,
+    doc: String,
+) -> tokio::task::JoinHandle<()> {
+    let topic = format!("im/{app}/d/{user}/linux/0/status");
+    let mut o = rumqttc::MqttOptions::new(format!("{app}:{user}:linux:0"), "127.0.0.1", port);
+    o.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(
+            imlinkd::tls::client_config(
+                &imlinkd::config::CaSource::File(ca.to_path_buf()),
+                None,
+                &[],
+            )
+            .unwrap(),
+        ),
+    ));
+    o.set_credentials(user, password);
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_last_will(rumqttc::LastWill::new(
+        &topic,
+        will_doc(user),
+        rumqttc::QoS::AtLeastOnce,
+        true,
+    ));
+    let (client, mut el) = rumqttc::AsyncClient::new(o, 8);
+    client
+        .publish(&topic, rumqttc::QoS::AtLeastOnce, true, doc)
+        .await
+        .unwrap();
+    // Until the broker acknowledged the status.
+    loop {
+        match tokio::time::timeout(WAIT, el.poll())
+            .await
+            .expect("PUBACK in time")
+        {
+            Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => break,
+            Ok(_) => {}
+            Err(e) => panic!("{user} on NATS: {e}"),
+        }
+    }
+    tokio::spawn(async move {
+        let _client = client;
+        while el.poll().await.is_ok() {}
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_on_nats_speaks_3_1_1_with_auto_and_reads_statuses_and_wills() {
+    let sb = sandbox().await;
+    let dir = temp_dir("fleet-nats");
+    let app = sb.sdk_app_id();
+    std::fs::write(dir.join("nats-cert.pem"), sb.server_cert_pem()).unwrap();
+    std::fs::write(dir.join("nats-key.pem"), sb.server_key_pem()).unwrap();
+    let ca = dir.join("ca.pem");
+    std::fs::write(&ca, &sb.endpoints().ca_pem).unwrap();
+    let port = free_port();
+    // Devices write their own status subtree; the operator reads the status tree (QoS 1
+    // arrives through a JetStream consumer on $MQTT.sub.…).
+    let device = |u: &str| {
+        format!(
+            "{{user: \"{u}\", password: \"pw-{u}\", permissions: {{ publish: {{ allow: [\"im.*.d.{u}.>\"] }}, subscribe: {{ allow: [\"im.*.u.{u}.>\", \"$MQTT.sub.>\"] }} }} }}"
+        )
+    };
+    let conf = format!(
+        "server_name: fleet1\nlisten: 127.0.0.1:{client}\njetstream {{ store_dir: \"{d}/js\" }}\n\
+         mqtt {{ listen: 127.0.0.1:{port}\n  tls {{ cert_file: \"{d}/nats-cert.pem\", key_file: \"{d}/nats-key.pem\" }}\n}}\n\
+         authorization {{ users: [\n{a}\n{b}\n{{user: \"ops\", password: \"{OPS_TOKEN}\", permissions: {{ publish: {{ deny: [\">\"] }}, subscribe: {{ allow: [\"im.*.d.>\", \"$MQTT.sub.>\"] }} }} }}\n] }}\n",
+        client = free_port(),
+        d = dir.display(),
+        a = device("dev-a"),
+        b = device("dev-b"),
+    );
+    std::fs::write(dir.join("nats.conf"), conf).unwrap();
+    let mut cmd = Command::new("nats-server");
+    cmd.arg("-c").arg(dir.join("nats.conf"));
+    let mut nats = Logged::spawn("nats", cmd);
+    nats.wait_count("Listening for MQTT clients", 1, WAIT).await;
+
+    let _a = device_v311(
+        port,
+        &ca,
+        app,
+        "dev-a",
+        "pw-dev-a",
+        status(
+            "dev-a",
+            "online",
+            Some("online"),
+            json!({"protocol": "v3.1.1"}),
+        ),
+    )
+    .await;
+    let b = device_v311(
+        port,
+        &ca,
+        app,
+        "dev-b",
+        "pw-dev-b",
+        status(
+            "dev-b",
+            "online",
+            Some("online"),
+            json!({"protocol": "v3.1.1"}),
+        ),
+    )
+    .await;
+    b.abort();
+
+    let ctl = Ctl {
+        url: format!("mqtts://127.0.0.1:{port}"),
+        ca: ca.clone(),
+        password: password_file(&dir, OPS_TOKEN),
+        app,
+    };
+    // MQTT 5 alone: NATS does not take it, and the tool says what to do.
+    let (code, _, err) = ctl.run("ops", &["--protocol", "v5"]).await;
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("--protocol v3.1.1 or auto"), "{err}");
+    // auto: 5, then 3.1.1 on the same node. The will of dev-b's lost socket shows offline;
+    // NATS publishes it as it notices the socket gone, so read until it is there.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (devices, summary) = ctl.report(&["--protocol", "auto"]).await;
+        assert_eq!(devices["dev-a"]["state"], "online", "{devices:?}");
+        assert_eq!(summary["devices"], 2);
+        if devices["dev-b"]["state"] == "offline" {
+            assert_eq!(devices["dev-b"]["reason"], "connection lost");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no will: {devices:?}"
+        );
+        // Polling the broker's state: NATS logs nothing when it sends a will.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
