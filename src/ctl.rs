@@ -974,9 +974,16 @@ async fn fleet_run(
     }
     // --watch: one line per change, forever; a lost connection is retried on every node.
     loop {
+        // The next device seen going offline that passes the threshold, if any.
         let crossing = fleet.next_crossing().map(|t| {
             tokio::time::Instant::now() + Duration::from_secs((t - now_secs()).max(0) as u64)
         });
+        let crossing = async {
+            match crossing {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             got = link.next() => match got {
                 Ok(Got::Msg(m)) => {
@@ -1019,7 +1026,7 @@ async fn fleet_run(
                     }
                 }
             },
-            _ = async { match crossing { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
+            _ = crossing => {
                 let now = now_secs();
                 for c in fleet.crossed(now) {
                     out.line(&change_line(&fleet, &c, now, a.json))?;
