@@ -692,6 +692,23 @@ impl Driver {
         }
         let gone = || StoreError::Unavailable("the store thread is gone".into());
         match op {
+            StoreOp::Counts { owner } => {
+                let o2 = owner.clone();
+                let o3 = owner.clone();
+                ask!(
+                    |reply| StoreRequest::Counts { owner, reply },
+                    |rx: oneshot::Receiver<Result<crate::store::Counts, StoreError>>| async move {
+                        StoreAnswer::Counts {
+                            owner: o2,
+                            counts: rx.await.ok().and_then(Result::ok),
+                        }
+                    },
+                    |_| StoreAnswer::Counts {
+                        owner: o3,
+                        counts: None,
+                    }
+                )
+            }
             StoreOp::Enqueue { req, owner, msg } => {
                 let (o2, m2) = (owner.clone(), msg.clone());
                 let (o3, m3) = (owner.clone(), msg.clone());

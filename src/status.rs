@@ -105,6 +105,10 @@ pub struct Status {
     pub since: i64,
     pub last_error: Option<LastError>,
     pub sig: Option<SigView>,
+    /// Consecutive failed UserSig fetches (refreshes and login fetches) since the last one
+    /// that brought a usable sig: what a "renewal keeps failing" alert watches.
+    #[serde(default)]
+    pub renewal_failures: u32,
     /// Unix milliseconds of the next attempt, when one is scheduled.
     pub next_retry_at_ms: Option<i64>,
     pub counters: Counters,
@@ -167,6 +171,7 @@ pub fn project(s: &EngineSnapshot, sdk_app_id: u64, broker: String, at: Stamp) -
             refresh_at: g.refresh_at_ms.map(|d| at.wall_of(d).div_euclid(1000)),
             refreshing: g.refreshing,
         }),
+        renewal_failures: x.renewal_failures,
         next_retry_at_ms: x.next_retry_ms.map(|t| at.wall_of(t)),
         counters: x.counters.clone(),
         messages: MessagesView {

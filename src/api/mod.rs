@@ -386,6 +386,7 @@ mod tests {
             since: 0,
             last_error: None,
             sig: None,
+            renewal_failures: 0,
             next_retry_at_ms: None,
             counters: Counters::default(),
             messages: Default::default(),

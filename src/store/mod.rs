@@ -835,6 +835,46 @@ pub fn ack_inbox(
     Ok(inbox(c, owner)?.acked.unwrap_or(cursor))
 }
 
+/// What one owner has waiting: queued outgoing messages, and received messages the inbox
+/// consumer has not acknowledged (for an owner that never had a consumer: the unread ones).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub outbox_pending: u64,
+    pub inbox_unacked: u64,
+}
+
+pub fn counts(c: &Connection, owner: &str) -> Result<Counts, StoreError> {
+    let outbox: i64 = c.query_row(
+        "SELECT COUNT(*) FROM messages WHERE owner = ?1 AND dir = 1 AND state = 0",
+        params![owner],
+        |r| r.get(0),
+    )?;
+    let acked: Option<i64> = c
+        .query_row(
+            "SELECT acked FROM inboxes WHERE owner = ?1",
+            params![owner],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten();
+    let unacked: i64 = match acked {
+        Some(at) => c.query_row(
+            "SELECT COUNT(*) FROM messages WHERE owner = ?1 AND dir = 0 AND seq > ?2",
+            params![owner, at],
+            |r| r.get(0),
+        )?,
+        None => c.query_row(
+            "SELECT COUNT(*) FROM messages WHERE owner = ?1 AND dir = 0 AND state = 3",
+            params![owner],
+            |r| r.get(0),
+        )?,
+    };
+    Ok(Counts {
+        outbox_pending: outbox.max(0) as u64,
+        inbox_unacked: unacked.max(0) as u64,
+    })
+}
+
 /// How many messages the store holds, in all.
 pub fn count(c: &Connection) -> Result<u64, StoreError> {
     Ok(c.query_row("SELECT COUNT(*) FROM messages", [], |r| r.get::<_, i64>(0))? as u64)

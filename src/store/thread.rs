@@ -96,6 +96,11 @@ pub enum StoreRequest {
     },
     /// (messages, bytes in use).
     Stats { reply: Reply<(u64, u64)> },
+    /// What `owner` has waiting (see [`super::Counts`]).
+    Counts {
+        owner: String,
+        reply: Reply<super::Counts>,
+    },
 }
 
 impl StoreRequest {
@@ -107,7 +112,8 @@ impl StoreRequest {
             | StoreRequest::Conversations { .. }
             | StoreRequest::History { .. }
             | StoreRequest::ReadInbox { .. }
-            | StoreRequest::Stats { .. } => true,
+            | StoreRequest::Stats { .. }
+            | StoreRequest::Counts { .. } => true,
             StoreRequest::Enqueue { .. }
             | StoreRequest::Receive { .. }
             | StoreRequest::Settle { .. }
@@ -428,6 +434,7 @@ fn run(c: &Connection, req: StoreRequest, cap: u64, held: &mut Option<(u64, u64)
             reply,
             super::count(c).and_then(|n| super::used_bytes(c).map(|b| (n, b))),
         ),
+        StoreRequest::Counts { owner, reply } => after_commit(reply, super::counts(c, &owner)),
     }
 }
 
@@ -445,5 +452,6 @@ fn refuse(req: StoreRequest, e: &StoreError) {
         StoreRequest::ReadInbox { reply, .. } => drop(reply.send(Err(e))),
         StoreRequest::AckInbox { reply, .. } => drop(reply.send(Err(e))),
         StoreRequest::Stats { reply, .. } => drop(reply.send(Err(e))),
+        StoreRequest::Counts { reply, .. } => drop(reply.send(Err(e))),
     }
 }

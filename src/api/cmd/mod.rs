@@ -37,6 +37,7 @@ const METHODS: &[(&str, Role)] = &[
     ("mark_read", Role::Operator),
     ("read_inbox", Role::Reader),
     ("ack_inbox", Role::Operator),
+    ("metrics", Role::Reader),
 ];
 
 /// The names of the methods, for an unknown method's error.
@@ -84,6 +85,7 @@ pub(super) async fn dispatch(
         "mark_read" => messages::mark_read(session, params).await,
         "read_inbox" => messages::read_inbox(session, params).await,
         "ack_inbox" => messages::ack_inbox(session, params).await,
+        "metrics" => Ok(session::metrics(session).await),
         other => Err(unknown(other)),
     }
 }

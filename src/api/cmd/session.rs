@@ -1,5 +1,5 @@
 //! The session's methods: `version`, `status`, `get_login_user`, `get_login_status`,
-//! `watch`, `login`, `logout` — one handler each. Reads answer from the status the driver
+//! `watch`, `login`, `logout`, `metrics` — one handler each. Reads answer from the status the driver
 //! keeps; `login` and `logout` go to the engine and wait for its answer.
 
 use std::time::Duration;
@@ -32,6 +32,13 @@ pub fn get_login_user(session: &SessionHandle) -> Value {
 
 pub fn get_login_status(session: &SessionHandle) -> Value {
     json!(session.status.borrow().login_status)
+}
+
+/// The metrics in the Prometheus text format: the status as it is now, and the store's
+/// figures when it answers (a busy or broken store leaves them out rather than failing the
+/// scrape).
+pub async fn metrics(session: &SessionHandle) -> Value {
+    json!({ "text": crate::metrics::current(session).await })
 }
 
 /// A snapshot, then every notification on this connection (a watcher slot is taken).
