@@ -495,7 +495,7 @@ class Docs(unittest.TestCase):
             )
             out = subprocess.run(
                 [sys.executable, "-c", "import imlinkd_client, sys; print(imlinkd_client.__version__, imlinkd_client.__file__)"],
-                env=dict(os.environ, PYTHONPATH=str(Path(t) / "site")), check=True, capture_output=True, text=True,
+                env=dict(os.environ, PYTHONPATH=str(Path(t) / "site")), check=True, capture_output=True, text=True, cwd=t,
             ).stdout
             self.assertIn(str(Path(t) / "site"), out)
             self.assertTrue((Path(t) / "site" / "imlinkd_client" / "py.typed").exists())
