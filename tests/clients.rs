@@ -176,5 +176,5 @@ fn kiosk_board_works_in_headless_chromium() {
             .args(["--test", "test/kiosk.test.mjs"])
             .current_dir(&board),
     );
-    node_tests_passed(&out, 1);
+    node_tests_passed(&out, 2);
 }

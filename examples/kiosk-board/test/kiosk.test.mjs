@@ -131,3 +131,22 @@ it('shows the session live, receives, sends, and shows a kick with its reason', 
   assert.deepEqual(errors, [], 'no errors in the page');
   await page.close();
 });
+
+it("labels every state the page can show (the server's describe())", () => {
+  const { describe: label } = require('../server.js');
+  const st = (status, extra = {}) => label({ reachable: true, status, kick: null, ...extra });
+  assert.deepEqual(
+    [st({ phase: 'online', summary: 'online as k' }).state, st({ phase: 'online', summary: '' }).tone],
+    ['online', 'good'],
+  );
+  assert.equal(st({ phase: 'subscribing', summary: '' }).state, 'subscribing');
+  const renewing = st({ phase: 'online', summary: 'online as k', sig: { refreshing: true } });
+  assert.deepEqual([renewing.state, renewing.tone], ['UserSig renewing', 'wait']);
+  const kicked = st(
+    { phase: 'kicked', summary: '', last_error: { class: 'kicked', code: 6208, message: 'm' } },
+    { kick: { reason: 'logged_in_elsewhere', message: 'another device logged in' } },
+  );
+  assert.deepEqual([kicked.state, kicked.reason, kicked.detail], ['kicked', 'logged_in_elsewhere', 'logged_in_elsewhere: another device logged in']);
+  assert.equal(st({ phase: 'idle', summary: '' }).state, 'logged out');
+  assert.equal(label({ reachable: false, unreachable: 'no socket' }).state, 'daemon unreachable');
+});
