@@ -478,10 +478,19 @@ class Client {
         const reconnect = opts.reconnect ?? true;
         let conn = null;
         let reconnected = false;
+        // One backoff from a loss until the next snapshot: its bound holds even when the daemon
+        // accepts connections but cannot answer (shutting down).
+        let backoff = null;
         try {
             for (;;) {
-                if (!conn)
-                    conn = reconnected ? await this.reopen() : await Conn.open(this.path);
+                if (!conn) {
+                    if (!reconnected)
+                        conn = await Conn.open(this.path);
+                    else {
+                        backoff ?? (backoff = new Backoff(this.reconnectForMs));
+                        conn = await this.reopen(backoff);
+                    }
+                }
                 let snap;
                 try {
                     snap = obj(await conn.call('watch'));
@@ -492,8 +501,11 @@ class Client {
                     conn.close();
                     conn = null;
                     reconnected = true;
+                    backoff ?? (backoff = new Backoff(this.reconnectForMs));
+                    await backoff.wait(e);
                     continue;
                 }
+                backoff = null;
                 yield toEvent('snapshot', snap, toStatus(snap.status), reconnected);
                 for (;;) {
                     const n = await conn.notifications.next();
@@ -513,8 +525,7 @@ class Client {
             conn?.close();
         }
     }
-    async reopen() {
-        const backoff = new Backoff(this.reconnectForMs);
+    async reopen(backoff) {
         for (;;) {
             try {
                 return await Conn.open(this.path);

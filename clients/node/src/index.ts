@@ -619,9 +619,18 @@ export class Client {
     const reconnect = opts.reconnect ?? true;
     let conn: Conn | null = null;
     let reconnected = false;
+    // One backoff from a loss until the next snapshot: its bound holds even when the daemon
+    // accepts connections but cannot answer (shutting down).
+    let backoff: Backoff | null = null;
     try {
       for (;;) {
-        if (!conn) conn = reconnected ? await this.reopen() : await Conn.open(this.path);
+        if (!conn) {
+          if (!reconnected) conn = await Conn.open(this.path);
+          else {
+            backoff ??= new Backoff(this.reconnectForMs);
+            conn = await this.reopen(backoff);
+          }
+        }
         let snap: Json;
         try {
           snap = obj(await conn.call('watch'));
@@ -630,8 +639,11 @@ export class Client {
           conn.close();
           conn = null;
           reconnected = true;
+          backoff ??= new Backoff(this.reconnectForMs);
+          await backoff.wait(e);
           continue;
         }
+        backoff = null;
         yield toEvent('snapshot', snap, toStatus(snap.status), reconnected);
         for (;;) {
           const n = await conn.notifications.next();
@@ -649,8 +661,7 @@ export class Client {
     }
   }
 
-  private async reopen(): Promise<Conn> {
-    const backoff = new Backoff(this.reconnectForMs);
+  private async reopen(backoff: Backoff): Promise<Conn> {
     for (;;) {
       try {
         return await Conn.open(this.path);

@@ -311,26 +311,29 @@ class AsyncClient:
         """
         conn: Optional[_Conn] = None
         reconnected = False
+        # One backoff from a loss until the next snapshot: its bound holds even when the
+        # daemon accepts connections but cannot answer (shutting down).
+        backoff: Optional[_Backoff] = None
         try:
             while True:
                 if conn is None:
-                    conn = await _Conn.open(self.path) if not reconnected else await self._reopen()
+                    if not reconnected:
+                        conn = await _Conn.open(self.path)
+                    else:
+                        backoff = backoff or _Backoff(self.reconnect_for)
+                        conn = await self._reopen(backoff)
                 try:
                     snap = await conn.call("watch")
-                except ImlinkError as e:
+                except (ImlinkError, DaemonUnavailable) as e:
                     if not (reconnect and _retryable(e)):
                         raise
                     await conn.close()
                     conn = None
                     reconnected = True
+                    backoff = backoff or _Backoff(self.reconnect_for)
+                    await backoff.wait(e)
                     continue
-                except DaemonUnavailable:
-                    if not reconnect:
-                        raise
-                    await conn.close()
-                    conn = None
-                    reconnected = True
-                    continue
+                backoff = None
                 status = Status.from_json(snap.get("status") if isinstance(snap, dict) else None)
                 yield Event("snapshot", snap if isinstance(snap, dict) else {}, status, reconnected)
                 while True:
@@ -348,8 +351,7 @@ class AsyncClient:
             if conn is not None:
                 await conn.close()
 
-    async def _reopen(self) -> _Conn:
-        backoff = _Backoff(self.reconnect_for)
+    async def _reopen(self, backoff: _Backoff) -> _Conn:
         while True:
             try:
                 return await _Conn.open(self.path)
