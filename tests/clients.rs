@@ -143,7 +143,7 @@ fn node_client_is_built_from_its_source_and_passes_its_tests_against_real_daemon
             .args(["--test", "test/client.test.mjs"])
             .current_dir(&node),
     );
-    node_tests_passed(&out, 11);
+    node_tests_passed(&out, 12);
 }
 
 /// `node --test`'s summary: at least `min` tests passed, none failed.

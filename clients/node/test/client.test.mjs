@@ -57,6 +57,18 @@ async function nextEvent(it, name, pred = () => true, ms = 20_000) {
   }
 }
 
+describe('results', () => {
+  it('ignore unknown fields and survive missing ones', () => {
+    const s = imlinkd.toStatus({ phase: 'online', login_status: 1, future_field: { x: 1 }, last_error: { code: 6208, class: 'kicked', message: 'm', new: 1 } });
+    assert.deepEqual([s.phase, s.login_status, s.user_id, s.sig], ['online', 1, '', null]);
+    assert.deepEqual(s.last_error, { code: 6208, class: 'kicked', message: 'm' });
+    assert.deepEqual(s.raw.future_field, { x: 1 });
+    const m = imlinkd.toMessage({ seq: 3, id: 'X', body: 'b', reactions: [] });
+    assert.deepEqual([m.seq, m.kind, m.code, m.raw.reactions], [3, 'text', null, []]);
+    assert.equal(imlinkd.toStatus('not an object').phase, '');
+  });
+});
+
 describe('methods', () => {
   it('has a client method for every method docs/api.md and the daemon list', async () => {
     const docs = documentedMethods();

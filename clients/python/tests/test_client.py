@@ -84,6 +84,22 @@ async def next_event(it: Any, name: str, timeout: float = 20.0, pred: Any = None
     return await asyncio.wait_for(find(), timeout)
 
 
+class Tolerance(unittest.TestCase):
+    def test_results_ignore_unknown_fields_and_survive_missing_ones(self) -> None:
+        s = imlinkd_client.Status.from_json(
+            {"phase": "online", "login_status": 1, "future_field": {"x": 1}, "last_error": {"code": 6208, "class": "kicked", "message": "m", "new": 1}}
+        )
+        self.assertEqual((s.phase, s.login_status, s.user_id, s.sig), ("online", 1, "", None))
+        assert s.last_error is not None
+        self.assertEqual((s.last_error.code, s.last_error.cls), (6208, "kicked"))
+        self.assertEqual(s.raw["future_field"], {"x": 1})
+        m = imlinkd_client.Message.from_json({"seq": 3, "id": "X", "body": "b", "reactions": []})
+        self.assertEqual((m.seq, m.kind, m.code, m.raw["reactions"]), (3, "text", None, []))
+        c = imlinkd_client.Conversation.from_json({"peer": "p", "unread": 2, "last": None, "pinned": True})
+        self.assertEqual((c.peer, c.unread, c.last), ("p", 2, None))
+        self.assertEqual(imlinkd_client.Status.from_json("not an object").phase, "")
+
+
 class Methods(unittest.IsolatedAsyncioTestCase):
     def test_every_documented_method_has_a_client_method(self) -> None:
         docs = documented_methods()
