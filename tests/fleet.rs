@@ -546,61 +546,17 @@ const STATUS_ACL: &str = "pattern read im/+/u/%u/#\n\
                           user ops\n\
                           topic read im/+/d/#\n";
 
-/// mosquitto 2.0.11 with TLS (the sandbox's server certificate), these users and the ACL.
+/// mosquitto 2.0.11 with TLS (the sandbox's server certificate), these users and the status
+/// ACL (the suite's one launcher: `common::mosquitto`); the broker and its URL.
 async fn mosquitto(
     sb: &imlink_sandbox::Sandbox,
     dir: &Path,
     users: &[(&str, &str)],
 ) -> (Logged, String) {
-    let write = |name: &str, text: &str| -> PathBuf {
-        let p = dir.join(name);
-        std::fs::write(&p, text).unwrap();
-        p
-    };
-    let ca = write("ca.pem", &sb.endpoints().ca_pem);
-    let cert = write("mq-cert.pem", sb.server_cert_pem());
-    let key = write("mq-key.pem", sb.server_key_pem());
-    let acl = write("mq-acl", STATUS_ACL);
-    let pw = dir.join("mq-passwd");
-    for (i, (user, password)) in users.iter().enumerate() {
-        let mut c = std::process::Command::new("mosquitto_passwd");
-        if i == 0 {
-            c.arg("-c");
-        }
-        assert!(
-            c.arg("-b")
-                .arg(&pw)
-                .arg(user)
-                .arg(password)
-                .status()
-                .expect("mosquitto_passwd (Debian package mosquitto)")
-                .success()
-        );
-    }
-    let port = free_port();
-    let conf = write(
-        "mosquitto.conf",
-        &format!(
-            "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n\
-             allow_anonymous false\npassword_file {}\nacl_file {}\npersistence false\n\
-             log_dest stderr\nlog_type all\n{}",
-            ca.display(),
-            cert.display(),
-            key.display(),
-            pw.display(),
-            acl.display(),
-            if nix::unistd::geteuid().is_root() {
-                "user root\n"
-            } else {
-                ""
-            },
-        ),
-    );
-    let mut cmd = Command::new("mosquitto");
-    cmd.arg("-c").arg(&conf);
-    let mut log = Logged::spawn("mosquitto", cmd);
-    log.wait_count("running", 1, WAIT).await;
-    (log, format!("mqtts://127.0.0.1:{port}"))
+    // The sandbox's CA where the fleet tests look for it.
+    std::fs::write(dir.join("ca.pem"), &sb.endpoints().ca_pem).unwrap();
+    let m = common::mosquitto::Mosquitto::start_with(sb, dir, users, Some(STATUS_ACL)).await;
+    (m.log, m.url)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

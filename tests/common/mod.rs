@@ -10,6 +10,7 @@
 /// The IM service on a real clustered engine (`scripts/im-cluster`): nats-server 2.15.1,
 /// imlink-auth, the sandbox's provisioning.
 pub mod im_cluster;
+pub mod mosquitto;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -665,15 +666,19 @@ impl Logged {
     pub async fn wait_count(&mut self, needle: &str, n: usize, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
         while self.count(needle) < n {
-            if tokio::time::timeout_at(deadline, self.changed.changed())
-                .await
-                .is_err()
-            {
-                panic!(
-                    "{} never logged {needle:?} {n} times:\n{}",
+            match tokio::time::timeout_at(deadline, self.changed.changed()).await {
+                Ok(Ok(())) => {}
+                // Timed out, or the process is gone (its output ended): it never will.
+                waited => panic!(
+                    "{} never logged {needle:?} {n} times ({}):\n{}",
                     self.name,
+                    if waited.is_err() {
+                        "timed out"
+                    } else {
+                        "its output ended"
+                    },
                     self.lines.lock().unwrap().join("\n")
-                );
+                ),
             }
         }
     }
