@@ -27,6 +27,7 @@
 //!   [`Event::StateChanged`], after the specific events of the same step.
 
 mod backoff;
+mod classify;
 mod model;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
@@ -497,17 +498,6 @@ pub struct Machine {
     since: Millis,
     /// What the last StateChanged said, to emit each change exactly once.
     emitted: Option<(Phase, u8, String, Option<LastError>)>,
-}
-
-/// What a classified failure says to do.
-struct Classified {
-    class: ErrorClass,
-    err: LastError,
-    /// For `Kicked`: which kind.
-    kick: Option<KickReason>,
-    /// For `SigExpired`: the server called a sig expired that our clock says is still good
-    /// (spends the budget); otherwise the sig simply reached its end.
-    premature: bool,
 }
 
 impl Machine {
@@ -1032,6 +1022,21 @@ impl Machine {
             .is_some_and(|d| self.now.mono >= d)
     }
 
+    /// What [`classify::classify`] needs to know about the sig in use.
+    fn classify_context(&self, online_since: Option<Millis>) -> classify::Context {
+        classify::Context {
+            online: online_since.is_some(),
+            expired_here: self.sig_expired_locally(),
+            near_end: self.sig.as_ref().is_some_and(|s| match s.deadline {
+                Some(d) => {
+                    let grace = s.lifetime.map_or(60_000, |l| (l / 10).min(60_000));
+                    d <= self.now.mono + grace
+                }
+                None => false,
+            }),
+        }
+    }
+
     // --- login flow -----------------------------------------------------------------------
 
     /// Start a login from scratch: budgets, backoffs and cool-downs start over (a local
@@ -1441,22 +1446,29 @@ impl Machine {
         }
         self.pending_logins.push(id);
         if user != self.user {
-            // Account switch (or a login as someone else): the old user's sig is of no use.
-            self.user = user;
-            self.logged_in = false;
-            if self.sig.take().is_some() {
-                self.act(Action::ForgetSig);
-            }
-            self.refresh_due = None;
-            if self.fetch.take().is_some() {
-                self.act(Action::CancelFetch);
-            }
+            // Account switch (or a login as someone else).
+            self.switch_account(user);
         }
         if let Some(info) = sig {
             self.install_app_sig(info);
         }
         self.last_error = None;
         self.begin_login();
+    }
+
+    /// Log in as `user` from now on: the old user's sig and any fetch for it are of no use
+    /// (the session of the old user, if up, is closed by `next_step`). One function for both
+    /// ways to switch: a local `login {user_id}` and a reload that changes `user_id`.
+    fn switch_account(&mut self, user: UserId) {
+        self.user = user;
+        self.logged_in = false;
+        if self.sig.take().is_some() {
+            self.act(Action::ForgetSig);
+        }
+        self.refresh_due = None;
+        if self.fetch.take().is_some() {
+            self.act(Action::CancelFetch);
+        }
     }
 
     /// Hold a sig a local app brought (already checked: the target user, not expired): it
@@ -1553,15 +1565,7 @@ impl Machine {
         if configured_changed && user != self.user {
             // The configured identity changed: switch accounts (or just remember whom to log
             // in as). A reload that leaves `user_id` alone keeps a local app's switch.
-            self.user = user;
-            self.logged_in = false;
-            if self.sig.take().is_some() {
-                self.act(Action::ForgetSig);
-            }
-            self.refresh_due = None;
-            if self.fetch.take().is_some() {
-                self.act(Action::CancelFetch);
-            }
+            self.switch_account(user);
             self.reply_logins(Err(RequestError {
                 code: codes::LOGIN_IN_PROCESS,
                 message: "the configured user_id changed; logging in as the new user".into(),
@@ -1801,7 +1805,7 @@ impl Machine {
         };
         self.stable_at = None;
         let via = self.via.clone();
-        let mut c = self.classify(&end, online_since);
+        let mut c = classify::classify(&end, &self.classify_context(online_since));
         // Auto: a node that will not take an MQTT 5 CONNECT gets 3.1.1 next (once: what
         // follows is judged as usual).
         let mut fallback = false;
@@ -1821,7 +1825,7 @@ impl Machine {
         {
             self.fallback = true;
             fallback = true;
-            c = Classified {
+            c = classify::Classified {
                 class: ErrorClass::Network,
                 err: LastError::new(
                     codes::NET_DISCONNECT,
@@ -1897,224 +1901,6 @@ impl Machine {
             ErrorClass::Fatal => self.stop(c.err),
             ErrorClass::Clock => self.wait_for_clock(c.err),
         }
-    }
-
-    /// Classify an ended connection (brief §3.2).
-    fn classify(&self, end: &ConnEnd, online_since: Option<Millis>) -> Classified {
-        use ErrorClass::*;
-        let c = |class: ErrorClass, code: u32, msg: String| Classified {
-            class,
-            err: LastError::new(code, class, msg),
-            kick: None,
-            premature: false,
-        };
-        let said = |reason: &Option<String>| {
-            reason
-                .as_deref()
-                .map(|r| format!(": {}", quote_external(r, MAX_REASON_CHARS)))
-                .unwrap_or_default()
-        };
-        let says_expired = |reason: &Option<String>| {
-            reason
-                .as_deref()
-                .is_some_and(|r| r.trim_start().starts_with("70001"))
-        };
-        let expired_here = self.sig_expired_locally();
-        // "Near" its end: the server's clock may run a little ahead of ours.
-        // Unknown (an opaque sig): not near, so the budget bounds it.
-        let near_end = self.sig.as_ref().is_some_and(|s| match s.deadline {
-            Some(d) => {
-                let grace = s.lifetime.map_or(60_000, |l| (l / 10).min(60_000));
-                d <= self.now.mono + grace
-            }
-            None => false,
-        });
-        match end {
-            ConnEnd::Network { kind, detail } => {
-                let what = if online_since.is_some() {
-                    "connection lost"
-                } else {
-                    "could not connect"
-                };
-                c(Network, kind.code(), format!("{what}: {detail}"))
-            }
-            ConnEnd::Redirect {
-                code,
-                reference,
-                reason,
-            } => c(
-                Busy,
-                codes::NET_DISCONNECT,
-                format!(
-                    "the broker sent us to another server (0x{code:02X}, {}{})",
-                    quote_external(reference, 80),
-                    said(reason)
-                ),
-            ),
-            ConnEnd::CertNotYetValid { detail } => c(
-                Clock,
-                0,
-                format!(
-                    "TLS says the server certificate is not valid yet ({detail}): the device \
-                     clock is probably behind; waiting for time sync"
-                ),
-            ),
-            ConnEnd::Refused { code, reason } => {
-                let r = said(reason);
-                match *code {
-                    0x87 | 0x86 if expired_here => c(
-                        SigExpired,
-                        codes::SVR_SIG_EXPIRED,
-                        format!(
-                            "the IM service refused the UserSig (CONNACK 0x{code:02X}{r}) and it \
-                             is past its expiry"
-                        ),
-                    ),
-                    0x87 | 0x86 if says_expired(reason) => Classified {
-                        premature: true,
-                        ..c(
-                            SigExpired,
-                            codes::SVR_SIG_EXPIRED,
-                            format!(
-                                "the IM service says the UserSig expired (CONNACK 0x{code:02X}{r})"
-                            ),
-                        )
-                    },
-                    0x87 | 0x86 => c(
-                        SigRejected,
-                        server_code(reason).unwrap_or(codes::SVR_SIG_CHECK_FAILED),
-                        format!(
-                            "the IM service refused the UserSig (CONNACK 0x{code:02X} {}{r})",
-                            if *code == 0x87 {
-                                "Not authorized"
-                            } else {
-                                "Bad user name or password"
-                            }
-                        ),
-                    ),
-                    0x8A => c(
-                        Fatal,
-                        codes::SVR_BANNED,
-                        format!(
-                            "the IM service says this account is banned (CONNACK 0x8A{r}); ask \
-                             the app's administrator, then run `imlinkctl login`"
-                        ),
-                    ),
-                    0x85 => c(
-                        Fatal,
-                        codes::INVALID_PARAMETERS,
-                        format!(
-                            "the IM service refused the MQTT client id (CONNACK 0x85{r}); check \
-                             broker.client_id in the config"
-                        ),
-                    ),
-                    0x84 | 0x8C => c(
-                        Fatal,
-                        codes::INVALID_PARAMETERS,
-                        format!(
-                            "the IM service does not accept this client (CONNACK 0x{code:02X}{r})"
-                        ),
-                    ),
-                    0x9F => c(
-                        Busy,
-                        codes::SVR_FREQ_LIMIT,
-                        format!(
-                            "the IM service limits the login rate (CONNACK 0x9F{r}); retrying later"
-                        ),
-                    ),
-                    0x81 | 0x82 | 0x90 | 0x95 | 0x99 | 0x9A | 0x9B => c(
-                        Protocol,
-                        codes::NET_DISCONNECT,
-                        format!(
-                            "the IM service refused the CONNECT as invalid (CONNACK 0x{code:02X}{r})"
-                        ),
-                    ),
-                    _ => c(
-                        Busy,
-                        codes::NET_DISCONNECT,
-                        format!(
-                            "the IM service refused the connection for now (CONNACK 0x{code:02X}{r})"
-                        ),
-                    ),
-                }
-            }
-            ConnEnd::ServerDisconnect { code, reason } => {
-                let r = said(reason);
-                match *code {
-                    0x8E => Classified {
-                        kick: Some(KickReason::LoggedInElsewhere),
-                        ..c(
-                            Kicked,
-                            codes::KICKED_OFF_BY_OTHER,
-                            format!(
-                                "logged in elsewhere: another login took the session (DISCONNECT 0x8E{r})"
-                            ),
-                        )
-                    },
-                    0x98 => Classified {
-                        kick: Some(KickReason::KickedByAdmin),
-                        ..c(
-                            Kicked,
-                            codes::KICKED_OFF_BY_OTHER,
-                            format!("kicked offline by an administrator (DISCONNECT 0x98{r})"),
-                        )
-                    },
-                    0xA0 if reason.is_none() || says_expired(reason) || near_end => Classified {
-                        premature: !near_end,
-                        ..c(
-                            SigExpired,
-                            codes::SVR_SIG_EXPIRED,
-                            format!("the UserSig expired while online (DISCONNECT 0xA0{r})"),
-                        )
-                    },
-                    // Only our own clock decides: a session the server just accepted and then
-                    // ends as "not authorized" is a rejection (an ACL, a revoked account),
-                    // whatever its reason string says.
-                    0x87 | 0x86 if expired_here => c(
-                        SigExpired,
-                        codes::SVR_SIG_EXPIRED,
-                        format!(
-                            "the IM service ended the session as the UserSig ran out (DISCONNECT 0x{code:02X}{r})"
-                        ),
-                    ),
-                    0x87 | 0x86 => c(
-                        SigRejected,
-                        server_code(reason).unwrap_or(codes::SVR_SIG_CHECK_FAILED),
-                        format!("the IM service revoked the UserSig (DISCONNECT 0x{code:02X}{r})"),
-                    ),
-                    0x89 | 0x8B | 0x96 | 0x97 => c(
-                        Busy,
-                        codes::NET_DISCONNECT,
-                        format!("the server is busy or shutting down (DISCONNECT 0x{code:02X}{r})"),
-                    ),
-                    0x81 | 0x82 | 0x8C | 0x8F | 0x90 | 0x93 | 0x94 | 0x95 | 0x99 | 0x9A | 0x9B
-                    | 0x9E | 0xA1 | 0xA2 => c(
-                        Protocol,
-                        codes::NET_DISCONNECT,
-                        format!(
-                            "the server ended the session for a reason a reconnect does not fix \
-                             (DISCONNECT 0x{code:02X}{r})"
-                        ),
-                    ),
-                    _ => c(
-                        Network,
-                        codes::NET_DISCONNECT,
-                        format!("the server ended the session (DISCONNECT 0x{code:02X}{r})"),
-                    ),
-                }
-            }
-        }
-    }
-}
-
-/// The IM code at the start of a reason string (`"70009 signature mismatch"`), when there is one.
-fn server_code(reason: &Option<String>) -> Option<u32> {
-    let r = reason.as_deref()?.trim_start();
-    let digits: String = r.chars().take_while(|c| c.is_ascii_digit()).collect();
-    if digits.len() == 5 {
-        digits.parse().ok().filter(|c| (70000..80000).contains(c))
-    } else {
-        None
     }
 }
 
