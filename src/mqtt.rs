@@ -250,6 +250,7 @@ pub fn classify_v311(e: &rumqttc::ConnectionError) -> ConnEnd {
                 C::NotAuthorized => 5,
             }),
             reason: None,
+            im_code: None,
         },
         E::MqttState(S::ConnectionAborted) => net(
             NetKind::Closed,
@@ -315,6 +316,7 @@ pub fn classify(e: &ConnectionError) -> ConnEnd {
         ConnectionError::ConnectionRefused(code) => ConnEnd::Refused {
             code: connack_code(*code),
             reason: None,
+            im_code: None,
         },
         ConnectionError::MqttState(StateError::ServerDisconnect {
             reason_code,
@@ -322,6 +324,7 @@ pub fn classify(e: &ConnectionError) -> ConnEnd {
         }) => ConnEnd::ServerDisconnect {
             code: disconnect_code(*reason_code),
             reason: reason_string.clone(),
+            im_code: None,
         },
         ConnectionError::MqttState(StateError::ConnectionAborted) => net(
             NetKind::Closed,

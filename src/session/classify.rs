@@ -41,11 +41,9 @@ pub(super) fn classify(end: &ConnEnd, at: &Context) -> Classified {
             .map(|r| format!(": {}", quote_external(r, MAX_REASON_CHARS)))
             .unwrap_or_default()
     };
-    let says_expired = |reason: &Option<String>| {
-        reason
-            .as_deref()
-            .is_some_and(|r| r.trim_start().starts_with("70001"))
-    };
+    // The broker's own word, typed (the `im-error-code` user property): never parsed back out
+    // of a reason string, which is only quoted in the message.
+    let says_expired = |im_code: &Option<u32>| *im_code == Some(codes::SVR_SIG_EXPIRED);
     let expired_here = at.expired_here;
     let near_end = at.near_end;
     match end {
@@ -61,6 +59,7 @@ pub(super) fn classify(end: &ConnEnd, at: &Context) -> Classified {
             code,
             reference,
             reason,
+            ..
         } => c(
             Busy,
             codes::NET_DISCONNECT,
@@ -78,7 +77,11 @@ pub(super) fn classify(end: &ConnEnd, at: &Context) -> Classified {
                  clock is probably behind; waiting for time sync"
             ),
         ),
-        ConnEnd::Refused { code, reason } => {
+        ConnEnd::Refused {
+            code,
+            reason,
+            im_code,
+        } => {
             let r = said(reason);
             match *code {
                 0x87 | 0x86 if expired_here => c(
@@ -89,7 +92,7 @@ pub(super) fn classify(end: &ConnEnd, at: &Context) -> Classified {
                          is past its expiry"
                     ),
                 ),
-                0x87 | 0x86 if says_expired(reason) => Classified {
+                0x87 | 0x86 if says_expired(im_code) => Classified {
                     premature: true,
                     ..c(
                         SigExpired,
@@ -101,7 +104,7 @@ pub(super) fn classify(end: &ConnEnd, at: &Context) -> Classified {
                 },
                 0x87 | 0x86 => c(
                     SigRejected,
-                    server_code(reason).unwrap_or(codes::SVR_SIG_CHECK_FAILED),
+                    sig_code(im_code).unwrap_or(codes::SVR_SIG_CHECK_FAILED),
                     format!(
                         "the IM service refused the UserSig (CONNACK 0x{code:02X} {}{r})",
                         if *code == 0x87 {
@@ -155,7 +158,11 @@ pub(super) fn classify(end: &ConnEnd, at: &Context) -> Classified {
                 ),
             }
         }
-        ConnEnd::ServerDisconnect { code, reason } => {
+        ConnEnd::ServerDisconnect {
+            code,
+            reason,
+            im_code,
+        } => {
             let r = said(reason);
             match *code {
                 0x8E => Classified {
@@ -176,7 +183,7 @@ pub(super) fn classify(end: &ConnEnd, at: &Context) -> Classified {
                         format!("kicked offline by an administrator (DISCONNECT 0x98{r})"),
                     )
                 },
-                0xA0 if reason.is_none() || says_expired(reason) || near_end => Classified {
+                0xA0 if im_code.is_none() || says_expired(im_code) || near_end => Classified {
                     premature: !near_end,
                     ..c(
                         SigExpired,
@@ -196,7 +203,7 @@ pub(super) fn classify(end: &ConnEnd, at: &Context) -> Classified {
                 ),
                 0x87 | 0x86 => c(
                     SigRejected,
-                    server_code(reason).unwrap_or(codes::SVR_SIG_CHECK_FAILED),
+                    sig_code(im_code).unwrap_or(codes::SVR_SIG_CHECK_FAILED),
                     format!("the IM service revoked the UserSig (DISCONNECT 0x{code:02X}{r})"),
                 ),
                 0x89 | 0x8B | 0x96 | 0x97 => c(
@@ -223,13 +230,8 @@ pub(super) fn classify(end: &ConnEnd, at: &Context) -> Classified {
     }
 }
 
-/// The IM code at the start of a reason string (`"70009 signature mismatch"`), when there is one.
-fn server_code(reason: &Option<String>) -> Option<u32> {
-    let r = reason.as_deref()?.trim_start();
-    let digits: String = r.chars().take_while(|c| c.is_ascii_digit()).collect();
-    if digits.len() == 5 {
-        digits.parse().ok().filter(|c| (70000..80000).contains(c))
-    } else {
-        None
-    }
+/// The broker's IM code when it is one of the UserSig codes (70xxx: 70009 signature mismatch,
+/// 70013 another UserID, …), to report instead of the generic 70003.
+fn sig_code(im_code: &Option<u32>) -> Option<u32> {
+    im_code.filter(|c| (70000..80000).contains(c))
 }

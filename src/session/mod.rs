@@ -207,17 +207,27 @@ pub struct SigInfo {
 /// Why a connection attempt or an established session ended, as the driver observed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnEnd {
-    /// CONNACK with a failure reason code (and the reason string, when the broker sent one).
-    Refused { code: u8, reason: Option<String> },
+    /// CONNACK with a failure reason code (and the reason string and the IM code, when the
+    /// broker sent them).
+    Refused {
+        code: u8,
+        reason: Option<String>,
+        im_code: Option<u32>,
+    },
     /// CONNACK or DISCONNECT 0x9C (use another server) / 0x9D (server moved) with a Server
     /// Reference.
     Redirect {
         code: u8,
         reference: String,
         reason: Option<String>,
+        im_code: Option<u32>,
     },
     /// The server sent DISCONNECT.
-    ServerDisconnect { code: u8, reason: Option<String> },
+    ServerDisconnect {
+        code: u8,
+        reason: Option<String>,
+        im_code: Option<u32>,
+    },
     /// DNS, TCP, TLS I/O, timeouts, the socket closing without DISCONNECT.
     Network { kind: NetKind, detail: String },
     /// TLS said a certificate is not valid yet: the local clock is behind.

@@ -173,14 +173,25 @@ fn network_closed() -> Input {
 }
 
 fn refused(code: u8) -> Input {
-    Input::ConnectionEnded(ConnEnd::Refused { code, reason: None })
+    Input::ConnectionEnded(ConnEnd::Refused {
+        code,
+        reason: None,
+        im_code: None,
+    })
 }
 
+/// A DISCONNECT as the reference service sends it: the reason string `"<code> <text>"` and the
+/// same code as the `im-error-code` user property (which the relay hands over typed).
 fn server_disconnect(code: u8, reason: &str) -> Input {
     Input::ConnectionEnded(ConnEnd::ServerDisconnect {
         code,
         reason: Some(reason.into()),
+        im_code: im_code_of(reason),
     })
+}
+
+fn im_code_of(reason: &str) -> Option<u32> {
+    reason.split(' ').next().and_then(|c| c.parse().ok())
 }
 
 // --- the happy path ---------------------------------------------------------------------------
@@ -463,6 +474,50 @@ fn connack_0x87_for_a_sig_past_its_expiry_is_the_expired_path() {
     assert!(a.contains(&Action::Emit(Event::UserSigExpired { code: 70001 })));
     assert_eq!(fetches(&on_the_way) + fetches(&a), 1);
     assert_eq!(h.phase(), Phase::FetchingSig);
+}
+
+#[test]
+fn the_im_code_is_read_typed_and_never_parsed_out_of_a_reason_string() {
+    // The broker's `im-error-code` says 70001: an expiry, whatever the words (a premature one:
+    // our clock says the sig is good, so it spends the budget).
+    let mut h = H::started();
+    let s = h.sig(3600);
+    h.input(Input::SigFetched(s));
+    let a = h.input(Input::ConnectionEnded(ConnEnd::Refused {
+        code: 0x87,
+        reason: Some("token no longer valid".into()),
+        im_code: Some(70001),
+    }));
+    assert!(a.contains(&Action::Emit(Event::UserSigExpired { code: 70001 })));
+    assert_eq!(h.last_error().class, ErrorClass::SigExpired);
+    // A reason string that merely starts with "70001", with no IM code, is the broker's
+    // words, not its code: a refusal of a sig our clock says is good is a rejection.
+    let mut h = H::started();
+    let s = h.sig(3600);
+    h.input(Input::SigFetched(s));
+    let a = h.input(Input::ConnectionEnded(ConnEnd::Refused {
+        code: 0x87,
+        reason: Some("70001 looks like a code".into()),
+        im_code: None,
+    }));
+    assert!(!a.contains(&Action::Emit(Event::UserSigExpired { code: 70001 })));
+    let e = h.last_error();
+    assert_eq!((e.class, e.code), (ErrorClass::SigRejected, 70003));
+    assert!(
+        e.message.contains("\"70001 looks like a code\""),
+        "{}",
+        e.message
+    );
+    // A UserSig code in the IM code is reported as is.
+    let mut h = H::started();
+    let s = h.sig(3600);
+    h.input(Input::SigFetched(s));
+    h.input(Input::ConnectionEnded(ConnEnd::Refused {
+        code: 0x86,
+        reason: None,
+        im_code: Some(70009),
+    }));
+    assert_eq!(h.last_error().code, 70009);
 }
 
 #[test]
@@ -1888,6 +1943,7 @@ fn a_credential_refusal_does_not_fail_over() {
     h.input(Input::ConnectionEnded(ConnEnd::Refused {
         code: 0x8A,
         reason: None,
+        im_code: None,
     }));
     assert_eq!(
         h.m.phase(),
@@ -1902,6 +1958,7 @@ fn auto_falls_back_to_3_1_1_once_and_remembers_what_worked() {
         ConnEnd::Refused {
             code: 0x84,
             reason: None,
+            im_code: None,
         },
         ConnEnd::Network {
             kind: NetKind::Closed,
@@ -1951,6 +2008,7 @@ fn a_fixed_protocol_never_falls_back() {
     h.input(Input::ConnectionEnded(ConnEnd::Refused {
         code: 0x84,
         reason: None,
+        im_code: None,
     }));
     assert_eq!(
         h.m.phase(),
@@ -1978,6 +2036,7 @@ fn redirects_are_followed_a_bounded_number_of_times_in_a_row() {
             code: 0x9C,
             reference: to.into(),
             reason: None,
+            im_code: None,
         })
     };
     let mut seen = Vec::new();
@@ -2004,6 +2063,7 @@ fn redirects_are_followed_a_bounded_number_of_times_in_a_row() {
         code: 0x9D,
         reference: "moved:8883".into(),
         reason: None,
+        im_code: None,
     }));
     let a = h.advance_to_connect(60_000);
     assert_eq!(vias(&a)[0].0, Target::Redirect("moved:8883".into()));

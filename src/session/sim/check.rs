@@ -474,8 +474,7 @@ impl Checker {
         let deadline = snap.sig.as_ref().and_then(|s| s.deadline_ms);
         let expired_here = deadline.is_some_and(|d| d <= mono);
         let premature = deadline.is_none_or(|d| d > mono + 60_000);
-        let says_expired =
-            |r: &Option<String>| r.as_deref().is_some_and(|r| r.starts_with("70001"));
+        let says_expired = |c: &Option<u32>| *c == Some(crate::session::codes::SVR_SIG_EXPIRED);
         let up_for = since.map(|s| t.saturating_sub(s));
         if let Some(s) = session
             && t.saturating_sub(s) >= self.policy.backoff.reset_after
@@ -521,9 +520,9 @@ impl Checker {
             ConnEnd::Redirect { code, .. } => {
                 self.pace(t, floor, format!("a redirect (0x{code:02X})"))
             }
-            ConnEnd::Refused { code, reason } => match *code {
+            ConnEnd::Refused { code, im_code, .. } => match *code {
                 0x86 | 0x87 if expired_here => self.expiry(t, "CONNACK 0x87 for an expired sig"),
-                0x86 | 0x87 if says_expired(reason) => {
+                0x86 | 0x87 if says_expired(im_code) => {
                     self.premature_expiry(t, "CONNACK 0x87 70001")
                 }
                 0x86 | 0x87 => self.rejected(t, *code),
@@ -534,9 +533,9 @@ impl Checker {
                 0x81 | 0x82 | 0x90 | 0x95 | 0x99 | 0x9A | 0x9B => self.protocol(t, *code),
                 _ => self.pace(t, floor, format!("CONNACK 0x{code:02X} (busy)")),
             },
-            ConnEnd::ServerDisconnect { code, reason } => match *code {
+            ConnEnd::ServerDisconnect { code, im_code, .. } => match *code {
                 0x8E | 0x98 => self.kicked(t),
-                0xA0 if reason.is_none() || says_expired(reason) => {
+                0xA0 if im_code.is_none() || says_expired(im_code) => {
                     if premature {
                         self.premature_expiry(t, "DISCONNECT 0xA0")
                     } else {

@@ -104,6 +104,7 @@ fn the_simulator_catches_a_reintroduced_loop() {
             &crate::session::ConnEnd::ServerDisconnect {
                 code: 0x87,
                 reason: None,
+                im_code: None,
             },
             t + 20,
             &snap(t + 3_600_000),

@@ -127,6 +127,13 @@ pub struct World {
     conn_proto: Proto,
 }
 
+/// The IM code at the head of the reference service's reason string (`"70001 UserSig
+/// expired"`), which it also sends as the `im-error-code` user property.
+fn im_code_of(reason: &str) -> Option<u32> {
+    let code = reason.split(' ').next()?;
+    (code.len() >= 4).then(|| code.parse().ok()).flatten()
+}
+
 fn pick<T: Copy>(rng: &mut Rng, xs: &[T]) -> T {
     xs[(rng.next_u64() % xs.len() as u64) as usize]
 }
@@ -420,7 +427,11 @@ impl World {
                 kind: NetKind::Closed,
                 detail: "closed (takeover)".into(),
             },
-            (Flavor::Mosquitto, _) => ConnEnd::ServerDisconnect { code, reason: None },
+            (Flavor::Mosquitto, _) => ConnEnd::ServerDisconnect {
+                code,
+                reason: None,
+                im_code: None,
+            },
             (Flavor::Reference, _) => {
                 let reason = match code {
                     0xA0 => Some("70001 UserSig expired".to_string()),
@@ -430,7 +441,14 @@ impl World {
                     _ if self.rng.one_in(2) => None,
                     _ => Some(format!("server says 0x{code:02X}")),
                 };
-                ConnEnd::ServerDisconnect { code, reason }
+                // The reference service sends its code twice: at the head of the reason
+                // string and as the `im-error-code` user property (what the relay types).
+                let im_code = reason.as_deref().and_then(im_code_of);
+                ConnEnd::ServerDisconnect {
+                    code,
+                    reason,
+                    im_code,
+                }
             }
         }
     }
@@ -832,6 +850,7 @@ impl World {
                     code: 0x9C,
                     reference,
                     reason: None,
+                    im_code: None,
                 }),
             );
         }
@@ -842,6 +861,7 @@ impl World {
                     Outcome::End(ConnEnd::Refused {
                         code: 0x84,
                         reason: None,
+                        im_code: None,
                     })
                 } else {
                     closed_early("closed: an MQTT 5 CONNECT to a 3.1.1 broker")
@@ -877,7 +897,14 @@ impl World {
             BrokerMode::Refuse(code) => {
                 let reason = (self.flavor == Flavor::Reference && self.rng.one_in(2))
                     .then(|| format!("{code} refused"));
-                return (Some(quick), Outcome::End(ConnEnd::Refused { code, reason }));
+                return (
+                    Some(quick),
+                    Outcome::End(ConnEnd::Refused {
+                        code,
+                        reason,
+                        im_code: None,
+                    }),
+                );
             }
             _ => {}
         }
@@ -888,9 +915,14 @@ impl World {
         // The broker checks the sig.
         let sig = self.sigs.get(fp).cloned();
         let refuse = |code: u8, why: &str, flavor: Flavor, rng: &mut Rng| {
-            // rumqttc drops CONNACK reason strings; a fixed client may see them.
+            // The reference service's words (reason string and im-error-code), or none.
             let reason = (flavor == Flavor::Reference && rng.one_in(2)).then(|| why.to_string());
-            Outcome::End(ConnEnd::Refused { code, reason })
+            let im_code = reason.as_deref().and_then(im_code_of);
+            Outcome::End(ConnEnd::Refused {
+                code,
+                reason,
+                im_code,
+            })
         };
         let outcome = match sig {
             None => refuse(0x86, "70003 malformed", self.flavor, &mut self.rng),
@@ -1124,6 +1156,7 @@ impl World {
                         ConnEnd::ServerDisconnect {
                             code: 0xA0,
                             reason: Some("70001 UserSig expired".into()),
+                            im_code: Some(codes::SVR_SIG_EXPIRED),
                         },
                     ));
                 }
