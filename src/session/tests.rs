@@ -2068,3 +2068,51 @@ fn redirects_are_followed_a_bounded_number_of_times_in_a_row() {
     let a = h.advance_to_connect(60_000);
     assert_eq!(vias(&a)[0].0, Target::Redirect("moved:8883".into()));
 }
+
+/// NEL, Unicode's line and paragraph separators, and the bidi controls that reorder what a
+/// log reader sees.
+const HOSTILE: &[char] = &[
+    '\u{0085}', '\u{2028}', '\u{2029}', '\u{202A}', '\u{202E}', '\u{2066}', '\u{2069}', '\u{200E}',
+    '\u{200F}', '\u{061C}', '\n', '\r', '\u{1B}',
+];
+
+fn clean(text: &str) -> bool {
+    !text.contains(HOSTILE) && !text.chars().any(char::is_control)
+}
+
+#[test]
+fn quote_external_keeps_line_separators_and_bidi_controls_out() {
+    for c in HOSTILE {
+        let q = quote_external(&format!("a{c}b"), 80);
+        assert_eq!(q, "\"a b\"", "{c:?}");
+    }
+}
+
+#[test]
+fn a_redirect_reference_with_line_separators_never_reaches_a_message_unescaped() {
+    for c in HOSTILE {
+        let mut h = H::started();
+        let s = h.sig(3600);
+        h.input(Input::SigFetched(s));
+        let a = h.input(Input::ConnectionEnded(ConnEnd::Redirect {
+            code: 0x9C,
+            reference: format!("evil{c}host:8883\nWATCHDOG=trigger"),
+            reason: Some(format!("moved{c}away")),
+            im_code: None,
+        }));
+        let failed = a
+            .iter()
+            .find_map(|a| match a {
+                Action::Emit(Event::ConnectFailed { message, .. }) => Some(message.clone()),
+                _ => None,
+            })
+            .expect("connect_failed");
+        assert!(clean(&failed), "{c:?}: {failed:?}");
+        assert!(clean(&h.last_error().message), "{c:?}");
+        let snap = h.m.snapshot();
+        assert!(
+            clean(&summary(&snap, "mqtts://b:8883", h.now.mono)),
+            "{c:?}"
+        );
+    }
+}
