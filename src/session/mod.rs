@@ -149,6 +149,51 @@ pub enum ProtocolMode {
     Auto,
 }
 
+/// What `Auto` knows about one server: the protocol that earned a CONNACK there, or that
+/// MQTT 5 was refused as unsupported (or closed before any CONNACK) there, so 3.1.1 is next.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct ServerProto {
+    proto: Option<Proto>,
+    fallback: bool,
+}
+
+/// [`ServerProto`] per server: the configured nodes, and the last few redirect targets (a
+/// broker names those, so they are bounded: the oldest is forgotten first).
+#[derive(Debug, Clone, Default)]
+struct Learned(VecDeque<(Target, ServerProto)>);
+
+/// Redirect targets remembered by [`Learned`], at most.
+const LEARNED_REDIRECTS: usize = 4;
+
+impl Learned {
+    fn get(&self, target: &Target) -> ServerProto {
+        self.0
+            .iter()
+            .find(|(t, _)| t == target)
+            .map(|(_, p)| *p)
+            .unwrap_or_default()
+    }
+
+    fn set(&mut self, target: &Target, p: ServerProto) {
+        self.0.retain(|(t, _)| t != target);
+        self.0.push_back((target.clone(), p));
+        let redirects = |l: &Learned| {
+            l.0.iter()
+                .filter(|(t, _)| matches!(t, Target::Redirect(_)))
+                .count()
+        };
+        while redirects(self) > LEARNED_REDIRECTS {
+            if let Some(i) = self
+                .0
+                .iter()
+                .position(|(t, _)| matches!(t, Target::Redirect(_)))
+            {
+                self.0.remove(i);
+            }
+        }
+    }
+}
+
 /// Consecutive redirects followed without a CONNACK before they are ignored (a redirect loop
 /// between two servers must not become a login loop).
 pub const MAX_REDIRECTS: u32 = 3;
@@ -483,12 +528,9 @@ pub struct Machine {
     kick_times: VecDeque<Millis>,
     /// The configured node to try (and stay with while it works).
     node: u32,
-    /// The protocol that earned a CONNACK (`Auto`; the nodes of one configured broker run
-    /// the same software).
-    learned: Option<Proto>,
-    /// MQTT 5 was refused as unsupported (or closed before any CONNACK) before anything was
-    /// learned: try 3.1.1 (`Auto`, once).
-    fallback: bool,
+    /// What `Auto` learned, per server: a node restarting (a close before CONNACK) says
+    /// nothing about the others.
+    learned: Learned,
     /// The next attempt goes to this server (a broker's redirect).
     redirect: Option<String>,
     /// Redirects followed since the last CONNACK.
@@ -514,8 +556,7 @@ impl Machine {
     pub fn new(policy: Policy, user: UserId, now: Now, seed: u64) -> Machine {
         Machine {
             node: 0,
-            learned: None,
-            fallback: false,
+            learned: Learned::default(),
             redirect: None,
             redirects: 0,
             via: None,
@@ -1121,10 +1162,10 @@ impl Machine {
         let proto = match self.policy.protocol {
             ProtocolMode::V5 => Proto::V5,
             ProtocolMode::V311 => Proto::V311,
-            ProtocolMode::Auto => match (self.learned, self.fallback) {
-                (Some(p), _) => p,
-                (None, true) => Proto::V311,
-                (None, false) => Proto::V5,
+            ProtocolMode::Auto => match self.learned.get(&target) {
+                ServerProto { proto: Some(p), .. } => p,
+                ServerProto { fallback: true, .. } => Proto::V311,
+                ServerProto { .. } => Proto::V5,
             },
         };
         (target, proto)
@@ -1559,8 +1600,7 @@ impl Machine {
         self.policy = policy;
         if nodes_changed || reconnect {
             // Other brokers (or another protocol): what was learned about the old ones is void.
-            self.learned = None;
-            self.fallback = false;
+            self.learned = Learned::default();
             self.redirect = None;
             self.redirects = 0;
             if self.node >= self.policy.brokers.max(1) {
@@ -1782,9 +1822,14 @@ impl Machine {
             since: self.now.mono,
         };
         if let Some((target, proto)) = &self.via {
-            // Remember what the broker speaks; stay with a node that works.
-            self.learned = Some(*proto);
-            self.fallback = false;
+            // Remember what this server speaks; stay with a node that works.
+            self.learned.set(
+                target,
+                ServerProto {
+                    proto: Some(*proto),
+                    fallback: false,
+                },
+            );
             if let Target::Node(i) = target {
                 self.node = *i;
             }
@@ -1816,14 +1861,13 @@ impl Machine {
         self.stable_at = None;
         let via = self.via.clone();
         let mut c = classify::classify(&end, &self.classify_context(online_since));
-        // Auto: a node that will not take an MQTT 5 CONNECT gets 3.1.1 next (once: what
-        // follows is judged as usual).
+        // Auto: a node that will not take an MQTT 5 CONNECT gets 3.1.1 next (once per node:
+        // what follows is judged as usual).
         let mut fallback = false;
         if online_since.is_none()
             && self.policy.protocol == ProtocolMode::Auto
-            && matches!(via, Some((_, Proto::V5)))
-            && self.learned.is_none()
-            && !self.fallback
+            && let Some((target, Proto::V5)) = &via
+            && self.learned.get(target) == ServerProto::default()
             && matches!(
                 end,
                 ConnEnd::Refused { code: 0x84, .. }
@@ -1833,7 +1877,13 @@ impl Machine {
                     }
             )
         {
-            self.fallback = true;
+            self.learned.set(
+                target,
+                ServerProto {
+                    proto: None,
+                    fallback: true,
+                },
+            );
             fallback = true;
             c = classify::Classified {
                 class: ErrorClass::Network,

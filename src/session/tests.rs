@@ -2003,6 +2003,59 @@ fn auto_falls_back_to_3_1_1_once_and_remembers_what_worked() {
 }
 
 #[test]
+fn auto_remembers_the_protocol_per_node() {
+    // Three MQTT 5 nodes; node 0 restarts: it closes one CONNECT before any CONNACK, then
+    // refuses TCP. That says nothing about nodes 1 and 2, which must still get MQTT 5.
+    let mut h = H::new(Policy {
+        protocol: ProtocolMode::Auto,
+        brokers: 3,
+        ..Policy::default()
+    });
+    h.input(Input::Start);
+    let s = h.sig(86_400);
+    let a = h.input(Input::SigFetched(s));
+    assert_eq!(vias(&a), vec![(Target::Node(0), Proto::V5)]);
+    h.input(network_closed());
+    let a = h.advance_to_connect(2_000);
+    assert_eq!(
+        vias(&a),
+        vec![(Target::Node(0), Proto::V311)],
+        "node 0: 3.1.1 next"
+    );
+    h.input(Input::ConnectionEnded(ConnEnd::Network {
+        kind: NetKind::Refused,
+        detail: "restarting".into(),
+    }));
+    let a = h.advance_to_connect(10_000);
+    assert_eq!(
+        vias(&a),
+        vec![(Target::Node(1), Proto::V5)],
+        "one node's close before CONNACK switched another node to 3.1.1"
+    );
+    h.input(Input::Connected {
+        session_present: true,
+    });
+    // Node 1 goes away: node 2 has told us nothing either.
+    h.input(network_closed());
+    let a = h.advance_to_connect(10_000);
+    assert_eq!(vias(&a), vec![(Target::Node(2), Proto::V5)]);
+    h.input(Input::ConnectionEnded(ConnEnd::Network {
+        kind: NetKind::Refused,
+        detail: "down".into(),
+    }));
+    // Back round to node 0: it still gets the 3.1.1 it was found to need.
+    let a = h.advance_to_connect(10_000);
+    assert_eq!(vias(&a), vec![(Target::Node(0), Proto::V311)]);
+    h.input(Input::ConnectionEnded(ConnEnd::Network {
+        kind: NetKind::Refused,
+        detail: "down".into(),
+    }));
+    // And node 1 what earned its CONNACK.
+    let a = h.advance_to_connect(10_000);
+    assert_eq!(vias(&a), vec![(Target::Node(1), Proto::V5)]);
+}
+
+#[test]
 fn a_fixed_protocol_never_falls_back() {
     let mut h = started_with(Policy::default());
     h.input(Input::ConnectionEnded(ConnEnd::Refused {

@@ -119,8 +119,8 @@ pub struct Checker {
     stable_seen_for: Option<Millis>,
     /// Where the last CONNECT went, in which protocol.
     last_connect: Option<(Target, Proto)>,
-    /// An MQTT 5 refusal was excused as the one fallback to 3.1.1 (`Auto`).
-    fell_back: bool,
+    /// Servers whose MQTT 5 refusal was excused as their one fallback to 3.1.1 (`Auto`).
+    fell_back: HashSet<Target>,
     /// Redirects followed since the last CONNACK.
     redirects: u32,
 }
@@ -182,7 +182,7 @@ impl Checker {
             online_since_final: false,
             stable_seen_for: None,
             last_connect: None,
-            fell_back: false,
+            fell_back: HashSet::new(),
             redirects: 0,
         }
     }
@@ -244,7 +244,7 @@ impl Checker {
 
     pub fn on_reload(&mut self, configured: &UserId, t: Millis) {
         self.configured_user = configured.clone();
-        self.fell_back = false;
+        self.fell_back.clear();
         self.local(t);
     }
 
@@ -258,7 +258,7 @@ impl Checker {
         // A dead process answers nobody: its clients see the socket close.
         self.requests.clear();
         self.connacked.clear();
-        self.fell_back = false;
+        self.fell_back.clear();
         self.redirects = 0;
         self.last_state = None;
         self.our_close = false;
@@ -555,11 +555,11 @@ impl Checker {
     /// fallback `Auto` allows (an MQTT 5 attempt, not excused before).
     fn auto_fallback(&mut self) -> bool {
         match &self.last_connect {
-            Some((_, Proto::V5))
+            Some((target, Proto::V5))
                 if self.policy.protocol == crate::session::ProtocolMode::Auto
-                    && !self.fell_back =>
+                    && !self.fell_back.contains(target) =>
             {
-                self.fell_back = true;
+                self.fell_back.insert(target.clone());
                 true
             }
             _ => false,
