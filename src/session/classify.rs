@@ -2,7 +2,10 @@
 //! message a human can act on. Pure: it sees the ended connection and what the machine knows
 //! about the sig in use ([`Context`]), and decides nothing else.
 
-use super::{ConnEnd, ErrorClass, KickReason, LastError, MAX_REASON_CHARS, codes, quote_external};
+use super::{
+    ConnEnd, EXPIRY_CLOSE_AFTER, EXPIRY_SKEW_MAX, EXPIRY_SKEW_MIN, ErrorClass, KickReason,
+    LastError, MAX_REASON_CHARS, Millis, NetKind, SigClock, codes, quote_external,
+};
 
 /// What a classified failure says to do.
 pub(super) struct Classified {
@@ -15,15 +18,57 @@ pub(super) struct Classified {
     pub premature: bool,
 }
 
-/// What the machine knows when a connection ends.
+/// What the machine knows when a connection ends: whether it had reached CONNACK, and where
+/// the sig it was sent with stands against its deadline (on the boot clock, anchored to the
+/// issuer's `Date`, like the deadline itself).
 pub(super) struct Context {
     /// The connection had reached CONNACK.
     pub online: bool,
-    /// The sig is at or past its deadline on our clock.
-    pub expired_here: bool,
-    /// The sig is near its end: the server's clock may run a little ahead of ours. Unknown
-    /// (an opaque sig): not near, so the budget bounds it.
-    pub near_end: bool,
+    /// Milliseconds from now to the deadline of the sig in use (negative: past it); `None`:
+    /// its end is unknown (an opaque sig), so no signal is read as its expiry (the budget
+    /// bounds what the server calls expired).
+    pub to_deadline: Option<i64>,
+    /// How far ahead of ours the server's clock may run for this sig
+    /// ([`expiry_skew`]).
+    pub skew: Millis,
+}
+
+impl Context {
+    pub fn new(online: bool, sig: SigClock, now: Millis) -> Context {
+        Context {
+            online,
+            to_deadline: sig.deadline.map(|d| d as i64 - now as i64),
+            skew: expiry_skew(sig.lifetime),
+        }
+    }
+
+    /// At or past the deadline on our own clock.
+    fn expired_here(&self) -> bool {
+        self.to_deadline.is_some_and(|d| d <= 0)
+    }
+
+    /// At its end: within the skew before the deadline, or past it. A refusal or a
+    /// DISCONNECT (0x86, 0x87, 0x98, 0xA0) then is the server enforcing the expiry.
+    fn at_end(&self) -> bool {
+        self.to_deadline.is_some_and(|d| d <= self.skew as i64)
+    }
+
+    /// A silent close (no DISCONNECT) at the expiry: within the skew before the deadline, up
+    /// to [`EXPIRY_CLOSE_AFTER`] after it (NATS closes the socket 0–1 s after a user JWT's
+    /// `exp`, on its own clock). Later, the close is just a close.
+    fn closed_at_end(&self) -> bool {
+        self.to_deadline
+            .is_some_and(|d| d <= self.skew as i64 && d >= -(EXPIRY_CLOSE_AFTER as i64))
+    }
+}
+
+/// How far ahead of ours a server's clock may run for a sig of this lifetime: a tenth of it,
+/// between [`EXPIRY_SKEW_MIN`] and [`EXPIRY_SKEW_MAX`] (unknown: the maximum). An expiry
+/// signal within it of the deadline is the sig's natural end, and spends no budget.
+pub fn expiry_skew(lifetime: Option<Millis>) -> Millis {
+    lifetime.map_or(EXPIRY_SKEW_MAX, |l| {
+        (l / 10).clamp(EXPIRY_SKEW_MIN, EXPIRY_SKEW_MAX)
+    })
 }
 
 /// Classify an ended connection (brief §3.2).
@@ -44,9 +89,19 @@ pub(super) fn classify(end: &ConnEnd, at: &Context) -> Classified {
     // The broker's own word, typed (the `im-error-code` user property): never parsed back out
     // of a reason string, which is only quoted in the message.
     let says_expired = |im_code: &Option<u32>| *im_code == Some(codes::SVR_SIG_EXPIRED);
-    let expired_here = at.expired_here;
-    let near_end = at.near_end;
+    let at_end = at.at_end();
     match end {
+        ConnEnd::Network {
+            kind: NetKind::Closed,
+            detail,
+        } if at.closed_at_end() => c(
+            SigExpired,
+            codes::SVR_SIG_EXPIRED,
+            format!(
+                "the server closed the connection at the UserSig's expiry, without a \
+                 DISCONNECT ({detail}); renewing the UserSig"
+            ),
+        ),
         ConnEnd::Network { kind, detail } => {
             let what = if at.online {
                 "connection lost"
@@ -84,12 +139,16 @@ pub(super) fn classify(end: &ConnEnd, at: &Context) -> Classified {
         } => {
             let r = said(reason);
             match *code {
-                0x87 | 0x86 if expired_here => c(
+                0x87 | 0x86 if at_end => c(
                     SigExpired,
                     codes::SVR_SIG_EXPIRED,
                     format!(
-                        "the IM service refused the UserSig (CONNACK 0x{code:02X}{r}) and it \
-                         is past its expiry"
+                        "the IM service refused the UserSig (CONNACK 0x{code:02X}{r}) at {}",
+                        if at.expired_here() {
+                            "its expiry"
+                        } else {
+                            "the edge of its expiry"
+                        }
                     ),
                 ),
                 0x87 | 0x86 if says_expired(im_code) => Classified {
@@ -175,6 +234,14 @@ pub(super) fn classify(end: &ConnEnd, at: &Context) -> Classified {
                         ),
                     )
                 },
+                0x98 if at_end => c(
+                    SigExpired,
+                    codes::SVR_SIG_EXPIRED,
+                    format!(
+                        "the server ended the session at the UserSig's expiry (DISCONNECT 0x98 \
+                         Administrative action{r}); renewing the UserSig"
+                    ),
+                ),
                 0x98 => Classified {
                     kick: Some(KickReason::KickedByAdmin),
                     ..c(
@@ -183,8 +250,8 @@ pub(super) fn classify(end: &ConnEnd, at: &Context) -> Classified {
                         format!("kicked offline by an administrator (DISCONNECT 0x98{r})"),
                     )
                 },
-                0xA0 if im_code.is_none() || says_expired(im_code) || near_end => Classified {
-                    premature: !near_end,
+                0xA0 if im_code.is_none() || says_expired(im_code) || at_end => Classified {
+                    premature: !at_end,
                     ..c(
                         SigExpired,
                         codes::SVR_SIG_EXPIRED,
@@ -193,8 +260,9 @@ pub(super) fn classify(end: &ConnEnd, at: &Context) -> Classified {
                 },
                 // Only our own clock decides: a session the server just accepted and then
                 // ends as "not authorized" is a rejection (an ACL, a revoked account),
-                // whatever its reason string says.
-                0x87 | 0x86 if expired_here => c(
+                // whatever it says, unless the sig is at its end (EMQX ≥ 5.7 sends 0x87 at
+                // `expire_at`).
+                0x87 | 0x86 if at_end => c(
                     SigExpired,
                     codes::SVR_SIG_EXPIRED,
                     format!(

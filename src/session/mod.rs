@@ -37,6 +37,7 @@ mod tests;
 use std::collections::{BTreeSet, VecDeque};
 
 pub use backoff::{Backoff, BackoffPolicy, Rng};
+pub use classify::expiry_skew;
 pub use model::*;
 
 use crate::identity::UserId;
@@ -70,6 +71,12 @@ pub const KICK_MEMORY: Millis = 24 * 3_600_000;
 /// The refresh floor's bounds (see [`Machine::refresh_floor`]).
 pub const REFRESH_FLOOR_MIN: Millis = 10_000;
 pub const REFRESH_FLOOR_MAX: Millis = 30_000;
+/// The expiry skew's bounds (see [`expiry_skew`]).
+pub const EXPIRY_SKEW_MIN: Millis = 2_000;
+pub const EXPIRY_SKEW_MAX: Millis = 60_000;
+/// A close without DISCONNECT up to this long after the deadline of the sig in use is the
+/// server enforcing the expiry (`sig_expired`), not a network failure.
+pub const EXPIRY_CLOSE_AFTER: Millis = 10_000;
 /// Pending `login` requests joined to one attempt, at most.
 const MAX_PENDING_LOGINS: usize = 16;
 
@@ -437,11 +444,14 @@ enum Conn {
         fingerprint: String,
         user: UserId,
         deadline: Millis,
+        /// The deadline and lifetime of the sig it was sent with.
+        sig: SigClock,
     },
     Online {
         fingerprint: String,
         user: UserId,
         since: Millis,
+        sig: SigClock,
     },
     /// Our DISCONNECT is out; waiting for the broker to close (bounded by `deadline`).
     Closing {
@@ -466,6 +476,15 @@ enum Goal {
     },
     /// Shutting down: close, then [`Action::Exit`].
     Exit,
+}
+
+/// What a connection knows of the sig it was sent with: an expiry signal is judged against
+/// that sig, not against one a refresh brought meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SigClock {
+    /// Boot-time deadline (the issuer's expiry, anchored on its `Date`); `None`: unknown.
+    deadline: Option<Millis>,
+    lifetime: Option<Millis>,
 }
 
 #[derive(Debug, Clone)]
@@ -1066,28 +1085,6 @@ impl Machine {
             .filter(|s| s.info.user_id == self.user && Self::sig_valid(s, self.now.mono))
     }
 
-    fn sig_expired_locally(&self) -> bool {
-        self.sig
-            .as_ref()
-            .and_then(|s| s.deadline)
-            .is_some_and(|d| self.now.mono >= d)
-    }
-
-    /// What [`classify::classify`] needs to know about the sig in use.
-    fn classify_context(&self, online_since: Option<Millis>) -> classify::Context {
-        classify::Context {
-            online: online_since.is_some(),
-            expired_here: self.sig_expired_locally(),
-            near_end: self.sig.as_ref().is_some_and(|s| match s.deadline {
-                Some(d) => {
-                    let grace = s.lifetime.map_or(60_000, |l| (l / 10).min(60_000));
-                    d <= self.now.mono + grace
-                }
-                None => false,
-            }),
-        }
-    }
-
     // --- login flow -----------------------------------------------------------------------
 
     /// Start a login from scratch: budgets, backoffs and cool-downs start over (a local
@@ -1127,12 +1124,17 @@ impl Machine {
             return;
         };
         let fingerprint = sig.info.fingerprint.clone();
+        let clock = SigClock {
+            deadline: sig.deadline,
+            lifetime: sig.lifetime,
+        };
         let (target, proto) = self.next_target();
         self.via = Some((target.clone(), proto));
         self.conn = Conn::Connecting {
             fingerprint: fingerprint.clone(),
             user: self.user.clone(),
             deadline: self.now.mono + self.policy.connect_timeout + TIMEOUT_SLACK,
+            sig: clock,
         };
         self.last_attempt = Some(self.now.mono);
         self.counters.connect_attempts += 1;
@@ -1321,13 +1323,16 @@ impl Machine {
     /// expiry (the server calls a sig expired that our clock says is good, or provisioning
     /// hands out expired sigs) spends the budget; every renewal after the first is paced by
     /// backoff.
-    fn on_sig_expired(&mut self, premature: bool, code: u32, why: String) {
+    /// `forget`: the current sig is the one that ended (not a newer one a refresh brought).
+    fn on_sig_expired(&mut self, premature: bool, forget: bool, code: u32, why: String) {
         self.logged_in = false;
         self.event(Event::UserSigExpired { code });
-        if self.sig.take().is_some() {
-            self.act(Action::ForgetSig);
+        if forget {
+            if self.sig.take().is_some() {
+                self.act(Action::ForgetSig);
+            }
+            self.refresh_due = None;
         }
-        self.refresh_due = None;
         if premature {
             let window = self.policy.sig_expired_window;
             let now = self.now.mono;
@@ -1748,7 +1753,7 @@ impl Machine {
         match f.class {
             ErrorClass::Fatal | ErrorClass::Kicked => self.stop(err),
             ErrorClass::Clock => self.wait_for_clock(err),
-            ErrorClass::SigExpired => self.on_sig_expired(true, f.code, f.message),
+            ErrorClass::SigExpired => self.on_sig_expired(true, true, f.code, f.message),
             ErrorClass::SigRejected | ErrorClass::Protocol => self.on_protocol_error(err),
             ErrorClass::Network | ErrorClass::Busy => {
                 if let Some(limit) = f.give_up_after {
@@ -1811,7 +1816,10 @@ impl Machine {
 
     fn on_connected(&mut self, session_present: bool) {
         let Conn::Connecting {
-            fingerprint, user, ..
+            fingerprint,
+            user,
+            sig,
+            ..
         } = std::mem::replace(&mut self.conn, Conn::None)
         else {
             return; // stale
@@ -1820,6 +1828,7 @@ impl Machine {
             fingerprint,
             user: user.clone(),
             since: self.now.mono,
+            sig,
         };
         if let Some((target, proto)) = &self.via {
             // Remember what this server speaks; stay with a node that works.
@@ -1852,20 +1861,31 @@ impl Machine {
     }
 
     fn on_connection_ended(&mut self, end: ConnEnd) {
-        let online_since = match std::mem::replace(&mut self.conn, Conn::None) {
-            Conn::Online { since, .. } => Some(since),
-            Conn::Connecting { .. } => None,
+        let (online_since, sig, used) = match std::mem::replace(&mut self.conn, Conn::None) {
+            Conn::Online {
+                since,
+                sig,
+                fingerprint,
+                ..
+            } => (Some(since), sig, fingerprint),
+            Conn::Connecting {
+                sig, fingerprint, ..
+            } => (None, sig, fingerprint),
             // We were closing anyway: done.
             Conn::Closing { .. } | Conn::None => return,
         };
         self.stable_at = None;
         let via = self.via.clone();
-        let mut c = classify::classify(&end, &self.classify_context(online_since));
+        let mut c = classify::classify(
+            &end,
+            &classify::Context::new(online_since.is_some(), sig, self.now.mono),
+        );
         // Auto: a node that will not take an MQTT 5 CONNECT gets 3.1.1 next (once per node:
         // what follows is judged as usual).
         let mut fallback = false;
         if online_since.is_none()
             && self.policy.protocol == ProtocolMode::Auto
+            && c.class != ErrorClass::SigExpired
             && let Some((target, Proto::V5)) = &via
             && self.learned.get(target) == ServerProto::default()
             && matches!(
@@ -1951,7 +1971,13 @@ impl Machine {
                 }
                 self.backoff(c.err, WhichBackoff::Connect, None);
             }
-            ErrorClass::SigExpired => self.on_sig_expired(c.premature, c.err.code, c.err.message),
+            ErrorClass::SigExpired => {
+                // The sig the connection used is over; one a refresh brought meanwhile is not.
+                let newer = self
+                    .usable_sig()
+                    .is_some_and(|s| s.info.fingerprint != used);
+                self.on_sig_expired(c.premature, !newer, c.err.code, c.err.message)
+            }
             ErrorClass::SigRejected => self.on_sig_rejected(c.err),
             ErrorClass::Protocol => self.on_protocol_error(c.err),
             ErrorClass::Kicked => self.kicked(

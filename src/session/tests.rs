@@ -2169,3 +2169,137 @@ fn a_redirect_reference_with_line_separators_never_reaches_a_message_unescaped()
         );
     }
 }
+
+// --- expiry signals of real engines (NATS, EMQX, admin DISCONNECTs at expiry) ----------------
+
+impl H {
+    /// A sig for alice of `lifetime_s`, issued so that `left_s` of it remain.
+    fn sig_ending(&mut self, lifetime_s: i64, left_s: i64) -> SigInfo {
+        let mut s = self.sig(lifetime_s);
+        s.issued_at = Some(self.now.wall - (lifetime_s - left_s));
+        s.expires_at = Some(self.now.wall + left_s);
+        s
+    }
+
+    /// Fetch (answering with `sig`), connect, CONNACK.
+    fn log_in_with(&mut self, sig: SigInfo) -> Vec<Action> {
+        let mut a = self.input(Input::SigFetched(sig));
+        assert_eq!(connects(&a).len(), 1, "{a:?}");
+        a.extend(self.input(Input::Connected {
+            session_present: true,
+        }));
+        assert_eq!(self.phase(), Phase::Online);
+        a
+    }
+}
+
+#[test]
+fn a_silent_close_at_the_sigs_expiry_is_sig_expired_renews_first_and_is_never_a_takeover() {
+    // NATS closes the socket, with no MQTT packet, 0–1 s after the user JWT's exp. Each
+    // session here is a login that lasted under the takeover window, and yet none counts
+    // toward a suspected takeover; each is a natural end: no budget, never a stop.
+    let mut h = H::started();
+    for round in 0..6 {
+        // An hour-long sig with 8 s left (its refresh is under way and slow).
+        let s = h.sig_ending(3_600, 8);
+        h.log_in_with(s);
+        h.advance(8_400);
+        let a = h.input(network_closed());
+        assert!(
+            a.contains(&Action::Emit(Event::UserSigExpired { code: 70001 })),
+            "round {round}: {a:?}"
+        );
+        let e = h.last_error();
+        assert_eq!((e.class, e.code), (ErrorClass::SigExpired, 70001), "{e:?}");
+        assert!(e.message.contains("expiry"), "{}", e.message);
+        assert!(connects(&a).is_empty(), "never the same sig again: {a:?}");
+        assert_ne!(h.phase(), Phase::Kicked, "round {round}");
+        assert_ne!(h.phase(), Phase::Stopped, "round {round}");
+        // Renew first: a fetch (the one under way, or a new one once paced), then a CONNECT.
+        if h.phase() != Phase::FetchingSig {
+            h.advance_to_fetch(60_000);
+        }
+    }
+}
+
+#[test]
+fn a_silent_close_away_from_the_expiry_is_a_network_drop() {
+    // Two minutes before the deadline: the same sig again, no fetch.
+    let mut h = H::started();
+    let s = h.sig_ending(3_600, 130);
+    h.log_in_with(s);
+    h.advance(10_000);
+    let a = h.input(network_closed());
+    assert_eq!(h.last_error().class, ErrorClass::Network);
+    assert!(!events(&a).contains(&"user_sig_expired"));
+    let a = h.advance_to_connect(10_000);
+    assert_eq!(fetches(&a), 0);
+    // Long after the deadline (a broker that does not enforce it): a close is a close, and
+    // the engine then finds the sig expired on its own clock (6206) and renews it.
+    let mut h = H::new(Policy {
+        refresh_fraction: 0.999,
+        ..Policy::default()
+    });
+    h.input(Input::Start);
+    let s = h.sig_ending(3_600, 5);
+    h.log_in_with(s);
+    h.advance(30_000);
+    let a = h.input(network_closed());
+    assert!(!a.contains(&Action::Emit(Event::UserSigExpired { code: 70001 })));
+    assert_eq!(h.last_error().class, ErrorClass::Network);
+    h.advance_until(10_000, |a| {
+        *a == Action::Emit(Event::UserSigExpired { code: 6206 })
+    });
+    assert_eq!(h.phase(), Phase::FetchingSig);
+}
+
+#[test]
+fn disconnect_0x98_at_or_after_the_expiry_is_sig_expired_not_a_kick() {
+    for left in [0i64, -3, 40] {
+        // An hour-long sig: the skew is 60 s, so 40 s before the deadline is its end too.
+        let mut h = H::started();
+        let s = h.sig_ending(3_600, 61);
+        h.log_in_with(s);
+        h.advance((61 - left) as u64 * 1_000);
+        let a = h.input(server_disconnect(0x98, "administrative action"));
+        assert!(
+            a.contains(&Action::Emit(Event::UserSigExpired { code: 70001 })),
+            "{left} s left: {a:?}"
+        );
+        assert_ne!(h.phase(), Phase::Kicked);
+        assert_eq!(h.last_error().class, ErrorClass::SigExpired);
+    }
+    // Well before its end, 0x98 is an administrator's kick.
+    let mut h = H::started();
+    let s = h.sig_ending(3_600, 600);
+    h.log_in_with(s);
+    h.input(server_disconnect(0x98, "administrative action"));
+    assert_eq!(h.phase(), Phase::Kicked);
+}
+
+#[test]
+fn disconnect_0x87_within_the_skew_of_the_expiry_is_sig_expired_and_spends_no_budget() {
+    // EMQX ≥ 5.7 sends DISCONNECT 0x87 at `expire_at` on its clock, which may run a little
+    // ahead of ours. More such ends than the premature budget never stop the engine.
+    let mut h = H::started();
+    for round in 0..5 {
+        let s = h.sig_ending(3_600, 30);
+        h.log_in_with(s);
+        h.advance(29_000);
+        let a = h.input(server_disconnect(0x87, "not authorized"));
+        assert!(
+            a.contains(&Action::Emit(Event::UserSigExpired { code: 70001 })),
+            "round {round}: {a:?}"
+        );
+        assert_ne!(h.phase(), Phase::Stopped, "round {round}");
+        if h.phase() != Phase::FetchingSig {
+            h.advance_to_fetch(60_000);
+        }
+    }
+    // Well before the end, 0x87 is a revocation: one fresh sig, then stop.
+    let mut h = H::started();
+    let s = h.sig_ending(3_600, 600);
+    h.log_in_with(s);
+    h.input(server_disconnect(0x87, "not authorized"));
+    assert_eq!(h.last_error().class, ErrorClass::SigRejected);
+}

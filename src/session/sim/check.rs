@@ -18,9 +18,9 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use super::world::World;
 use crate::identity::UserId;
 use crate::session::{
-    Action, ConnEnd, ErrorClass, Event, Input, KickReason, LastError, Machine, Millis, NetKind,
-    OnKick, Phase, Policy, Proto, RequestId, Snapshot, TIMEOUT_SLACK, Target, login_status,
-    summary,
+    Action, ConnEnd, EXPIRY_CLOSE_AFTER, EXPIRY_SKEW_MAX, EXPIRY_SKEW_MIN, ErrorClass, Event,
+    Input, KickReason, LastError, Machine, Millis, NetKind, OnKick, Phase, Policy, Proto,
+    RequestId, Snapshot, TIMEOUT_SLACK, Target, login_status, summary,
 };
 
 /// A broken invariant.
@@ -75,6 +75,14 @@ pub fn healthy_bound(p: &Policy) -> Millis {
 pub const MAX_RETRY_AFTER: Millis = 120_000;
 /// The sliding window of the rate rule.
 const WINDOW: Millis = 600_000;
+
+/// Whether an end may be read as the sig's natural expiry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    Yes,
+    Maybe,
+    No,
+}
 
 /// The oracle's budget state between resets.
 #[derive(Debug, Default)]
@@ -470,10 +478,30 @@ impl Checker {
         end: &ConnEnd,
         mono: Millis,
         snap: &Snapshot,
+        in_use: &str,
     ) {
-        let deadline = snap.sig.as_ref().and_then(|s| s.deadline_ms);
-        let expired_here = deadline.is_some_and(|d| d <= mono);
-        let premature = deadline.is_none_or(|d| d > mono + 60_000);
+        // Where the sig the connection used stands against its deadline, as the machine's
+        // clock has it (what the engine classifies by). `None`: the oracle cannot tell (a
+        // refresh replaced it meanwhile), so either reading is allowed.
+        let to_deadline: Option<Option<i64>> = match snap.sig.as_ref() {
+            Some(s) if s.fingerprint == in_use => {
+                Some(s.deadline_ms.map(|d| d as i64 - mono as i64))
+            }
+            _ => None,
+        };
+        let at_end = match to_deadline {
+            // Certainly its natural end: within the smallest skew the engine allows.
+            Some(Some(d)) if d <= EXPIRY_SKEW_MIN as i64 => Reading::Yes,
+            // Maybe (within the largest skew, which depends on the sig's lifetime).
+            Some(Some(d)) if d <= EXPIRY_SKEW_MAX as i64 => Reading::Maybe,
+            Some(_) => Reading::No,
+            None => Reading::Maybe,
+        };
+        let closed_at_end = match (to_deadline, at_end) {
+            (Some(Some(d)), _) if d < -(EXPIRY_CLOSE_AFTER as i64) => Reading::No,
+            (_, r) => r,
+        };
+        let premature = at_end == Reading::No;
         let says_expired = |c: &Option<u32>| *c == Some(crate::session::codes::SVR_SIG_EXPIRED);
         let up_for = since.map(|s| t.saturating_sub(s));
         if let Some(s) = session
@@ -485,18 +513,29 @@ impl Checker {
             self.premature = premature_q;
         }
         let floor = self.floor();
-        let early = matches!(
+        let closed = matches!(
             end,
             ConnEnd::Network {
                 kind: NetKind::Closed,
                 ..
             }
-        ) && up_for.is_some_and(|u| u < self.policy.takeover_window);
+        );
+        let early = closed && up_for.is_some_and(|u| u < self.policy.takeover_window);
         if up_for.is_some() && !early {
             // Only consecutive silent closes right after login count toward a takeover.
             self.epoch.early_closes = 0;
         }
+        // An expiry signal the engine may read either way: no constraint from it (counting
+        // it as an expiry would pace the engine's next real renewal, counting it as a kick
+        // or a rejection would forbid the renewal it may make).
+        let maybe = |r: Reading| r == Reading::Maybe;
         match end {
+            ConnEnd::Network { .. } if closed && closed_at_end == Reading::Yes => {
+                // A close at the sig's end is its expiry (NATS): renewed first, and never
+                // counted toward a suspected takeover.
+                self.expiry(t, "a close at the sig's expiry")
+            }
+            ConnEnd::Network { .. } if closed && maybe(closed_at_end) => {}
             ConnEnd::Network { kind, .. } => {
                 if early {
                     self.epoch.early_closes += 1;
@@ -521,7 +560,10 @@ impl Checker {
                 self.pace(t, floor, format!("a redirect (0x{code:02X})"))
             }
             ConnEnd::Refused { code, im_code, .. } => match *code {
-                0x86 | 0x87 if expired_here => self.expiry(t, "CONNACK 0x87 for an expired sig"),
+                0x86 | 0x87 if at_end == Reading::Yes => {
+                    self.expiry(t, "CONNACK 0x87 for a sig at its end")
+                }
+                0x86 | 0x87 if maybe(at_end) => {}
                 0x86 | 0x87 if says_expired(im_code) => {
                     self.premature_expiry(t, "CONNACK 0x87 70001")
                 }
@@ -534,6 +576,8 @@ impl Checker {
                 _ => self.pace(t, floor, format!("CONNACK 0x{code:02X} (busy)")),
             },
             ConnEnd::ServerDisconnect { code, im_code, .. } => match *code {
+                0x98 if at_end == Reading::Yes => self.expiry(t, "DISCONNECT 0x98 at expiry"),
+                0x98 if maybe(at_end) => {}
                 0x8E | 0x98 => self.kicked(t),
                 0xA0 if im_code.is_none() || says_expired(im_code) => {
                     if premature {
@@ -542,7 +586,10 @@ impl Checker {
                         self.expiry(t, "DISCONNECT 0xA0")
                     }
                 }
-                0x86 | 0x87 if expired_here => self.expiry(t, "DISCONNECT 0x87 at expiry"),
+                0x86 | 0x87 if at_end == Reading::Yes => {
+                    self.expiry(t, "DISCONNECT 0x87 at expiry")
+                }
+                0x86 | 0x87 if maybe(at_end) => {}
                 0x86 | 0x87 => self.rejected(t, *code),
                 0x81 | 0x82 | 0x8C | 0x8F | 0x90 | 0x93 | 0x94 | 0x95 | 0x99 | 0x9A | 0x9B
                 | 0x9E | 0xA1 | 0xA2 => self.protocol(t, *code),

@@ -186,7 +186,7 @@ impl Sim {
         let mut world_rng = Rng::new(split(seed, 1));
         let mix = schedule::Mix::draw(&mut world_rng);
         let mut full = schedule::draw(&mut world_rng, cfg.chaos, mix);
-        let total = full.len();
+        let mut total = full.len();
         if let Some(keep) = keep {
             let mut i = 0;
             full.retain(|_| {
@@ -196,6 +196,23 @@ impl Sim {
             });
         }
         let world = World::new(Rng::new(split(seed, 2)), &policy);
+        if world.flavor() == Flavor::NatsCallout {
+            // Its own stream, merged in: every other seed's schedule stays what it was.
+            let mut r = Rng::new(split(seed, 4));
+            let mut outages = schedule::draw_auth_outages(&mut r, cfg.chaos);
+            let first = total;
+            total += outages.len();
+            if let Some(keep) = keep {
+                let mut i = first;
+                outages.retain(|_| {
+                    let k = keep.get(i).copied().unwrap_or(true);
+                    i += 1;
+                    k
+                });
+            }
+            full.extend(outages);
+            full.sort_by_key(|s| s.at);
+        }
         let mut machine_rng = Rng::new(split(seed, 3));
         let now = world.now();
         let machine = Machine::new(policy.clone(), user("alice"), now, machine_rng.next_u64());

@@ -108,6 +108,7 @@ fn the_simulator_catches_a_reintroduced_loop() {
             },
             t + 20,
             &snap(t + 3_600_000),
+            "s",
         );
         t += 100;
     }

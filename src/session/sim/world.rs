@@ -125,6 +125,8 @@ pub struct World {
     given_refs: BTreeSet<String>,
     /// The protocol of the connection up now (3.1.1: no DISCONNECT; kicks are closes).
     conn_proto: Proto,
+    /// The auth service (NATS's callout) is down until then: CONNECTs get CONNACK 5.
+    auth_down_until: Millis,
 }
 
 /// The IM code at the head of the reference service's reason string (`"70001 UserSig
@@ -145,11 +147,16 @@ impl World {
         let nodes = policy.brokers.max(1);
         let v3_only = policy.protocol != crate::session::ProtocolMode::V5 && r2.one_in(2);
         let v3_answers_connack = r2.one_in(2);
+        // A NATS broker with an auth callout: half of the brokers that speak only 3.1.1 and
+        // answer MQTT 5 with a CONNACK, drawn from the copy as well (that bit of the draw
+        // leaves every regression seed of `tests.rs` in the world it was found in).
+        let nats = v3_only && v3_answers_connack && (r2.next_u64() >> 17).is_multiple_of(2);
         let flavor = if rng.one_in(3) {
             Flavor::Mosquitto
         } else {
             Flavor::Reference
         };
+        let flavor = if nats { Flavor::NatsCallout } else { flavor };
         let lifetime = pick(&mut rng, &[20, 600, 3_600, 86_400, 86_400, 15_552_000]);
         // Some devices boot with no RTC: the wall clock reads 1970 until time sync.
         let wall_skew = if rng.one_in(10) { -WALL_BASE } else { 0 };
@@ -184,6 +191,7 @@ impl World {
             redirect_next: None,
             given_refs: BTreeSet::new(),
             conn_proto: Proto::V5,
+            auth_down_until: 0,
         }
     }
 
@@ -347,12 +355,12 @@ impl World {
                 }
                 Outcome::End(end) => {
                     self.session_since = None;
-                    chk.seen_end(t, None, None, &end, self.now().mono, &m.snapshot());
+                    chk.seen_end(t, None, None, &end, self.now().mono, &m.snapshot(), &fp);
                     let what = format!("broker: {end:?}");
                     (Input::ConnectionEnded(end), what)
                 }
             },
-            ConnW::Up { since, end, .. } => {
+            ConnW::Up { since, end, fp } => {
                 let end = end.map(|e| e.1).unwrap_or(ConnEnd::Network {
                     kind: NetKind::Closed,
                     detail: "closed".into(),
@@ -365,6 +373,7 @@ impl World {
                     &end,
                     self.now().mono,
                     &m.snapshot(),
+                    &fp,
                 );
                 let what = format!("broker: {end:?}");
                 (Input::ConnectionEnded(end), what)
@@ -410,7 +419,26 @@ impl World {
             let left_s = (e - self.broker_now() + 1).max(0) as u64;
             ends.push((t + left_s * 1000, self.disconnect(0xA0)));
         }
+        if self.flavor == Flavor::NatsCallout
+            && let Some(e) = self.sigs.get(fp).and_then(|s| s.expires)
+        {
+            ends.push(self.nats_expiry_close(e));
+        }
         ends.into_iter().min_by_key(|e| e.0)
+    }
+
+    /// NATS ends a session at its user JWT's `exp` (the sig's expiry) on its own clock: the
+    /// socket closes with no MQTT packet, 0–1 s later.
+    fn nats_expiry_close(&mut self, expires: i64) -> (Millis, ConnEnd) {
+        let exp_at = (expires - self.broker_skew - WALL_BASE).max(0) as Millis * 1000;
+        let at = exp_at.max(self.t) + self.jitter(0, 1_000);
+        (
+            at,
+            ConnEnd::Network {
+                kind: NetKind::Closed,
+                detail: "the server closed the connection (MQTT 3.1.1 says no more)".into(),
+            },
+        )
     }
 
     /// The server's DISCONNECT with `code`, as this flavour sends it.
@@ -426,6 +454,10 @@ impl World {
             (Flavor::Mosquitto, 0x8E) => ConnEnd::Network {
                 kind: NetKind::Closed,
                 detail: "closed (takeover)".into(),
+            },
+            (Flavor::NatsCallout, _) => ConnEnd::Network {
+                kind: NetKind::Closed,
+                detail: "closed (NATS)".into(),
             },
             (Flavor::Mosquitto, _) => ConnEnd::ServerDisconnect {
                 code,
@@ -841,7 +873,9 @@ impl World {
                 closed_early("closed without CONNACK (leader election)"),
             );
         }
-        if let Some(to) = self.redirect_next.take() {
+        if self.flavor != Flavor::NatsCallout
+            && let Some(to) = self.redirect_next.take()
+        {
             let reference = format!("node{to}");
             self.given_refs.insert(reference.clone());
             return (
@@ -895,6 +929,15 @@ impl World {
             }
             BrokerMode::Blackhole => return (None, net(NetKind::Timeout)),
             BrokerMode::Refuse(code) => {
+                let code = if self.flavor == Flavor::NatsCallout {
+                    // What a 3.1.1 return code can say (1–5), as the relay maps it.
+                    match code {
+                        0x84..=0x88 => code,
+                        _ => 0x88,
+                    }
+                } else {
+                    code
+                };
                 let reason = (self.flavor == Flavor::Reference && self.rng.one_in(2))
                     .then(|| format!("{code} refused"));
                 return (
@@ -908,6 +951,18 @@ impl World {
             }
             _ => {}
         }
+        if self.flavor == Flavor::NatsCallout && t < self.auth_down_until {
+            // No callout service answers: CONNACK 5 after the callout's 2 s timeout.
+            let at = t + 2_000 + self.jitter(0, 300);
+            return (
+                Some(at),
+                Outcome::End(ConnEnd::Refused {
+                    code: 0x87,
+                    reason: None,
+                    im_code: None,
+                }),
+            );
+        }
         let at = match mode {
             BrokerMode::SlowConnack(d) => t + d,
             _ => quick,
@@ -915,6 +970,12 @@ impl World {
         // The broker checks the sig.
         let sig = self.sigs.get(fp).cloned();
         let refuse = |code: u8, why: &str, flavor: Flavor, rng: &mut Rng| {
+            // NATS: CONNACK 5 (not authorized) for whatever the callout refused.
+            let code = if flavor == Flavor::NatsCallout {
+                0x87
+            } else {
+                code
+            };
             // The reference service's words (reason string and im-error-code), or none.
             let reason = (flavor == Flavor::Reference && rng.one_in(2)).then(|| why.to_string());
             let im_code = reason.as_deref().and_then(im_code_of);
@@ -1026,6 +1087,11 @@ impl World {
                 }
             }
             Ext::RedirectNext(i) => self.redirect_next = Some(i % self.nodes),
+            Ext::AuthOutage(d) => {
+                if self.flavor == Flavor::NatsCallout {
+                    self.auth_down_until = t + d;
+                }
+            }
             Ext::Suspend(_) | Ext::Reboot { .. } | Ext::Local(_) => {}
         }
     }
@@ -1130,6 +1196,7 @@ impl World {
         self.node_down.iter_mut().for_each(|d| *d = false);
         self.election_until = 0;
         self.redirect_next = None;
+        self.auth_down_until = 0;
         self.broker = BrokerMode::Healthy;
         self.prov = ProvMode::Healthy;
         self.twin = false;
@@ -1143,7 +1210,7 @@ impl World {
         if let ConnW::Up { fp, end, .. } = &mut self.conn {
             let fp = fp.clone();
             *end = None;
-            // Only the sig's own expiry still ends it (on the reference service).
+            // Only the sig's own expiry still ends it (on the reference service and NATS).
             let expires = self.sigs.get(&fp).and_then(|s| s.expires);
             if self.flavor == Flavor::Reference
                 && let Some(e) = expires
@@ -1159,6 +1226,14 @@ impl World {
                             im_code: Some(codes::SVR_SIG_EXPIRED),
                         },
                     ));
+                }
+            }
+            if self.flavor == Flavor::NatsCallout
+                && let Some(e) = expires
+            {
+                let close = self.nats_expiry_close(e);
+                if let ConnW::Up { end, .. } = &mut self.conn {
+                    *end = Some(close);
                 }
             }
         }
