@@ -76,6 +76,21 @@ pub const MAX_RETRY_AFTER: Millis = 120_000;
 /// The sliding window of the rate rule.
 const WINDOW: Millis = 600_000;
 
+/// A connection attempt or a session ended, as the world saw it.
+pub struct Ended<'a> {
+    pub t: Millis,
+    /// This connection's CONNACK, if it had one.
+    pub since: Option<Millis>,
+    /// Since when the session was up, across the engine's own planned reconnects.
+    pub session: Option<Millis>,
+    pub end: &'a ConnEnd,
+    /// The machine's boot-time clock now.
+    pub mono: Millis,
+    pub snap: &'a Snapshot,
+    /// The fingerprint of the sig the connection used.
+    pub in_use: &'a str,
+}
+
 /// Whether an end may be read as the sig's natural expiry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Reading {
@@ -467,19 +482,17 @@ impl Checker {
         }
     }
 
-    /// A connection attempt or a session ended. `since`: when its CONNACK came.
-    /// `since`: this connection's CONNACK; `session`: since when the session was up across
-    /// the engine's own planned reconnects.
-    pub fn seen_end(
-        &mut self,
-        t: Millis,
-        since: Option<Millis>,
-        session: Option<Millis>,
-        end: &ConnEnd,
-        mono: Millis,
-        snap: &Snapshot,
-        in_use: &str,
-    ) {
+    /// A connection attempt or a session ended.
+    pub fn seen_end(&mut self, e: Ended<'_>) {
+        let Ended {
+            t,
+            since,
+            session,
+            end,
+            mono,
+            snap,
+            in_use,
+        } = e;
         // Where the sig the connection used stands against its deadline, as the machine's
         // clock has it (what the engine classifies by). `None`: the oracle cannot tell (a
         // refresh replaced it meanwhile), so either reading is allowed.

@@ -97,19 +97,19 @@ fn the_simulator_catches_a_reintroduced_loop() {
     for _ in 0..3 {
         chk.attempt(t, false, false);
         chk.attempt(t + 10, true, false);
-        chk.seen_end(
-            t + 20,
-            Some(t + 15),
-            Some(t + 15),
-            &crate::session::ConnEnd::ServerDisconnect {
+        chk.seen_end(check::Ended {
+            t: t + 20,
+            since: Some(t + 15),
+            session: Some(t + 15),
+            end: &crate::session::ConnEnd::ServerDisconnect {
                 code: 0x87,
                 reason: None,
                 im_code: None,
             },
-            t + 20,
-            &snap(t + 3_600_000),
-            "s",
-        );
+            mono: t + 20,
+            snap: &snap(t + 3_600_000),
+            in_use: "s",
+        });
         t += 100;
     }
     let v = chk.take_violation().expect("the loop is caught");

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use super::check::{Checker, Seen};
+use super::check::{Checker, Ended, Seen};
 use super::schedule::{BrokerMode, Ext, Flavor, ProvMode};
 use super::user;
 use crate::identity::UserId;
@@ -355,7 +355,15 @@ impl World {
                 }
                 Outcome::End(end) => {
                     self.session_since = None;
-                    chk.seen_end(t, None, None, &end, self.now().mono, &m.snapshot(), &fp);
+                    chk.seen_end(Ended {
+                        t,
+                        since: None,
+                        session: None,
+                        end: &end,
+                        mono: self.now().mono,
+                        snap: &m.snapshot(),
+                        in_use: &fp,
+                    });
                     let what = format!("broker: {end:?}");
                     (Input::ConnectionEnded(end), what)
                 }
@@ -366,15 +374,15 @@ impl World {
                     detail: "closed".into(),
                 });
                 let session = self.session_since.take().unwrap_or(since);
-                chk.seen_end(
+                chk.seen_end(Ended {
                     t,
-                    Some(since),
-                    Some(session),
-                    &end,
-                    self.now().mono,
-                    &m.snapshot(),
-                    &fp,
-                );
+                    since: Some(since),
+                    session: Some(session),
+                    end: &end,
+                    mono: self.now().mono,
+                    snap: &m.snapshot(),
+                    in_use: &fp,
+                });
                 let what = format!("broker: {end:?}");
                 (Input::ConnectionEnded(end), what)
             }
