@@ -71,6 +71,20 @@ pub const KICK_MEMORY: Millis = 24 * 3_600_000;
 /// The refresh floor's bounds (see [`Machine::refresh_floor`]).
 pub const REFRESH_FLOOR_MIN: Millis = 10_000;
 pub const REFRESH_FLOOR_MAX: Millis = 30_000;
+/// A login whose session ends (not by us) within this of its CONNACK, counting the engine's
+/// own planned moves to a refreshed sig as the same session, did not last.
+pub const MIN_SESSION: Millis = 60_000;
+/// A UserSig renewed less than this after it arrived lived too short: renewing each one as it
+/// ends would be a login every few seconds (a unit mistake on the business server issues
+/// 1–2 s sigs).
+pub const MIN_SIG_LIFETIME: Millis = 60_000;
+/// Logins that did not last, or renewals of short-lived sigs, in a row before the next login
+/// waits [`FAST_LOGIN_DELAY`], doubling up to [`FAST_LOGIN_DELAY_MAX`] (half to all of it,
+/// jittered). A session that lasts [`MIN_SESSION`], a stable session, or a local login,
+/// reload or restart start the count over.
+pub const FAST_LOGIN_BUDGET: u32 = 3;
+pub const FAST_LOGIN_DELAY: Millis = 60_000;
+pub const FAST_LOGIN_DELAY_MAX: Millis = 30 * 60_000;
 /// The expiry skew's bounds (see [`expiry_skew`]).
 pub const EXPIRY_SKEW_MIN: Millis = 2_000;
 pub const EXPIRY_SKEW_MAX: Millis = 60_000;
@@ -485,6 +499,8 @@ struct SigClock {
     /// Boot-time deadline (the issuer's expiry, anchored on its `Date`); `None`: unknown.
     deadline: Option<Millis>,
     lifetime: Option<Millis>,
+    /// Boot-time instant the sig arrived.
+    received_at: Millis,
 }
 
 #[derive(Debug, Clone)]
@@ -534,6 +550,10 @@ pub struct Machine {
     refresh_backoff: Backoff,
     /// When premature sig-expired renewals happened, within the budget window.
     expiry_spent: VecDeque<Millis>,
+    /// Logins in a row that did not last (see [`FAST_LOGIN_BUDGET`]).
+    fast_logins: u32,
+    /// The CONNACK that started the current session, across planned moves to a new sig.
+    session_since: Option<Millis>,
     /// The one fresh-sig retry after a refusal has been used.
     rejected_retry_used: bool,
     protocol_spent: u32,
@@ -600,6 +620,8 @@ impl Machine {
             expired_backoff: Backoff::default(),
             refresh_backoff: Backoff::default(),
             expiry_spent: VecDeque::new(),
+            fast_logins: 0,
+            session_since: None,
             rejected_retry_used: false,
             protocol_spent: 0,
             limited: None,
@@ -913,17 +935,28 @@ impl Machine {
         if self.usable_sig().is_some() {
             return self.connect();
         }
-        if self.sig.is_some() {
+        if let Some(ended) = self.sig.take() {
             // The sig reached its end on our own clock while we held it: renew it. This is not
             // the server calling fresh sigs expired, so it spends no budget; it only happens
-            // when an attempt is due, so backoff paces it.
-            self.sig = None;
+            // when an attempt is due, so backoff paces it (and a short-lived one, the
+            // fast-renewal floor).
             self.refresh_due = None;
             self.logged_in = false;
             self.event(Event::UserSigExpired {
                 code: codes::USER_SIG_EXPIRED,
             });
             self.act(Action::ForgetSig);
+            let lived = self.now.mono.saturating_sub(ended.info.received_at);
+            if lived < MIN_SIG_LIFETIME && self.policy.provisioning {
+                self.last_error = Some(LastError::new(
+                    codes::USER_SIG_EXPIRED,
+                    ErrorClass::SigExpired,
+                    "the UserSig reached its end before a login could use it",
+                ));
+                if self.fast_login_floor(&format!("a UserSig that lived only {}", human_s(lived))) {
+                    return;
+                }
+            }
         }
         match &mut self.fetch {
             Some(f) if f.purpose == Purpose::Refresh => {
@@ -1092,6 +1125,8 @@ impl Machine {
     fn begin_login(&mut self) {
         self.goal = Goal::Online;
         self.redirects = 0;
+        self.fast_logins = 0;
+        self.session_since = None;
         self.rejected_retry_used = false;
         self.expiry_spent.clear();
         self.protocol_spent = 0;
@@ -1109,6 +1144,7 @@ impl Machine {
 
     /// The session stayed up for the reset window: every budget and backoff is restored.
     fn on_stable(&mut self) {
+        self.fast_logins = 0;
         self.connect_backoff.reset();
         self.fetch_backoff.reset();
         self.expired_backoff.reset();
@@ -1127,6 +1163,7 @@ impl Machine {
         let clock = SigClock {
             deadline: sig.deadline,
             lifetime: sig.lifetime,
+            received_at: sig.info.received_at,
         };
         let (target, proto) = self.next_target();
         self.via = Some((target.clone(), proto));
@@ -1375,6 +1412,45 @@ impl Machine {
         }
     }
 
+    /// Another login is needed after `why` (a login that lasted under [`MIN_SESSION`], or
+    /// the renewal of a UserSig that lived under [`MIN_SIG_LIFETIME`]). Beyond
+    /// [`FAST_LOGIN_BUDGET`] such logins in a row, the next one waits [`FAST_LOGIN_DELAY`],
+    /// doubling up to [`FAST_LOGIN_DELAY_MAX`] (half to all of it, so a fleet spreads out),
+    /// whatever the class said: never a login every few seconds. Returns whether it waits.
+    fn fast_login_floor(&mut self, why: &str) -> bool {
+        if self.goal != Goal::Online {
+            return false;
+        }
+        self.fast_logins = self.fast_logins.saturating_add(1);
+        let Some(over) = self.fast_logins.checked_sub(FAST_LOGIN_BUDGET + 1) else {
+            return false;
+        };
+        let full = FAST_LOGIN_DELAY
+            .saturating_mul(1u64 << over.min(20))
+            .min(FAST_LOGIN_DELAY_MAX);
+        let delay = self.rng.range(full / 2, full);
+        self.retry_later(self.now.mono + delay);
+        self.clock_wait = false;
+        if self.fetch.take().is_some() {
+            self.act(Action::CancelFetch);
+        }
+        let floor = format!(
+            "{why}, {} such logins in a row: the next one waits {} (a login every few seconds \
+             would be a storm; check the UserSig lifetime the business server sets and the \
+             broker's logs)",
+            self.fast_logins,
+            human_s(delay)
+        );
+        self.last_error = Some(match self.last_error.take() {
+            Some(e) => LastError {
+                message: format!("{}; {floor}", e.message),
+                ..e
+            },
+            None => LastError::new(codes::NET_DISCONNECT, ErrorClass::Network, floor),
+        });
+        true
+    }
+
     /// The server refused a sig that is not expired: one fresh sig, then stop.
     fn on_sig_rejected(&mut self, err: LastError) {
         if self.sig.take().is_some() {
@@ -1472,21 +1548,22 @@ impl Machine {
             let waiting = self.conn == Conn::None
                 && self.retry_at.is_some_and(|t| t > self.now.mono)
                 && self.fetch.is_none_or(|f| f.purpose == Purpose::Refresh);
-            if (waiting || self.logged_in) && self.pending_logins.len() < MAX_PENDING_LOGINS {
-                // Join the login under way. While only a timer is pending, an operator's
-                // login cuts the wait short (never closer than the backoff base to the last
-                // attempt): a daemon that looks stuck gets moving.
-                self.pending_logins.push(id);
-                if waiting {
-                    let earliest = self
-                        .last_attempt
-                        .map_or(0, |t| t + self.policy.backoff.base);
-                    self.retry_at = Some(earliest.max(self.now.mono));
-                    if self.retry_at.is_some_and(|t| t <= self.now.mono) {
-                        self.retry_at = None;
-                        self.clock_wait = false;
-                    }
+            if waiting {
+                // While only a timer is pending, an operator's login cuts the wait short
+                // (never closer than the backoff base to the last attempt): a daemon that
+                // looks stuck gets moving, even when many logins already wait for it.
+                let earliest = self
+                    .last_attempt
+                    .map_or(0, |t| t + self.policy.backoff.base);
+                self.retry_at = Some(earliest.max(self.now.mono));
+                if self.retry_at.is_some_and(|t| t <= self.now.mono) {
+                    self.retry_at = None;
+                    self.clock_wait = false;
                 }
+            }
+            if (waiting || self.logged_in) && self.pending_logins.len() < MAX_PENDING_LOGINS {
+                // Join the login under way.
+                self.pending_logins.push(id);
                 return;
             }
             return self.act(reply_err(
@@ -1518,6 +1595,7 @@ impl Machine {
     fn switch_account(&mut self, user: UserId) {
         self.user = user;
         self.logged_in = false;
+        self.session_since = None;
         if self.sig.take().is_some() {
             self.act(Action::ForgetSig);
         }
@@ -1844,6 +1922,7 @@ impl Machine {
             }
         }
         self.redirects = 0;
+        self.session_since.get_or_insert(self.now.mono);
         self.logged_in = true;
         self.counters.logins += 1;
         self.retry_at = None;
@@ -1874,10 +1953,49 @@ impl Machine {
             // We were closing anyway: done.
             Conn::Closing { .. } | Conn::None => return,
         };
+        // How long the session lasted, across the engine's own planned moves.
+        let lasted = online_since.map(|since| {
+            self.now
+                .mono
+                .saturating_sub(self.session_since.take().unwrap_or(since))
+        });
+        if lasted.is_some_and(|l| l >= MIN_SESSION) {
+            // A login that lasted: logins are not coming too fast.
+            self.fast_logins = 0;
+        }
+        // The sig the connection used is over (if that is what this end says); one a refresh
+        // brought meanwhile is not.
+        let newer = self
+            .usable_sig()
+            .is_some_and(|s| s.info.fingerprint != used);
+        let class = self.react_to_end(&end, online_since, sig, newer);
+        let short_session = lasted.is_some_and(|l| l < MIN_SESSION);
+        let lived = self.now.mono.saturating_sub(sig.received_at);
+        let short_sig = class == ErrorClass::SigExpired
+            && !newer
+            && self.policy.provisioning
+            && lived < MIN_SIG_LIFETIME;
+        if short_session || short_sig {
+            let why = match lasted {
+                Some(l) if short_session => format!("a login that lasted {}", human_s(l)),
+                _ => format!("a UserSig that lived only {}", human_s(lived)),
+            };
+            self.fast_login_floor(&why);
+        }
+    }
+
+    /// Classify how a connection ended and react to it; returns the class.
+    fn react_to_end(
+        &mut self,
+        end: &ConnEnd,
+        online_since: Option<Millis>,
+        sig: SigClock,
+        newer: bool,
+    ) -> ErrorClass {
         self.stable_at = None;
         let via = self.via.clone();
         let mut c = classify::classify(
-            &end,
+            end,
             &classify::Context::new(online_since.is_some(), sig, self.now.mono),
         );
         // Auto: a node that will not take an MQTT 5 CONNECT gets 3.1.1 next (once per node:
@@ -1926,16 +2044,18 @@ impl Machine {
                 message: c.err.message.clone(),
             });
         }
+        let class = c.class;
         if self.goal != Goal::Online {
-            return;
+            return class;
         }
-        if let ConnEnd::Redirect { reference, .. } = &end
+        if let ConnEnd::Redirect { reference, .. } = end
             && self.redirects < MAX_REDIRECTS
         {
             // Follow it (once per redirect, a bounded number in a row), paced by backoff.
             self.redirects += 1;
             self.redirect = Some(reference.clone());
-            return self.backoff(c.err, WhichBackoff::Connect, None);
+            self.backoff(c.err, WhichBackoff::Connect, None);
+            return class;
         }
         if matches!(c.class, ErrorClass::Network | ErrorClass::Busy)
             && !fallback
@@ -1966,16 +2086,13 @@ impl Machine {
                             self.early_closes,
                             human_ms(self.policy.takeover_window)
                         );
-                        return self.kicked(KickReason::SuspectedTakeover, message);
+                        self.kicked(KickReason::SuspectedTakeover, message);
+                        return ErrorClass::Kicked;
                     }
                 }
                 self.backoff(c.err, WhichBackoff::Connect, None);
             }
             ErrorClass::SigExpired => {
-                // The sig the connection used is over; one a refresh brought meanwhile is not.
-                let newer = self
-                    .usable_sig()
-                    .is_some_and(|s| s.info.fingerprint != used);
                 self.on_sig_expired(c.premature, !newer, c.err.code, c.err.message)
             }
             ErrorClass::SigRejected => self.on_sig_rejected(c.err),
@@ -1987,6 +2104,7 @@ impl Machine {
             ErrorClass::Fatal => self.stop(c.err),
             ErrorClass::Clock => self.wait_for_clock(c.err),
         }
+        class
     }
 }
 
@@ -2001,6 +2119,19 @@ fn offset(base: Millis, delta_ms: i64) -> Millis {
         base.saturating_add(delta_ms as u64)
     } else {
         base.saturating_sub(delta_ms.unsigned_abs())
+    }
+}
+
+/// A measured duration for a message: `1.5s`, `42s`, `3m`, `5h`.
+fn human_s(ms: Millis) -> String {
+    if ms < 10_000 && !ms.is_multiple_of(1000) {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else if ms < 120_000 {
+        format!("{}s", ms / 1000)
+    } else if ms < 2 * 3_600_000 {
+        format!("{}m", ms / 60_000)
+    } else {
+        format!("{}h", ms / 3_600_000)
     }
 }
 

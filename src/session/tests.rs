@@ -597,7 +597,8 @@ fn the_sig_expired_budget_window_slides() {
 fn an_expiry_at_the_sigs_natural_end_spends_no_budget_but_is_paced() {
     // A broker that ends sessions when the sig runs out, and a provisioning server that hands
     // out 20 s sigs while refreshes fail: renewals go on (they are not the server calling
-    // fresh sigs expired), paced by backoff, never stopped by the budget.
+    // fresh sigs expired), paced by backoff and, as each login lasts only 20 s, by the
+    // fast-login floor; never stopped by the budget.
     let mut h = H::online(20);
     let mut renewals = 0;
     let start = h.now.mono;
@@ -625,7 +626,7 @@ fn an_expiry_at_the_sigs_natural_end_spends_no_budget_but_is_paced() {
             Phase::Stopped,
             "natural expiries spend no budget"
         );
-        h.advance_to_fetch(400_000);
+        h.advance_to_fetch(FAST_LOGIN_DELAY_MAX);
         renewals += 1;
         let s = h.sig(20);
         h.input(Input::SigFetched(s));
@@ -635,8 +636,8 @@ fn an_expiry_at_the_sigs_natural_end_spends_no_budget_but_is_paced() {
     }
     assert!(renewals >= 5, "{renewals}");
     assert!(
-        renewals <= 30,
-        "paced by backoff: {renewals} renewals in 30 min"
+        renewals <= 12,
+        "paced by the fast-login floor: {renewals} renewals in 30 min"
     );
 }
 
@@ -2215,9 +2216,10 @@ fn a_silent_close_at_the_sigs_expiry_is_sig_expired_renews_first_and_is_never_a_
         assert!(connects(&a).is_empty(), "never the same sig again: {a:?}");
         assert_ne!(h.phase(), Phase::Kicked, "round {round}");
         assert_ne!(h.phase(), Phase::Stopped, "round {round}");
-        // Renew first: a fetch (the one under way, or a new one once paced), then a CONNECT.
+        // Renew first: a fetch (the one under way, or a new one once paced: these logins
+        // last seconds, so after three the fast-login floor spaces them), then a CONNECT.
         if h.phase() != Phase::FetchingSig {
-            h.advance_to_fetch(60_000);
+            h.advance_to_fetch(FAST_LOGIN_DELAY_MAX);
         }
     }
 }
@@ -2293,7 +2295,7 @@ fn disconnect_0x87_within_the_skew_of_the_expiry_is_sig_expired_and_spends_no_bu
         );
         assert_ne!(h.phase(), Phase::Stopped, "round {round}");
         if h.phase() != Phase::FetchingSig {
-            h.advance_to_fetch(60_000);
+            h.advance_to_fetch(FAST_LOGIN_DELAY_MAX);
         }
     }
     // Well before the end, 0x87 is a revocation: one fresh sig, then stop.
@@ -2302,4 +2304,184 @@ fn disconnect_0x87_within_the_skew_of_the_expiry_is_sig_expired_and_spends_no_bu
     h.log_in_with(s);
     h.input(server_disconnect(0x87, "not authorized"));
     assert_eq!(h.last_error().class, ErrorClass::SigRejected);
+}
+
+// --- logins that do not last: short-lived UserSigs, sessions that end within seconds ---------
+
+/// Count the CONNECTs in `a`.
+fn n_connects(a: &[Action]) -> usize {
+    connects(a).len()
+}
+
+#[test]
+fn two_second_sigs_never_become_a_login_every_few_seconds() {
+    // The business server issues 2 s sigs (a unit mistake); the broker ends each session at
+    // the sig's expiry. Every renewal is a genuine expiry, so no budget stops it: the
+    // fast-login floor spaces them instead.
+    let mut h = H::started();
+    let mut logins = Vec::new();
+    let start = h.now.mono;
+    while h.now.mono < start + 3_600_000 {
+        let s = h.sig(2);
+        h.log_in_with(s);
+        logins.push(h.now.mono);
+        h.advance(2_000);
+        let a = h.input(server_disconnect(0xA0, "70001 UserSig expired"));
+        assert!(a.contains(&Action::Emit(Event::UserSigExpired { code: 70001 })));
+        assert_ne!(
+            h.phase(),
+            Phase::Stopped,
+            "a genuine expiry spends no budget"
+        );
+        if h.phase() != Phase::FetchingSig {
+            h.advance_to_fetch(FAST_LOGIN_DELAY_MAX);
+        }
+    }
+    // Three renewals at the pace of the backoff, then each waits at least half of 1, 2, 4,
+    // 8, 16, 30, 30… minutes.
+    let gaps: Vec<u64> = logins.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps[..3].iter().all(|g| *g < 10_000), "{gaps:?}");
+    for (i, g) in gaps[3..].iter().enumerate() {
+        let full = (FAST_LOGIN_DELAY << i.min(20)).min(FAST_LOGIN_DELAY_MAX);
+        assert!(
+            *g >= full / 2,
+            "login {}: {g} ms after the last ({gaps:?})",
+            i + 5
+        );
+    }
+    assert!(logins.len() <= 12, "{} logins in an hour", logins.len());
+    // Within any 10 minutes, far fewer than "one every few seconds".
+    for (i, t) in logins.iter().enumerate() {
+        let n = logins[i..].iter().take_while(|x| **x < t + 600_000).count();
+        assert!(n <= 7, "{n} logins in the 10 minutes from {t}");
+    }
+}
+
+#[test]
+fn the_fast_login_wait_shows_in_the_status_and_a_local_login_cuts_it_short() {
+    let mut h = H::started();
+    for _ in 0..4 {
+        let s = h.sig(2);
+        h.log_in_with(s);
+        h.advance(2_000);
+        h.input(server_disconnect(0xA0, "70001 UserSig expired"));
+        if h.phase() == Phase::Backoff && h.retry_in() > 10_000 {
+            break;
+        }
+        if h.phase() != Phase::FetchingSig {
+            h.advance_to_fetch(60_000);
+        }
+    }
+    assert_eq!(h.phase(), Phase::Backoff);
+    let wait = h.retry_in();
+    assert!((30_000..=60_000).contains(&wait), "{wait}");
+    let e = h.last_error();
+    assert_eq!(e.class, ErrorClass::SigExpired);
+    assert!(
+        e.message.contains("4 such logins in a row") && e.message.contains("the next one waits"),
+        "{}",
+        e.message
+    );
+    let line = summary(&h.m.snapshot(), "mqtts://b:8883", h.now.mono);
+    assert!(line.starts_with("retrying in "), "{line}");
+    // An operator's login gets it moving now (never closer than the backoff base).
+    let a = h.input(Input::Login {
+        id: 1,
+        user: None,
+        sig: None,
+    });
+    let a = [a, h.advance(1_000)].concat();
+    assert_eq!(fetches(&a), 1, "{a:?}");
+}
+
+#[test]
+fn a_one_second_sig_refused_at_connack_is_spaced_the_same_way() {
+    // No session at all: each sig is past its end by the time the broker sees it.
+    let mut h = H::started();
+    let mut attempts = Vec::new();
+    let start = h.now.mono;
+    while h.now.mono < start + 1_800_000 {
+        let s = h.sig(1);
+        let a = h.input(Input::SigFetched(s));
+        assert_eq!(n_connects(&a), 1);
+        attempts.push(h.now.mono);
+        h.advance(1_000);
+        h.input(refused(0x87));
+        assert_eq!(h.last_error().class, ErrorClass::SigExpired);
+        if h.phase() != Phase::FetchingSig {
+            h.advance_to_fetch(FAST_LOGIN_DELAY_MAX);
+        }
+    }
+    assert!(
+        attempts.len() <= 10,
+        "{} attempts in 30 min",
+        attempts.len()
+    );
+}
+
+#[test]
+fn twenty_second_sigs_are_still_refreshed_proactively_and_used() {
+    // The integration tests' lifetimes: each sig is refreshed at ~80 % and the session moves
+    // to it (a planned move, not a login that did not last), for as long as it goes on.
+    let mut h = H::online(20);
+    let mut moves = 0;
+    let start = h.now.mono;
+    while h.now.mono < start + 600_000 {
+        let a = h.advance_to_fetch(20_000);
+        assert!(
+            h.now.mono <= h.m.snapshot().sig.unwrap().deadline_ms.unwrap(),
+            "refreshed before it expired"
+        );
+        assert!(!events(&a).contains(&"user_sig_expired"));
+        let s = h.sig(20);
+        let fp = s.fingerprint.clone();
+        let a = h.input(Input::SigFetched(s));
+        assert!(has(&a, &Action::Disconnect), "{a:?}");
+        let a = h.input(Input::Disconnected);
+        assert_eq!(connects(&a), vec![fp], "at once, with the new sig");
+        h.input(Input::Connected {
+            session_present: true,
+        });
+        moves += 1;
+    }
+    assert!(moves >= 30, "{moves} moves in 10 minutes");
+    assert!(h.m.snapshot().last_error.is_none());
+}
+
+#[test]
+fn sessions_that_keep_ending_within_seconds_are_spaced_whatever_the_backoff_cap() {
+    // A broker that accepts each login and ends it 200 ms later "busy" (0x97), with a 10 s
+    // backoff cap: without a floor, a login every ~5 s for as long as it lasts.
+    let mut h = H::new(Policy {
+        backoff: BackoffPolicy {
+            base: 100,
+            cap: 10_000,
+            reset_after: 300_000,
+        },
+        ..Policy::default()
+    });
+    h.input(Input::Start);
+    let s = h.sig(86_400);
+    h.input(Input::SigFetched(s));
+    let mut logins = 0;
+    let start = h.now.mono;
+    while h.now.mono < start + 600_000 {
+        h.input(Input::Connected {
+            session_present: true,
+        });
+        logins += 1;
+        h.advance(200);
+        h.input(server_disconnect(0x97, "quota exceeded"));
+        assert_eq!(h.last_error().class, ErrorClass::Busy);
+        h.advance_to_connect(FAST_LOGIN_DELAY_MAX);
+    }
+    assert!(logins <= 8, "{logins} logins in 10 minutes");
+    // A session that lasts a minute starts the count over: the next drop reconnects at the
+    // pace of the backoff again.
+    h.input(Input::Connected {
+        session_present: true,
+    });
+    h.advance(61_000);
+    h.input(network_closed());
+    assert!(h.retry_in() <= 10_000, "{}", h.retry_in());
 }

@@ -19,8 +19,9 @@ use super::world::World;
 use crate::identity::UserId;
 use crate::session::{
     Action, ConnEnd, EXPIRY_CLOSE_AFTER, EXPIRY_SKEW_MAX, EXPIRY_SKEW_MIN, ErrorClass, Event,
-    Input, KickReason, LastError, Machine, Millis, NetKind, OnKick, Phase, Policy, Proto,
-    RequestId, Snapshot, TIMEOUT_SLACK, Target, login_status, summary,
+    FAST_LOGIN_DELAY_MAX, Input, KickReason, LastError, MIN_SESSION, MIN_SIG_LIFETIME, Machine,
+    Millis, NetKind, OnKick, Phase, Policy, Proto, RequestId, Snapshot, TIMEOUT_SLACK, Target,
+    login_status, summary,
 };
 
 /// A broken invariant.
@@ -75,6 +76,10 @@ pub fn healthy_bound(p: &Policy) -> Millis {
 pub const MAX_RETRY_AFTER: Millis = 120_000;
 /// The sliding window of the rate rule.
 const WINDOW: Millis = 600_000;
+/// Logins (unplanned CONNACKs) and UserSigs issued for a login, each, in any [`WINDOW`], at
+/// most (plus 3 per local request): whatever the policy's budgets and backoff, a steady state
+/// of a login more often than every 20 s breaks it.
+pub const LOGIN_RATE_MAX: u64 = 30;
 
 /// A connection attempt or a session ended, as the world saw it.
 pub struct Ended<'a> {
@@ -127,8 +132,21 @@ pub struct Checker {
     attempts: VecDeque<Millis>,
     planned: VecDeque<Millis>,
     locals: VecDeque<Millis>,
+    /// Unplanned logins (CONNACKs) and UserSigs issued for a login, in the window.
+    logins: VecDeque<Millis>,
+    issued: VecDeque<Millis>,
     /// The last close was ours (a planned reconnect follows).
     our_close: bool,
+    /// The CONNECT in flight is a planned reconnect.
+    connect_planned: bool,
+    /// The last instant a login that did not last may have been counted by the engine (a
+    /// session that ended within `MIN_SESSION`, or the end of a sig that lived under
+    /// `MIN_SIG_LIFETIME`): the engine may then wait up to `FAST_LOGIN_DELAY_MAX` before its
+    /// next login, even once the world is healthy (an operator's login still gets it moving
+    /// within the usual bound).
+    last_fast: Option<Millis>,
+    /// When each recent sig was delivered.
+    delivered: HashMap<String, Millis>,
     /// Users a CONNACK was seen for since the daemon started.
     connacked: HashSet<String>,
     last_state: Option<(Phase, u8, String, Option<LastError>)>,
@@ -195,7 +213,12 @@ impl Checker {
             attempts: VecDeque::new(),
             planned: VecDeque::new(),
             locals: VecDeque::new(),
+            logins: VecDeque::new(),
+            issued: VecDeque::new(),
             our_close: false,
+            connect_planned: false,
+            last_fast: None,
+            delivered: HashMap::new(),
             connacked: HashSet::new(),
             last_state: None,
             healthy_from: None,
@@ -335,6 +358,9 @@ impl Checker {
         }
         self.epoch.not_before = None;
         let planned = connect && std::mem::take(&mut self.our_close);
+        if connect {
+            self.connect_planned = planned;
+        }
         let q = if planned {
             &mut self.planned
         } else {
@@ -360,6 +386,38 @@ impl Checker {
             self.violate(
                 "no loop: rate",
                 format!("{n} planned reconnects within 10 min"),
+            );
+        }
+    }
+
+    /// A login (an unplanned CONNACK) or a UserSig issued for one (`sig`): at most
+    /// [`LOGIN_RATE_MAX`] of each in any window, plus 3 per local request.
+    fn login_rate(&mut self, t: Millis, sig: bool) {
+        for q in [&mut self.logins, &mut self.issued, &mut self.locals] {
+            while q.front().is_some_and(|x| t.saturating_sub(*x) >= WINDOW) {
+                q.pop_front();
+            }
+        }
+        let q = if sig {
+            &mut self.issued
+        } else {
+            &mut self.logins
+        };
+        q.push_back(t);
+        let n = q.len() as u64;
+        let max = LOGIN_RATE_MAX + 3 * self.locals.len() as u64;
+        if n > max {
+            self.violate(
+                "no loop: rate",
+                format!(
+                    "{n} {} within 10 min (at most {max}, whatever the policy): a steady state \
+                     of a login every few seconds",
+                    if sig {
+                        "UserSigs fetched for a login"
+                    } else {
+                        "logins (CONNACKs other than planned reconnects)"
+                    }
+                ),
             );
         }
     }
@@ -401,9 +459,20 @@ impl Checker {
             return; // a background refresh: its failures lead to no session attempt
         }
         match s {
-            Seen::Connack => self.redirects = 0,
-            Seen::FetchOk => self.epoch.limited = None,
-            Seen::FetchExpired => self.premature_expiry(t, "an expired sig from provisioning"),
+            Seen::Connack => {
+                self.redirects = 0;
+                if !self.connect_planned {
+                    self.login_rate(t, false);
+                }
+            }
+            Seen::FetchOk => {
+                self.epoch.limited = None;
+                self.login_rate(t, true);
+            }
+            Seen::FetchExpired => {
+                self.login_rate(t, true);
+                self.premature_expiry(t, "an expired sig from provisioning")
+            }
             Seen::FetchFailed {
                 class,
                 code,
@@ -517,6 +586,13 @@ impl Checker {
         let premature = at_end == Reading::No;
         let says_expired = |c: &Option<u32>| *c == Some(crate::session::codes::SVR_SIG_EXPIRED);
         let up_for = since.map(|s| t.saturating_sub(s));
+        let young = self
+            .delivered
+            .get(in_use)
+            .is_none_or(|d| t.saturating_sub(*d) < MIN_SIG_LIFETIME);
+        if session.is_some_and(|s| t.saturating_sub(s) < MIN_SESSION) || young {
+            self.fast_until(t);
+        }
         if let Some(s) = session
             && t.saturating_sub(s) >= self.policy.backoff.reset_after
         {
@@ -905,12 +981,33 @@ impl Checker {
         }
     }
 
+    /// The world delivered sig `fp`, which lives `lifetime` (on the issuer's clock).
+    pub fn sig_delivered(&mut self, t: Millis, fp: &str, lifetime: Option<Millis>) {
+        if self.delivered.len() > 64 {
+            self.delivered.clear();
+        }
+        self.delivered.insert(fp.to_string(), t);
+        if lifetime.is_some_and(|l| l < MIN_SIG_LIFETIME) {
+            // Its renewal counts if it comes within MIN_SIG_LIFETIME of its arrival.
+            self.fast_until(t + MIN_SIG_LIFETIME);
+        }
+    }
+
+    fn fast_until(&mut self, t: Millis) {
+        self.last_fast = Some(self.last_fast.map_or(t, |f| f.max(t)));
+    }
+
     /// Checks that depend on time passing (run after every step).
     pub fn check_time(&mut self, snap: &Snapshot, t: Millis) {
         let bound = healthy_bound(&self.policy);
+        // After short-lived sigs, the engine may wait out the fast-renewal floor (once the
+        // last of them ended) before its next renewal finds the world healthy.
+        let floor = self
+            .last_fast
+            .map_or(0, |s| s + FAST_LOGIN_DELAY_MAX + bound);
         // In a healthy world, trying and not online for longer than the bound is a wedge.
         if let (Some(h), Some(w)) = (self.healthy_from, self.wanting_since)
-            && t >= h.max(w) + bound
+            && t >= (h.max(w) + bound).max(floor)
             && !self.healthy_reported
         {
             self.healthy_reported = true;

@@ -55,6 +55,22 @@ const REGRESSIONS: &[(u64, &str)] = &[
         14_528,
         "other failures in between reset the give-up count of a missing token",
     ),
+    (
+        1_000_000_076_692,
+        "1-2 s sigs: every renewal a genuine expiry, a login every 3-6 s (no budget applied)",
+    ),
+    (
+        15_801_999_086_997_842_518,
+        "1-2 s sigs: a login every few seconds, 89 attempts in 10 min against a bound of 88",
+    ),
+    (
+        17_337_918_024_001_990_801,
+        "1-2 s sigs: a login every few seconds after every local reset of the budgets",
+    ),
+    (
+        26_106,
+        "2 s sigs on a 3.1.1 cluster with node deaths: a fetch, CONNECT and CONNACK every 3 s",
+    ),
 ];
 
 #[test]
@@ -114,4 +130,38 @@ fn the_simulator_catches_a_reintroduced_loop() {
     }
     let v = chk.take_violation().expect("the loop is caught");
     assert_eq!(v.invariant, "no loop: budgets", "{v:?}");
+}
+
+#[test]
+fn the_simulator_catches_a_steady_login_every_few_seconds_whatever_the_budgets() {
+    // The storm that 1-2 s sigs caused: a fetch, a CONNECT and a CONNACK every 4 s, each
+    // renewal a genuine expiry (so no budget applies), under the most generous policy the
+    // simulator draws (a 10 s backoff cap, the largest budgets). The login rate breaks.
+    let mut policy = policy_for(0, false);
+    policy.backoff.base = 100;
+    policy.backoff.cap = 10_000;
+    policy.sig_expired_budget = 5;
+    policy.takeover_closes = 3;
+    let mut chk = check::Checker::new(policy, user("alice"));
+    let mut t = 1_000;
+    let mut n = 0;
+    while chk.take_violation().is_none() {
+        chk.attempt(t, false, false);
+        chk.seen(t + 100, check::Seen::FetchOk, true);
+        chk.attempt(t + 200, true, false);
+        chk.seen(t + 300, check::Seen::Connack, true);
+        t += 4_000;
+        n += 1;
+        assert!(n < 60, "a login every 4 s for {n} rounds went unnoticed");
+    }
+    assert!(n <= 31, "{n}");
+    let mut chk2 = check::Checker::new(policy_for(0, false), user("alice"));
+    let mut t = 1_000;
+    for _ in 0..40 {
+        // Even one every 19 s breaks it: at most 30 per 10 minutes.
+        chk2.seen(t, check::Seen::Connack, true);
+        t += 19_000;
+    }
+    let v = chk2.take_violation().expect("a login every 19 s breaks it");
+    assert_eq!(v.invariant, "no loop: rate", "{v:?}");
 }

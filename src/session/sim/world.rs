@@ -299,6 +299,13 @@ impl World {
                     None => (None, None),
                 };
                 self.held.insert(fp.clone());
+                chk.sig_delivered(
+                    t,
+                    &fp,
+                    expires
+                        .zip(issued_at)
+                        .map(|(e, i)| (e - i).max(0) as Millis * 1000),
+                );
                 let expired = expires.is_some_and(|e| e <= server_now);
                 let seen = if expired {
                     Seen::FetchExpired
