@@ -62,6 +62,11 @@ pub mod codes {
     pub const SVR_BANNED: u32 = 70051;
 }
 
+/// `rejected_cooldown` is 0 (stay stopped) or at least this, and `rejected_cooldown_max` at
+/// least [`REJECTED_COOLDOWN_MAX_FLOOR`]: after refusals, at most a few fresh tries in the
+/// first ten minutes and one per half hour in the long run.
+pub const REJECTED_COOLDOWN_MIN: Millis = 60_000;
+pub const REJECTED_COOLDOWN_MAX_FLOOR: Millis = 30 * 60_000;
 /// `relogin_after` is never shorter than this (a kick must never turn into a fight).
 pub const RELOGIN_FLOOR: Millis = 60_000;
 /// Repeated kicks double the `relogin_after` cool-down up to this.
@@ -133,6 +138,11 @@ pub struct Policy {
     /// suspected takeover (default 3 within 10 s).
     pub takeover_closes: u32,
     pub takeover_window: Millis,
+    /// After the rejection budget (a refusal, one fresh UserSig, refused too): one more fresh
+    /// try after this cool-down (default 30 min, ± 25 % jitter; 0: stay stopped), doubling on
+    /// each further one up to `rejected_cooldown_max` (default 8 h: a few tries a day).
+    pub rejected_cooldown: Millis,
+    pub rejected_cooldown_max: Millis,
     /// Cool-down after a suspected takeover (default 10 min, ± 25 % jitter), doubling on
     /// each further one up to `takeover_cooldown_max` (default 1 h).
     pub takeover_cooldown: Millis,
@@ -233,6 +243,8 @@ impl Default for Policy {
             sig_expired_budget: 3,
             sig_expired_window: 600_000,
             protocol_budget: 3,
+            rejected_cooldown: 30 * 60_000,
+            rejected_cooldown_max: 8 * 3_600_000,
             takeover_closes: 3,
             takeover_window: 10_000,
             takeover_cooldown: 600_000,
@@ -481,8 +493,10 @@ enum Goal {
     Idle,
     /// Logged in, or trying to be.
     Online,
-    /// Stopped on an error a new attempt cannot fix.
-    Stopped,
+    /// Stopped on an error a new attempt cannot fix; `retry_at`: one more fresh try then
+    /// (after refusals of fresh UserSigs: an auth service that is down must not strand a
+    /// fleet).
+    Stopped { retry_at: Option<Millis> },
     /// Kicked offline; `relogin_at`: one more login then (policy or suspected takeover).
     Kicked {
         reason: KickReason,
@@ -556,6 +570,8 @@ pub struct Machine {
     session_since: Option<Millis>,
     /// The one fresh-sig retry after a refusal has been used.
     rejected_retry_used: bool,
+    /// Cool-downs after refusals since the session was last stable (doubles the next).
+    rejected_level: u32,
     protocol_spent: u32,
     /// Consecutive fetch failures with a `give_up_after` limit: (code, count).
     limited: Option<(u32, u32)>,
@@ -623,6 +639,7 @@ impl Machine {
             fast_logins: 0,
             session_since: None,
             rejected_retry_used: false,
+            rejected_level: 0,
             protocol_spent: 0,
             limited: None,
             early_closes: 0,
@@ -694,7 +711,10 @@ impl Machine {
             _ => None,
         };
         let relogin = match self.goal {
-            Goal::Kicked { relogin_at, .. } => relogin_at,
+            Goal::Kicked { relogin_at, .. }
+            | Goal::Stopped {
+                retry_at: relogin_at,
+            } => relogin_at,
             _ => None,
         };
         let online_goal = self.goal == Goal::Online;
@@ -716,6 +736,7 @@ impl Machine {
     pub fn snapshot(&self) -> Snapshot {
         let next_retry_ms = match self.goal {
             Goal::Kicked { relogin_at, .. } => relogin_at,
+            Goal::Stopped { retry_at } => retry_at,
             Goal::Online if self.conn == Conn::None => self.retry_at,
             _ => None,
         };
@@ -751,7 +772,7 @@ impl Machine {
     /// The phase, derived from the goal and from what is in flight.
     pub fn phase(&self) -> Phase {
         match self.goal {
-            Goal::Stopped => Phase::Stopped,
+            Goal::Stopped { .. } => Phase::Stopped,
             Goal::Kicked { .. } => Phase::Kicked,
             Goal::Idle | Goal::Exit => match self.conn {
                 Conn::None => Phase::Idle,
@@ -846,6 +867,16 @@ impl Machine {
             if matches!(self.conn, Conn::Online { .. }) {
                 self.on_stable();
             }
+        }
+        if let Goal::Stopped { retry_at: Some(t) } = self.goal
+            && t <= now
+        {
+            // The cool-down after refusals is over: one more fresh try (a fresh UserSig, one
+            // CONNECT). Refused again, it stops again for twice as long.
+            self.goal = Goal::Online;
+            self.retry_at = None;
+            self.clock_wait = false;
+            self.rejected_retry_used = true;
         }
         if let Goal::Kicked {
             relogin_at: Some(t),
@@ -1128,6 +1159,7 @@ impl Machine {
         self.fast_logins = 0;
         self.session_since = None;
         self.rejected_retry_used = false;
+        self.rejected_level = 0;
         self.expiry_spent.clear();
         self.protocol_spent = 0;
         self.limited = None;
@@ -1145,6 +1177,7 @@ impl Machine {
     /// The session stayed up for the reset window: every budget and backoff is restored.
     fn on_stable(&mut self) {
         self.fast_logins = 0;
+        self.rejected_level = 0;
         self.connect_backoff.reset();
         self.fetch_backoff.reset();
         self.expired_backoff.reset();
@@ -1286,7 +1319,12 @@ impl Machine {
 
     /// Stop: no more attempts until a local login, a reload or a restart.
     fn stop(&mut self, err: LastError) {
-        self.goal = Goal::Stopped;
+        self.stop_until(err, None);
+    }
+
+    /// Stop; `retry_at`: one more fresh try then (see [`Machine::on_sig_rejected`]).
+    fn stop_until(&mut self, err: LastError, retry_at: Option<Millis>) {
+        self.goal = Goal::Stopped { retry_at };
         self.logged_in = false;
         self.retry_at = None;
         self.clock_wait = false;
@@ -1458,13 +1496,33 @@ impl Machine {
         }
         self.refresh_due = None;
         if self.rejected_retry_used {
+            // The rejection budget is spent. With provisioning, a long cool-down (doubling,
+            // jittered), then one more fresh try: when the auth service behind the broker is
+            // down, every CONNECT of a fleet is refused, and none of it may stay stopped for
+            // good. Without provisioning only the app can bring another sig.
+            let cool = self.policy.rejected_cooldown;
+            let retry_at = (cool > 0 && self.policy.provisioning).then(|| {
+                let base = cool
+                    .saturating_mul(1u64 << self.rejected_level.min(20))
+                    .min(self.policy.rejected_cooldown_max.max(cool));
+                self.rejected_level = self.rejected_level.saturating_add(1);
+                self.now.mono + self.rng.range(base - base / 4, base + base / 4)
+            });
+            let then = match retry_at {
+                Some(t) => format!(
+                    "one more try with a fresh UserSig after a cool-down of {} (or run \
+                     `imlinkctl login`)",
+                    human_s(t - self.now.mono)
+                ),
+                None => "then run `imlinkctl login`".into(),
+            };
             let message = format!(
-                "{}; a freshly fetched UserSig was refused too, so the engine stopped \
-                 (check sdk_app_id, user_id and the provisioning server's key), then run \
-                 `imlinkctl login`",
+                "{}; a freshly fetched UserSig was refused too, so the engine stopped (check \
+                 sdk_app_id, user_id, the provisioning server's key, and the broker's auth \
+                 service); {then}",
                 err.message
             );
-            return self.stop(LastError { message, ..err });
+            return self.stop_until(LastError { message, ..err }, retry_at);
         }
         self.rejected_retry_used = true;
         self.last_error = Some(err);
@@ -1708,7 +1766,7 @@ impl Machine {
                 self.begin_login();
             }
         }
-        if self.goal == Goal::Stopped && self.policy.login_on_start {
+        if matches!(self.goal, Goal::Stopped { .. }) && self.policy.login_on_start {
             // A reload is one of the three ways out of `stopped`.
             self.last_error = None;
             self.begin_login();
@@ -1971,7 +2029,9 @@ impl Machine {
         let class = self.react_to_end(&end, online_since, sig, newer);
         let short_session = lasted.is_some_and(|l| l < MIN_SESSION);
         let lived = self.now.mono.saturating_sub(sig.received_at);
-        let short_sig = class == ErrorClass::SigExpired
+        // A new UserSig is fetched after an expiry or a refusal: one that arrived under a
+        // minute ago means UserSigs are being issued too fast.
+        let short_sig = matches!(class, ErrorClass::SigExpired | ErrorClass::SigRejected)
             && !newer
             && self.policy.provisioning
             && lived < MIN_SIG_LIFETIME;

@@ -327,7 +327,10 @@ pub fn summary(s: &Snapshot, broker: &str, now_mono: Millis) -> String {
                 None => format!("kicked: {why} — run `imlinkctl login`"),
             }
         }
-        Phase::Stopped => format!("stopped: {err} — run `imlinkctl login`"),
+        Phase::Stopped => match s.next_retry_ms {
+            Some(t) => format!("stopped: {err} — next try in {}", until(t)),
+            None => format!("stopped: {err} — run `imlinkctl login`"),
+        },
     }
 }
 

@@ -683,8 +683,9 @@ fn a_rejected_sig_earns_one_fresh_retry_then_stops() {
         let e = h.last_error();
         assert_eq!((e.code, e.class), (70003, ErrorClass::SigRejected));
         assert!(e.message.contains("refused too"));
+        // Quiet for the whole cool-down (at least 22.5 min; the next try is another test's).
         assert!(
-            h.advance(3_600_000)
+            h.advance(22 * 60_000)
                 .iter()
                 .all(|a| matches!(a, Action::Emit(_)))
         );
@@ -2484,4 +2485,132 @@ fn sessions_that_keep_ending_within_seconds_are_spaced_whatever_the_backoff_cap(
     h.advance(61_000);
     h.input(network_closed());
     assert!(h.retry_in() <= 10_000, "{}", h.retry_in());
+}
+
+// --- refusals of fresh UserSigs: an auth outage must not strand a fleet --------------------
+
+/// Refused (CONNACK 0x87, what NATS's CONNACK 5 becomes) with the sig in hand and with the one
+/// fresh sig after it: the engine stops. Returns the actions on the way.
+fn refused_twice(h: &mut H) -> Vec<Action> {
+    let s = h.sig(3600);
+    let mut a = h.input(Input::SigFetched(s));
+    a.extend(h.input(refused(0x87)));
+    assert_eq!(fetches(&a), 1, "one fresh UserSig: {a:?}");
+    let s = h.sig(3600);
+    a.extend(h.input(Input::SigFetched(s)));
+    a.extend(h.input(refused(0x87)));
+    assert_eq!(h.phase(), Phase::Stopped);
+    a
+}
+
+#[test]
+fn after_the_rejection_budget_one_more_fresh_try_after_a_long_doubling_cool_down() {
+    let mut h = H::started();
+    refused_twice(&mut h);
+    let snap = h.m.snapshot();
+    let wait = snap.next_retry_ms.expect("a next try") - h.now.mono;
+    assert!(
+        (1_350_000..=2_250_000).contains(&wait),
+        "30 min ± 25 %: {wait}"
+    );
+    let e = h.last_error();
+    assert_eq!(e.class, ErrorClass::SigRejected);
+    assert!(
+        e.message.contains("one more try with a fresh UserSig"),
+        "{}",
+        e.message
+    );
+    let line = summary(&snap, "mqtts://b:8883", h.now.mono);
+    assert!(
+        line.starts_with("stopped: ") && line.contains("next try in"),
+        "{line}"
+    );
+    assert_eq!(h.m.login_status(), login_status::LOGOUT);
+    // Nothing until then; then one fresh UserSig and one CONNECT, refused again: stopped for
+    // twice as long. Over two days: 30 min, 1 h, 2 h, 4 h, 8 h, then every 8 h.
+    let mut tries = Vec::new();
+    let start = h.now.mono;
+    while h.now.mono < start + 48 * 3_600_000 {
+        let before = h.now.mono;
+        let a = h.advance_to_fetch(11 * 3_600_000);
+        assert!(connects(&a).is_empty());
+        tries.push(h.now.mono - before);
+        let s = h.sig(3600);
+        let a = h.input(Input::SigFetched(s));
+        assert_eq!(n_connects(&a), 1);
+        let a = h.input(refused(0x87));
+        assert_eq!(fetches(&a), 0, "no second fresh sig: {a:?}");
+        assert_eq!(h.phase(), Phase::Stopped);
+    }
+    let hours: Vec<f64> = tries.iter().map(|t| *t as f64 / 3_600_000.0).collect();
+    for (i, t) in tries.iter().enumerate() {
+        let full = (1_800_000u64 << i.min(20)).min(8 * 3_600_000);
+        assert!(
+            *t >= full - full / 4 && *t <= full + full / 4,
+            "try {i}: {hours:?}"
+        );
+    }
+    assert!(tries.len() <= 10, "{hours:?}");
+}
+
+#[test]
+fn an_auth_service_that_returns_brings_the_device_back_by_itself() {
+    let mut h = H::started();
+    refused_twice(&mut h);
+    h.advance_to_fetch(40 * 60_000);
+    let s = h.sig(3600);
+    h.input(Input::SigFetched(s));
+    h.input(Input::Connected {
+        session_present: true,
+    });
+    assert_eq!(h.phase(), Phase::Online);
+    assert_eq!(h.m.login_status(), login_status::LOGINED);
+    // A refusal right after (before the session is stable) stops again, doubled.
+    h.advance(10_000);
+    h.input(server_disconnect(0x87, "not authorized"));
+    assert_eq!(h.phase(), Phase::Stopped);
+    assert!(h.m.snapshot().next_retry_ms.unwrap() - h.now.mono >= 45 * 60_000);
+    // Once a session stays up for the reset window, the cool-downs start over.
+    h.advance_to_fetch(80 * 60_000);
+    let s = h.sig(3600);
+    h.input(Input::SigFetched(s));
+    h.input(Input::Connected {
+        session_present: true,
+    });
+    h.advance(Policy::default().backoff.reset_after + 1_000);
+    h.input(server_disconnect(0x87, "not authorized"));
+    let s = h.sig(3600);
+    h.input(Input::SigFetched(s));
+    h.input(refused(0x87));
+    assert_eq!(h.phase(), Phase::Stopped);
+    let wait = h.m.snapshot().next_retry_ms.unwrap() - h.now.mono;
+    assert!(wait <= 2_250_000, "30 min again: {wait}");
+}
+
+#[test]
+fn rejected_cooldown_0_stays_stopped_and_without_provisioning_only_the_app_can_help() {
+    // The SDK's advice, by choice: no retry after the rejection budget.
+    let mut h = H::new(Policy {
+        rejected_cooldown: 0,
+        ..Policy::default()
+    });
+    h.input(Input::Start);
+    refused_twice(&mut h);
+    assert_eq!(h.m.snapshot().next_retry_ms, None);
+    assert!(h.advance(48 * 3_600_000).is_empty());
+    assert!(summary(&h.m.snapshot(), "b", h.now.mono).ends_with("run `imlinkctl login`"));
+    // Without provisioning there is no fresh UserSig to try: the app's sig was refused.
+    let mut h = H::new(Policy {
+        provisioning: false,
+        ..Policy::default()
+    });
+    let s = h.sig(3600);
+    h.input(Input::Login {
+        id: 1,
+        user: None,
+        sig: Some(s),
+    });
+    h.input(refused(0x87));
+    assert_eq!(h.phase(), Phase::Stopped);
+    assert_eq!(h.m.snapshot().next_retry_ms, None);
 }

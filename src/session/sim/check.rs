@@ -704,13 +704,31 @@ impl Checker {
 
     fn rejected(&mut self, t: Millis, code: u8) {
         self.epoch.rejected += 1;
-        if self.epoch.rejected >= 2 {
+        if self.epoch.rejected < 2 {
+            return;
+        }
+        let cool = self.policy.rejected_cooldown;
+        if cool == 0 || !self.policy.provisioning {
             self.block(format!(
                 "{} refusals of the UserSig (0x{code:02X}) without a login that stayed up",
                 self.epoch.rejected
             ));
+            return;
         }
-        let _ = t;
+        // The rejection budget is spent: one fresh try per cool-down, doubling (± 25 %).
+        let level = self.epoch.rejected - 2;
+        let full = cool
+            .saturating_mul(1u64 << level.min(20))
+            .min(self.policy.rejected_cooldown_max.max(cool));
+        self.pace(
+            t,
+            full - full / 4,
+            format!(
+                "{} refusals of the UserSig (0x{code:02X}): the cool-down after the rejection \
+                 budget",
+                self.epoch.rejected
+            ),
+        );
     }
 
     fn protocol(&mut self, t: Millis, code: u8) {
@@ -923,6 +941,22 @@ impl Checker {
             self.violate(
                 "liveness: no wedge",
                 "a suspected takeover with no cool-down timer (permanent)".into(),
+            );
+        }
+        if phase == Phase::Stopped
+            && snap
+                .last_error
+                .as_ref()
+                .is_some_and(|e| e.class == ErrorClass::SigRejected)
+            && self.policy.rejected_cooldown > 0
+            && self.policy.provisioning
+            && snap.next_retry_ms.is_none_or(|r| r <= now)
+        {
+            self.violate(
+                "liveness: never stranded",
+                "stopped on refused UserSigs with no next try (an auth outage would strand a \
+                 fleet)"
+                    .into(),
             );
         }
         if matches!(

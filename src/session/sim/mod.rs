@@ -146,6 +146,9 @@ pub fn policy_for(seed: u64, vary: bool) -> Policy {
         1 => super::ProtocolMode::V311,
         _ => super::ProtocolMode::V5,
     };
+    // Drawn after every older knob (those stay what they were for each seed).
+    p.rejected_cooldown = pick(&mut r, &[1_800_000, 1_800_000, 60_000, 60_000, 0]);
+    p.rejected_cooldown_max = pick(&mut r, &[8 * 3_600_000, 1_800_000]).max(p.rejected_cooldown);
     p
 }
 

@@ -86,8 +86,9 @@ fn every_seed_that_once_broke_an_invariant_now_holds() {
 #[test]
 fn the_simulator_catches_a_reintroduced_loop() {
     // The checker must be able to fail: a world where every login is followed by
-    // DISCONNECT 0x87, judged against an oracle that allows one fresh retry. Feed the
-    // oracle what the landed engine did (a fresh fetch and CONNECT after every refusal).
+    // DISCONNECT 0x87, judged against an oracle that allows one fresh retry (then one fresh
+    // try per cool-down). Feed the oracle what the landed engine did (a fresh fetch and
+    // CONNECT after every refusal).
     let policy = policy_for(0, false);
     let mut chk = check::Checker::new(policy, user("alice"));
     let snap = |deadline: Millis| crate::session::Snapshot {
@@ -129,7 +130,12 @@ fn the_simulator_catches_a_reintroduced_loop() {
         t += 100;
     }
     let v = chk.take_violation().expect("the loop is caught");
-    assert_eq!(v.invariant, "no loop: budgets", "{v:?}");
+    // After the rejection budget the policy allows one fresh try per (long) cool-down.
+    assert_eq!(v.invariant, "no loop: pacing", "{v:?}");
+    assert!(
+        v.detail.contains("cool-down after the rejection budget"),
+        "{v:?}"
+    );
 }
 
 #[test]
