@@ -566,6 +566,9 @@ pub struct Machine {
     expiry_spent: VecDeque<Millis>,
     /// Logins in a row that did not last (see [`FAST_LOGIN_BUDGET`]).
     fast_logins: u32,
+    /// The last sig that ended as expired: provisioning handing it out again is handing out
+    /// an expired sig.
+    ended_sig: Option<String>,
     /// The CONNACK that started the current session, across planned moves to a new sig.
     session_since: Option<Millis>,
     /// The one fresh-sig retry after a refusal has been used.
@@ -637,6 +640,7 @@ impl Machine {
             refresh_backoff: Backoff::default(),
             expiry_spent: VecDeque::new(),
             fast_logins: 0,
+            ended_sig: None,
             session_since: None,
             rejected_retry_used: false,
             rejected_level: 0,
@@ -967,6 +971,7 @@ impl Machine {
             return self.connect();
         }
         if let Some(ended) = self.sig.take() {
+            self.ended_sig = Some(ended.info.fingerprint.clone());
             // The sig reached its end on our own clock while we held it: renew it. This is not
             // the server calling fresh sigs expired, so it spends no budget; it only happens
             // when an attempt is due, so backoff paces it (and a short-lived one, the
@@ -1403,7 +1408,8 @@ impl Machine {
         self.logged_in = false;
         self.event(Event::UserSigExpired { code });
         if forget {
-            if self.sig.take().is_some() {
+            if let Some(ended) = self.sig.take() {
+                self.ended_sig = Some(ended.info.fingerprint);
                 self.act(Action::ForgetSig);
             }
             self.refresh_due = None;
@@ -1809,6 +1815,14 @@ impl Machine {
             .sig
             .as_ref()
             .is_some_and(|s| s.info.fingerprint == info.fingerprint);
+        if self.ended_sig.as_ref() == Some(&info.fingerprint) {
+            // Its own `Date` may say it is good: the IM service has just said otherwise.
+            return Err(FetchFailure::new(
+                ErrorClass::SigExpired,
+                codes::USER_SIG_EXPIRED,
+                "the provisioning server returned the UserSig that had just expired",
+            ));
+        }
         let sig = self.derive(info);
         let now = self.now.mono;
         if !Self::sig_valid(&sig, now) {

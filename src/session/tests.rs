@@ -2614,3 +2614,26 @@ fn rejected_cooldown_0_stays_stopped_and_without_provisioning_only_the_app_can_h
     assert_eq!(h.phase(), Phase::Stopped);
     assert_eq!(h.m.snapshot().next_retry_ms, None);
 }
+
+#[test]
+fn provisioning_handing_back_the_sig_that_just_expired_is_an_expired_sig_never_sent_again() {
+    // A provisioning cache serves the sig the broker has just ended at its expiry, with a
+    // `Date` two hours behind that makes it look good on our clock.
+    let mut h = H::started();
+    let s = h.sig_ending(3_600, 10);
+    let stale = s.clone();
+    h.log_in_with(s);
+    h.advance(10_300);
+    h.input(server_disconnect(0xA0, "70001 UserSig expired"));
+    let mut again = stale;
+    again.server_now -= 7_200;
+    again.received_at = h.now.mono;
+    if h.phase() != Phase::FetchingSig {
+        h.advance_to_fetch(60_000);
+    }
+    let a = h.input(Input::SigFetched(again));
+    assert!(connects(&a).is_empty(), "{a:?}");
+    assert_eq!(h.last_error().code, 6206);
+    let a = h.advance_to_fetch(60_000);
+    assert!(connects(&a).is_empty());
+}

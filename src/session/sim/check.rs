@@ -147,6 +147,11 @@ pub struct Checker {
     last_fast: Option<Millis>,
     /// When each recent sig was delivered.
     delivered: HashMap<String, Millis>,
+    /// The last end was an expiry signal at the end of this sig by the machine's own clock:
+    /// the machine must read it as `sig_expired` (never a kick or a suspected takeover), and
+    /// never CONNECT with that sig again.
+    expiry_signal: Option<(String, &'static str)>,
+    expired_sig: Option<String>,
     /// Users a CONNACK was seen for since the daemon started.
     connacked: HashSet<String>,
     last_state: Option<(Phase, u8, String, Option<LastError>)>,
@@ -219,6 +224,8 @@ impl Checker {
             connect_planned: false,
             last_fast: None,
             delivered: HashMap::new(),
+            expiry_signal: None,
+            expired_sig: None,
             connacked: HashSet::new(),
             last_state: None,
             healthy_from: None,
@@ -230,6 +237,16 @@ impl Checker {
             last_connect: None,
             fell_back: HashSet::new(),
             redirects: 0,
+        }
+    }
+
+    /// A CONNECT with the sig `fp`.
+    pub fn connect_sig(&mut self, fp: &str) {
+        if self.expired_sig.as_deref() == Some(fp) {
+            self.violate(
+                "truth: expiry signals",
+                format!("a CONNECT with {fp}, whose end the server had just enforced"),
+            );
         }
     }
 
@@ -618,6 +635,20 @@ impl Checker {
         // it as an expiry would pace the engine's next real renewal, counting it as a kick
         // or a rejection would forbid the renewal it may make).
         let maybe = |r: Reading| r == Reading::Maybe;
+        let signal = match end {
+            ConnEnd::Network { .. } if closed && closed_at_end == Reading::Yes => {
+                Some("a close without DISCONNECT")
+            }
+            ConnEnd::Refused {
+                code: 0x86 | 0x87, ..
+            } if at_end == Reading::Yes => Some("CONNACK 0x86/0x87"),
+            ConnEnd::ServerDisconnect {
+                code: 0x86 | 0x87 | 0x98 | 0xA0,
+                ..
+            } if at_end == Reading::Yes => Some("DISCONNECT 0x86/0x87/0x98/0xA0"),
+            _ => None,
+        };
+        self.expiry_signal = signal.map(|s| (in_use.to_string(), s));
         match end {
             ConnEnd::Network { .. } if closed && closed_at_end == Reading::Yes => {
                 // A close at the sig's end is its expiry (NATS): renewed first, and never
@@ -802,6 +833,23 @@ impl Checker {
     ) {
         let now = w.now().mono;
         let phase = snap.phase;
+        // Truth: an expiry signal at the end of the sig in use (by the machine's own clock) is
+        // the sig's expiry: renewed with another sig, never a kick, never a takeover.
+        if let Some((fp, what)) = self.expiry_signal.take() {
+            let kicked = phase == Phase::Kicked;
+            let class = snap.last_error.as_ref().map(|e| e.class);
+            if kicked || class != Some(ErrorClass::SigExpired) {
+                self.violate(
+                    "truth: expiry signals",
+                    format!(
+                        "{what} at the end of {fp} was read as {} (phase {})",
+                        class.map_or("nothing", |c| c.as_str()),
+                        phase.as_str()
+                    ),
+                );
+            }
+            self.expired_sig = Some(fp);
+        }
         // Truth.
         let up = w.conn_state() == "up";
         if (phase == Phase::Online) != up {

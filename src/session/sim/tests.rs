@@ -68,6 +68,11 @@ const REGRESSIONS: &[(u64, &str)] = &[
         "1-2 s sigs: a login every few seconds after every local reset of the budgets",
     ),
     (
+        49_005,
+        "provisioning handed back the sig the broker had just ended as expired, with a Date \
+         2 h behind: connected with it again",
+    ),
+    (
         26_106,
         "2 s sigs on a 3.1.1 cluster with node deaths: a fetch, CONNECT and CONNACK every 3 s",
     ),

@@ -558,6 +558,7 @@ impl World {
                     _ => {}
                 }
                 chk.connect_target(target, *proto);
+                chk.connect_sig(fingerprint);
                 if !matches!(self.conn, ConnW::None) {
                     chk.violate(
                         "safety: one connection at most",
