@@ -614,6 +614,10 @@ impl World {
                 };
             }
             Action::Subscribe { .. } => {
+                // Messaging (for the Engine's simulator, which answers SUBSCRIBE and PUBLISH):
+                // NATS answers a subscribe outside the user JWT's permissions with SUBACK 0x80
+                // (and during a JetStream leader election), and a publish outside them with
+                // PUBACK 0 while it drops the message; `Flavor::NatsCallout` is where to add it.
                 if !matches!(self.conn, ConnW::Up { .. }) {
                     chk.violate("truth", "Subscribe without a session".into());
                 }
