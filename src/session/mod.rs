@@ -566,7 +566,7 @@ pub struct Machine {
     expiry_spent: VecDeque<Millis>,
     /// Logins in a row that did not last (see [`FAST_LOGIN_BUDGET`]).
     fast_logins: u32,
-    /// The last sig that ended as expired: provisioning handing it out again is handing out
+    /// The last sig that ended at its expiry: provisioning handing it out again is handing out
     /// an expired sig.
     ended_sig: Option<String>,
     /// The CONNACK that started the current session, across planned moves to a new sig.
@@ -1409,7 +1409,12 @@ impl Machine {
         self.event(Event::UserSigExpired { code });
         if forget {
             if let Some(ended) = self.sig.take() {
-                self.ended_sig = Some(ended.info.fingerprint);
+                // At its end, the server enforced the expiry: that sig is over for good. (A
+                // premature one the budget bounds: provisioning may hand the same sig again,
+                // as a TLS-sig issued in the same second is the same sig.)
+                if !premature {
+                    self.ended_sig = Some(ended.info.fingerprint);
+                }
                 self.act(Action::ForgetSig);
             }
             self.refresh_due = None;
