@@ -974,8 +974,8 @@ impl Machine {
             self.ended_sig = Some(ended.info.fingerprint.clone());
             // The sig reached its end on our own clock while we held it: renew it. This is not
             // the server calling fresh sigs expired, so it spends no budget; it only happens
-            // when an attempt is due, so backoff paces it (and a short-lived one, the
-            // fast-renewal floor).
+            // when an attempt is due, so backoff paces it (and, for a sig that arrived under
+            // a minute ago, the fast-login floor).
             self.refresh_due = None;
             self.logged_in = false;
             self.event(Event::UserSigExpired {

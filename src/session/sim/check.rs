@@ -1082,8 +1082,8 @@ impl Checker {
     /// Checks that depend on time passing (run after every step).
     pub fn check_time(&mut self, snap: &Snapshot, t: Millis) {
         let bound = healthy_bound(&self.policy);
-        // After short-lived sigs, the engine may wait out the fast-renewal floor (once the
-        // last of them ended) before its next renewal finds the world healthy.
+        // After logins that did not last, the engine may wait out the fast-login floor
+        // (from the last of them) before its next login finds the world healthy.
         let floor = self
             .last_fast
             .map_or(0, |s| s + FAST_LOGIN_DELAY_MAX + bound);
