@@ -171,8 +171,12 @@ fn main() -> ExitCode {
         let _ = t.join();
     }
     let (seeds, steps, virt) = *totals.lock().unwrap_or_else(|e| e.into_inner());
+    let last = next.load(Ordering::Relaxed).min(limit.unwrap_or(u64::MAX));
     println!(
-        "imlink-sim: {seeds} seeds, {steps} steps, {:.0} virtual hours, {:.0} s wall clock",
+        "imlink-sim: {seeds} seeds ({}..{}), {steps} steps, {:.0} virtual hours, {:.0} s wall \
+         clock",
+        base.wrapping_add(a.from),
+        base.wrapping_add(last),
         virt as f64 / 3_600_000.0,
         start.elapsed().as_secs_f64()
     );
