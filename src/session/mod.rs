@@ -1620,7 +1620,9 @@ impl Machine {
             if waiting {
                 // While only a timer is pending, an operator's login cuts the wait short
                 // (never closer than the backoff base to the last attempt): a daemon that
-                // looks stuck gets moving, even when many logins already wait for it.
+                // looks stuck gets moving, even when many logins already wait for it. It also
+                // earns the one fresh UserSig after a refusal again: a person asked.
+                self.rejected_retry_used = false;
                 let earliest = self
                     .last_attempt
                     .map_or(0, |t| t + self.policy.backoff.base);

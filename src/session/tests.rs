@@ -2637,3 +2637,35 @@ fn provisioning_handing_back_the_sig_that_just_expired_is_an_expired_sig_never_s
     let a = h.advance_to_fetch(60_000);
     assert!(connects(&a).is_empty());
 }
+
+#[test]
+fn an_operators_login_during_a_backoff_earns_the_fresh_retry_after_a_refusal_again() {
+    // A refusal spent the one fresh UserSig; that login never became stable. Later, in a
+    // backoff, an operator logs in and the sig in hand is refused: a fresh UserSig, not a stop.
+    let mut h = H::started();
+    let s = h.sig(3600);
+    h.input(Input::SigFetched(s));
+    h.input(refused(0x87));
+    let s = h.sig(3600);
+    h.input(Input::SigFetched(s));
+    h.input(Input::Connected {
+        session_present: true,
+    });
+    h.advance(20_000);
+    h.input(network_closed());
+    assert_eq!(h.phase(), Phase::Backoff);
+    let a = h.input(Input::Login {
+        id: 9,
+        user: None,
+        sig: None,
+    });
+    let a = if n_connects(&a) == 0 {
+        h.advance_to_connect(2_000)
+    } else {
+        a
+    };
+    assert_eq!(n_connects(&a), 1);
+    let a = h.input(refused(0x87));
+    assert_eq!(fetches(&a), 1, "one fresh UserSig again: {a:?}");
+    assert_ne!(h.phase(), Phase::Stopped);
+}

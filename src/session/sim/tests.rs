@@ -73,6 +73,11 @@ const REGRESSIONS: &[(u64, &str)] = &[
          2 h behind: connected with it again",
     ),
     (
+        1_501_732_434_815_205_619,
+        "an operator's login during a backoff, long after a fresh-sig retry that never became \
+         stable: the sig in hand refused, and the engine stopped without a fresh UserSig",
+    ),
+    (
         26_106,
         "2 s sigs on a 3.1.1 cluster with node deaths: a fetch, CONNECT and CONNACK every 3 s",
     ),
