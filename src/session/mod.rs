@@ -1160,6 +1160,9 @@ impl Machine {
     /// login, a reload out of `stopped`, or the start).
     fn begin_login(&mut self) {
         self.goal = Goal::Online;
+        // A fresh start goes to the configured nodes: a redirect still pending from before
+        // would be followed without being counted.
+        self.redirect = None;
         self.redirects = 0;
         self.fast_logins = 0;
         self.session_since = None;

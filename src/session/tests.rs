@@ -2669,3 +2669,30 @@ fn an_operators_login_during_a_backoff_earns_the_fresh_retry_after_a_refusal_aga
     assert_eq!(fetches(&a), 1, "one fresh UserSig again: {a:?}");
     assert_ne!(h.phase(), Phase::Stopped);
 }
+
+#[test]
+fn a_fresh_start_drops_a_redirect_still_pending() {
+    // A redirect arrives, the engine waits its backoff; a logout and a login later it starts
+    // over at the configured node (a redirect kept from before would be followed uncounted).
+    let mut h = started_with(Policy::default());
+    h.input(Input::ConnectionEnded(ConnEnd::Redirect {
+        code: 0x9C,
+        reference: "elsewhere:8883".into(),
+        reason: None,
+        im_code: None,
+    }));
+    assert_eq!(h.phase(), Phase::Backoff);
+    h.input(Input::Logout { id: 1 });
+    assert_eq!(h.phase(), Phase::Idle);
+    let a = h.input(Input::Login {
+        id: 2,
+        user: None,
+        sig: None,
+    });
+    let a = if n_connects(&a) == 0 {
+        h.advance_to_connect(2_000)
+    } else {
+        a
+    };
+    assert_eq!(vias(&a), vec![(Target::Node(0), Proto::V5)]);
+}

@@ -78,6 +78,11 @@ const REGRESSIONS: &[(u64, &str)] = &[
          stable: the sig in hand refused, and the engine stopped without a fresh UserSig",
     ),
     (
+        11_944_901_725_755_262_090,
+        "a local login kept a redirect pending from before it, followed uncounted: 4 redirects \
+         in a row without a CONNACK",
+    ),
+    (
         26_106,
         "2 s sigs on a 3.1.1 cluster with node deaths: a fetch, CONNECT and CONNACK every 3 s",
     ),
