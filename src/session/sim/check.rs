@@ -56,9 +56,10 @@ pub enum ReqKind {
 /// to succeed): the largest backoff or Retry-After, plus one fetch, one connect and one close,
 /// each with the machine's backstop slack, plus one clock re-check.
 pub fn healthy_bound(p: &Policy) -> Millis {
-    // `Auto` may need one more attempt: MQTT 5 refused (or a redirect), then 3.1.1.
+    // `Auto` learns the protocol per server: MQTT 5 may be refused once by a redirect target
+    // still pending and once more by the node after it, each followed by a backoff.
     let extra = if p.protocol == crate::session::ProtocolMode::Auto {
-        p.backoff.cap + p.connect_timeout + TIMEOUT_SLACK
+        2 * (p.backoff.cap + p.connect_timeout + TIMEOUT_SLACK)
     } else {
         0
     };
