@@ -1273,6 +1273,10 @@ impl Machine {
         });
         if purpose == Purpose::Login {
             self.last_attempt = Some(self.now.mono);
+            // A login fetch: no session is up (an account switch, a renewal), so none goes on
+            // across it toward stability or toward a login that lasted.
+            self.stable_at = None;
+            self.session_since = None;
         }
         self.refresh_due = None;
         self.counters.sig_fetches += 1;

@@ -2696,3 +2696,33 @@ fn a_fresh_start_drops_a_redirect_still_pending() {
     };
     assert_eq!(vias(&a), vec![(Target::Node(0), Proto::V5)]);
 }
+
+#[test]
+fn a_session_of_the_old_user_does_not_make_the_new_one_stable() {
+    // Alice has been online 200 s when the account switches to bob. Bob's first sigs arrive
+    // already expired (renewals paced by backoff), then one works. Bob's session is not
+    // stable 100 s later just because alice's would have been: his renewals stay paced.
+    let mut h = H::online(86_400);
+    h.advance(200_000);
+    h.input(Input::Login {
+        id: 1,
+        user: Some(bob()),
+        sig: None,
+    });
+    h.input(Input::Disconnected);
+    for _ in 0..2 {
+        let mut s = h.sig_for(bob(), 60);
+        s.server_now = s.expires_at.unwrap() + 1;
+        h.input(Input::SigFetched(s));
+        h.advance_to_fetch(60_000);
+    }
+    let s = h.sig_for(bob(), 86_400);
+    h.input(Input::SigFetched(s));
+    h.input(Input::Connected {
+        session_present: true,
+    });
+    h.advance(150_000);
+    let a = h.input(server_disconnect(0xA0, "70001 UserSig expired"));
+    assert_eq!(fetches(&a), 0, "paced, not at once: {a:?}");
+    assert_eq!(h.phase(), Phase::Backoff);
+}

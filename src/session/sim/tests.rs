@@ -83,6 +83,11 @@ const REGRESSIONS: &[(u64, &str)] = &[
          in a row without a CONNACK",
     ),
     (
+        17_187_273_270_013_559_447,
+        "an account switch kept the old user's stability timer: it fired 37 s into the new \
+         session and restored every budget",
+    ),
+    (
         26_106,
         "2 s sigs on a 3.1.1 cluster with node deaths: a fetch, CONNECT and CONNACK every 3 s",
     ),

@@ -523,6 +523,11 @@ impl World {
                 }
                 self.fetches += 1;
                 let refresh = m.snapshot().sig.is_some_and(|s| s.refreshing);
+                if !refresh && matches!(self.conn, ConnW::None) {
+                    // A login fetch between two connections: not a planned move, so the
+                    // session does not go on across it.
+                    self.session_since = None;
+                }
                 chk.attempt(t, false, refresh);
                 let flight = self.decide_fetch(user.clone(), m);
                 self.fetch = Some(flight);
@@ -1183,6 +1188,8 @@ impl World {
     pub fn daemon_started(&mut self) {
         self.held.clear();
         self.fetch = None;
+        // A new process: its first login starts a new session.
+        self.session_since = None;
         if let Some(fp) = &self.cache {
             self.held.insert(fp.clone());
         }
