@@ -55,6 +55,11 @@ struct FetchFlight {
     /// `None`: never answers.
     at: Option<Millis>,
     result: FetchResult,
+    user: UserId,
+    /// Decided by a healthy world (or by a suspend): the answer stands. Otherwise, delivered
+    /// once the world is healthy, it is decided again ("healthy from now on" includes answers
+    /// still on their way).
+    settled: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +75,10 @@ enum ConnW {
         fp: String,
         at: Option<Millis>,
         outcome: Outcome,
+        target: Target,
+        proto: Proto,
+        /// As for [`FetchFlight::settled`].
+        settled: bool,
     },
     Up {
         fp: String,
@@ -279,7 +288,13 @@ impl World {
         if conn_due {
             return Some(self.pop_conn(m, chk));
         }
-        let fetch = self.fetch.take()?;
+        let mut fetch = self.fetch.take()?;
+        if self.healthy && !fetch.settled {
+            // Decided before the world turned healthy, delivered after: decided again.
+            let at = fetch.at;
+            fetch = self.decide_fetch(fetch.user.clone(), m);
+            fetch.at = at;
+        }
         // The session's own fetch, or a background refresh (the machine may have turned a
         // refresh into the login fetch since).
         let login = m.snapshot().sig.is_none_or(|s| !s.refreshing);
@@ -344,7 +359,19 @@ impl World {
     fn pop_conn(&mut self, m: &Machine, chk: &mut Checker) -> (Input, String) {
         let t = self.t;
         match std::mem::replace(&mut self.conn, ConnW::None) {
-            ConnW::Connecting { fp, outcome, .. } => match outcome {
+            ConnW::Connecting {
+                fp,
+                outcome,
+                target,
+                proto,
+                settled,
+                ..
+            } => match if self.healthy && !settled {
+                // Decided before the world turned healthy, delivered after: decided again.
+                self.decide_connect(&fp, &target, proto).1
+            } else {
+                outcome
+            } {
                 Outcome::Connack => {
                     self.session_since.get_or_insert(t);
                     let end = self.schedule_end(&fp);
@@ -616,6 +643,9 @@ impl World {
                     fp: fingerprint.clone(),
                     at,
                     outcome,
+                    target: target.clone(),
+                    proto: *proto,
+                    settled: self.healthy,
                 };
             }
             Action::Subscribe { .. } => {
@@ -731,6 +761,7 @@ impl World {
     }
 
     fn decide_fetch(&mut self, user: UserId, m: &Machine) -> FetchFlight {
+        let asked_for = user.clone();
         let t = self.t;
         let quick = t + self.jitter(10, 400);
         let mode = if self.healthy {
@@ -852,9 +883,16 @@ impl World {
             return FetchFlight {
                 at: Some(quick),
                 result: fail(ErrorClass::Clock, 0, "certificate not valid yet"),
+                user: asked_for,
+                settled: self.healthy,
             };
         }
-        FetchFlight { at, result }
+        FetchFlight {
+            at,
+            result,
+            user: asked_for,
+            settled: self.healthy,
+        }
     }
 
     fn decide_connect(
@@ -1145,12 +1183,18 @@ impl World {
                     },
                 ))
             }
-            ConnW::Connecting { at, outcome, .. } => {
+            ConnW::Connecting {
+                at,
+                outcome,
+                settled,
+                ..
+            } => {
                 *at = Some(t + 10);
                 *outcome = Outcome::End(ConnEnd::Network {
                     kind: NetKind::Timeout,
                     detail: "suspended".into(),
                 });
+                *settled = true;
             }
             ConnW::Closing { at } => *at = Some(t + 10),
             ConnW::None => {}
@@ -1162,6 +1206,7 @@ impl World {
                 codes::NET_DISCONNECT,
                 "suspended",
             ));
+            f.settled = true;
         }
     }
 
