@@ -244,6 +244,8 @@ struct RawSession {
     takeover_cooldown: Dur,
     takeover_cooldown_max: Dur,
     protocol_budget: u32,
+    rejected_cooldown: Dur,
+    rejected_cooldown_max: Dur,
     clock_retry: Dur,
 }
 
@@ -264,6 +266,8 @@ impl Default for RawSession {
             takeover_cooldown: ms(p.takeover_cooldown),
             takeover_cooldown_max: ms(p.takeover_cooldown_max),
             protocol_budget: p.protocol_budget,
+            rejected_cooldown: ms(p.rejected_cooldown),
+            rejected_cooldown_max: ms(p.rejected_cooldown_max),
             clock_retry: ms(p.clock_retry),
         }
     }
@@ -736,6 +740,24 @@ fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigErr
             "must be at least session.takeover_cooldown".into(),
         ));
     }
+    let rejected_cooldown = ms(s.rejected_cooldown);
+    if rejected_cooldown != 0 && rejected_cooldown < crate::session::REJECTED_COOLDOWN_MIN {
+        return Err(err(
+            "session.rejected_cooldown",
+            "must be \"0s\" (stay stopped after refusals) or at least \"1m\" (each try \
+             after it fetches a UserSig and logs in)"
+                .into(),
+        ));
+    }
+    let rejected_cooldown_max = ms(s.rejected_cooldown_max);
+    if rejected_cooldown_max < rejected_cooldown.max(crate::session::REJECTED_COOLDOWN_MAX_FLOOR) {
+        return Err(err(
+            "session.rejected_cooldown_max",
+            "must be at least \"30m\" and at least session.rejected_cooldown (the cool-downs \
+             after refusals double up to it: a few tries a day, never a loop)"
+                .into(),
+        ));
+    }
     let policy = Policy {
         login_on_start: raw.login_on_start,
         backoff,
@@ -749,6 +771,8 @@ fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigErr
         takeover_window: ms(s.takeover_window),
         takeover_cooldown: ms(s.takeover_cooldown),
         takeover_cooldown_max: ms(s.takeover_cooldown_max),
+        rejected_cooldown,
+        rejected_cooldown_max,
         min_wall_clock: BUILD_UNIX,
         clock_retry: ms(s.clock_retry).max(1_000),
         fetch_timeout: provisioning

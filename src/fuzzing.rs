@@ -219,10 +219,12 @@ pub fn status_text(data: &[u8]) {
         ConnEnd::ServerDisconnect {
             code,
             reason: Some(reason.clone()),
+            im_code: None,
         },
         ConnEnd::Refused {
             code,
             reason: Some(reason.clone()),
+            im_code: None,
         },
         ConnEnd::Network {
             kind: NetKind::Other,

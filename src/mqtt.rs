@@ -89,12 +89,17 @@ impl MqttSettings {
     }
 
     /// Where `target` is: a configured node, or a redirect's Server Reference (`host`,
-    /// `host:port` or `mqtts://host:port`; the first of several; never plaintext).
+    /// `host:port` or `mqtts://host:port`; the first of several, separated by ASCII spaces;
+    /// never plaintext). A reference is text from outside: anything but printable ASCII in it
+    /// (NEL, U+2028/U+2029, bidi controls, …) makes it unusable, as no host name has those.
     pub fn endpoint(&self, target: &Target) -> Option<(String, u16)> {
         match target {
             Target::Node(i) => self.nodes.get(*i as usize).cloned(),
             Target::Redirect(r) => {
-                let first = r.split_whitespace().next()?;
+                let first = r.split_ascii_whitespace().next()?;
+                if !first.bytes().all(|b| b.is_ascii_graphic()) {
+                    return None;
+                }
                 let url = if first.contains("://") {
                     first.to_string()
                 } else {
@@ -108,6 +113,15 @@ impl MqttSettings {
     /// `mqtts://host:port` of `target` (the first node when there is none yet), for status
     /// and logs.
     pub fn url_of(&self, target: Option<&Target>) -> String {
+        if let Some(t @ Target::Redirect(r)) = target
+            && self.endpoint(t).is_none()
+        {
+            // Never printed raw: it is the broker's text.
+            return format!(
+                "an unusable redirect {}",
+                crate::session::quote_external(r, 80)
+            );
+        }
         let (host, port) = target
             .and_then(|t| self.endpoint(t))
             .or_else(|| self.nodes.first().cloned())
@@ -235,6 +249,7 @@ pub fn classify_v311(e: &rumqttc::ConnectionError) -> ConnEnd {
                 C::NotAuthorized => 5,
             }),
             reason: None,
+            im_code: None,
         },
         E::MqttState(S::ConnectionAborted) => net(
             NetKind::Closed,
@@ -300,6 +315,7 @@ pub fn classify(e: &ConnectionError) -> ConnEnd {
         ConnectionError::ConnectionRefused(code) => ConnEnd::Refused {
             code: connack_code(*code),
             reason: None,
+            im_code: None,
         },
         ConnectionError::MqttState(StateError::ServerDisconnect {
             reason_code,
@@ -307,6 +323,7 @@ pub fn classify(e: &ConnectionError) -> ConnEnd {
         }) => ConnEnd::ServerDisconnect {
             code: disconnect_code(*reason_code),
             reason: reason_string.clone(),
+            im_code: None,
         },
         ConnectionError::MqttState(StateError::ConnectionAborted) => net(
             NetKind::Closed,
@@ -346,4 +363,64 @@ pub fn io_end(io: &std::io::Error) -> ConnEnd {
 fn disconnect_code(c: DisconnectReasonCode) -> u8 {
     // The enum is `repr(u8)` with the wire values.
     c as u8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> MqttSettings {
+        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default versions")
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+        MqttSettings {
+            nodes: vec![("node0.example".into(), 8883)],
+            protocol: crate::session::ProtocolMode::V5,
+            sdk_app_id: 1400000001,
+            platform: "linux".into(),
+            instance: "1".into(),
+            client_id: crate::identity::Template::parse("{user_id}", &["user_id"])
+                .expect("a valid template"),
+            keepalive: Duration::from_secs(60),
+            session_expiry: 3600,
+            connect_timeout: Duration::from_secs(10),
+            tls: Arc::new(tls),
+        }
+    }
+
+    /// Unicode's line and paragraph separators, NEL, and the bidi controls that reorder what a
+    /// log reader sees.
+    const HOSTILE: &[char] = &[
+        '\u{0085}', '\u{2028}', '\u{2029}', '\u{202A}', '\u{202B}', '\u{202C}', '\u{202D}',
+        '\u{202E}', '\u{2066}', '\u{2067}', '\u{2068}', '\u{2069}', '\u{200E}', '\u{200F}',
+        '\u{061C}',
+    ];
+
+    #[test]
+    fn a_redirect_host_with_line_separators_or_bidi_controls_never_reaches_a_log_line() {
+        let m = settings();
+        for c in HOSTILE {
+            for reference in [
+                format!("evil{c}host:8883"),
+                format!("mqtts://evil{c}host:8883"),
+                format!("evil.example{c}:8883"),
+            ] {
+                let target = Target::Redirect(reference.clone());
+                // What the driver's "connecting" line and the status print.
+                let url = m.url_of(Some(&target));
+                assert!(
+                    !url.contains(HOSTILE) && !url.chars().any(char::is_control),
+                    "{reference:?} printed as {url:?}"
+                );
+                // Such a host is no host name: the connection is refused before any TLS.
+                if let Some((host, _)) = m.endpoint(&target) {
+                    assert!(host.is_ascii(), "{reference:?} → {host:?}");
+                }
+            }
+        }
+    }
 }

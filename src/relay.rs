@@ -44,22 +44,15 @@ fn lock(o: &Shared) -> std::sync::MutexGuard<'_, Observed> {
 }
 
 impl Observed {
-    /// What ended the connection, if the broker said so: a DISCONNECT, or a CONNACK refusal.
-    /// Reason strings come with the broker's `im-error-code` in front when it sent one.
+    /// What ended the connection, if the broker said so: a DISCONNECT, or a CONNACK refusal,
+    /// with the reason string as the broker sent it and its `im-error-code`, typed.
     pub fn end(&self) -> Option<ConnEnd> {
-        let reason = |p: &wire::Props| match (&p.reason_string, p.im_error_code) {
-            (Some(r), Some(c)) if !r.trim_start().starts_with(&c.to_string()) => {
-                Some(format!("{c} {r}"))
-            }
-            (Some(r), _) => Some(r.clone()),
-            (None, Some(c)) => Some(c.to_string()),
-            (None, None) => None,
-        };
         let redirect = |code: u8, p: &wire::Props| match (&p.server_reference, code) {
             (Some(r), 0x9C | 0x9D) => Some(ConnEnd::Redirect {
                 code,
                 reference: r.clone(),
-                reason: reason(p),
+                reason: p.reason_string.clone(),
+                im_code: p.im_error_code,
             }),
             _ => None,
         };
@@ -67,14 +60,16 @@ impl Observed {
             return Some(
                 redirect(d.code, &d.props).unwrap_or(ConnEnd::ServerDisconnect {
                     code: d.code,
-                    reason: reason(&d.props),
+                    reason: d.props.reason_string.clone(),
+                    im_code: d.props.im_error_code,
                 }),
             );
         }
         if let Some(a) = self.connack.as_ref().filter(|a| a.code >= 0x80) {
             return Some(redirect(a.code, &a.props).unwrap_or(ConnEnd::Refused {
                 code: a.code,
-                reason: reason(&a.props),
+                reason: a.props.reason_string.clone(),
+                im_code: a.props.im_error_code,
             }));
         }
         self.broken.clone()
@@ -262,3 +257,70 @@ async fn pump_down(
 
 /// Oversized PUBLISHes remembered until the connection's task reports them.
 const MAX_OVERSIZED_NOTES: usize = 64;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn props(reason: Option<&str>, im: Option<u32>) -> wire::Props {
+        wire::Props {
+            reason_string: reason.map(str::to_string),
+            im_error_code: im,
+            ..wire::Props::default()
+        }
+    }
+
+    #[test]
+    fn the_im_code_travels_typed_beside_the_reason_string_as_the_broker_sent_it() {
+        let o = Observed {
+            connack: Some(wire::ConnAck {
+                session_present: false,
+                code: 0x87,
+                props: props(Some("UserSig expired"), Some(70001)),
+            }),
+            ..Observed::default()
+        };
+        assert_eq!(
+            o.end(),
+            Some(ConnEnd::Refused {
+                code: 0x87,
+                reason: Some("UserSig expired".into()),
+                im_code: Some(70001),
+            })
+        );
+        let o = Observed {
+            disconnect: Some(wire::Disconnect {
+                code: 0x9C,
+                props: wire::Props {
+                    server_reference: Some("other:8883".into()),
+                    ..props(None, Some(70050))
+                },
+            }),
+            ..Observed::default()
+        };
+        assert_eq!(
+            o.end(),
+            Some(ConnEnd::Redirect {
+                code: 0x9C,
+                reference: "other:8883".into(),
+                reason: None,
+                im_code: Some(70050),
+            })
+        );
+        let o = Observed {
+            disconnect: Some(wire::Disconnect {
+                code: 0xA0,
+                props: props(None, None),
+            }),
+            ..Observed::default()
+        };
+        assert_eq!(
+            o.end(),
+            Some(ConnEnd::ServerDisconnect {
+                code: 0xA0,
+                reason: None,
+                im_code: None,
+            })
+        );
+    }
+}

@@ -198,6 +198,19 @@ fn mistakes_exit_78_and_name_the_file_the_key_and_the_fix() {
             vec!["session.takeover_cooldown", "1m"],
         ),
         (
+            "a rejection cool-down that would be a loop",
+            good.replace("rejected_cooldown = \"30m\"", "rejected_cooldown = \"5s\""),
+            vec!["session.rejected_cooldown", "\"0s\"", "at least \"1m\""],
+        ),
+        (
+            "a rejection cool-down cap under half an hour",
+            good.replace(
+                "rejected_cooldown_max = \"8h\"",
+                "rejected_cooldown_max = \"5m\"",
+            ),
+            vec!["session.rejected_cooldown_max", "30m", "a few tries a day"],
+        ),
+        (
             "missing token file",
             good.replace("device-token\"", "no-such-token\""),
             vec!["provisioning.token_file", "no-such-token"],

@@ -52,12 +52,19 @@ fn parse() -> Result<Args, String> {
             .filter(|x| *x >= 0.0)
             .ok_or_else(|| format!("{what} needs a number"))
     };
+    // Seeds are exact 64-bit integers (an f64 would round those beyond 2^53: a failing
+    // seed printed by a long run would replay as another one).
+    let int = |v: Option<String>, what: &str| -> Result<u64, String> {
+        v.as_deref()
+            .and_then(|s| s.parse::<u64>().ok())
+            .ok_or_else(|| format!("{what} needs a whole number (0 to 2^64-1)"))
+    };
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--hours" => a.hours = Some(num(it.next(), "--hours")?),
-            "--seeds" => a.seeds = Some(num(it.next(), "--seeds")? as u64),
-            "--from" => a.from = num(it.next(), "--from")? as u64,
-            "--seed" => a.seed = Some(num(it.next(), "--seed")? as u64),
+            "--seeds" => a.seeds = Some(int(it.next(), "--seeds")?),
+            "--from" => a.from = int(it.next(), "--from")?,
+            "--seed" => a.seed = Some(int(it.next(), "--seed")?),
             "--threads" => a.threads = (num(it.next(), "--threads")? as usize).max(1),
             "--chaos-hours" => {
                 a.cfg.chaos = (num(it.next(), "--chaos-hours")? * 3_600_000.0) as u64
@@ -120,7 +127,7 @@ fn main() -> ExitCode {
     } else {
         0
     };
-    let limit = a.seeds.map(|n| a.from + n);
+    let limit = a.seeds.map(|n| a.from.saturating_add(n));
     let stop = Arc::new(AtomicBool::new(false));
     let failure = Arc::new(Mutex::new(None));
     let totals = Arc::new(Mutex::new((0u64, 0u64, 0u64)));
@@ -164,8 +171,12 @@ fn main() -> ExitCode {
         let _ = t.join();
     }
     let (seeds, steps, virt) = *totals.lock().unwrap_or_else(|e| e.into_inner());
+    let last = next.load(Ordering::Relaxed).min(limit.unwrap_or(u64::MAX));
     println!(
-        "imlink-sim: {seeds} seeds, {steps} steps, {:.0} virtual hours, {:.0} s wall clock",
+        "imlink-sim: {seeds} seeds ({}..{}), {steps} steps, {:.0} virtual hours, {:.0} s wall \
+         clock",
+        base.wrapping_add(a.from),
+        base.wrapping_add(last),
         virt as f64 / 3_600_000.0,
         start.elapsed().as_secs_f64()
     );

@@ -724,6 +724,7 @@ fn a_broker_that_refuses_the_will_gets_connects_without_it_at_no_budgets_cost() 
         LinkEvent::Ended(ConnEnd::Refused {
             code: 0x90,
             reason: Some("Publishing to this will topic is forbidden by service policy".into()),
+            im_code: None,
         }),
     );
     let snap = h.e.snapshot().session;

@@ -27,6 +27,7 @@
 //!   [`Event::StateChanged`], after the specific events of the same step.
 
 mod backoff;
+mod classify;
 mod model;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
@@ -36,6 +37,7 @@ mod tests;
 use std::collections::{BTreeSet, VecDeque};
 
 pub use backoff::{Backoff, BackoffPolicy, Rng};
+pub use classify::expiry_skew;
 pub use model::*;
 
 use crate::identity::UserId;
@@ -60,6 +62,11 @@ pub mod codes {
     pub const SVR_BANNED: u32 = 70051;
 }
 
+/// `rejected_cooldown` is 0 (stay stopped) or at least this, and `rejected_cooldown_max` at
+/// least [`REJECTED_COOLDOWN_MAX_FLOOR`]: after refusals, at most a few fresh tries in the
+/// first ten minutes and one per half hour in the long run.
+pub const REJECTED_COOLDOWN_MIN: Millis = 60_000;
+pub const REJECTED_COOLDOWN_MAX_FLOOR: Millis = 30 * 60_000;
 /// `relogin_after` is never shorter than this (a kick must never turn into a fight).
 pub const RELOGIN_FLOOR: Millis = 60_000;
 /// Repeated kicks double the `relogin_after` cool-down up to this.
@@ -69,6 +76,26 @@ pub const KICK_MEMORY: Millis = 24 * 3_600_000;
 /// The refresh floor's bounds (see [`Machine::refresh_floor`]).
 pub const REFRESH_FLOOR_MIN: Millis = 10_000;
 pub const REFRESH_FLOOR_MAX: Millis = 30_000;
+/// A login whose session ends (not by us) within this of its CONNACK, counting the engine's
+/// own planned moves to a refreshed sig as the same session, did not last.
+pub const MIN_SESSION: Millis = 60_000;
+/// A UserSig renewed less than this after it arrived lived too short: renewing each one as it
+/// ends would be a login every few seconds (a unit mistake on the business server issues
+/// 1–2 s sigs).
+pub const MIN_SIG_LIFETIME: Millis = 60_000;
+/// Logins that did not last, or renewals of short-lived sigs, in a row before the next login
+/// waits [`FAST_LOGIN_DELAY`], doubling up to [`FAST_LOGIN_DELAY_MAX`] (half to all of it,
+/// jittered). A session that lasts [`MIN_SESSION`], a stable session, or a local login,
+/// reload or restart start the count over.
+pub const FAST_LOGIN_BUDGET: u32 = 3;
+pub const FAST_LOGIN_DELAY: Millis = 60_000;
+pub const FAST_LOGIN_DELAY_MAX: Millis = 30 * 60_000;
+/// The expiry skew's bounds (see [`expiry_skew`]).
+pub const EXPIRY_SKEW_MIN: Millis = 2_000;
+pub const EXPIRY_SKEW_MAX: Millis = 60_000;
+/// A close without DISCONNECT up to this long after the deadline of the sig in use is the
+/// server enforcing the expiry (`sig_expired`), not a network failure.
+pub const EXPIRY_CLOSE_AFTER: Millis = 10_000;
 /// Pending `login` requests joined to one attempt, at most.
 const MAX_PENDING_LOGINS: usize = 16;
 
@@ -111,6 +138,11 @@ pub struct Policy {
     /// suspected takeover (default 3 within 10 s).
     pub takeover_closes: u32,
     pub takeover_window: Millis,
+    /// After the rejection budget (a refusal, one fresh UserSig, refused too): one more fresh
+    /// try after this cool-down (default 30 min, ± 25 % jitter; 0: stay stopped), doubling on
+    /// each further one up to `rejected_cooldown_max` (default 8 h: a few tries a day).
+    pub rejected_cooldown: Millis,
+    pub rejected_cooldown_max: Millis,
     /// Cool-down after a suspected takeover (default 10 min, ± 25 % jitter), doubling on
     /// each further one up to `takeover_cooldown_max` (default 1 h).
     pub takeover_cooldown: Millis,
@@ -148,6 +180,51 @@ pub enum ProtocolMode {
     Auto,
 }
 
+/// What `Auto` knows about one server: the protocol that earned a CONNACK there, or that
+/// MQTT 5 was refused as unsupported (or closed before any CONNACK) there, so 3.1.1 is next.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct ServerProto {
+    proto: Option<Proto>,
+    fallback: bool,
+}
+
+/// [`ServerProto`] per server: the configured nodes, and the last few redirect targets (a
+/// broker names those, so they are bounded: the oldest is forgotten first).
+#[derive(Debug, Clone, Default)]
+struct Learned(VecDeque<(Target, ServerProto)>);
+
+/// Redirect targets remembered by [`Learned`], at most.
+const LEARNED_REDIRECTS: usize = 4;
+
+impl Learned {
+    fn get(&self, target: &Target) -> ServerProto {
+        self.0
+            .iter()
+            .find(|(t, _)| t == target)
+            .map(|(_, p)| *p)
+            .unwrap_or_default()
+    }
+
+    fn set(&mut self, target: &Target, p: ServerProto) {
+        self.0.retain(|(t, _)| t != target);
+        self.0.push_back((target.clone(), p));
+        let redirects = |l: &Learned| {
+            l.0.iter()
+                .filter(|(t, _)| matches!(t, Target::Redirect(_)))
+                .count()
+        };
+        while redirects(self) > LEARNED_REDIRECTS {
+            if let Some(i) = self
+                .0
+                .iter()
+                .position(|(t, _)| matches!(t, Target::Redirect(_)))
+            {
+                self.0.remove(i);
+            }
+        }
+    }
+}
+
 /// Consecutive redirects followed without a CONNACK before they are ignored (a redirect loop
 /// between two servers must not become a login loop).
 pub const MAX_REDIRECTS: u32 = 3;
@@ -166,6 +243,8 @@ impl Default for Policy {
             sig_expired_budget: 3,
             sig_expired_window: 600_000,
             protocol_budget: 3,
+            rejected_cooldown: 30 * 60_000,
+            rejected_cooldown_max: 8 * 3_600_000,
             takeover_closes: 3,
             takeover_window: 10_000,
             takeover_cooldown: 600_000,
@@ -206,17 +285,27 @@ pub struct SigInfo {
 /// Why a connection attempt or an established session ended, as the driver observed it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnEnd {
-    /// CONNACK with a failure reason code (and the reason string, when the broker sent one).
-    Refused { code: u8, reason: Option<String> },
+    /// CONNACK with a failure reason code (and the reason string and the IM code, when the
+    /// broker sent them).
+    Refused {
+        code: u8,
+        reason: Option<String>,
+        im_code: Option<u32>,
+    },
     /// CONNACK or DISCONNECT 0x9C (use another server) / 0x9D (server moved) with a Server
     /// Reference.
     Redirect {
         code: u8,
         reference: String,
         reason: Option<String>,
+        im_code: Option<u32>,
     },
     /// The server sent DISCONNECT.
-    ServerDisconnect { code: u8, reason: Option<String> },
+    ServerDisconnect {
+        code: u8,
+        reason: Option<String>,
+        im_code: Option<u32>,
+    },
     /// DNS, TCP, TLS I/O, timeouts, the socket closing without DISCONNECT.
     Network { kind: NetKind, detail: String },
     /// TLS said a certificate is not valid yet: the local clock is behind.
@@ -386,6 +475,8 @@ enum Conn {
         fingerprint: String,
         user: UserId,
         deadline: Millis,
+        /// The deadline and lifetime of the sig it was sent with.
+        sig: SigClock,
     },
     Online {
         fingerprint: String,
@@ -393,6 +484,7 @@ enum Conn {
         since: Millis,
         /// The inbox subscription on this connection.
         inbox: Inbox,
+        sig: SigClock,
     },
     /// Our DISCONNECT is out; waiting for the broker to close (bounded by `deadline`).
     Closing {
@@ -434,8 +526,10 @@ enum Goal {
     Idle,
     /// Logged in, or trying to be.
     Online,
-    /// Stopped on an error a new attempt cannot fix.
-    Stopped,
+    /// Stopped on an error a new attempt cannot fix; `retry_at`: one more fresh try then
+    /// (after refusals of fresh UserSigs: an auth service that is down must not strand a
+    /// fleet).
+    Stopped { retry_at: Option<Millis> },
     /// Kicked offline; `relogin_at`: one more login then (policy or suspected takeover).
     Kicked {
         reason: KickReason,
@@ -443,6 +537,17 @@ enum Goal {
     },
     /// Shutting down: close, then [`Action::Exit`].
     Exit,
+}
+
+/// What a connection knows of the sig it was sent with: an expiry signal is judged against
+/// that sig, not against one a refresh brought meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SigClock {
+    /// Boot-time deadline (the issuer's expiry, anchored on its `Date`); `None`: unknown.
+    deadline: Option<Millis>,
+    lifetime: Option<Millis>,
+    /// Boot-time instant the sig arrived.
+    received_at: Millis,
 }
 
 #[derive(Debug, Clone)]
@@ -496,8 +601,17 @@ pub struct Machine {
     renewal_failures: u32,
     /// When premature sig-expired renewals happened, within the budget window.
     expiry_spent: VecDeque<Millis>,
+    /// Logins in a row that did not last (see [`FAST_LOGIN_BUDGET`]).
+    fast_logins: u32,
+    /// The last sig that ended at its expiry: provisioning handing it out again is handing out
+    /// an expired sig.
+    ended_sig: Option<String>,
+    /// The CONNACK that started the current session, across planned moves to a new sig.
+    session_since: Option<Millis>,
     /// The one fresh-sig retry after a refusal has been used.
     rejected_retry_used: bool,
+    /// Cool-downs after refusals since the session was last stable (doubles the next).
+    rejected_level: u32,
     protocol_spent: u32,
     /// Consecutive fetch failures with a `give_up_after` limit: (code, count).
     limited: Option<(u32, u32)>,
@@ -509,12 +623,9 @@ pub struct Machine {
     kick_times: VecDeque<Millis>,
     /// The configured node to try (and stay with while it works).
     node: u32,
-    /// The protocol that earned a CONNACK (`Auto`; the nodes of one configured broker run
-    /// the same software).
-    learned: Option<Proto>,
-    /// MQTT 5 was refused as unsupported (or closed before any CONNACK) before anything was
-    /// learned: try 3.1.1 (`Auto`, once).
-    fallback: bool,
+    /// What `Auto` learned, per server: a node restarting (a close before CONNACK) says
+    /// nothing about the others.
+    learned: Learned,
     /// The next attempt goes to this server (a broker's redirect).
     redirect: Option<String>,
     /// Redirects followed since the last CONNACK.
@@ -536,23 +647,11 @@ pub struct Machine {
     emitted: Option<(Phase, u8, String, Option<LastError>)>,
 }
 
-/// What a classified failure says to do.
-struct Classified {
-    class: ErrorClass,
-    err: LastError,
-    /// For `Kicked`: which kind.
-    kick: Option<KickReason>,
-    /// For `SigExpired`: the server called a sig expired that our clock says is still good
-    /// (spends the budget); otherwise the sig simply reached its end.
-    premature: bool,
-}
-
 impl Machine {
     pub fn new(policy: Policy, user: UserId, now: Now, seed: u64) -> Machine {
         Machine {
             node: 0,
-            learned: None,
-            fallback: false,
+            learned: Learned::default(),
             redirect: None,
             redirects: 0,
             via: None,
@@ -579,7 +678,11 @@ impl Machine {
             subscribe_backoff: Backoff::default(),
             renewal_failures: 0,
             expiry_spent: VecDeque::new(),
+            fast_logins: 0,
+            ended_sig: None,
+            session_since: None,
             rejected_retry_used: false,
+            rejected_level: 0,
             protocol_spent: 0,
             limited: None,
             early_closes: 0,
@@ -657,7 +760,10 @@ impl Machine {
             _ => None,
         };
         let relogin = match self.goal {
-            Goal::Kicked { relogin_at, .. } => relogin_at,
+            Goal::Kicked { relogin_at, .. }
+            | Goal::Stopped {
+                retry_at: relogin_at,
+            } => relogin_at,
             _ => None,
         };
         let online_goal = self.goal == Goal::Online;
@@ -679,6 +785,7 @@ impl Machine {
     pub fn snapshot(&self) -> Snapshot {
         let next_retry_ms = match self.goal {
             Goal::Kicked { relogin_at, .. } => relogin_at,
+            Goal::Stopped { retry_at } => retry_at,
             Goal::Online if self.conn == Conn::None => self.retry_at,
             _ => None,
         };
@@ -729,7 +836,7 @@ impl Machine {
     /// The phase, derived from the goal and from what is in flight.
     pub fn phase(&self) -> Phase {
         match self.goal {
-            Goal::Stopped => Phase::Stopped,
+            Goal::Stopped { .. } => Phase::Stopped,
             Goal::Kicked { .. } => Phase::Kicked,
             Goal::Idle | Goal::Exit => match self.conn {
                 Conn::None => Phase::Idle,
@@ -840,6 +947,16 @@ impl Machine {
                 self.on_stable();
             }
         }
+        if let Goal::Stopped { retry_at: Some(t) } = self.goal
+            && t <= now
+        {
+            // The cool-down after refusals is over: one more fresh try (a fresh UserSig, one
+            // CONNECT). Refused again, it stops again for twice as long.
+            self.goal = Goal::Online;
+            self.retry_at = None;
+            self.clock_wait = false;
+            self.rejected_retry_used = true;
+        }
         if let Goal::Kicked {
             relogin_at: Some(t),
             ..
@@ -929,17 +1046,29 @@ impl Machine {
         if self.usable_sig().is_some() {
             return self.connect();
         }
-        if self.sig.is_some() {
+        if let Some(ended) = self.sig.take() {
+            self.ended_sig = Some(ended.info.fingerprint.clone());
             // The sig reached its end on our own clock while we held it: renew it. This is not
             // the server calling fresh sigs expired, so it spends no budget; it only happens
-            // when an attempt is due, so backoff paces it.
-            self.sig = None;
+            // when an attempt is due, so backoff paces it (and, for a sig that arrived under
+            // a minute ago, the fast-login floor).
             self.refresh_due = None;
             self.logged_in = false;
             self.event(Event::UserSigExpired {
                 code: codes::USER_SIG_EXPIRED,
             });
             self.act(Action::ForgetSig);
+            let lived = self.now.mono.saturating_sub(ended.info.received_at);
+            if lived < MIN_SIG_LIFETIME && self.policy.provisioning {
+                self.last_error = Some(LastError::new(
+                    codes::USER_SIG_EXPIRED,
+                    ErrorClass::SigExpired,
+                    "the UserSig reached its end before a login could use it",
+                ));
+                if self.fast_login_floor(&format!("a UserSig that lived only {}", human_s(lived))) {
+                    return;
+                }
+            }
         }
         match &mut self.fetch {
             Some(f) if f.purpose == Purpose::Refresh => {
@@ -1148,21 +1277,20 @@ impl Machine {
             .filter(|s| s.info.user_id == self.user && Self::sig_valid(s, self.now.mono))
     }
 
-    fn sig_expired_locally(&self) -> bool {
-        self.sig
-            .as_ref()
-            .and_then(|s| s.deadline)
-            .is_some_and(|d| self.now.mono >= d)
-    }
-
     // --- login flow -----------------------------------------------------------------------
 
     /// Start a login from scratch: budgets, backoffs and cool-downs start over (a local
     /// login, a reload out of `stopped`, or the start).
     fn begin_login(&mut self) {
         self.goal = Goal::Online;
+        // A fresh start goes to the configured nodes: a redirect still pending from before
+        // would be followed without being counted.
+        self.redirect = None;
         self.redirects = 0;
+        self.fast_logins = 0;
+        self.session_since = None;
         self.rejected_retry_used = false;
+        self.rejected_level = 0;
         self.expiry_spent.clear();
         self.protocol_spent = 0;
         self.limited = None;
@@ -1179,6 +1307,8 @@ impl Machine {
 
     /// The session stayed up for the reset window: every budget and backoff is restored.
     fn on_stable(&mut self) {
+        self.fast_logins = 0;
+        self.rejected_level = 0;
         self.connect_backoff.reset();
         self.fetch_backoff.reset();
         self.expired_backoff.reset();
@@ -1194,12 +1324,18 @@ impl Machine {
             return;
         };
         let fingerprint = sig.info.fingerprint.clone();
+        let clock = SigClock {
+            deadline: sig.deadline,
+            lifetime: sig.lifetime,
+            received_at: sig.info.received_at,
+        };
         let (target, proto) = self.next_target();
         self.via = Some((target.clone(), proto));
         self.conn = Conn::Connecting {
             fingerprint: fingerprint.clone(),
             user: self.user.clone(),
             deadline: self.now.mono + self.policy.connect_timeout + TIMEOUT_SLACK,
+            sig: clock,
         };
         self.last_attempt = Some(self.now.mono);
         self.counters.connect_attempts += 1;
@@ -1229,10 +1365,10 @@ impl Machine {
         let proto = match self.policy.protocol {
             ProtocolMode::V5 => Proto::V5,
             ProtocolMode::V311 => Proto::V311,
-            ProtocolMode::Auto => match (self.learned, self.fallback) {
-                (Some(p), _) => p,
-                (None, true) => Proto::V311,
-                (None, false) => Proto::V5,
+            ProtocolMode::Auto => match self.learned.get(&target) {
+                ServerProto { proto: Some(p), .. } => p,
+                ServerProto { fallback: true, .. } => Proto::V311,
+                ServerProto { .. } => Proto::V5,
             },
         };
         (target, proto)
@@ -1260,6 +1396,10 @@ impl Machine {
         });
         if purpose == Purpose::Login {
             self.last_attempt = Some(self.now.mono);
+            // A login fetch: no session is up (an account switch, a renewal), so none goes on
+            // across it toward stability or toward a login that lasted.
+            self.stable_at = None;
+            self.session_since = None;
         }
         self.refresh_due = None;
         self.counters.sig_fetches += 1;
@@ -1314,7 +1454,12 @@ impl Machine {
 
     /// Stop: no more attempts until a local login, a reload or a restart.
     fn stop(&mut self, err: LastError) {
-        self.goal = Goal::Stopped;
+        self.stop_until(err, None);
+    }
+
+    /// Stop; `retry_at`: one more fresh try then (see [`Machine::on_sig_rejected`]).
+    fn stop_until(&mut self, err: LastError, retry_at: Option<Millis>) {
+        self.goal = Goal::Stopped { retry_at };
         self.logged_in = false;
         self.retry_at = None;
         self.clock_wait = false;
@@ -1388,13 +1533,22 @@ impl Machine {
     /// expiry (the server calls a sig expired that our clock says is good, or provisioning
     /// hands out expired sigs) spends the budget; every renewal after the first is paced by
     /// backoff.
-    fn on_sig_expired(&mut self, premature: bool, code: u32, why: String) {
+    /// `forget`: the current sig is the one that ended (not a newer one a refresh brought).
+    fn on_sig_expired(&mut self, premature: bool, forget: bool, code: u32, why: String) {
         self.logged_in = false;
         self.event(Event::UserSigExpired { code });
-        if self.sig.take().is_some() {
-            self.act(Action::ForgetSig);
+        if forget {
+            if let Some(ended) = self.sig.take() {
+                // At its end, the server enforced the expiry: that sig is over for good. (A
+                // premature one the budget bounds: provisioning may hand the same sig again,
+                // as a TLS-sig issued in the same second is the same sig.)
+                if !premature {
+                    self.ended_sig = Some(ended.info.fingerprint);
+                }
+                self.act(Action::ForgetSig);
+            }
+            self.refresh_due = None;
         }
-        self.refresh_due = None;
         if premature {
             let window = self.policy.sig_expired_window;
             let now = self.now.mono;
@@ -1437,6 +1591,45 @@ impl Machine {
         }
     }
 
+    /// Another login is needed after `why` (a login that lasted under [`MIN_SESSION`], or
+    /// the renewal of a UserSig that lived under [`MIN_SIG_LIFETIME`]). Beyond
+    /// [`FAST_LOGIN_BUDGET`] such logins in a row, the next one waits [`FAST_LOGIN_DELAY`],
+    /// doubling up to [`FAST_LOGIN_DELAY_MAX`] (half to all of it, so a fleet spreads out),
+    /// whatever the class said: never a login every few seconds. Returns whether it waits.
+    fn fast_login_floor(&mut self, why: &str) -> bool {
+        if self.goal != Goal::Online {
+            return false;
+        }
+        self.fast_logins = self.fast_logins.saturating_add(1);
+        let Some(over) = self.fast_logins.checked_sub(FAST_LOGIN_BUDGET + 1) else {
+            return false;
+        };
+        let full = FAST_LOGIN_DELAY
+            .saturating_mul(1u64 << over.min(20))
+            .min(FAST_LOGIN_DELAY_MAX);
+        let delay = self.rng.range(full / 2, full);
+        self.retry_later(self.now.mono + delay);
+        self.clock_wait = false;
+        if self.fetch.take().is_some() {
+            self.act(Action::CancelFetch);
+        }
+        let floor = format!(
+            "{why}, {} such logins in a row: the next one waits {} (a login every few seconds \
+             would be a storm; check the UserSig lifetime the business server sets and the \
+             broker's logs)",
+            self.fast_logins,
+            human_s(delay)
+        );
+        self.last_error = Some(match self.last_error.take() {
+            Some(e) => LastError {
+                message: format!("{}; {floor}", e.message),
+                ..e
+            },
+            None => LastError::new(codes::NET_DISCONNECT, ErrorClass::Network, floor),
+        });
+        true
+    }
+
     /// The server refused a sig that is not expired: one fresh sig, then stop.
     fn on_sig_rejected(&mut self, err: LastError) {
         if self.sig.take().is_some() {
@@ -1444,13 +1637,33 @@ impl Machine {
         }
         self.refresh_due = None;
         if self.rejected_retry_used {
+            // The rejection budget is spent. With provisioning, a long cool-down (doubling,
+            // jittered), then one more fresh try: when the auth service behind the broker is
+            // down, every CONNECT of a fleet is refused, and none of it may stay stopped for
+            // good. Without provisioning only the app can bring another sig.
+            let cool = self.policy.rejected_cooldown;
+            let retry_at = (cool > 0 && self.policy.provisioning).then(|| {
+                let base = cool
+                    .saturating_mul(1u64 << self.rejected_level.min(20))
+                    .min(self.policy.rejected_cooldown_max.max(cool));
+                self.rejected_level = self.rejected_level.saturating_add(1);
+                self.now.mono + self.rng.range(base - base / 4, base + base / 4)
+            });
+            let then = match retry_at {
+                Some(t) => format!(
+                    "one more try with a fresh UserSig after a cool-down of {} (or run \
+                     `imlinkctl login`)",
+                    human_s(t - self.now.mono)
+                ),
+                None => "then run `imlinkctl login`".into(),
+            };
             let message = format!(
-                "{}; a freshly fetched UserSig was refused too, so the engine stopped \
-                 (check sdk_app_id, user_id and the provisioning server's key), then run \
-                 `imlinkctl login`",
+                "{}; a freshly fetched UserSig was refused too, so the engine stopped (check \
+                 sdk_app_id, user_id, the provisioning server's key, and the broker's auth \
+                 service); {then}",
                 err.message
             );
-            return self.stop(LastError { message, ..err });
+            return self.stop_until(LastError { message, ..err }, retry_at);
         }
         self.rejected_retry_used = true;
         self.last_error = Some(err);
@@ -1536,21 +1749,24 @@ impl Machine {
             let waiting = self.conn == Conn::None
                 && self.retry_at.is_some_and(|t| t > self.now.mono)
                 && self.fetch.is_none_or(|f| f.purpose == Purpose::Refresh);
-            if (waiting || self.logged_in) && self.pending_logins.len() < MAX_PENDING_LOGINS {
-                // Join the login under way. While only a timer is pending, an operator's
-                // login cuts the wait short (never closer than the backoff base to the last
-                // attempt): a daemon that looks stuck gets moving.
-                self.pending_logins.push(id);
-                if waiting {
-                    let earliest = self
-                        .last_attempt
-                        .map_or(0, |t| t + self.policy.backoff.base);
-                    self.retry_at = Some(earliest.max(self.now.mono));
-                    if self.retry_at.is_some_and(|t| t <= self.now.mono) {
-                        self.retry_at = None;
-                        self.clock_wait = false;
-                    }
+            if waiting {
+                // While only a timer is pending, an operator's login cuts the wait short
+                // (never closer than the backoff base to the last attempt): a daemon that
+                // looks stuck gets moving, even when many logins already wait for it. It also
+                // earns the one fresh UserSig after a refusal again: a person asked.
+                self.rejected_retry_used = false;
+                let earliest = self
+                    .last_attempt
+                    .map_or(0, |t| t + self.policy.backoff.base);
+                self.retry_at = Some(earliest.max(self.now.mono));
+                if self.retry_at.is_some_and(|t| t <= self.now.mono) {
+                    self.retry_at = None;
+                    self.clock_wait = false;
                 }
+            }
+            if (waiting || self.logged_in) && self.pending_logins.len() < MAX_PENDING_LOGINS {
+                // Join the login under way.
+                self.pending_logins.push(id);
                 return;
             }
             return self.act(reply_err(
@@ -1566,22 +1782,30 @@ impl Machine {
         }
         self.pending_logins.push(id);
         if user != self.user {
-            // Account switch (or a login as someone else): the old user's sig is of no use.
-            self.user = user;
-            self.logged_in = false;
-            if self.sig.take().is_some() {
-                self.act(Action::ForgetSig);
-            }
-            self.refresh_due = None;
-            if self.fetch.take().is_some() {
-                self.act(Action::CancelFetch);
-            }
+            // Account switch (or a login as someone else).
+            self.switch_account(user);
         }
         if let Some(info) = sig {
             self.install_app_sig(info);
         }
         self.last_error = None;
         self.begin_login();
+    }
+
+    /// Log in as `user` from now on: the old user's sig and any fetch for it are of no use
+    /// (the session of the old user, if up, is closed by `next_step`). One function for both
+    /// ways to switch: a local `login {user_id}` and a reload that changes `user_id`.
+    fn switch_account(&mut self, user: UserId) {
+        self.user = user;
+        self.logged_in = false;
+        self.session_since = None;
+        if self.sig.take().is_some() {
+            self.act(Action::ForgetSig);
+        }
+        self.refresh_due = None;
+        if self.fetch.take().is_some() {
+            self.act(Action::CancelFetch);
+        }
     }
 
     /// Hold a sig a local app brought (already checked: the target user, not expired): it
@@ -1663,8 +1887,7 @@ impl Machine {
         self.policy = policy;
         if nodes_changed || reconnect {
             // Other brokers (or another protocol): what was learned about the old ones is void.
-            self.learned = None;
-            self.fallback = false;
+            self.learned = Learned::default();
             self.redirect = None;
             self.redirects = 0;
             if self.node >= self.policy.brokers.max(1) {
@@ -1679,15 +1902,7 @@ impl Machine {
         if configured_changed && user != self.user {
             // The configured identity changed: switch accounts (or just remember whom to log
             // in as). A reload that leaves `user_id` alone keeps a local app's switch.
-            self.user = user;
-            self.logged_in = false;
-            if self.sig.take().is_some() {
-                self.act(Action::ForgetSig);
-            }
-            self.refresh_due = None;
-            if self.fetch.take().is_some() {
-                self.act(Action::CancelFetch);
-            }
+            self.switch_account(user);
             self.reply_logins(Err(RequestError {
                 code: codes::LOGIN_IN_PROCESS,
                 message: "the configured user_id changed; logging in as the new user".into(),
@@ -1697,7 +1912,7 @@ impl Machine {
                 self.begin_login();
             }
         }
-        if self.goal == Goal::Stopped && self.policy.login_on_start {
+        if matches!(self.goal, Goal::Stopped { .. }) && self.policy.login_on_start {
             // A reload is one of the three ways out of `stopped`.
             self.last_error = None;
             self.begin_login();
@@ -1740,6 +1955,14 @@ impl Machine {
             .sig
             .as_ref()
             .is_some_and(|s| s.info.fingerprint == info.fingerprint);
+        if self.ended_sig.as_ref() == Some(&info.fingerprint) {
+            // Its own `Date` may say it is good: the IM service has just said otherwise.
+            return Err(FetchFailure::new(
+                ErrorClass::SigExpired,
+                codes::USER_SIG_EXPIRED,
+                "the provisioning server returned the UserSig that had just expired",
+            ));
+        }
         let sig = self.derive(info);
         let now = self.now.mono;
         if !Self::sig_valid(&sig, now) {
@@ -1824,7 +2047,7 @@ impl Machine {
         match f.class {
             ErrorClass::Fatal | ErrorClass::Kicked => self.stop(err),
             ErrorClass::Clock => self.wait_for_clock(err),
-            ErrorClass::SigExpired => self.on_sig_expired(true, f.code, f.message),
+            ErrorClass::SigExpired => self.on_sig_expired(true, true, f.code, f.message),
             ErrorClass::SigRejected | ErrorClass::Protocol => self.on_protocol_error(err),
             ErrorClass::Network | ErrorClass::Busy => {
                 if let Some(limit) = f.give_up_after {
@@ -1887,7 +2110,10 @@ impl Machine {
 
     fn on_connected(&mut self, session_present: bool) {
         let Conn::Connecting {
-            fingerprint, user, ..
+            fingerprint,
+            user,
+            sig,
+            ..
         } = std::mem::replace(&mut self.conn, Conn::None)
         else {
             return; // stale
@@ -1899,17 +2125,24 @@ impl Machine {
             inbox: Inbox::Pending {
                 deadline: self.now.mono + self.policy.connect_timeout,
             },
+            sig,
         };
         self.subscribe_backoff.reset();
         if let Some((target, proto)) = &self.via {
-            // Remember what the broker speaks; stay with a node that works.
-            self.learned = Some(*proto);
-            self.fallback = false;
+            // Remember what this server speaks; stay with a node that works.
+            self.learned.set(
+                target,
+                ServerProto {
+                    proto: Some(*proto),
+                    fallback: false,
+                },
+            );
             if let Target::Node(i) = target {
                 self.node = *i;
             }
         }
         self.redirects = 0;
+        self.session_since.get_or_insert(self.now.mono);
         self.logged_in = true;
         self.counters.logins += 1;
         self.retry_at = None;
@@ -1927,23 +2160,74 @@ impl Machine {
     }
 
     fn on_connection_ended(&mut self, end: ConnEnd) {
-        let online_since = match std::mem::replace(&mut self.conn, Conn::None) {
-            Conn::Online { since, .. } => Some(since),
-            Conn::Connecting { .. } => None,
+        let (online_since, sig, used) = match std::mem::replace(&mut self.conn, Conn::None) {
+            Conn::Online {
+                since,
+                sig,
+                fingerprint,
+                ..
+            } => (Some(since), sig, fingerprint),
+            Conn::Connecting {
+                sig, fingerprint, ..
+            } => (None, sig, fingerprint),
             // We were closing anyway: done.
             Conn::Closing { .. } | Conn::None => return,
         };
+        // How long the session lasted, across the engine's own planned moves.
+        let lasted = online_since.map(|since| {
+            self.now
+                .mono
+                .saturating_sub(self.session_since.take().unwrap_or(since))
+        });
+        if lasted.is_some_and(|l| l >= MIN_SESSION) {
+            // A login that lasted: logins are not coming too fast.
+            self.fast_logins = 0;
+        }
+        // The sig the connection used is over (if that is what this end says); one a refresh
+        // brought meanwhile is not.
+        let newer = self
+            .usable_sig()
+            .is_some_and(|s| s.info.fingerprint != used);
+        let class = self.react_to_end(&end, online_since, sig, newer);
+        let short_session = lasted.is_some_and(|l| l < MIN_SESSION);
+        let lived = self.now.mono.saturating_sub(sig.received_at);
+        // A new UserSig is fetched after an expiry or a refusal: one that arrived under a
+        // minute ago means UserSigs are being issued too fast.
+        let short_sig = matches!(class, ErrorClass::SigExpired | ErrorClass::SigRejected)
+            && !newer
+            && self.policy.provisioning
+            && lived < MIN_SIG_LIFETIME;
+        if short_session || short_sig {
+            let why = match lasted {
+                Some(l) if short_session => format!("a login that lasted {}", human_s(l)),
+                _ => format!("a UserSig that lived only {}", human_s(lived)),
+            };
+            self.fast_login_floor(&why);
+        }
+    }
+
+    /// Classify how a connection ended and react to it; returns the class.
+    fn react_to_end(
+        &mut self,
+        end: &ConnEnd,
+        online_since: Option<Millis>,
+        sig: SigClock,
+        newer: bool,
+    ) -> ErrorClass {
         self.stable_at = None;
         let via = self.via.clone();
-        let mut c = self.classify(&end, online_since);
-        // Auto: a node that will not take an MQTT 5 CONNECT gets 3.1.1 next (once: what
-        // follows is judged as usual).
+        let mut c = classify::classify(
+            end,
+            &classify::Context::new(online_since.is_some(), sig, self.now.mono),
+        );
+        // Auto: a node that will not take an MQTT 5 CONNECT gets 3.1.1 next (once per node:
+        // what follows is judged as usual).
         let mut fallback = false;
         if online_since.is_none()
             && self.policy.protocol == ProtocolMode::Auto
-            && matches!(via, Some((_, Proto::V5)))
-            && self.learned.is_none()
-            && !self.fallback
+            && c.class != ErrorClass::SigExpired
+            && let Some((target, Proto::V5)) = &via
+            && self.learned.get(target) == ServerProto::default()
             && matches!(
                 end,
                 ConnEnd::Refused { code: 0x84, .. }
@@ -1953,9 +2237,15 @@ impl Machine {
                     }
             )
         {
-            self.fallback = true;
+            self.learned.set(
+                target,
+                ServerProto {
+                    proto: None,
+                    fallback: true,
+                },
+            );
             fallback = true;
-            c = Classified {
+            c = classify::Classified {
                 class: ErrorClass::Network,
                 err: LastError::new(
                     codes::NET_DISCONNECT,
@@ -1976,16 +2266,18 @@ impl Machine {
                 message: c.err.message.clone(),
             });
         }
+        let class = c.class;
         if self.goal != Goal::Online {
-            return;
+            return class;
         }
-        if let ConnEnd::Redirect { reference, .. } = &end
+        if let ConnEnd::Redirect { reference, .. } = end
             && self.redirects < MAX_REDIRECTS
         {
             // Follow it (once per redirect, a bounded number in a row), paced by backoff.
             self.redirects += 1;
             self.redirect = Some(reference.clone());
-            return self.backoff(c.err, WhichBackoff::Connect, None);
+            self.backoff(c.err, WhichBackoff::Connect, None);
+            return class;
         }
         if matches!(c.class, ErrorClass::Network | ErrorClass::Busy)
             && !fallback
@@ -2016,12 +2308,15 @@ impl Machine {
                             self.early_closes,
                             human_ms(self.policy.takeover_window)
                         );
-                        return self.kicked(KickReason::SuspectedTakeover, message);
+                        self.kicked(KickReason::SuspectedTakeover, message);
+                        return ErrorClass::Kicked;
                     }
                 }
                 self.backoff(c.err, WhichBackoff::Connect, None);
             }
-            ErrorClass::SigExpired => self.on_sig_expired(c.premature, c.err.code, c.err.message),
+            ErrorClass::SigExpired => {
+                self.on_sig_expired(c.premature, !newer, c.err.code, c.err.message)
+            }
             ErrorClass::SigRejected => self.on_sig_rejected(c.err),
             ErrorClass::Protocol => self.on_protocol_error(c.err),
             ErrorClass::Kicked => self.kicked(
@@ -2031,224 +2326,7 @@ impl Machine {
             ErrorClass::Fatal => self.stop(c.err),
             ErrorClass::Clock => self.wait_for_clock(c.err),
         }
-    }
-
-    /// Classify an ended connection (brief §3.2).
-    fn classify(&self, end: &ConnEnd, online_since: Option<Millis>) -> Classified {
-        use ErrorClass::*;
-        let c = |class: ErrorClass, code: u32, msg: String| Classified {
-            class,
-            err: LastError::new(code, class, msg),
-            kick: None,
-            premature: false,
-        };
-        let said = |reason: &Option<String>| {
-            reason
-                .as_deref()
-                .map(|r| format!(": {}", quote_external(r, MAX_REASON_CHARS)))
-                .unwrap_or_default()
-        };
-        let says_expired = |reason: &Option<String>| {
-            reason
-                .as_deref()
-                .is_some_and(|r| r.trim_start().starts_with("70001"))
-        };
-        let expired_here = self.sig_expired_locally();
-        // "Near" its end: the server's clock may run a little ahead of ours.
-        // Unknown (an opaque sig): not near, so the budget bounds it.
-        let near_end = self.sig.as_ref().is_some_and(|s| match s.deadline {
-            Some(d) => {
-                let grace = s.lifetime.map_or(60_000, |l| (l / 10).min(60_000));
-                d <= self.now.mono + grace
-            }
-            None => false,
-        });
-        match end {
-            ConnEnd::Network { kind, detail } => {
-                let what = if online_since.is_some() {
-                    "connection lost"
-                } else {
-                    "could not connect"
-                };
-                c(Network, kind.code(), format!("{what}: {detail}"))
-            }
-            ConnEnd::Redirect {
-                code,
-                reference,
-                reason,
-            } => c(
-                Busy,
-                codes::NET_DISCONNECT,
-                format!(
-                    "the broker sent us to another server (0x{code:02X}, {}{})",
-                    quote_external(reference, 80),
-                    said(reason)
-                ),
-            ),
-            ConnEnd::CertNotYetValid { detail } => c(
-                Clock,
-                0,
-                format!(
-                    "TLS says the server certificate is not valid yet ({detail}): the device \
-                     clock is probably behind; waiting for time sync"
-                ),
-            ),
-            ConnEnd::Refused { code, reason } => {
-                let r = said(reason);
-                match *code {
-                    0x87 | 0x86 if expired_here => c(
-                        SigExpired,
-                        codes::SVR_SIG_EXPIRED,
-                        format!(
-                            "the IM service refused the UserSig (CONNACK 0x{code:02X}{r}) and it \
-                             is past its expiry"
-                        ),
-                    ),
-                    0x87 | 0x86 if says_expired(reason) => Classified {
-                        premature: true,
-                        ..c(
-                            SigExpired,
-                            codes::SVR_SIG_EXPIRED,
-                            format!(
-                                "the IM service says the UserSig expired (CONNACK 0x{code:02X}{r})"
-                            ),
-                        )
-                    },
-                    0x87 | 0x86 => c(
-                        SigRejected,
-                        server_code(reason).unwrap_or(codes::SVR_SIG_CHECK_FAILED),
-                        format!(
-                            "the IM service refused the UserSig (CONNACK 0x{code:02X} {}{r})",
-                            if *code == 0x87 {
-                                "Not authorized"
-                            } else {
-                                "Bad user name or password"
-                            }
-                        ),
-                    ),
-                    0x8A => c(
-                        Fatal,
-                        codes::SVR_BANNED,
-                        format!(
-                            "the IM service says this account is banned (CONNACK 0x8A{r}); ask \
-                             the app's administrator, then run `imlinkctl login`"
-                        ),
-                    ),
-                    0x85 => c(
-                        Fatal,
-                        codes::INVALID_PARAMETERS,
-                        format!(
-                            "the IM service refused the MQTT client id (CONNACK 0x85{r}); check \
-                             broker.client_id in the config"
-                        ),
-                    ),
-                    0x84 | 0x8C => c(
-                        Fatal,
-                        codes::INVALID_PARAMETERS,
-                        format!(
-                            "the IM service does not accept this client (CONNACK 0x{code:02X}{r})"
-                        ),
-                    ),
-                    0x9F => c(
-                        Busy,
-                        codes::SVR_FREQ_LIMIT,
-                        format!(
-                            "the IM service limits the login rate (CONNACK 0x9F{r}); retrying later"
-                        ),
-                    ),
-                    0x81 | 0x82 | 0x90 | 0x95 | 0x99 | 0x9A | 0x9B => c(
-                        Protocol,
-                        codes::NET_DISCONNECT,
-                        format!(
-                            "the IM service refused the CONNECT as invalid (CONNACK 0x{code:02X}{r})"
-                        ),
-                    ),
-                    _ => c(
-                        Busy,
-                        codes::NET_DISCONNECT,
-                        format!(
-                            "the IM service refused the connection for now (CONNACK 0x{code:02X}{r})"
-                        ),
-                    ),
-                }
-            }
-            ConnEnd::ServerDisconnect { code, reason } => {
-                let r = said(reason);
-                match *code {
-                    0x8E => Classified {
-                        kick: Some(KickReason::LoggedInElsewhere),
-                        ..c(
-                            Kicked,
-                            codes::KICKED_OFF_BY_OTHER,
-                            format!(
-                                "logged in elsewhere: another login took the session (DISCONNECT 0x8E{r})"
-                            ),
-                        )
-                    },
-                    0x98 => Classified {
-                        kick: Some(KickReason::KickedByAdmin),
-                        ..c(
-                            Kicked,
-                            codes::KICKED_OFF_BY_OTHER,
-                            format!("kicked offline by an administrator (DISCONNECT 0x98{r})"),
-                        )
-                    },
-                    0xA0 if reason.is_none() || says_expired(reason) || near_end => Classified {
-                        premature: !near_end,
-                        ..c(
-                            SigExpired,
-                            codes::SVR_SIG_EXPIRED,
-                            format!("the UserSig expired while online (DISCONNECT 0xA0{r})"),
-                        )
-                    },
-                    // Only our own clock decides: a session the server just accepted and then
-                    // ends as "not authorized" is a rejection (an ACL, a revoked account),
-                    // whatever its reason string says.
-                    0x87 | 0x86 if expired_here => c(
-                        SigExpired,
-                        codes::SVR_SIG_EXPIRED,
-                        format!(
-                            "the IM service ended the session as the UserSig ran out (DISCONNECT 0x{code:02X}{r})"
-                        ),
-                    ),
-                    0x87 | 0x86 => c(
-                        SigRejected,
-                        server_code(reason).unwrap_or(codes::SVR_SIG_CHECK_FAILED),
-                        format!("the IM service revoked the UserSig (DISCONNECT 0x{code:02X}{r})"),
-                    ),
-                    0x89 | 0x8B | 0x96 | 0x97 => c(
-                        Busy,
-                        codes::NET_DISCONNECT,
-                        format!("the server is busy or shutting down (DISCONNECT 0x{code:02X}{r})"),
-                    ),
-                    0x81 | 0x82 | 0x8C | 0x8F | 0x90 | 0x93 | 0x94 | 0x95 | 0x99 | 0x9A | 0x9B
-                    | 0x9E | 0xA1 | 0xA2 => c(
-                        Protocol,
-                        codes::NET_DISCONNECT,
-                        format!(
-                            "the server ended the session for a reason a reconnect does not fix \
-                             (DISCONNECT 0x{code:02X}{r})"
-                        ),
-                    ),
-                    _ => c(
-                        Network,
-                        codes::NET_DISCONNECT,
-                        format!("the server ended the session (DISCONNECT 0x{code:02X}{r})"),
-                    ),
-                }
-            }
-        }
-    }
-}
-
-/// The IM code at the start of a reason string (`"70009 signature mismatch"`), when there is one.
-fn server_code(reason: &Option<String>) -> Option<u32> {
-    let r = reason.as_deref()?.trim_start();
-    let digits: String = r.chars().take_while(|c| c.is_ascii_digit()).collect();
-    if digits.len() == 5 {
-        digits.parse().ok().filter(|c| (70000..80000).contains(c))
-    } else {
-        None
+        class
     }
 }
 
@@ -2263,6 +2341,19 @@ fn offset(base: Millis, delta_ms: i64) -> Millis {
         base.saturating_add(delta_ms as u64)
     } else {
         base.saturating_sub(delta_ms.unsigned_abs())
+    }
+}
+
+/// A measured duration for a message: `1.5s`, `42s`, `3m`, `5h`.
+fn human_s(ms: Millis) -> String {
+    if ms < 10_000 && !ms.is_multiple_of(1000) {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else if ms < 120_000 {
+        format!("{}s", ms / 1000)
+    } else if ms < 2 * 3_600_000 {
+        format!("{}m", ms / 60_000)
+    } else {
+        format!("{}h", ms / 3_600_000)
     }
 }
 

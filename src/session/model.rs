@@ -130,7 +130,9 @@ impl LastError {
 
 /// Text that came from outside (a broker's reason string, an HTTP body, API input), made safe
 /// to put in a log line, `STATUS=`, an error or the API: control characters (newlines
-/// included: each one would start a new sd_notify assignment) become spaces, at most
+/// included: each one would start a new sd_notify assignment; NEL, U+0085, is one), Unicode's
+/// line and paragraph separators (U+2028, U+2029) and the bidirectional controls that reorder
+/// what a reader sees (U+061C, U+200E/F, U+202A–E, U+2066–9) become spaces, at most
 /// `max_chars` characters are kept, and the result is quoted so it reads as the server's words.
 pub fn quote_external(text: &str, max_chars: usize) -> String {
     let mut out = String::with_capacity(text.len().min(max_chars) + 2);
@@ -143,13 +145,27 @@ pub fn quote_external(text: &str, max_chars: usize) -> String {
         let c = match c {
             '"' => '\'',
             '\\' => '/',
-            c if c.is_control() || c == '\u{2028}' || c == '\u{2029}' => ' ',
+            c if c.is_control() || is_separator_or_bidi(c) => ' ',
             c => c,
         };
         out.push(c);
     }
     out.push('"');
     out
+}
+
+/// Characters that break or reorder a line without being control characters.
+fn is_separator_or_bidi(c: char) -> bool {
+    matches!(
+        c,
+        '\u{2028}'
+            | '\u{2029}'
+            | '\u{061C}'
+            | '\u{200E}'
+            | '\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2066}'..='\u{2069}'
+    )
 }
 
 /// How much of a server's reason string is kept.
@@ -336,7 +352,10 @@ pub fn summary(s: &Snapshot, broker: &str, now_mono: Millis) -> String {
                 None => format!("kicked: {why} — run `imlinkctl login`"),
             }
         }
-        Phase::Stopped => format!("stopped: {err} — run `imlinkctl login`"),
+        Phase::Stopped => match s.next_retry_ms {
+            Some(t) => format!("stopped: {err} — next try in {}", until(t)),
+            None => format!("stopped: {err} — run `imlinkctl login`"),
+        },
     }
 }
 

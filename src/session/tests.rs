@@ -184,14 +184,25 @@ fn network_closed() -> Input {
 }
 
 fn refused(code: u8) -> Input {
-    Input::ConnectionEnded(ConnEnd::Refused { code, reason: None })
+    Input::ConnectionEnded(ConnEnd::Refused {
+        code,
+        reason: None,
+        im_code: None,
+    })
 }
 
+/// A DISCONNECT as the reference service sends it: the reason string `"<code> <text>"` and the
+/// same code as the `im-error-code` user property (which the relay hands over typed).
 fn server_disconnect(code: u8, reason: &str) -> Input {
     Input::ConnectionEnded(ConnEnd::ServerDisconnect {
         code,
         reason: Some(reason.into()),
+        im_code: im_code_of(reason),
     })
+}
+
+fn im_code_of(reason: &str) -> Option<u32> {
+    reason.split(' ').next().and_then(|c| c.parse().ok())
 }
 
 // --- the happy path ---------------------------------------------------------------------------
@@ -482,6 +493,50 @@ fn connack_0x87_for_a_sig_past_its_expiry_is_the_expired_path() {
 }
 
 #[test]
+fn the_im_code_is_read_typed_and_never_parsed_out_of_a_reason_string() {
+    // The broker's `im-error-code` says 70001: an expiry, whatever the words (a premature one:
+    // our clock says the sig is good, so it spends the budget).
+    let mut h = H::started();
+    let s = h.sig(3600);
+    h.input(Input::SigFetched(s));
+    let a = h.input(Input::ConnectionEnded(ConnEnd::Refused {
+        code: 0x87,
+        reason: Some("token no longer valid".into()),
+        im_code: Some(70001),
+    }));
+    assert!(a.contains(&Action::Emit(Event::UserSigExpired { code: 70001 })));
+    assert_eq!(h.last_error().class, ErrorClass::SigExpired);
+    // A reason string that merely starts with "70001", with no IM code, is the broker's
+    // words, not its code: a refusal of a sig our clock says is good is a rejection.
+    let mut h = H::started();
+    let s = h.sig(3600);
+    h.input(Input::SigFetched(s));
+    let a = h.input(Input::ConnectionEnded(ConnEnd::Refused {
+        code: 0x87,
+        reason: Some("70001 looks like a code".into()),
+        im_code: None,
+    }));
+    assert!(!a.contains(&Action::Emit(Event::UserSigExpired { code: 70001 })));
+    let e = h.last_error();
+    assert_eq!((e.class, e.code), (ErrorClass::SigRejected, 70003));
+    assert!(
+        e.message.contains("\"70001 looks like a code\""),
+        "{}",
+        e.message
+    );
+    // A UserSig code in the IM code is reported as is.
+    let mut h = H::started();
+    let s = h.sig(3600);
+    h.input(Input::SigFetched(s));
+    h.input(Input::ConnectionEnded(ConnEnd::Refused {
+        code: 0x86,
+        reason: None,
+        im_code: Some(70009),
+    }));
+    assert_eq!(h.last_error().code, 70009);
+}
+
+#[test]
 fn sig_expired_budget_allows_three_relogins_per_window_then_stops() {
     let mut h = H::online(3600);
     let mut relogins = 0;
@@ -558,7 +613,8 @@ fn the_sig_expired_budget_window_slides() {
 fn an_expiry_at_the_sigs_natural_end_spends_no_budget_but_is_paced() {
     // A broker that ends sessions when the sig runs out, and a provisioning server that hands
     // out 20 s sigs while refreshes fail: renewals go on (they are not the server calling
-    // fresh sigs expired), paced by backoff, never stopped by the budget.
+    // fresh sigs expired), paced by backoff and, as each login lasts only 20 s, by the
+    // fast-login floor; never stopped by the budget.
     let mut h = H::online(20);
     let mut renewals = 0;
     let start = h.now.mono;
@@ -586,7 +642,7 @@ fn an_expiry_at_the_sigs_natural_end_spends_no_budget_but_is_paced() {
             Phase::Stopped,
             "natural expiries spend no budget"
         );
-        h.advance_to_fetch(400_000);
+        h.advance_to_fetch(FAST_LOGIN_DELAY_MAX);
         renewals += 1;
         let s = h.sig(20);
         h.input(Input::SigFetched(s));
@@ -596,8 +652,8 @@ fn an_expiry_at_the_sigs_natural_end_spends_no_budget_but_is_paced() {
     }
     assert!(renewals >= 5, "{renewals}");
     assert!(
-        renewals <= 30,
-        "paced by backoff: {renewals} renewals in 30 min"
+        renewals <= 12,
+        "paced by the fast-login floor: {renewals} renewals in 30 min"
     );
 }
 
@@ -643,8 +699,9 @@ fn a_rejected_sig_earns_one_fresh_retry_then_stops() {
         let e = h.last_error();
         assert_eq!((e.code, e.class), (70003, ErrorClass::SigRejected));
         assert!(e.message.contains("refused too"));
+        // Quiet for the whole cool-down (at least 22.5 min; the next try is another test's).
         assert!(
-            h.advance(3_600_000)
+            h.advance(22 * 60_000)
                 .iter()
                 .all(|a| matches!(a, Action::Emit(_)))
         );
@@ -1907,6 +1964,7 @@ fn a_credential_refusal_does_not_fail_over() {
     h.input(Input::ConnectionEnded(ConnEnd::Refused {
         code: 0x8A,
         reason: None,
+        im_code: None,
     }));
     assert_eq!(
         h.m.phase(),
@@ -1921,6 +1979,7 @@ fn auto_falls_back_to_3_1_1_once_and_remembers_what_worked() {
         ConnEnd::Refused {
             code: 0x84,
             reason: None,
+            im_code: None,
         },
         ConnEnd::Network {
             kind: NetKind::Closed,
@@ -1965,11 +2024,65 @@ fn auto_falls_back_to_3_1_1_once_and_remembers_what_worked() {
 }
 
 #[test]
+fn auto_remembers_the_protocol_per_node() {
+    // Three MQTT 5 nodes; node 0 restarts: it closes one CONNECT before any CONNACK, then
+    // refuses TCP. That says nothing about nodes 1 and 2, which must still get MQTT 5.
+    let mut h = H::new(Policy {
+        protocol: ProtocolMode::Auto,
+        brokers: 3,
+        ..Policy::default()
+    });
+    h.input(Input::Start);
+    let s = h.sig(86_400);
+    let a = h.input(Input::SigFetched(s));
+    assert_eq!(vias(&a), vec![(Target::Node(0), Proto::V5)]);
+    h.input(network_closed());
+    let a = h.advance_to_connect(2_000);
+    assert_eq!(
+        vias(&a),
+        vec![(Target::Node(0), Proto::V311)],
+        "node 0: 3.1.1 next"
+    );
+    h.input(Input::ConnectionEnded(ConnEnd::Network {
+        kind: NetKind::Refused,
+        detail: "restarting".into(),
+    }));
+    let a = h.advance_to_connect(10_000);
+    assert_eq!(
+        vias(&a),
+        vec![(Target::Node(1), Proto::V5)],
+        "one node's close before CONNACK switched another node to 3.1.1"
+    );
+    h.input(Input::Connected {
+        session_present: true,
+    });
+    // Node 1 goes away: node 2 has told us nothing either.
+    h.input(network_closed());
+    let a = h.advance_to_connect(10_000);
+    assert_eq!(vias(&a), vec![(Target::Node(2), Proto::V5)]);
+    h.input(Input::ConnectionEnded(ConnEnd::Network {
+        kind: NetKind::Refused,
+        detail: "down".into(),
+    }));
+    // Back round to node 0: it still gets the 3.1.1 it was found to need.
+    let a = h.advance_to_connect(10_000);
+    assert_eq!(vias(&a), vec![(Target::Node(0), Proto::V311)]);
+    h.input(Input::ConnectionEnded(ConnEnd::Network {
+        kind: NetKind::Refused,
+        detail: "down".into(),
+    }));
+    // And node 1 what earned its CONNACK.
+    let a = h.advance_to_connect(10_000);
+    assert_eq!(vias(&a), vec![(Target::Node(1), Proto::V5)]);
+}
+
+#[test]
 fn a_fixed_protocol_never_falls_back() {
     let mut h = started_with(Policy::default());
     h.input(Input::ConnectionEnded(ConnEnd::Refused {
         code: 0x84,
         reason: None,
+        im_code: None,
     }));
     assert_eq!(
         h.m.phase(),
@@ -1997,6 +2110,7 @@ fn redirects_are_followed_a_bounded_number_of_times_in_a_row() {
             code: 0x9C,
             reference: to.into(),
             reason: None,
+            im_code: None,
         })
     };
     let mut seen = Vec::new();
@@ -2023,7 +2137,611 @@ fn redirects_are_followed_a_bounded_number_of_times_in_a_row() {
         code: 0x9D,
         reference: "moved:8883".into(),
         reason: None,
+        im_code: None,
     }));
     let a = h.advance_to_connect(60_000);
     assert_eq!(vias(&a)[0].0, Target::Redirect("moved:8883".into()));
+}
+
+/// NEL, Unicode's line and paragraph separators, and the bidi controls that reorder what a
+/// log reader sees.
+const HOSTILE: &[char] = &[
+    '\u{0085}', '\u{2028}', '\u{2029}', '\u{202A}', '\u{202E}', '\u{2066}', '\u{2069}', '\u{200E}',
+    '\u{200F}', '\u{061C}', '\n', '\r', '\u{1B}',
+];
+
+fn clean(text: &str) -> bool {
+    !text.contains(HOSTILE) && !text.chars().any(char::is_control)
+}
+
+#[test]
+fn quote_external_keeps_line_separators_and_bidi_controls_out() {
+    for c in HOSTILE {
+        let q = quote_external(&format!("a{c}b"), 80);
+        assert_eq!(q, "\"a b\"", "{c:?}");
+    }
+}
+
+#[test]
+fn a_redirect_reference_with_line_separators_never_reaches_a_message_unescaped() {
+    for c in HOSTILE {
+        let mut h = H::started();
+        let s = h.sig(3600);
+        h.input(Input::SigFetched(s));
+        let a = h.input(Input::ConnectionEnded(ConnEnd::Redirect {
+            code: 0x9C,
+            reference: format!("evil{c}host:8883\nWATCHDOG=trigger"),
+            reason: Some(format!("moved{c}away")),
+            im_code: None,
+        }));
+        let failed = a
+            .iter()
+            .find_map(|a| match a {
+                Action::Emit(Event::ConnectFailed { message, .. }) => Some(message.clone()),
+                _ => None,
+            })
+            .expect("connect_failed");
+        assert!(clean(&failed), "{c:?}: {failed:?}");
+        assert!(clean(&h.last_error().message), "{c:?}");
+        let snap = h.m.snapshot();
+        assert!(
+            clean(&summary(&snap, "mqtts://b:8883", h.now.mono)),
+            "{c:?}"
+        );
+    }
+}
+
+// --- expiry signals of real engines (NATS, EMQX, admin DISCONNECTs at expiry) ----------------
+
+impl H {
+    /// A sig for alice of `lifetime_s`, issued so that `left_s` of it remain.
+    fn sig_ending(&mut self, lifetime_s: i64, left_s: i64) -> SigInfo {
+        let mut s = self.sig(lifetime_s);
+        s.issued_at = Some(self.now.wall - (lifetime_s - left_s));
+        s.expires_at = Some(self.now.wall + left_s);
+        s
+    }
+
+    /// Fetch (answering with `sig`), connect, CONNACK.
+    fn log_in_with(&mut self, sig: SigInfo) -> Vec<Action> {
+        let mut a = self.input(Input::SigFetched(sig));
+        assert_eq!(connects(&a).len(), 1, "{a:?}");
+        a.extend(self.input(Input::Connected {
+            session_present: true,
+        }));
+        assert_eq!(self.phase(), Phase::Online);
+        a
+    }
+}
+
+#[test]
+fn a_silent_close_at_the_sigs_expiry_is_sig_expired_renews_first_and_is_never_a_takeover() {
+    // NATS closes the socket, with no MQTT packet, 0–1 s after the user JWT's exp. Each
+    // session here is a login that lasted under the takeover window, and yet none counts
+    // toward a suspected takeover; each is a natural end: no budget, never a stop.
+    let mut h = H::started();
+    for round in 0..6 {
+        // An hour-long sig with 8 s left (its refresh is under way and slow).
+        let s = h.sig_ending(3_600, 8);
+        h.log_in_with(s);
+        h.advance(8_400);
+        let a = h.input(network_closed());
+        assert!(
+            a.contains(&Action::Emit(Event::UserSigExpired { code: 70001 })),
+            "round {round}: {a:?}"
+        );
+        let e = h.last_error();
+        assert_eq!((e.class, e.code), (ErrorClass::SigExpired, 70001), "{e:?}");
+        assert!(e.message.contains("expiry"), "{}", e.message);
+        assert!(connects(&a).is_empty(), "never the same sig again: {a:?}");
+        assert_ne!(h.phase(), Phase::Kicked, "round {round}");
+        assert_ne!(h.phase(), Phase::Stopped, "round {round}");
+        // Renew first: a fetch (the one under way, or a new one once paced: these logins
+        // last seconds, so after three the fast-login floor spaces them), then a CONNECT.
+        if h.phase() != Phase::FetchingSig {
+            h.advance_to_fetch(FAST_LOGIN_DELAY_MAX);
+        }
+    }
+}
+
+#[test]
+fn a_silent_close_away_from_the_expiry_is_a_network_drop() {
+    // Two minutes before the deadline: the same sig again, no fetch.
+    let mut h = H::started();
+    let s = h.sig_ending(3_600, 130);
+    h.log_in_with(s);
+    h.advance(10_000);
+    let a = h.input(network_closed());
+    assert_eq!(h.last_error().class, ErrorClass::Network);
+    assert!(!events(&a).contains(&"user_sig_expired"));
+    let a = h.advance_to_connect(10_000);
+    assert_eq!(fetches(&a), 0);
+    // Long after the deadline (a broker that does not enforce it): a close is a close, and
+    // the engine then finds the sig expired on its own clock (6206) and renews it.
+    let mut h = H::new(Policy {
+        refresh_fraction: 0.999,
+        ..Policy::default()
+    });
+    h.input(Input::Start);
+    let s = h.sig_ending(3_600, 5);
+    h.log_in_with(s);
+    h.advance(30_000);
+    let a = h.input(network_closed());
+    assert!(!a.contains(&Action::Emit(Event::UserSigExpired { code: 70001 })));
+    assert_eq!(h.last_error().class, ErrorClass::Network);
+    h.advance_until(10_000, |a| {
+        *a == Action::Emit(Event::UserSigExpired { code: 6206 })
+    });
+    assert_eq!(h.phase(), Phase::FetchingSig);
+}
+
+#[test]
+fn disconnect_0x98_at_or_after_the_expiry_is_sig_expired_not_a_kick() {
+    for left in [0i64, -3, 40] {
+        // An hour-long sig: the skew is 60 s, so 40 s before the deadline is its end too.
+        let mut h = H::started();
+        let s = h.sig_ending(3_600, 61);
+        h.log_in_with(s);
+        h.advance((61 - left) as u64 * 1_000);
+        let a = h.input(server_disconnect(0x98, "administrative action"));
+        assert!(
+            a.contains(&Action::Emit(Event::UserSigExpired { code: 70001 })),
+            "{left} s left: {a:?}"
+        );
+        assert_ne!(h.phase(), Phase::Kicked);
+        assert_eq!(h.last_error().class, ErrorClass::SigExpired);
+    }
+    // Well before its end, 0x98 is an administrator's kick.
+    let mut h = H::started();
+    let s = h.sig_ending(3_600, 600);
+    h.log_in_with(s);
+    h.input(server_disconnect(0x98, "administrative action"));
+    assert_eq!(h.phase(), Phase::Kicked);
+}
+
+#[test]
+fn disconnect_0x87_within_the_skew_of_the_expiry_is_sig_expired_and_spends_no_budget() {
+    // EMQX ≥ 5.7 sends DISCONNECT 0x87 at `expire_at` on its clock, which may run a little
+    // ahead of ours. More such ends than the premature budget never stop the engine.
+    let mut h = H::started();
+    for round in 0..5 {
+        let s = h.sig_ending(3_600, 30);
+        h.log_in_with(s);
+        h.advance(29_000);
+        let a = h.input(server_disconnect(0x87, "not authorized"));
+        assert!(
+            a.contains(&Action::Emit(Event::UserSigExpired { code: 70001 })),
+            "round {round}: {a:?}"
+        );
+        assert_ne!(h.phase(), Phase::Stopped, "round {round}");
+        if h.phase() != Phase::FetchingSig {
+            h.advance_to_fetch(FAST_LOGIN_DELAY_MAX);
+        }
+    }
+    // Well before the end, 0x87 is a revocation: one fresh sig, then stop.
+    let mut h = H::started();
+    let s = h.sig_ending(3_600, 600);
+    h.log_in_with(s);
+    h.input(server_disconnect(0x87, "not authorized"));
+    assert_eq!(h.last_error().class, ErrorClass::SigRejected);
+}
+
+// --- logins that do not last: short-lived UserSigs, sessions that end within seconds ---------
+
+/// Count the CONNECTs in `a`.
+fn n_connects(a: &[Action]) -> usize {
+    connects(a).len()
+}
+
+#[test]
+fn two_second_sigs_never_become_a_login_every_few_seconds() {
+    // The business server issues 2 s sigs (a unit mistake); the broker ends each session at
+    // the sig's expiry. Every renewal is a genuine expiry, so no budget stops it: the
+    // fast-login floor spaces them instead.
+    let mut h = H::started();
+    let mut logins = Vec::new();
+    let start = h.now.mono;
+    while h.now.mono < start + 3_600_000 {
+        let s = h.sig(2);
+        h.log_in_with(s);
+        logins.push(h.now.mono);
+        h.advance(2_000);
+        let a = h.input(server_disconnect(0xA0, "70001 UserSig expired"));
+        assert!(a.contains(&Action::Emit(Event::UserSigExpired { code: 70001 })));
+        assert_ne!(
+            h.phase(),
+            Phase::Stopped,
+            "a genuine expiry spends no budget"
+        );
+        if h.phase() != Phase::FetchingSig {
+            h.advance_to_fetch(FAST_LOGIN_DELAY_MAX);
+        }
+    }
+    // Three renewals at the pace of the backoff, then each waits at least half of 1, 2, 4,
+    // 8, 16, 30, 30… minutes.
+    let gaps: Vec<u64> = logins.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(gaps[..3].iter().all(|g| *g < 10_000), "{gaps:?}");
+    for (i, g) in gaps[3..].iter().enumerate() {
+        let full = (FAST_LOGIN_DELAY << i.min(20)).min(FAST_LOGIN_DELAY_MAX);
+        assert!(
+            *g >= full / 2,
+            "login {}: {g} ms after the last ({gaps:?})",
+            i + 5
+        );
+    }
+    assert!(logins.len() <= 12, "{} logins in an hour", logins.len());
+    // Within any 10 minutes, far fewer than "one every few seconds".
+    for (i, t) in logins.iter().enumerate() {
+        let n = logins[i..].iter().take_while(|x| **x < t + 600_000).count();
+        assert!(n <= 7, "{n} logins in the 10 minutes from {t}");
+    }
+}
+
+#[test]
+fn the_fast_login_wait_shows_in_the_status_and_a_local_login_cuts_it_short() {
+    let mut h = H::started();
+    for _ in 0..4 {
+        let s = h.sig(2);
+        h.log_in_with(s);
+        h.advance(2_000);
+        h.input(server_disconnect(0xA0, "70001 UserSig expired"));
+        if h.phase() == Phase::Backoff && h.retry_in() > 10_000 {
+            break;
+        }
+        if h.phase() != Phase::FetchingSig {
+            h.advance_to_fetch(60_000);
+        }
+    }
+    assert_eq!(h.phase(), Phase::Backoff);
+    let wait = h.retry_in();
+    assert!((30_000..=60_000).contains(&wait), "{wait}");
+    let e = h.last_error();
+    assert_eq!(e.class, ErrorClass::SigExpired);
+    assert!(
+        e.message.contains("4 such logins in a row") && e.message.contains("the next one waits"),
+        "{}",
+        e.message
+    );
+    let line = summary(&h.m.snapshot(), "mqtts://b:8883", h.now.mono);
+    assert!(line.starts_with("retrying in "), "{line}");
+    // An operator's login gets it moving now (never closer than the backoff base).
+    let a = h.input(Input::Login {
+        id: 1,
+        user: None,
+        sig: None,
+    });
+    let a = [a, h.advance(1_000)].concat();
+    assert_eq!(fetches(&a), 1, "{a:?}");
+}
+
+#[test]
+fn a_one_second_sig_refused_at_connack_is_spaced_the_same_way() {
+    // No session at all: each sig is past its end by the time the broker sees it.
+    let mut h = H::started();
+    let mut attempts = Vec::new();
+    let start = h.now.mono;
+    while h.now.mono < start + 1_800_000 {
+        let s = h.sig(1);
+        let a = h.input(Input::SigFetched(s));
+        assert_eq!(n_connects(&a), 1);
+        attempts.push(h.now.mono);
+        h.advance(1_000);
+        h.input(refused(0x87));
+        assert_eq!(h.last_error().class, ErrorClass::SigExpired);
+        if h.phase() != Phase::FetchingSig {
+            h.advance_to_fetch(FAST_LOGIN_DELAY_MAX);
+        }
+    }
+    assert!(
+        attempts.len() <= 10,
+        "{} attempts in 30 min",
+        attempts.len()
+    );
+}
+
+#[test]
+fn twenty_second_sigs_are_still_refreshed_proactively_and_used() {
+    // The integration tests' lifetimes: each sig is refreshed at ~80 % and the session moves
+    // to it (a planned move, not a login that did not last), for as long as it goes on.
+    let mut h = H::online(20);
+    let mut moves = 0;
+    let start = h.now.mono;
+    while h.now.mono < start + 600_000 {
+        let a = h.advance_to_fetch(20_000);
+        assert!(
+            h.now.mono <= h.m.snapshot().sig.unwrap().deadline_ms.unwrap(),
+            "refreshed before it expired"
+        );
+        assert!(!events(&a).contains(&"user_sig_expired"));
+        let s = h.sig(20);
+        let fp = s.fingerprint.clone();
+        let a = h.input(Input::SigFetched(s));
+        assert!(has(&a, &Action::Disconnect), "{a:?}");
+        let a = h.input(Input::Disconnected);
+        assert_eq!(connects(&a), vec![fp], "at once, with the new sig");
+        h.input(Input::Connected {
+            session_present: true,
+        });
+        moves += 1;
+    }
+    assert!(moves >= 30, "{moves} moves in 10 minutes");
+    assert!(h.m.snapshot().last_error.is_none());
+}
+
+#[test]
+fn sessions_that_keep_ending_within_seconds_are_spaced_whatever_the_backoff_cap() {
+    // A broker that accepts each login and ends it 200 ms later "busy" (0x97), with a 10 s
+    // backoff cap: without a floor, a login every ~5 s for as long as it lasts.
+    let mut h = H::new(Policy {
+        backoff: BackoffPolicy {
+            base: 100,
+            cap: 10_000,
+            reset_after: 300_000,
+        },
+        ..Policy::default()
+    });
+    h.input(Input::Start);
+    let s = h.sig(86_400);
+    h.input(Input::SigFetched(s));
+    let mut logins = 0;
+    let start = h.now.mono;
+    while h.now.mono < start + 600_000 {
+        h.input(Input::Connected {
+            session_present: true,
+        });
+        logins += 1;
+        h.advance(200);
+        h.input(server_disconnect(0x97, "quota exceeded"));
+        assert_eq!(h.last_error().class, ErrorClass::Busy);
+        h.advance_to_connect(FAST_LOGIN_DELAY_MAX);
+    }
+    assert!(logins <= 8, "{logins} logins in 10 minutes");
+    // A session that lasts a minute starts the count over: the next drop reconnects at the
+    // pace of the backoff again.
+    h.input(Input::Connected {
+        session_present: true,
+    });
+    h.advance(61_000);
+    h.input(network_closed());
+    assert!(h.retry_in() <= 10_000, "{}", h.retry_in());
+}
+
+// --- refusals of fresh UserSigs: an auth outage must not strand a fleet --------------------
+
+/// Refused (CONNACK 0x87, what NATS's CONNACK 5 becomes) with the sig in hand and with the one
+/// fresh sig after it: the engine stops. Returns the actions on the way.
+fn refused_twice(h: &mut H) -> Vec<Action> {
+    let s = h.sig(3600);
+    let mut a = h.input(Input::SigFetched(s));
+    a.extend(h.input(refused(0x87)));
+    assert_eq!(fetches(&a), 1, "one fresh UserSig: {a:?}");
+    let s = h.sig(3600);
+    a.extend(h.input(Input::SigFetched(s)));
+    a.extend(h.input(refused(0x87)));
+    assert_eq!(h.phase(), Phase::Stopped);
+    a
+}
+
+#[test]
+fn after_the_rejection_budget_one_more_fresh_try_after_a_long_doubling_cool_down() {
+    let mut h = H::started();
+    refused_twice(&mut h);
+    let snap = h.m.snapshot();
+    let wait = snap.next_retry_ms.expect("a next try") - h.now.mono;
+    assert!(
+        (1_350_000..=2_250_000).contains(&wait),
+        "30 min ± 25 %: {wait}"
+    );
+    let e = h.last_error();
+    assert_eq!(e.class, ErrorClass::SigRejected);
+    assert!(
+        e.message.contains("one more try with a fresh UserSig"),
+        "{}",
+        e.message
+    );
+    let line = summary(&snap, "mqtts://b:8883", h.now.mono);
+    assert!(
+        line.starts_with("stopped: ") && line.contains("next try in"),
+        "{line}"
+    );
+    assert_eq!(h.m.login_status(), login_status::LOGOUT);
+    // Nothing until then; then one fresh UserSig and one CONNECT, refused again: stopped for
+    // twice as long. Over two days: 30 min, 1 h, 2 h, 4 h, 8 h, then every 8 h.
+    let mut tries = Vec::new();
+    let start = h.now.mono;
+    while h.now.mono < start + 48 * 3_600_000 {
+        let before = h.now.mono;
+        let a = h.advance_to_fetch(11 * 3_600_000);
+        assert!(connects(&a).is_empty());
+        tries.push(h.now.mono - before);
+        let s = h.sig(3600);
+        let a = h.input(Input::SigFetched(s));
+        assert_eq!(n_connects(&a), 1);
+        let a = h.input(refused(0x87));
+        assert_eq!(fetches(&a), 0, "no second fresh sig: {a:?}");
+        assert_eq!(h.phase(), Phase::Stopped);
+    }
+    let hours: Vec<f64> = tries.iter().map(|t| *t as f64 / 3_600_000.0).collect();
+    for (i, t) in tries.iter().enumerate() {
+        let full = (1_800_000u64 << i.min(20)).min(8 * 3_600_000);
+        assert!(
+            *t >= full - full / 4 && *t <= full + full / 4,
+            "try {i}: {hours:?}"
+        );
+    }
+    assert!(tries.len() <= 10, "{hours:?}");
+}
+
+#[test]
+fn an_auth_service_that_returns_brings_the_device_back_by_itself() {
+    let mut h = H::started();
+    refused_twice(&mut h);
+    h.advance_to_fetch(40 * 60_000);
+    let s = h.sig(3600);
+    h.input(Input::SigFetched(s));
+    h.input(Input::Connected {
+        session_present: true,
+    });
+    assert_eq!(h.phase(), Phase::Online);
+    assert_eq!(h.m.login_status(), login_status::LOGINED);
+    // A refusal right after (before the session is stable) stops again, doubled.
+    h.advance(10_000);
+    h.input(server_disconnect(0x87, "not authorized"));
+    assert_eq!(h.phase(), Phase::Stopped);
+    assert!(h.m.snapshot().next_retry_ms.unwrap() - h.now.mono >= 45 * 60_000);
+    // Once a session stays up for the reset window, the cool-downs start over.
+    h.advance_to_fetch(80 * 60_000);
+    let s = h.sig(3600);
+    h.input(Input::SigFetched(s));
+    h.input(Input::Connected {
+        session_present: true,
+    });
+    h.advance(Policy::default().backoff.reset_after + 1_000);
+    h.input(server_disconnect(0x87, "not authorized"));
+    let s = h.sig(3600);
+    h.input(Input::SigFetched(s));
+    h.input(refused(0x87));
+    assert_eq!(h.phase(), Phase::Stopped);
+    let wait = h.m.snapshot().next_retry_ms.unwrap() - h.now.mono;
+    assert!(wait <= 2_250_000, "30 min again: {wait}");
+}
+
+#[test]
+fn rejected_cooldown_0_stays_stopped_and_without_provisioning_only_the_app_can_help() {
+    // The SDK's advice, by choice: no retry after the rejection budget.
+    let mut h = H::new(Policy {
+        rejected_cooldown: 0,
+        ..Policy::default()
+    });
+    h.input(Input::Start);
+    refused_twice(&mut h);
+    assert_eq!(h.m.snapshot().next_retry_ms, None);
+    assert!(h.advance(48 * 3_600_000).is_empty());
+    assert!(summary(&h.m.snapshot(), "b", h.now.mono).ends_with("run `imlinkctl login`"));
+    // Without provisioning there is no fresh UserSig to try: the app's sig was refused.
+    let mut h = H::new(Policy {
+        provisioning: false,
+        ..Policy::default()
+    });
+    let s = h.sig(3600);
+    h.input(Input::Login {
+        id: 1,
+        user: None,
+        sig: Some(s),
+    });
+    h.input(refused(0x87));
+    assert_eq!(h.phase(), Phase::Stopped);
+    assert_eq!(h.m.snapshot().next_retry_ms, None);
+}
+
+#[test]
+fn provisioning_handing_back_the_sig_that_just_expired_is_an_expired_sig_never_sent_again() {
+    // A provisioning cache serves the sig the broker has just ended at its expiry, with a
+    // `Date` two hours behind that makes it look good on our clock.
+    let mut h = H::started();
+    let s = h.sig_ending(3_600, 10);
+    let stale = s.clone();
+    h.log_in_with(s);
+    h.advance(10_300);
+    h.input(server_disconnect(0xA0, "70001 UserSig expired"));
+    let mut again = stale;
+    again.server_now -= 7_200;
+    again.received_at = h.now.mono;
+    if h.phase() != Phase::FetchingSig {
+        h.advance_to_fetch(60_000);
+    }
+    let a = h.input(Input::SigFetched(again));
+    assert!(connects(&a).is_empty(), "{a:?}");
+    assert_eq!(h.last_error().code, 6206);
+    let a = h.advance_to_fetch(60_000);
+    assert!(connects(&a).is_empty());
+}
+
+#[test]
+fn an_operators_login_during_a_backoff_earns_the_fresh_retry_after_a_refusal_again() {
+    // A refusal spent the one fresh UserSig; that login never became stable. Later, in a
+    // backoff, an operator logs in and the sig in hand is refused: a fresh UserSig, not a stop.
+    let mut h = H::started();
+    let s = h.sig(3600);
+    h.input(Input::SigFetched(s));
+    h.input(refused(0x87));
+    let s = h.sig(3600);
+    h.input(Input::SigFetched(s));
+    h.input(Input::Connected {
+        session_present: true,
+    });
+    h.advance(20_000);
+    h.input(network_closed());
+    assert_eq!(h.phase(), Phase::Backoff);
+    let a = h.input(Input::Login {
+        id: 9,
+        user: None,
+        sig: None,
+    });
+    let a = if n_connects(&a) == 0 {
+        h.advance_to_connect(2_000)
+    } else {
+        a
+    };
+    assert_eq!(n_connects(&a), 1);
+    let a = h.input(refused(0x87));
+    assert_eq!(fetches(&a), 1, "one fresh UserSig again: {a:?}");
+    assert_ne!(h.phase(), Phase::Stopped);
+}
+
+#[test]
+fn a_fresh_start_drops_a_redirect_still_pending() {
+    // A redirect arrives, the engine waits its backoff; a logout and a login later it starts
+    // over at the configured node (a redirect kept from before would be followed uncounted).
+    let mut h = started_with(Policy::default());
+    h.input(Input::ConnectionEnded(ConnEnd::Redirect {
+        code: 0x9C,
+        reference: "elsewhere:8883".into(),
+        reason: None,
+        im_code: None,
+    }));
+    assert_eq!(h.phase(), Phase::Backoff);
+    h.input(Input::Logout { id: 1 });
+    assert_eq!(h.phase(), Phase::Idle);
+    let a = h.input(Input::Login {
+        id: 2,
+        user: None,
+        sig: None,
+    });
+    let a = if n_connects(&a) == 0 {
+        h.advance_to_connect(2_000)
+    } else {
+        a
+    };
+    assert_eq!(vias(&a), vec![(Target::Node(0), Proto::V5)]);
+}
+
+#[test]
+fn a_session_of_the_old_user_does_not_make_the_new_one_stable() {
+    // Alice has been online 200 s when the account switches to bob. Bob's first sigs arrive
+    // already expired (renewals paced by backoff), then one works. Bob's session is not
+    // stable 100 s later just because alice's would have been: his renewals stay paced.
+    let mut h = H::online(86_400);
+    h.advance(200_000);
+    h.input(Input::Login {
+        id: 1,
+        user: Some(bob()),
+        sig: None,
+    });
+    h.input(Input::Disconnected);
+    for _ in 0..2 {
+        let mut s = h.sig_for(bob(), 60);
+        s.server_now = s.expires_at.unwrap() + 1;
+        h.input(Input::SigFetched(s));
+        h.advance_to_fetch(60_000);
+    }
+    let s = h.sig_for(bob(), 86_400);
+    h.input(Input::SigFetched(s));
+    h.input(Input::Connected {
+        session_present: true,
+    });
+    h.advance(150_000);
+    let a = h.input(server_disconnect(0xA0, "70001 UserSig expired"));
+    assert_eq!(fetches(&a), 0, "paced, not at once: {a:?}");
+    assert_eq!(h.phase(), Phase::Backoff);
 }

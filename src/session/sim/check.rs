@@ -18,9 +18,10 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use super::world::World;
 use crate::identity::UserId;
 use crate::session::{
-    Action, ConnEnd, ErrorClass, Event, Input, KickReason, LastError, Machine, Millis, NetKind,
-    OnKick, Phase, Policy, Proto, RequestId, Snapshot, TIMEOUT_SLACK, Target, login_status,
-    summary,
+    Action, ConnEnd, EXPIRY_CLOSE_AFTER, EXPIRY_SKEW_MAX, EXPIRY_SKEW_MIN, ErrorClass, Event,
+    FAST_LOGIN_DELAY_MAX, Input, KickReason, LastError, MIN_SESSION, MIN_SIG_LIFETIME, Machine,
+    Millis, NetKind, OnKick, Phase, Policy, Proto, RequestId, Snapshot, TIMEOUT_SLACK, Target,
+    login_status, summary,
 };
 
 /// A broken invariant.
@@ -55,9 +56,10 @@ pub enum ReqKind {
 /// to succeed): the largest backoff or Retry-After, plus one fetch, one connect and one close,
 /// each with the machine's backstop slack, plus one clock re-check.
 pub fn healthy_bound(p: &Policy) -> Millis {
-    // `Auto` may need one more attempt: MQTT 5 refused (or a redirect), then 3.1.1.
+    // `Auto` learns the protocol per server: MQTT 5 may be refused once by a redirect target
+    // still pending and once more by the node after it, each followed by a backoff.
     let extra = if p.protocol == crate::session::ProtocolMode::Auto {
-        p.backoff.cap + p.connect_timeout + TIMEOUT_SLACK
+        2 * (p.backoff.cap + p.connect_timeout + TIMEOUT_SLACK)
     } else {
         0
     };
@@ -75,6 +77,33 @@ pub fn healthy_bound(p: &Policy) -> Millis {
 pub const MAX_RETRY_AFTER: Millis = 120_000;
 /// The sliding window of the rate rule.
 const WINDOW: Millis = 600_000;
+/// Logins (unplanned CONNACKs) and UserSigs issued for a login, each, in any [`WINDOW`], at
+/// most (plus 3 per local request): whatever the policy's budgets and backoff, a steady state
+/// of a login more often than every 20 s breaks it.
+pub const LOGIN_RATE_MAX: u64 = 30;
+
+/// A connection attempt or a session ended, as the world saw it.
+pub struct Ended<'a> {
+    pub t: Millis,
+    /// This connection's CONNACK, if it had one.
+    pub since: Option<Millis>,
+    /// Since when the session was up, across the engine's own planned reconnects.
+    pub session: Option<Millis>,
+    pub end: &'a ConnEnd,
+    /// The machine's boot-time clock now.
+    pub mono: Millis,
+    pub snap: &'a Snapshot,
+    /// The fingerprint of the sig the connection used.
+    pub in_use: &'a str,
+}
+
+/// Whether an end may be read as the sig's natural expiry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    Yes,
+    Maybe,
+    No,
+}
 
 /// The oracle's budget state between resets.
 #[derive(Debug, Default)]
@@ -104,8 +133,28 @@ pub struct Checker {
     attempts: VecDeque<Millis>,
     planned: VecDeque<Millis>,
     locals: VecDeque<Millis>,
+    /// Unplanned logins (CONNACKs) and UserSigs issued for a login, in the window.
+    logins: VecDeque<Millis>,
+    issued: VecDeque<Millis>,
     /// The last close was ours (a planned reconnect follows).
     our_close: bool,
+    /// The CONNECT in flight is a planned reconnect.
+    connect_planned: bool,
+    /// The last instant a login that did not last may have been counted by the engine (a
+    /// session that ended within `MIN_SESSION`, or the end of a sig that lived under
+    /// `MIN_SIG_LIFETIME`): the engine may then wait up to `FAST_LOGIN_DELAY_MAX` before its
+    /// next login, even once the world is healthy (an operator's login still gets it moving
+    /// within the usual bound).
+    last_fast: Option<Millis>,
+    /// When each recent sig was delivered.
+    delivered: HashMap<String, Millis>,
+    /// The last end was an expiry signal at the end of this sig by the machine's own clock:
+    /// the machine must read it as `sig_expired` (never a kick or a suspected takeover), and
+    /// never CONNECT with that sig again.
+    expiry_signal: Option<(String, &'static str)>,
+    /// The machine said `user_sig_expired` in this step.
+    said_expired: bool,
+    expired_sig: Option<String>,
     /// Users a CONNACK was seen for since the daemon started.
     connacked: HashSet<String>,
     last_state: Option<(Phase, u8, String, Option<LastError>)>,
@@ -119,8 +168,8 @@ pub struct Checker {
     stable_seen_for: Option<Millis>,
     /// Where the last CONNECT went, in which protocol.
     last_connect: Option<(Target, Proto)>,
-    /// An MQTT 5 refusal was excused as the one fallback to 3.1.1 (`Auto`).
-    fell_back: bool,
+    /// Servers whose MQTT 5 refusal was excused as their one fallback to 3.1.1 (`Auto`).
+    fell_back: HashSet<Target>,
     /// Redirects followed since the last CONNACK.
     redirects: u32,
 }
@@ -172,7 +221,15 @@ impl Checker {
             attempts: VecDeque::new(),
             planned: VecDeque::new(),
             locals: VecDeque::new(),
+            logins: VecDeque::new(),
+            issued: VecDeque::new(),
             our_close: false,
+            connect_planned: false,
+            last_fast: None,
+            delivered: HashMap::new(),
+            expiry_signal: None,
+            said_expired: false,
+            expired_sig: None,
             connacked: HashSet::new(),
             last_state: None,
             healthy_from: None,
@@ -182,8 +239,18 @@ impl Checker {
             online_since_final: false,
             stable_seen_for: None,
             last_connect: None,
-            fell_back: false,
+            fell_back: HashSet::new(),
             redirects: 0,
+        }
+    }
+
+    /// A CONNECT with the sig `fp`.
+    pub fn connect_sig(&mut self, fp: &str) {
+        if self.expired_sig.as_deref() == Some(fp) {
+            self.violate(
+                "truth: expiry signals",
+                format!("a CONNECT with {fp}, whose end the server had just enforced"),
+            );
         }
     }
 
@@ -244,7 +311,7 @@ impl Checker {
 
     pub fn on_reload(&mut self, configured: &UserId, t: Millis) {
         self.configured_user = configured.clone();
-        self.fell_back = false;
+        self.fell_back.clear();
         self.local(t);
     }
 
@@ -258,7 +325,7 @@ impl Checker {
         // A dead process answers nobody: its clients see the socket close.
         self.requests.clear();
         self.connacked.clear();
-        self.fell_back = false;
+        self.fell_back.clear();
         self.redirects = 0;
         self.last_state = None;
         self.our_close = false;
@@ -312,6 +379,9 @@ impl Checker {
         }
         self.epoch.not_before = None;
         let planned = connect && std::mem::take(&mut self.our_close);
+        if connect {
+            self.connect_planned = planned;
+        }
         let q = if planned {
             &mut self.planned
         } else {
@@ -337,6 +407,38 @@ impl Checker {
             self.violate(
                 "no loop: rate",
                 format!("{n} planned reconnects within 10 min"),
+            );
+        }
+    }
+
+    /// A login (an unplanned CONNACK) or a UserSig issued for one (`sig`): at most
+    /// [`LOGIN_RATE_MAX`] of each in any window, plus 3 per local request.
+    fn login_rate(&mut self, t: Millis, sig: bool) {
+        for q in [&mut self.logins, &mut self.issued, &mut self.locals] {
+            while q.front().is_some_and(|x| t.saturating_sub(*x) >= WINDOW) {
+                q.pop_front();
+            }
+        }
+        let q = if sig {
+            &mut self.issued
+        } else {
+            &mut self.logins
+        };
+        q.push_back(t);
+        let n = q.len() as u64;
+        let max = LOGIN_RATE_MAX + 3 * self.locals.len() as u64;
+        if n > max {
+            self.violate(
+                "no loop: rate",
+                format!(
+                    "{n} {} within 10 min (at most {max}, whatever the policy): a steady state \
+                     of a login every few seconds",
+                    if sig {
+                        "UserSigs fetched for a login"
+                    } else {
+                        "logins (CONNACKs other than planned reconnects)"
+                    }
+                ),
             );
         }
     }
@@ -378,9 +480,20 @@ impl Checker {
             return; // a background refresh: its failures lead to no session attempt
         }
         match s {
-            Seen::Connack => self.redirects = 0,
-            Seen::FetchOk => self.epoch.limited = None,
-            Seen::FetchExpired => self.premature_expiry(t, "an expired sig from provisioning"),
+            Seen::Connack => {
+                self.redirects = 0;
+                if !self.connect_planned {
+                    self.login_rate(t, false);
+                }
+            }
+            Seen::FetchOk => {
+                self.epoch.limited = None;
+                self.login_rate(t, true);
+            }
+            Seen::FetchExpired => {
+                self.login_rate(t, true);
+                self.premature_expiry(t, "an expired sig from provisioning")
+            }
             Seen::FetchFailed {
                 class,
                 code,
@@ -459,24 +572,48 @@ impl Checker {
         }
     }
 
-    /// A connection attempt or a session ended. `since`: when its CONNACK came.
-    /// `since`: this connection's CONNACK; `session`: since when the session was up across
-    /// the engine's own planned reconnects.
-    pub fn seen_end(
-        &mut self,
-        t: Millis,
-        since: Option<Millis>,
-        session: Option<Millis>,
-        end: &ConnEnd,
-        mono: Millis,
-        snap: &Snapshot,
-    ) {
-        let deadline = snap.sig.as_ref().and_then(|s| s.deadline_ms);
-        let expired_here = deadline.is_some_and(|d| d <= mono);
-        let premature = deadline.is_none_or(|d| d > mono + 60_000);
-        let says_expired =
-            |r: &Option<String>| r.as_deref().is_some_and(|r| r.starts_with("70001"));
+    /// A connection attempt or a session ended.
+    pub fn seen_end(&mut self, e: Ended<'_>) {
+        let Ended {
+            t,
+            since,
+            session,
+            end,
+            mono,
+            snap,
+            in_use,
+        } = e;
+        // Where the sig the connection used stands against its deadline, as the machine's
+        // clock has it (what the engine classifies by). `None`: the oracle cannot tell (a
+        // refresh replaced it meanwhile), so either reading is allowed.
+        let to_deadline: Option<Option<i64>> = match snap.sig.as_ref() {
+            Some(s) if s.fingerprint == in_use => {
+                Some(s.deadline_ms.map(|d| d as i64 - mono as i64))
+            }
+            _ => None,
+        };
+        let at_end = match to_deadline {
+            // Certainly its natural end: within the smallest skew the engine allows.
+            Some(Some(d)) if d <= EXPIRY_SKEW_MIN as i64 => Reading::Yes,
+            // Maybe (within the largest skew, which depends on the sig's lifetime).
+            Some(Some(d)) if d <= EXPIRY_SKEW_MAX as i64 => Reading::Maybe,
+            Some(_) => Reading::No,
+            None => Reading::Maybe,
+        };
+        let closed_at_end = match (to_deadline, at_end) {
+            (Some(Some(d)), _) if d < -(EXPIRY_CLOSE_AFTER as i64) => Reading::No,
+            (_, r) => r,
+        };
+        let premature = at_end == Reading::No;
+        let says_expired = |c: &Option<u32>| *c == Some(crate::session::codes::SVR_SIG_EXPIRED);
         let up_for = since.map(|s| t.saturating_sub(s));
+        let young = self
+            .delivered
+            .get(in_use)
+            .is_none_or(|d| t.saturating_sub(*d) < MIN_SIG_LIFETIME);
+        if session.is_some_and(|s| t.saturating_sub(s) < MIN_SESSION) || young {
+            self.fast_until(t);
+        }
         if let Some(s) = session
             && t.saturating_sub(s) >= self.policy.backoff.reset_after
         {
@@ -486,18 +623,43 @@ impl Checker {
             self.premature = premature_q;
         }
         let floor = self.floor();
-        let early = matches!(
+        let closed = matches!(
             end,
             ConnEnd::Network {
                 kind: NetKind::Closed,
                 ..
             }
-        ) && up_for.is_some_and(|u| u < self.policy.takeover_window);
+        );
+        let early = closed && up_for.is_some_and(|u| u < self.policy.takeover_window);
         if up_for.is_some() && !early {
             // Only consecutive silent closes right after login count toward a takeover.
             self.epoch.early_closes = 0;
         }
+        // An expiry signal the engine may read either way: no constraint from it (counting
+        // it as an expiry would pace the engine's next real renewal, counting it as a kick
+        // or a rejection would forbid the renewal it may make).
+        let maybe = |r: Reading| r == Reading::Maybe;
+        let signal = match end {
+            ConnEnd::Network { .. } if closed && closed_at_end == Reading::Yes => {
+                Some("a close without DISCONNECT")
+            }
+            ConnEnd::Refused {
+                code: 0x86 | 0x87, ..
+            } if at_end == Reading::Yes => Some("CONNACK 0x86/0x87"),
+            ConnEnd::ServerDisconnect {
+                code: 0x86 | 0x87 | 0x98 | 0xA0,
+                ..
+            } if at_end == Reading::Yes => Some("DISCONNECT 0x86/0x87/0x98/0xA0"),
+            _ => None,
+        };
+        self.expiry_signal = signal.map(|s| (in_use.to_string(), s));
         match end {
+            ConnEnd::Network { .. } if closed && closed_at_end == Reading::Yes => {
+                // A close at the sig's end is its expiry (NATS): renewed first, and never
+                // counted toward a suspected takeover.
+                self.expiry(t, "a close at the sig's expiry")
+            }
+            ConnEnd::Network { .. } if closed && maybe(closed_at_end) => {}
             ConnEnd::Network { kind, .. } => {
                 if early {
                     self.epoch.early_closes += 1;
@@ -521,9 +683,12 @@ impl Checker {
             ConnEnd::Redirect { code, .. } => {
                 self.pace(t, floor, format!("a redirect (0x{code:02X})"))
             }
-            ConnEnd::Refused { code, reason } => match *code {
-                0x86 | 0x87 if expired_here => self.expiry(t, "CONNACK 0x87 for an expired sig"),
-                0x86 | 0x87 if says_expired(reason) => {
+            ConnEnd::Refused { code, im_code, .. } => match *code {
+                0x86 | 0x87 if at_end == Reading::Yes => {
+                    self.expiry(t, "CONNACK 0x87 for a sig at its end")
+                }
+                0x86 | 0x87 if maybe(at_end) => {}
+                0x86 | 0x87 if says_expired(im_code) => {
                     self.premature_expiry(t, "CONNACK 0x87 70001")
                 }
                 0x86 | 0x87 => self.rejected(t, *code),
@@ -534,16 +699,21 @@ impl Checker {
                 0x81 | 0x82 | 0x90 | 0x95 | 0x99 | 0x9A | 0x9B => self.protocol(t, *code),
                 _ => self.pace(t, floor, format!("CONNACK 0x{code:02X} (busy)")),
             },
-            ConnEnd::ServerDisconnect { code, reason } => match *code {
+            ConnEnd::ServerDisconnect { code, im_code, .. } => match *code {
+                0x98 if at_end == Reading::Yes => self.expiry(t, "DISCONNECT 0x98 at expiry"),
+                0x98 if maybe(at_end) => {}
                 0x8E | 0x98 => self.kicked(t),
-                0xA0 if reason.is_none() || says_expired(reason) => {
+                0xA0 if im_code.is_none() || says_expired(im_code) => {
                     if premature {
                         self.premature_expiry(t, "DISCONNECT 0xA0")
                     } else {
                         self.expiry(t, "DISCONNECT 0xA0")
                     }
                 }
-                0x86 | 0x87 if expired_here => self.expiry(t, "DISCONNECT 0x87 at expiry"),
+                0x86 | 0x87 if at_end == Reading::Yes => {
+                    self.expiry(t, "DISCONNECT 0x87 at expiry")
+                }
+                0x86 | 0x87 if maybe(at_end) => {}
                 0x86 | 0x87 => self.rejected(t, *code),
                 0x81 | 0x82 | 0x8C | 0x8F | 0x90 | 0x93 | 0x94 | 0x95 | 0x99 | 0x9A | 0x9B
                 | 0x9E | 0xA1 | 0xA2 => self.protocol(t, *code),
@@ -556,11 +726,11 @@ impl Checker {
     /// fallback `Auto` allows (an MQTT 5 attempt, not excused before).
     fn auto_fallback(&mut self) -> bool {
         match &self.last_connect {
-            Some((_, Proto::V5))
+            Some((target, Proto::V5))
                 if self.policy.protocol == crate::session::ProtocolMode::Auto
-                    && !self.fell_back =>
+                    && !self.fell_back.contains(target) =>
             {
-                self.fell_back = true;
+                self.fell_back.insert(target.clone());
                 true
             }
             _ => false,
@@ -569,13 +739,31 @@ impl Checker {
 
     fn rejected(&mut self, t: Millis, code: u8) {
         self.epoch.rejected += 1;
-        if self.epoch.rejected >= 2 {
+        if self.epoch.rejected < 2 {
+            return;
+        }
+        let cool = self.policy.rejected_cooldown;
+        if cool == 0 || !self.policy.provisioning {
             self.block(format!(
                 "{} refusals of the UserSig (0x{code:02X}) without a login that stayed up",
                 self.epoch.rejected
             ));
+            return;
         }
-        let _ = t;
+        // The rejection budget is spent: one fresh try per cool-down, doubling (± 25 %).
+        let level = self.epoch.rejected - 2;
+        let full = cool
+            .saturating_mul(1u64 << level.min(20))
+            .min(self.policy.rejected_cooldown_max.max(cool));
+        self.pace(
+            t,
+            full - full / 4,
+            format!(
+                "{} refusals of the UserSig (0x{code:02X}): the cool-down after the rejection \
+                 budget",
+                self.epoch.rejected
+            ),
+        );
     }
 
     fn protocol(&mut self, t: Millis, code: u8) {
@@ -615,6 +803,9 @@ impl Checker {
     // --- after every step ---------------------------------------------------------------------
 
     pub fn emitted(&mut self, e: &Event) {
+        if matches!(e, Event::UserSigExpired { .. }) {
+            self.said_expired = true;
+        }
         if let Event::StateChanged {
             phase,
             login_status,
@@ -649,6 +840,26 @@ impl Checker {
     ) {
         let now = w.now().mono;
         let phase = snap.phase;
+        // Truth: an expiry signal at the end of the sig in use (by the machine's own clock) is
+        // the sig's expiry: renewed with another sig, never a kick, never a takeover.
+        // (What the step did after it, e.g. the renewal fetch failing at the same instant, may
+        // own `last_error`: the event says how the end was read.)
+        let said_expired = std::mem::take(&mut self.said_expired);
+        if let Some((fp, what)) = self.expiry_signal.take() {
+            let kicked = phase == Phase::Kicked;
+            if kicked || !said_expired {
+                self.violate(
+                    "truth: expiry signals",
+                    format!(
+                        "{what} at the end of {fp} was not read as its expiry (no \
+                         user_sig_expired; phase {}, last error {:?})",
+                        phase.as_str(),
+                        snap.last_error.as_ref().map(|e| e.class.as_str())
+                    ),
+                );
+            }
+            self.expired_sig = Some(fp);
+        }
         // Truth.
         let up = w.conn_state() == "up";
         if matches!(phase, Phase::Online | Phase::Subscribing) != up {
@@ -797,6 +1008,22 @@ impl Checker {
                 "a suspected takeover with no cool-down timer (permanent)".into(),
             );
         }
+        if phase == Phase::Stopped
+            && snap
+                .last_error
+                .as_ref()
+                .is_some_and(|e| e.class == ErrorClass::SigRejected)
+            && self.policy.rejected_cooldown > 0
+            && self.policy.provisioning
+            && snap.next_retry_ms.is_none_or(|r| r <= now)
+        {
+            self.violate(
+                "liveness: never stranded",
+                "stopped on refused UserSigs with no next try (an auth outage would strand a \
+                 fleet)"
+                    .into(),
+            );
+        }
         if matches!(
             phase,
             Phase::Online | Phase::Idle | Phase::Stopped | Phase::Kicked
@@ -853,12 +1080,33 @@ impl Checker {
         }
     }
 
+    /// The world delivered sig `fp`, which lives `lifetime` (on the issuer's clock).
+    pub fn sig_delivered(&mut self, t: Millis, fp: &str, lifetime: Option<Millis>) {
+        if self.delivered.len() > 64 {
+            self.delivered.clear();
+        }
+        self.delivered.insert(fp.to_string(), t);
+        if lifetime.is_some_and(|l| l < MIN_SIG_LIFETIME) {
+            // Its renewal counts if it comes within MIN_SIG_LIFETIME of its arrival.
+            self.fast_until(t + MIN_SIG_LIFETIME);
+        }
+    }
+
+    fn fast_until(&mut self, t: Millis) {
+        self.last_fast = Some(self.last_fast.map_or(t, |f| f.max(t)));
+    }
+
     /// Checks that depend on time passing (run after every step).
     pub fn check_time(&mut self, snap: &Snapshot, t: Millis) {
         let bound = healthy_bound(&self.policy);
+        // After logins that did not last, the engine may wait out the fast-login floor
+        // (from the last of them) before its next login finds the world healthy.
+        let floor = self
+            .last_fast
+            .map_or(0, |s| s + FAST_LOGIN_DELAY_MAX + bound);
         // In a healthy world, trying and not online for longer than the bound is a wedge.
         if let (Some(h), Some(w)) = (self.healthy_from, self.wanting_since)
-            && t >= h.max(w) + bound
+            && t >= (h.max(w) + bound).max(floor)
             && !self.healthy_reported
         {
             self.healthy_reported = true;

@@ -146,6 +146,9 @@ pub fn policy_for(seed: u64, vary: bool) -> Policy {
         1 => super::ProtocolMode::V311,
         _ => super::ProtocolMode::V5,
     };
+    // Drawn after every older knob (those stay what they were for each seed).
+    p.rejected_cooldown = pick(&mut r, &[1_800_000, 1_800_000, 60_000, 60_000, 0]);
+    p.rejected_cooldown_max = pick(&mut r, &[8 * 3_600_000, 1_800_000]).max(p.rejected_cooldown);
     p
 }
 
@@ -186,7 +189,7 @@ impl Sim {
         let mut world_rng = Rng::new(split(seed, 1));
         let mix = schedule::Mix::draw(&mut world_rng);
         let mut full = schedule::draw(&mut world_rng, cfg.chaos, mix);
-        let total = full.len();
+        let mut total = full.len();
         if let Some(keep) = keep {
             let mut i = 0;
             full.retain(|_| {
@@ -196,6 +199,23 @@ impl Sim {
             });
         }
         let world = World::new(Rng::new(split(seed, 2)), &policy);
+        if world.flavor() == Flavor::NatsCallout {
+            // Its own stream, merged in: every other seed's schedule stays what it was.
+            let mut r = Rng::new(split(seed, 4));
+            let mut outages = schedule::draw_auth_outages(&mut r, cfg.chaos);
+            let first = total;
+            total += outages.len();
+            if let Some(keep) = keep {
+                let mut i = first;
+                outages.retain(|_| {
+                    let k = keep.get(i).copied().unwrap_or(true);
+                    i += 1;
+                    k
+                });
+            }
+            full.extend(outages);
+            full.sort_by_key(|s| s.at);
+        }
         let mut machine_rng = Rng::new(split(seed, 3));
         let now = world.now();
         let machine = Machine::new(policy.clone(), user("alice"), now, machine_rng.next_u64());

@@ -12,6 +12,15 @@ pub enum Flavor {
     /// mosquitto 2.0.11: 0x87 without a reason for any bad password, a silent close on
     /// takeover, never a DISCONNECT at sig expiry.
     Mosquitto,
+    /// nats-server ≥ 2.10 with an auth callout (`imlink-auth`), as observed in the trial
+    /// (`/work/shared/design/nats-callout`): MQTT 3.1.1 only (an MQTT 5 CONNECT gets a 3.1.1
+    /// CONNACK 1), CONNACK 5 (0x87 here) for a refused or expired sig and whenever the auth
+    /// service does not answer within its 2 s timeout (an auth outage), the socket closed
+    /// without a packet 0–1 s after the user JWT's `exp` (the sig's expiry, on the broker's
+    /// clock), node deaths and leader elections. (A forbidden publish is PUBACKed 0 and
+    /// dropped, a forbidden subscribe gets SUBACK 0x80: messaging, for the Engine's
+    /// simulator.)
+    NatsCallout,
 }
 
 /// How the broker answers a CONNECT (and treats the session after it).
@@ -116,6 +125,10 @@ pub enum Ext {
     ServerDisconnect(u8),
     /// The server calls the current sig expired from now on (premature expiry).
     RevokeExpiry,
+    /// The auth service behind the broker (NATS's callout, `imlink-auth`) is down for this
+    /// long: every CONNECT is refused (CONNACK 5) after the callout timeout; sessions that are
+    /// up stay up.
+    AuthOutage(Millis),
     /// Broker node `i` (of the configured list, modulo its length) dies: its sessions drop,
     /// and the other nodes close CONNECTs without a CONNACK for a few seconds (a leader
     /// election); or comes back.
@@ -376,5 +389,32 @@ pub fn draw(rng: &mut Rng, len: Millis, mix: Mix) -> Vec<Scheduled> {
         ]
     });
     out.sort_by_key(|s| s.at);
+    out
+}
+
+/// Auth outages, for a broker that has an auth service of its own (NATS's callout). Drawn from
+/// their own stream and merged into the schedule, so every other seed's schedule is what it
+/// always was.
+pub fn draw_auth_outages(rng: &mut Rng, len: Millis) -> Vec<Scheduled> {
+    let mut out = Vec::new();
+    let mut t = exp(rng, 5_400_000);
+    while t < len {
+        let d = pick(
+            rng,
+            &[
+                20_000,
+                90_000,
+                600_000,
+                1_800_000,
+                2 * 3_600_000,
+                5 * 3_600_000,
+            ],
+        );
+        out.push(Scheduled {
+            at: t,
+            ext: Ext::AuthOutage(d),
+        });
+        t += d + exp(rng, 5_400_000).max(1);
+    }
     out
 }

@@ -318,6 +318,7 @@ pub fn run(cfg: &StormConfig, strategy: Strategy) -> StormReport {
                         Input::ConnectionEnded(ConnEnd::Refused {
                             code: 0x9F,
                             reason: None,
+                            im_code: None,
                         })
                     } else {
                         Input::ConnectionEnded(ConnEnd::Network {

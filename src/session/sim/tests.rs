@@ -55,6 +55,42 @@ const REGRESSIONS: &[(u64, &str)] = &[
         14_528,
         "other failures in between reset the give-up count of a missing token",
     ),
+    (
+        1_000_000_076_692,
+        "1-2 s sigs: every renewal a genuine expiry, a login every 3-6 s (no budget applied)",
+    ),
+    (
+        15_801_999_086_997_842_518,
+        "1-2 s sigs: a login every few seconds, 89 attempts in 10 min against a bound of 88",
+    ),
+    (
+        17_337_918_024_001_990_801,
+        "1-2 s sigs: a login every few seconds after every local reset of the budgets",
+    ),
+    (
+        49_005,
+        "provisioning handed back the sig the broker had just ended as expired, with a Date \
+         2 h behind: connected with it again",
+    ),
+    (
+        1_501_732_434_815_205_619,
+        "an operator's login during a backoff, long after a fresh-sig retry that never became \
+         stable: the sig in hand refused, and the engine stopped without a fresh UserSig",
+    ),
+    (
+        11_944_901_725_755_262_090,
+        "a local login kept a redirect pending from before it, followed uncounted: 4 redirects \
+         in a row without a CONNACK",
+    ),
+    (
+        17_187_273_270_013_559_447,
+        "an account switch kept the old user's stability timer: it fired 37 s into the new \
+         session and restored every budget",
+    ),
+    (
+        26_106,
+        "2 s sigs on a 3.1.1 cluster with node deaths: a fetch, CONNECT and CONNACK every 3 s",
+    ),
 ];
 
 #[test]
@@ -70,8 +106,9 @@ fn every_seed_that_once_broke_an_invariant_now_holds() {
 #[test]
 fn the_simulator_catches_a_reintroduced_loop() {
     // The checker must be able to fail: a world where every login is followed by
-    // DISCONNECT 0x87, judged against an oracle that allows one fresh retry. Feed the
-    // oracle what the landed engine did (a fresh fetch and CONNECT after every refusal).
+    // DISCONNECT 0x87, judged against an oracle that allows one fresh retry (then one fresh
+    // try per cool-down). Feed the oracle what the landed engine did (a fresh fetch and
+    // CONNECT after every refusal).
     let policy = policy_for(0, false);
     let mut chk = check::Checker::new(policy, user("alice"));
     let snap = |deadline: Millis| crate::session::Snapshot {
@@ -100,19 +137,60 @@ fn the_simulator_catches_a_reintroduced_loop() {
     for _ in 0..3 {
         chk.attempt(t, false, false);
         chk.attempt(t + 10, true, false);
-        chk.seen_end(
-            t + 20,
-            Some(t + 15),
-            Some(t + 15),
-            &crate::session::ConnEnd::ServerDisconnect {
+        chk.seen_end(check::Ended {
+            t: t + 20,
+            since: Some(t + 15),
+            session: Some(t + 15),
+            end: &crate::session::ConnEnd::ServerDisconnect {
                 code: 0x87,
                 reason: None,
+                im_code: None,
             },
-            t + 20,
-            &snap(t + 3_600_000),
-        );
+            mono: t + 20,
+            snap: &snap(t + 3_600_000),
+            in_use: "s",
+        });
         t += 100;
     }
     let v = chk.take_violation().expect("the loop is caught");
-    assert_eq!(v.invariant, "no loop: budgets", "{v:?}");
+    // After the rejection budget the policy allows one fresh try per (long) cool-down.
+    assert_eq!(v.invariant, "no loop: pacing", "{v:?}");
+    assert!(
+        v.detail.contains("cool-down after the rejection budget"),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn the_simulator_catches_a_steady_login_every_few_seconds_whatever_the_budgets() {
+    // The storm that 1-2 s sigs caused: a fetch, a CONNECT and a CONNACK every 4 s, each
+    // renewal a genuine expiry (so no budget applies), under the most generous policy the
+    // simulator draws (a 10 s backoff cap, the largest budgets). The login rate breaks.
+    let mut policy = policy_for(0, false);
+    policy.backoff.base = 100;
+    policy.backoff.cap = 10_000;
+    policy.sig_expired_budget = 5;
+    policy.takeover_closes = 3;
+    let mut chk = check::Checker::new(policy, user("alice"));
+    let mut t = 1_000;
+    let mut n = 0;
+    while chk.take_violation().is_none() {
+        chk.attempt(t, false, false);
+        chk.seen(t + 100, check::Seen::FetchOk, true);
+        chk.attempt(t + 200, true, false);
+        chk.seen(t + 300, check::Seen::Connack, true);
+        t += 4_000;
+        n += 1;
+        assert!(n < 60, "a login every 4 s for {n} rounds went unnoticed");
+    }
+    assert!(n <= 31, "{n}");
+    let mut chk2 = check::Checker::new(policy_for(0, false), user("alice"));
+    let mut t = 1_000;
+    for _ in 0..40 {
+        // Even one every 19 s breaks it: at most 30 per 10 minutes.
+        chk2.seen(t, check::Seen::Connack, true);
+        t += 19_000;
+    }
+    let v = chk2.take_violation().expect("a login every 19 s breaks it");
+    assert_eq!(v.invariant, "no loop: rate", "{v:?}");
 }

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use super::check::{Checker, Seen};
+use super::check::{Checker, Ended, Seen};
 use super::schedule::{BrokerMode, Ext, Flavor, ProvMode};
 use super::user;
 use crate::identity::UserId;
@@ -55,6 +55,11 @@ struct FetchFlight {
     /// `None`: never answers.
     at: Option<Millis>,
     result: FetchResult,
+    user: UserId,
+    /// Decided by a healthy world (or by a suspend): the answer stands. Otherwise, delivered
+    /// once the world is healthy, it is decided again ("healthy from now on" includes answers
+    /// still on their way).
+    settled: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +75,10 @@ enum ConnW {
         fp: String,
         at: Option<Millis>,
         outcome: Outcome,
+        target: Target,
+        proto: Proto,
+        /// As for [`FetchFlight::settled`].
+        settled: bool,
     },
     Up {
         fp: String,
@@ -129,6 +138,15 @@ pub struct World {
     suback: Option<Millis>,
     /// The broker granted the inbox subscription on the session up now.
     pub subscribed: bool,
+    /// The auth service (NATS's callout) is down until then: CONNECTs get CONNACK 5.
+    auth_down_until: Millis,
+}
+
+/// The IM code at the head of the reference service's reason string (`"70001 UserSig
+/// expired"`), which it also sends as the `im-error-code` user property.
+fn im_code_of(reason: &str) -> Option<u32> {
+    let code = reason.split(' ').next()?;
+    (code.len() >= 4).then(|| code.parse().ok()).flatten()
 }
 
 fn pick<T: Copy>(rng: &mut Rng, xs: &[T]) -> T {
@@ -142,11 +160,16 @@ impl World {
         let nodes = policy.brokers.max(1);
         let v3_only = policy.protocol != crate::session::ProtocolMode::V5 && r2.one_in(2);
         let v3_answers_connack = r2.one_in(2);
+        // A NATS broker with an auth callout: half of the brokers that speak only 3.1.1 and
+        // answer MQTT 5 with a CONNACK, drawn from the copy as well (that bit of the draw
+        // leaves every regression seed of `tests.rs` in the world it was found in).
+        let nats = v3_only && v3_answers_connack && (r2.next_u64() >> 17).is_multiple_of(2);
         let flavor = if rng.one_in(3) {
             Flavor::Mosquitto
         } else {
             Flavor::Reference
         };
+        let flavor = if nats { Flavor::NatsCallout } else { flavor };
         let lifetime = pick(&mut rng, &[20, 600, 3_600, 86_400, 86_400, 15_552_000]);
         // Some devices boot with no RTC: the wall clock reads 1970 until time sync.
         let wall_skew = if rng.one_in(10) { -WALL_BASE } else { 0 };
@@ -183,6 +206,7 @@ impl World {
             conn_proto: Proto::V5,
             suback: None,
             subscribed: false,
+            auth_down_until: 0,
         }
     }
 
@@ -295,7 +319,13 @@ impl World {
         if conn_due {
             return Some(self.pop_conn(m, chk));
         }
-        let fetch = self.fetch.take()?;
+        let mut fetch = self.fetch.take()?;
+        if self.healthy && !fetch.settled {
+            // Decided before the world turned healthy, delivered after: decided again.
+            let at = fetch.at;
+            fetch = self.decide_fetch(fetch.user.clone(), m);
+            fetch.at = at;
+        }
         // The session's own fetch, or a background refresh (the machine may have turned a
         // refresh into the login fetch since).
         let login = m.snapshot().sig.is_none_or(|s| !s.refreshing);
@@ -315,6 +345,13 @@ impl World {
                     None => (None, None),
                 };
                 self.held.insert(fp.clone());
+                chk.sig_delivered(
+                    t,
+                    &fp,
+                    expires
+                        .zip(issued_at)
+                        .map(|(e, i)| (e - i).max(0) as Millis * 1000),
+                );
                 let expired = expires.is_some_and(|e| e <= server_now);
                 let seen = if expired {
                     Seen::FetchExpired
@@ -353,7 +390,19 @@ impl World {
     fn pop_conn(&mut self, m: &Machine, chk: &mut Checker) -> (Input, String) {
         let t = self.t;
         match std::mem::replace(&mut self.conn, ConnW::None) {
-            ConnW::Connecting { fp, outcome, .. } => match outcome {
+            ConnW::Connecting {
+                fp,
+                outcome,
+                target,
+                proto,
+                settled,
+                ..
+            } => match if self.healthy && !settled {
+                // Decided before the world turned healthy, delivered after: decided again.
+                self.decide_connect(&fp, &target, proto).1
+            } else {
+                outcome
+            } {
                 Outcome::Connack => {
                     self.session_since.get_or_insert(t);
                     let end = self.schedule_end(&fp);
@@ -371,25 +420,34 @@ impl World {
                 }
                 Outcome::End(end) => {
                     self.session_since = None;
-                    chk.seen_end(t, None, None, &end, self.now().mono, &m.snapshot());
+                    chk.seen_end(Ended {
+                        t,
+                        since: None,
+                        session: None,
+                        end: &end,
+                        mono: self.now().mono,
+                        snap: &m.snapshot(),
+                        in_use: &fp,
+                    });
                     let what = format!("broker: {end:?}");
                     (Input::ConnectionEnded(end), what)
                 }
             },
-            ConnW::Up { since, end, .. } => {
+            ConnW::Up { since, end, fp } => {
                 let end = end.map(|e| e.1).unwrap_or(ConnEnd::Network {
                     kind: NetKind::Closed,
                     detail: "closed".into(),
                 });
                 let session = self.session_since.take().unwrap_or(since);
-                chk.seen_end(
+                chk.seen_end(Ended {
                     t,
-                    Some(since),
-                    Some(session),
-                    &end,
-                    self.now().mono,
-                    &m.snapshot(),
-                );
+                    since: Some(since),
+                    session: Some(session),
+                    end: &end,
+                    mono: self.now().mono,
+                    snap: &m.snapshot(),
+                    in_use: &fp,
+                });
                 let what = format!("broker: {end:?}");
                 (Input::ConnectionEnded(end), what)
             }
@@ -434,7 +492,26 @@ impl World {
             let left_s = (e - self.broker_now() + 1).max(0) as u64;
             ends.push((t + left_s * 1000, self.disconnect(0xA0)));
         }
+        if self.flavor == Flavor::NatsCallout
+            && let Some(e) = self.sigs.get(fp).and_then(|s| s.expires)
+        {
+            ends.push(self.nats_expiry_close(e));
+        }
         ends.into_iter().min_by_key(|e| e.0)
+    }
+
+    /// NATS ends a session at its user JWT's `exp` (the sig's expiry) on its own clock: the
+    /// socket closes with no MQTT packet, 0–1 s later.
+    fn nats_expiry_close(&mut self, expires: i64) -> (Millis, ConnEnd) {
+        let exp_at = (expires - self.broker_skew - WALL_BASE).max(0) as Millis * 1000;
+        let at = exp_at.max(self.t) + self.jitter(0, 1_000);
+        (
+            at,
+            ConnEnd::Network {
+                kind: NetKind::Closed,
+                detail: "the server closed the connection (MQTT 3.1.1 says no more)".into(),
+            },
+        )
     }
 
     /// The server's DISCONNECT with `code`, as this flavour sends it.
@@ -451,7 +528,15 @@ impl World {
                 kind: NetKind::Closed,
                 detail: "closed (takeover)".into(),
             },
-            (Flavor::Mosquitto, _) => ConnEnd::ServerDisconnect { code, reason: None },
+            (Flavor::NatsCallout, _) => ConnEnd::Network {
+                kind: NetKind::Closed,
+                detail: "closed (NATS)".into(),
+            },
+            (Flavor::Mosquitto, _) => ConnEnd::ServerDisconnect {
+                code,
+                reason: None,
+                im_code: None,
+            },
             (Flavor::Reference, _) => {
                 let reason = match code {
                     0xA0 => Some("70001 UserSig expired".to_string()),
@@ -461,7 +546,14 @@ impl World {
                     _ if self.rng.one_in(2) => None,
                     _ => Some(format!("server says 0x{code:02X}")),
                 };
-                ConnEnd::ServerDisconnect { code, reason }
+                // The reference service sends its code twice: at the head of the reason
+                // string and as the `im-error-code` user property (what the relay types).
+                let im_code = reason.as_deref().and_then(im_code_of);
+                ConnEnd::ServerDisconnect {
+                    code,
+                    reason,
+                    im_code,
+                }
             }
         }
     }
@@ -494,6 +586,11 @@ impl World {
                 }
                 self.fetches += 1;
                 let refresh = m.snapshot().sig.is_some_and(|s| s.refreshing);
+                if !refresh && matches!(self.conn, ConnW::None) {
+                    // A login fetch between two connections: not a planned move, so the
+                    // session does not go on across it.
+                    self.session_since = None;
+                }
                 chk.attempt(t, false, refresh);
                 let flight = self.decide_fetch(user.clone(), m);
                 self.fetch = Some(flight);
@@ -529,6 +626,7 @@ impl World {
                     _ => {}
                 }
                 chk.connect_target(target, *proto);
+                chk.connect_sig(fingerprint);
                 if !matches!(self.conn, ConnW::None) {
                     chk.violate(
                         "safety: one connection at most",
@@ -581,9 +679,16 @@ impl World {
                     fp: fingerprint.clone(),
                     at,
                     outcome,
+                    target: target.clone(),
+                    proto: *proto,
+                    settled: self.healthy,
                 };
             }
             Action::Subscribe { .. } => {
+                // Messaging (for the Engine's simulator, which answers SUBSCRIBE and PUBLISH):
+                // NATS answers a subscribe outside the user JWT's permissions with SUBACK 0x80
+                // (and during a JetStream leader election), and a publish outside them with
+                // PUBACK 0 while it drops the message; `Flavor::NatsCallout` is where to add it.
                 if !matches!(self.conn, ConnW::Up { .. }) {
                     chk.violate("truth", "Subscribe without a session".into());
                 }
@@ -695,6 +800,7 @@ impl World {
     }
 
     fn decide_fetch(&mut self, user: UserId, m: &Machine) -> FetchFlight {
+        let asked_for = user.clone();
         let t = self.t;
         let quick = t + self.jitter(10, 400);
         let mode = if self.healthy {
@@ -816,9 +922,16 @@ impl World {
             return FetchFlight {
                 at: Some(quick),
                 result: fail(ErrorClass::Clock, 0, "certificate not valid yet"),
+                user: asked_for,
+                settled: self.healthy,
             };
         }
-        FetchFlight { at, result }
+        FetchFlight {
+            at,
+            result,
+            user: asked_for,
+            settled: self.healthy,
+        }
     }
 
     fn decide_connect(
@@ -862,7 +975,9 @@ impl World {
                 closed_early("closed without CONNACK (leader election)"),
             );
         }
-        if let Some(to) = self.redirect_next.take() {
+        if self.flavor != Flavor::NatsCallout
+            && let Some(to) = self.redirect_next.take()
+        {
             let reference = format!("node{to}");
             self.given_refs.insert(reference.clone());
             return (
@@ -871,6 +986,7 @@ impl World {
                     code: 0x9C,
                     reference,
                     reason: None,
+                    im_code: None,
                 }),
             );
         }
@@ -881,6 +997,7 @@ impl World {
                     Outcome::End(ConnEnd::Refused {
                         code: 0x84,
                         reason: None,
+                        im_code: None,
                     })
                 } else {
                     closed_early("closed: an MQTT 5 CONNECT to a 3.1.1 broker")
@@ -914,11 +1031,39 @@ impl World {
             }
             BrokerMode::Blackhole => return (None, net(NetKind::Timeout)),
             BrokerMode::Refuse(code) => {
+                let code = if self.flavor == Flavor::NatsCallout {
+                    // What a 3.1.1 return code can say (1–5), as the relay maps it.
+                    match code {
+                        0x84..=0x88 => code,
+                        _ => 0x88,
+                    }
+                } else {
+                    code
+                };
                 let reason = (self.flavor == Flavor::Reference && self.rng.one_in(2))
                     .then(|| format!("{code} refused"));
-                return (Some(quick), Outcome::End(ConnEnd::Refused { code, reason }));
+                return (
+                    Some(quick),
+                    Outcome::End(ConnEnd::Refused {
+                        code,
+                        reason,
+                        im_code: None,
+                    }),
+                );
             }
             _ => {}
+        }
+        if self.flavor == Flavor::NatsCallout && t < self.auth_down_until {
+            // No callout service answers: CONNACK 5 after the callout's 2 s timeout.
+            let at = t + 2_000 + self.jitter(0, 300);
+            return (
+                Some(at),
+                Outcome::End(ConnEnd::Refused {
+                    code: 0x87,
+                    reason: None,
+                    im_code: None,
+                }),
+            );
         }
         let at = match mode {
             BrokerMode::SlowConnack(d) => t + d,
@@ -927,9 +1072,20 @@ impl World {
         // The broker checks the sig.
         let sig = self.sigs.get(fp).cloned();
         let refuse = |code: u8, why: &str, flavor: Flavor, rng: &mut Rng| {
-            // rumqttc drops CONNACK reason strings; a fixed client may see them.
+            // NATS: CONNACK 5 (not authorized) for whatever the callout refused.
+            let code = if flavor == Flavor::NatsCallout {
+                0x87
+            } else {
+                code
+            };
+            // The reference service's words (reason string and im-error-code), or none.
             let reason = (flavor == Flavor::Reference && rng.one_in(2)).then(|| why.to_string());
-            Outcome::End(ConnEnd::Refused { code, reason })
+            let im_code = reason.as_deref().and_then(im_code_of);
+            Outcome::End(ConnEnd::Refused {
+                code,
+                reason,
+                im_code,
+            })
         };
         let outcome = match sig {
             None => refuse(0x86, "70003 malformed", self.flavor, &mut self.rng),
@@ -1033,6 +1189,11 @@ impl World {
                 }
             }
             Ext::RedirectNext(i) => self.redirect_next = Some(i % self.nodes),
+            Ext::AuthOutage(d) => {
+                if self.flavor == Flavor::NatsCallout {
+                    self.auth_down_until = t + d;
+                }
+            }
             Ext::Suspend(_) | Ext::Reboot { .. } | Ext::Local(_) => {}
         }
     }
@@ -1061,12 +1222,18 @@ impl World {
                     },
                 ))
             }
-            ConnW::Connecting { at, outcome, .. } => {
+            ConnW::Connecting {
+                at,
+                outcome,
+                settled,
+                ..
+            } => {
                 *at = Some(t + 10);
                 *outcome = Outcome::End(ConnEnd::Network {
                     kind: NetKind::Timeout,
                     detail: "suspended".into(),
                 });
+                *settled = true;
             }
             ConnW::Closing { at } => *at = Some(t + 10),
             ConnW::None => {}
@@ -1078,6 +1245,7 @@ impl World {
                 codes::NET_DISCONNECT,
                 "suspended",
             ));
+            f.settled = true;
         }
     }
 
@@ -1104,6 +1272,8 @@ impl World {
     pub fn daemon_started(&mut self) {
         self.held.clear();
         self.fetch = None;
+        // A new process: its first login starts a new session.
+        self.session_since = None;
         if let Some(fp) = &self.cache {
             self.held.insert(fp.clone());
         }
@@ -1137,6 +1307,7 @@ impl World {
         self.node_down.iter_mut().for_each(|d| *d = false);
         self.election_until = 0;
         self.redirect_next = None;
+        self.auth_down_until = 0;
         self.broker = BrokerMode::Healthy;
         self.prov = ProvMode::Healthy;
         self.twin = false;
@@ -1150,7 +1321,7 @@ impl World {
         if let ConnW::Up { fp, end, .. } = &mut self.conn {
             let fp = fp.clone();
             *end = None;
-            // Only the sig's own expiry still ends it (on the reference service).
+            // Only the sig's own expiry still ends it (on the reference service and NATS).
             let expires = self.sigs.get(&fp).and_then(|s| s.expires);
             if self.flavor == Flavor::Reference
                 && let Some(e) = expires
@@ -1163,8 +1334,17 @@ impl World {
                         ConnEnd::ServerDisconnect {
                             code: 0xA0,
                             reason: Some("70001 UserSig expired".into()),
+                            im_code: Some(codes::SVR_SIG_EXPIRED),
                         },
                     ));
+                }
+            }
+            if self.flavor == Flavor::NatsCallout
+                && let Some(e) = expires
+            {
+                let close = self.nats_expiry_close(e);
+                if let ConnW::Up { end, .. } = &mut self.conn {
+                    *end = Some(close);
                 }
             }
         }
