@@ -23,9 +23,9 @@
 //! Writes `target/bench/storm-cluster.csv` and `target/bench/storm-cluster.md`. Environment:
 //! IMLINKD_CLUSTER_STORM_DEVICES (default 1000: what this 2-core machine holds with the cluster
 //! on it every time; 2000 started once in two runs, 3000 never: JetStream fell behind),
-//! IMLINKD_CLUSTER_STORM_SETTLE (s, default 30), IMLINKD_CLUSTER_STORM_WINDOW (s after the kill,
-//! default 300), IMLINKD_CLUSTER_STORM_ON (the fleet's node: `n1`, `n2`, `n3`, or by default the one leading
-//! the MQTT session stream, the worst case). Run as root.
+//! IMLINKD_CLUSTER_STORM_SETTLE (s, default 30), IMLINKD_CLUSTER_STORM_WINDOW (s after the
+//! kill, default 300), IMLINKD_CLUSTER_STORM_ON (the fleet's node: `n1`, `n2`, `n3`, or by
+//! default the one leading the MQTT session stream, the worst case). Run as root.
 
 #[path = "../tests/common/im_cluster.rs"]
 mod im_cluster;
@@ -475,7 +475,8 @@ fn main() {
             .collect()
     };
     eprintln!(
-        "killing n{} ({on_victim} devices on it; connections per node {per_node:?}; it leads {led:?})",
+        "killing n{} ({on_victim} devices on it; connections per node {per_node:?}; \
+         it leads {led:?})",
         victim + 1
     );
     let mut csv = String::from(

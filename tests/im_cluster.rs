@@ -223,8 +223,8 @@ async fn chat_and_forged_senders(c: &ImCluster, alice: &Daemon, bob: &Daemon) ->
     )
 }
 
-/// The proactive refresh moves carol to each new UserSig, four times (over three lifetimes), while a peer
-/// publishes QoS 1 messages to her all along: none is lost, none comes twice.
+/// The proactive refresh moves carol to each new UserSig, four times (over three lifetimes),
+/// while a peer publishes QoS 1 messages to her all along: none is lost, none comes twice.
 async fn refresh_over_several_lifetimes(c: &ImCluster, carol: &Daemon) -> String {
     let app = c.e.sdk_app_id;
     let cid = client_id(c, "carol");
@@ -512,7 +512,6 @@ async fn node_and_auth_loss(c: &ImCluster, daemons: &[(&str, &Daemon)]) -> Strin
     // The imlink-auth instance on that node if there is one (it must find another node too).
     let auth = (0..2).find(|i| c.auth_node(*i) == Some(gone)).unwrap_or(0);
     let mut rec = Recorder::start(d).await;
-    let mark = rec.len();
     // The victim's status, sampled while it recovers: `online` only with the inbox granted.
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = tokio::spawn({
@@ -527,26 +526,35 @@ async fn node_and_auth_loss(c: &ImCluster, daemons: &[(&str, &Daemon)]) -> Strin
             samples
         }
     });
+    settled(d, &mut rec).await;
+    let mark = rec.len();
     c.stop(Piece::Node, gone, true);
-    c.stop(Piece::Auth, auth, true);
     let killed = Instant::now();
+    let killed_unix = unix_f64();
+    c.stop(Piece::Auth, auth, true);
     let body = format!("sent to {victim} while its node was down");
     send(p, victim, &body).await;
     // Within the leader elections (seconds), or the fast-login floor's minute if logins
     // that do not last pile up on the way (issue 17 item 3).
     rec.wait_for(mark, "connect_success", 1, Duration::from_secs(120))
         .await;
-    let st = d
-        .wait_phase_within("online", Duration::from_secs(120))
+    d.wait_phase_within("online", Duration::from_secs(120))
         .await;
-    let online_after = killed.elapsed();
-    let now_on = node_of(c, &st);
-    assert_ne!(now_on, gone, "on another node");
     let got = inbox_until(d, Duration::from_secs(60), |m| {
         m.iter().any(|x| x["body"] == body.as_str())
     })
     .await;
     let arrived_after = killed.elapsed();
+    // Where and since when it is online (it may have been online, and dropped, before that).
+    let st = d.wait_phase("online").await;
+    let now_on = node_of(c, &st);
+    assert_ne!(now_on, gone, "on another node");
+    let online_after = rec
+        .phases(mark)
+        .iter()
+        .rev()
+        .find(|(_, p)| p == "online")
+        .map_or(0.0, |(t, _)| t - killed_unix);
     assert_eq!(
         got.iter().filter(|x| x["body"] == body.as_str()).count(),
         1,
@@ -577,16 +585,51 @@ async fn node_and_auth_loss(c: &ImCluster, daemons: &[(&str, &Daemon)]) -> Strin
     let sequence: Vec<&str> = phases.iter().map(|(_, p)| p.as_str()).collect();
     format!(
         "node loss (n{} — leader of {} — and imlink-auth {} killed -9): {victim} online on n{} \
-         {:.1} s later with {connects} CONNECTs, {refusals} inbox SUBSCRIBEs refused meanwhile \
-         (phases {}); the message {peer} sent meanwhile arrived {:.1} s after the kill",
+         for good {:.1} s later, with {connects} CONNECTs, {refusals} inbox SUBSCRIBEs refused \
+         meanwhile (phases {}); the message {peer} sent meanwhile arrived {:.1} s after the kill",
         gone + 1,
         led.join(", "),
         auth + 1,
         now_on + 1,
-        online_after.as_secs_f64(),
+        online_after,
         sequence.join(" → "),
         arrived_after.as_secs_f64()
     )
+}
+
+/// Wait until `d`'s session is at least 10 s old (its last CONNACK: the phase `online` began)
+/// and its next refresh at least 2.5 s away, so that a node loss now is a loss under a settled
+/// device. A close within 10 s of a CONNACK is one of the three "early closes" of a suspected
+/// takeover, and on NATS so is the close that follows a QoS 1 publish JetStream could not
+/// store within 5 s ("no JetStream ack within 5s; closing the connection": the device's
+/// retained status, right after each CONNACK, during the elections). A node killed right after
+/// a login (with 20 s UserSigs, 60 % of the time) plus two such closes took a daemon offline
+/// for the takeover cool-down (12 min) in one run of five: a policy question for the session
+/// engine, not for this scenario.
+async fn settled(d: &Daemon, rec: &mut Recorder) {
+    loop {
+        let st = d.status().await;
+        let since = st["since"].as_f64().unwrap_or(0.0);
+        let refresh = st["sig"]["refresh_at"].as_f64().unwrap_or(f64::MAX);
+        let now = unix_f64();
+        if st["phase"] == "online" && now - since >= 11.0 && refresh - now >= 2.5 {
+            return;
+        }
+        if st["phase"] == "online" && since + 11.0 <= refresh - 2.5 && now < since + 11.0 {
+            tokio::time::sleep(Duration::from_secs_f64(since + 11.0 - now)).await;
+        } else {
+            // Not within this session's window: the next move (or login) opens the next one.
+            let from = rec.len();
+            rec.wait_for(
+                from,
+                "connect_success",
+                1,
+                Duration::from_secs(2 * LIFETIME_S),
+            )
+            .await;
+            d.wait_phase("online").await;
+        }
+    }
 }
 
 /// Every imlink-auth stops. Open sessions go on; at their next login (the move to a refreshed
