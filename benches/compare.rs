@@ -418,12 +418,13 @@ fn main() {
     let sent = publisher.join().unwrap();
     std::thread::sleep(Duration::from_secs(2));
     let mut got = std::collections::BTreeSet::new();
-    let mut after = 0i64;
+    // From the start of rotor's inbox, whatever was acknowledged.
+    let mut cursor = "rotor:0".to_string();
     loop {
         let v = call(
             &r.sock,
             "read_inbox",
-            json!({ "after": after, "limit": 100 }),
+            json!({ "cursor": cursor, "limit": 100 }),
         );
         let page = v["result"]["messages"]
             .as_array()
@@ -432,7 +433,10 @@ fn main() {
         if page.is_empty() {
             break;
         }
-        after = v["result"]["cursor"].as_i64().unwrap_or(after);
+        cursor = v["result"]["cursor"]
+            .as_str()
+            .unwrap_or(&cursor)
+            .to_string();
         for m in page {
             got.insert(m["id"].as_str().unwrap_or("").to_string());
         }

@@ -220,7 +220,7 @@ fn main() {
     let carol = start(&sb, &root, "carol");
     {
         let mut s = connect(&carol.sock);
-        let conv = call(&mut s, "get_conversations", json!({}));
+        let conv = call(&mut s, "get_conversations", json!({ "limit": 100 }));
         assert_eq!(
             conv["result"]["conversations"].as_array().map(Vec::len),
             Some(100)

@@ -129,6 +129,15 @@ struct RawConfig {
     store: RawStore,
     #[serde(default)]
     api: RawApi,
+    #[serde(default)]
+    metrics: RawMetrics,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    /// node_exporter's textfile collector: write the metrics there, atomically, on change.
+    textfile: Option<PathBuf>,
 }
 
 fn default_platform() -> String {
@@ -412,6 +421,8 @@ pub struct Config {
     pub store: StoreConfig,
     pub policy: Policy,
     pub api: ApiConfig,
+    /// `metrics.textfile`: where to write the metrics for node_exporter's textfile collector.
+    pub metrics_textfile: Option<PathBuf>,
     /// Things that work but deserve attention (e.g. a secret file readable by others).
     pub warnings: Vec<String>,
 }
@@ -511,6 +522,12 @@ fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigErr
                 format!(
                     "{v:?}: use 1-32 characters of A-Z a-z 0-9 _ - . (it goes in the client id)"
                 ),
+            ));
+        }
+        if v.contains('.') {
+            warnings.push(format!(
+                "{key} {v:?} contains '.': NATS refuses such a client id (CONNACK 2), and the \
+                 device status topic writes it as '_'; prefer A-Z a-z 0-9 _ -"
             ));
         }
     }
@@ -628,6 +645,27 @@ fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigErr
     let store = StoreConfig {
         path: resolve(&raw.state_dir).join("messages.db"),
         max_bytes,
+    };
+
+    // [metrics]
+    let metrics_textfile = match raw.metrics.textfile {
+        None => None,
+        Some(p) => {
+            let p = resolve(&p);
+            let ok = p.extension().is_some_and(|e| e == "prom")
+                && p.parent().is_some_and(|d| d.is_dir());
+            if !ok {
+                return Err(err(
+                    "metrics.textfile",
+                    format!(
+                        "{}: the textfile collector reads *.prom files from an existing \
+                         directory (e.g. /var/lib/prometheus/node-exporter/imlinkd.prom)",
+                        p.display()
+                    ),
+                ));
+            }
+            Some(p)
+        }
     };
 
     // [session]
@@ -776,6 +814,7 @@ fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigErr
         store,
         policy,
         api,
+        metrics_textfile,
         warnings,
     })
 }

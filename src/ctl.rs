@@ -5,7 +5,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -34,17 +34,25 @@ USAGE:
   imlinkctl [--socket PATH] version
   imlinkctl [--socket PATH] send PEER TEXT|- [--custom]
                                                  send a message (- reads it from stdin); prints its id
-  imlinkctl [--socket PATH] conversations [--json]
+  imlinkctl [--socket PATH] conversations [--before CURSOR] [--limit N] [--json]
+                                                 newest first, a page at a time (20 by default)
   imlinkctl [--socket PATH] history PEER [--before ID] [--limit N] [--json]
                                                  newest first; works offline and logged out
   imlinkctl [--socket PATH] inbox [--follow] [--max N]
-                                                 print received messages as JSON lines, then
-                                                 acknowledge them (at least once: a message is
-                                                 acknowledged only after it was written out);
+                                                 print the current account's received messages
+                                                 as JSON lines (with the user_id whose inbox it
+                                                 is), then acknowledge them (at least once: a
+                                                 message is acknowledged only after it was
+                                                 written out; an account switch meanwhile
+                                                 acknowledges what was read, for its user);
                                                  --follow: keep waiting for more; --max N: stop
                                                  after N messages
+  imlinkctl [--socket PATH] metrics             the daemon's metrics (Prometheus text format)
   imlinkctl sig decode [--file PATH]             decode a UserSig read from stdin (or a file);
                                                  never from the command line, where `ps` shows it
+  imlinkctl fleet --broker URL --user NAME --password-file FILE --sdk-app-id N [--watch] …
+                                                 every device's status, read from the broker's
+                                                 retained status tree (`imlinkctl fleet --help`)
 
 The socket defaults to $IMLINKD_SOCKET, else /run/imlinkd/api.sock.
 Phases: idle waiting_for_clock fetching_sig connecting online backoff logging_out kicked stopped
@@ -63,6 +71,9 @@ pub fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
+        // Whoever read the output went away (`imlinkctl fleet --watch | head`): nothing left
+        // to do.
+        Err(Fail(0, _)) => ExitCode::SUCCESS,
         Err(Fail(code, msg)) => {
             eprintln!("imlinkctl: {msg}");
             ExitCode::from(code)
@@ -233,8 +244,13 @@ fn run(mut args: Vec<String>) -> Result<(), Fail> {
         }
         "conversations" => {
             let json_out = flag(&mut args, "--json");
+            let before = value(&mut args, "--before")?;
+            let limit = page_limit(value(&mut args, "--limit")?)?;
             no_more(&args)?;
-            let r = Client::connect(&socket)?.call("get_conversations", json!({}))?;
+            let r = Client::connect(&socket)?.call(
+                "get_conversations",
+                json!({ "before": before, "limit": limit }),
+            )?;
             if json_out {
                 println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
                 return Ok(());
@@ -251,19 +267,15 @@ fn run(mut args: Vec<String>) -> Result<(), Fail> {
                     c.get("last").map(one_line).unwrap_or_default()
                 );
             }
+            if let Some(next) = r["next_before"].as_str() {
+                println!("(more: imlinkctl conversations --before {next})");
+            }
             Ok(())
         }
         "history" => {
             let json_out = flag(&mut args, "--json");
             let before = value(&mut args, "--before")?;
-            let limit = match value(&mut args, "--limit")? {
-                None => 20,
-                Some(n) => n
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|n| (1..=100).contains(n))
-                    .ok_or_else(|| Fail::usage(format!("--limit {n}: a number from 1 to 100")))?,
-            };
+            let limit = page_limit(value(&mut args, "--limit")?)?;
             if args.len() != 1 {
                 return Err(Fail::usage("history needs PEER"));
             }
@@ -303,6 +315,21 @@ fn run(mut args: Vec<String>) -> Result<(), Fail> {
             no_more(&args)?;
             inbox(&socket, follow, max)
         }
+        "metrics" => {
+            no_more(&args)?;
+            let r = Client::connect(&socket)?.call("metrics", json!({}))?;
+            let text = r.get("text").and_then(Value::as_str).ok_or_else(|| {
+                Fail(
+                    EXIT_FAILED,
+                    "the daemon's metrics answer has no text".into(),
+                )
+            })?;
+            let mut out = std::io::stdout().lock();
+            out.write_all(text.as_bytes())
+                .and_then(|()| out.flush())
+                .map_err(|_| Fail(0, String::new()))
+        }
+        "fleet" => fleet_command(&args),
         "sig" => {
             if args.first().map(String::as_str) != Some("decode") {
                 return Err(Fail::usage(
@@ -334,6 +361,18 @@ fn run(mut args: Vec<String>) -> Result<(), Fail> {
             sig_decode(source)
         }
         other => Err(Fail::usage(format!("unknown command {other:?}"))),
+    }
+}
+
+/// `--limit N`: 1 to 100, 20 when absent.
+fn page_limit(arg: Option<String>) -> Result<u32, Fail> {
+    match arg {
+        None => Ok(20),
+        Some(n) => n
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=100).contains(n))
+            .ok_or_else(|| Fail::usage(format!("--limit {n}: a number from 1 to 100"))),
     }
 }
 
@@ -371,7 +410,14 @@ fn one_line(m: &Value) -> String {
 }
 
 /// The at-least-once consumer: print each received message as a JSON line, flush, and only
-/// then acknowledge it; with `follow`, wait for more (woken by `message_received`).
+/// then acknowledge it; with `follow`, wait for more (woken by `message_received` or any
+/// other notification).
+///
+/// Account switches: each read is of the current account from its acknowledged position
+/// (no cursor is passed), and the acknowledgement carries the cursor that read returned,
+/// which names its user: a switch between the two acknowledges what was printed, for the
+/// user it belongs to, and the next read is the new account's. Nothing is lost or
+/// acknowledged for the wrong user.
 fn inbox(socket: &PathBuf, follow: bool, max: usize) -> Result<(), Fail> {
     let mut watcher = if follow {
         let mut w = Client::connect(socket)?;
@@ -391,16 +437,20 @@ fn inbox(socket: &PathBuf, follow: bool, max: usize) -> Result<(), Fail> {
             }
             let r = c.call("read_inbox", json!({ "limit": left }))?;
             let page = r["messages"].as_array().cloned().unwrap_or_default();
-            let Some(last) = page.last().map(|m| m["seq"].clone()) else {
+            if page.is_empty() {
                 break;
-            };
+            }
             for m in &page {
+                let mut m = m.clone();
+                if let Some(o) = m.as_object_mut() {
+                    o.insert("user_id".into(), r["user_id"].clone());
+                }
                 writeln!(out, "{m}")
                     .map_err(|e| Fail(EXIT_FAILED, format!("writing to stdout: {e}")))?;
             }
             out.flush()
                 .map_err(|e| Fail(EXIT_FAILED, format!("writing to stdout: {e}")))?;
-            c.call("ack_inbox", json!({ "cursor": last }))?;
+            c.call("ack_inbox", json!({ "cursor": r["cursor"] }))?;
             printed += page.len();
         }
         let Some(w) = watcher.as_mut() else {
@@ -480,6 +530,538 @@ fn sig_decode(source: SigSource) -> Result<(), Fail> {
     }
     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
     Ok(())
+}
+
+// --- fleet: the operator's view, over MQTT --------------------------------------------------------
+
+use crate::fleet::{FLEET_USAGE, FleetArgs, Protocol};
+
+fn fleet_command(args: &[String]) -> Result<(), Fail> {
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        print!("{FLEET_USAGE}");
+        return Ok(());
+    }
+    let a = crate::fleet::parse_args(args, |p| {
+        std::fs::read_to_string(p).map_err(|e| format!("--config {}: {e}", p.display()))
+    })
+    .map_err(|m| Fail(EXIT_USAGE, format!("fleet: {m}\n\n{FLEET_USAGE}")))?;
+    let password = read_password_file(&a.password_file)?;
+    let ca =
+        a.ca.clone()
+            .map_or(crate::tls::CaSource::System, crate::tls::CaSource::File);
+    let tls = crate::tls::client_config(&ca, None, &[])
+        .map_err(|e| Fail(EXIT_USAGE, format!("fleet: --ca: {e}")))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Fail(EXIT_FAILED, format!("fleet: starting the runtime: {e}")))?;
+    rt.block_on(fleet_run(&a, &password, tls))
+}
+
+/// The operator's password or token, from a file only its owner can read. Never printed.
+fn read_password_file(p: &Path) -> Result<String, Fail> {
+    use std::os::unix::fs::MetadataExt;
+    let usage = |m: String| {
+        Fail(
+            EXIT_USAGE,
+            format!("fleet: --password-file {}: {m}", p.display()),
+        )
+    };
+    let meta = std::fs::metadata(p).map_err(|e| usage(e.to_string()))?;
+    if meta.mode() & 0o077 != 0 {
+        return Err(usage(format!(
+            "other users can read it (mode {:o}): chmod 600 {}",
+            meta.mode() & 0o777,
+            p.display()
+        )));
+    }
+    let mut text = String::new();
+    std::fs::File::open(p)
+        .and_then(|f| f.take(4096).read_to_string(&mut text))
+        .map_err(|e| usage(e.to_string()))?;
+    let pw = text.trim_end_matches(['\n', '\r']).to_string();
+    if pw.is_empty() {
+        return Err(usage("it is empty".into()));
+    }
+    Ok(pw)
+}
+
+/// One message of the status subscription.
+struct StatusMsg {
+    topic: String,
+    payload: bytes::Bytes,
+    retain: bool,
+}
+
+/// What the broker sent next.
+enum Got {
+    Msg(StatusMsg),
+    /// The SUBACK: `Err` names the refusal.
+    SubAck(Result<(), String>),
+    Nothing,
+}
+
+/// Why a connection attempt failed.
+enum ConnFail {
+    /// The broker refused the identity: the same on every node, so stop.
+    Refused(String),
+    /// The node does not take this MQTT version (or closed before answering it).
+    Version(String),
+    /// Cannot reach it, TLS failed, or it is busy: try the next node.
+    Unreachable(String),
+}
+
+/// One connection to the broker, in either MQTT version.
+enum Link {
+    V5(rumqttc::v5::AsyncClient, Box<rumqttc::v5::EventLoop>),
+    V311(rumqttc::AsyncClient, Box<rumqttc::EventLoop>),
+}
+
+fn tls_hint(e: &str) -> &'static str {
+    if e.contains("certificate") || e.contains("UnknownIssuer") {
+        " (is --ca the CA that signed the broker's certificate?)"
+    } else {
+        ""
+    }
+}
+
+impl Link {
+    async fn open(
+        a: &FleetArgs,
+        node: &(String, u16, String),
+        v5: bool,
+        password: &str,
+        tls: &std::sync::Arc<rustls::ClientConfig>,
+    ) -> Result<(Link, &'static str), ConnFail> {
+        let id = a.client_id.clone().unwrap_or_else(|| {
+            format!(
+                "imlinkctl-fleet-{}-{}",
+                std::process::id(),
+                crate::clock::wall_ms()
+            )
+        });
+        let transport =
+            rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone()));
+        let url = &node.2;
+        let mut link = if v5 {
+            let mut o = rumqttc::v5::MqttOptions::new(id, node.0.clone(), node.1);
+            o.set_transport(transport);
+            o.set_credentials(a.user.clone(), password);
+            o.set_keep_alive(Duration::from_secs(30));
+            o.set_clean_start(true);
+            o.set_session_expiry_interval(None);
+            o.set_connection_timeout(10);
+            // The broker does not send a PUBLISH larger than this (MQTT 5 drops it for us).
+            o.set_max_packet_size(Some(64 * 1024));
+            o.set_request_channel_capacity(8);
+            // It publishes nothing; rumqttc would otherwise keep a slot for each of 65,535
+            // in-flight publishes (about 10 MB).
+            o.set_outgoing_inflight_upper_limit(8);
+            let (c, el) = rumqttc::v5::AsyncClient::new(o, 8);
+            Link::V5(c, Box::new(el))
+        } else {
+            let mut o = rumqttc::MqttOptions::new(id, node.0.clone(), node.1);
+            o.set_transport(transport);
+            o.set_credentials(a.user.clone(), password);
+            o.set_keep_alive(Duration::from_secs(30));
+            o.set_clean_session(true);
+            // MQTT 3.1.1 cannot tell the broker a limit: a larger packet ends the connection.
+            o.set_max_packet_size(1 << 20, 64 * 1024);
+            o.set_request_channel_capacity(8);
+            o.set_inflight(8);
+            let (c, el) = rumqttc::AsyncClient::new(o, 8);
+            Link::V311(c, Box::new(el))
+        };
+        let proto = if v5 { "v5" } else { "v3.1.1" };
+        let user = &a.user;
+        let refused = |code: String| {
+            ConnFail::Refused(format!(
+                "{url} refused the operator identity {user:?} ({code}): check --user and \
+                 --password-file"
+            ))
+        };
+        let answer = tokio::time::timeout(Duration::from_secs(15), async {
+            loop {
+                match &mut link {
+                    Link::V5(_, el) => {
+                        use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode as C, Packet};
+                        use rumqttc::v5::{ConnectionError as E, Event};
+                        match el.poll().await {
+                            Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                            Ok(_) => {}
+                            Err(E::ConnectionRefused(
+                                c @ (C::BadUserNamePassword
+                                | C::NotAuthorized
+                                | C::Banned
+                                | C::BadAuthenticationMethod
+                                | C::ClientIdentifierNotValid),
+                            )) => return Err(refused(format!("{c:?}"))),
+                            Err(E::ConnectionRefused(C::UnsupportedProtocolVersion)) => {
+                                return Err(ConnFail::Version(format!(
+                                    "{url} does not speak MQTT 5"
+                                )));
+                            }
+                            Err(E::ConnectionRefused(c)) => {
+                                return Err(ConnFail::Unreachable(format!(
+                                    "{url} refused the connection ({c:?})"
+                                )));
+                            }
+                            Err(E::Tls(e)) => {
+                                let e = e.to_string();
+                                return Err(ConnFail::Unreachable(format!(
+                                    "TLS with {url}: {e}{}",
+                                    tls_hint(&e)
+                                )));
+                            }
+                            Err(E::Io(e)) if e.kind() != std::io::ErrorKind::UnexpectedEof => {
+                                return Err(ConnFail::Unreachable(format!("{url}: {e}")));
+                            }
+                            Err(e) => {
+                                return Err(ConnFail::Version(format!(
+                                    "{url} ended the MQTT 5 CONNECT ({e})"
+                                )));
+                            }
+                        }
+                    }
+                    Link::V311(_, el) => {
+                        use rumqttc::{
+                            ConnectReturnCode as C, ConnectionError as E, Event, Packet,
+                        };
+                        match el.poll().await {
+                            Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
+                            Ok(_) => {}
+                            Err(E::ConnectionRefused(
+                                c @ (C::BadUserNamePassword | C::NotAuthorized | C::BadClientId),
+                            )) => return Err(refused(format!("{c:?}"))),
+                            Err(E::ConnectionRefused(c)) => {
+                                return Err(ConnFail::Unreachable(format!(
+                                    "{url} refused the connection ({c:?})"
+                                )));
+                            }
+                            Err(E::Tls(e)) => {
+                                let e = e.to_string();
+                                return Err(ConnFail::Unreachable(format!(
+                                    "TLS with {url}: {e}{}",
+                                    tls_hint(&e)
+                                )));
+                            }
+                            Err(e) => {
+                                return Err(ConnFail::Unreachable(format!("{url}: {e}")));
+                            }
+                        }
+                    }
+                }
+            }
+        })
+        .await;
+        match answer {
+            Ok(Ok(())) => Ok((link, proto)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ConnFail::Unreachable(format!(
+                "{url}: no CONNACK within 15 s"
+            ))),
+        }
+    }
+
+    async fn next(&mut self) -> Result<Got, String> {
+        match self {
+            Link::V5(_, el) => {
+                use rumqttc::v5::Event;
+                use rumqttc::v5::mqttbytes::v5::{Packet, SubscribeReasonCode};
+                match el.poll().await.map_err(|e| e.to_string())? {
+                    Event::Incoming(Packet::Publish(p)) => Ok(Got::Msg(StatusMsg {
+                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        payload: p.payload,
+                        retain: p.retain,
+                    })),
+                    Event::Incoming(Packet::SubAck(s)) => Ok(Got::SubAck(
+                        match s
+                            .return_codes
+                            .iter()
+                            .find(|c| !matches!(c, SubscribeReasonCode::Success(_)))
+                        {
+                            None => Ok(()),
+                            Some(c) => Err(format!("{c:?}")),
+                        },
+                    )),
+                    _ => Ok(Got::Nothing),
+                }
+            }
+            Link::V311(_, el) => {
+                use rumqttc::{Event, Packet, SubscribeReasonCode};
+                match el.poll().await.map_err(|e| e.to_string())? {
+                    Event::Incoming(Packet::Publish(p)) => Ok(Got::Msg(StatusMsg {
+                        topic: p.topic,
+                        payload: p.payload,
+                        retain: p.retain,
+                    })),
+                    Event::Incoming(Packet::SubAck(s)) => Ok(Got::SubAck(
+                        if s.return_codes.contains(&SubscribeReasonCode::Failure) {
+                            Err("Failure".into())
+                        } else {
+                            Ok(())
+                        },
+                    )),
+                    _ => Ok(Got::Nothing),
+                }
+            }
+        }
+    }
+
+    /// SUBSCRIBE and wait for the SUBACK; messages that come first are returned.
+    async fn subscribe(&mut self, filter: &str, url: &str) -> Result<Vec<StatusMsg>, Fail> {
+        let sent = match self {
+            Link::V5(c, _) => c
+                .subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+                .await
+                .map_err(|e| e.to_string()),
+            Link::V311(c, _) => c
+                .subscribe(filter, rumqttc::QoS::AtLeastOnce)
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        sent.map_err(|e| Fail(EXIT_FAILED, format!("fleet: subscribing: {e}")))?;
+        let mut early = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let got = tokio::time::timeout_at(deadline, self.next())
+                .await
+                .map_err(|_| {
+                    Fail(
+                        EXIT_UNREACHABLE,
+                        format!("fleet: {url} did not answer the SUBSCRIBE within 15 s"),
+                    )
+                })?
+                .map_err(|e| {
+                    Fail(
+                        EXIT_UNREACHABLE,
+                        format!("fleet: the connection to {url} ended before the SUBACK: {e}"),
+                    )
+                })?;
+            match got {
+                Got::Msg(m) => early.push(m),
+                Got::SubAck(Ok(())) => return Ok(early),
+                Got::SubAck(Err(code)) => {
+                    return Err(Fail(
+                        EXIT_DENIED,
+                        format!(
+                            "fleet: {url} refused the subscription to {filter} ({code}): this \
+                             identity may not read the status tree — the broker's ACL must let \
+                             it read im/{{sdk_app_id}}/d/# (docs/brokers.md)"
+                        ),
+                    ));
+                }
+                Got::Nothing => {}
+            }
+        }
+    }
+
+    /// A clean DISCONNECT (best effort, bounded).
+    async fn close(mut self) {
+        let asked = match &self {
+            Link::V5(c, _) => c.disconnect().await.is_ok(),
+            Link::V311(c, _) => c.disconnect().await.is_ok(),
+        };
+        if asked {
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                while self.next().await.is_ok() {}
+            })
+            .await;
+        }
+    }
+}
+
+/// Connect to the first node that takes the identity (each in the configured MQTT version,
+/// or 5 then 3.1.1 for `auto`). Returns the link, the node's URL and the version.
+async fn connect_any(
+    a: &FleetArgs,
+    password: &str,
+    tls: &std::sync::Arc<rustls::ClientConfig>,
+) -> Result<(Link, String, &'static str), Fail> {
+    let versions: &[bool] = match a.protocol {
+        Protocol::V5 => &[true],
+        Protocol::V311 => &[false],
+        Protocol::Auto => &[true, false],
+    };
+    let mut why = Vec::new();
+    for node in &a.brokers {
+        for &v5 in versions {
+            match Link::open(a, node, v5, password, tls).await {
+                Ok((link, proto)) => return Ok((link, node.2.clone(), proto)),
+                Err(ConnFail::Refused(m)) => return Err(Fail(EXIT_DENIED, format!("fleet: {m}"))),
+                Err(ConnFail::Version(m)) => {
+                    why.push(if a.protocol == Protocol::V5 {
+                        format!("{m} (for MQTT 3.1.1, e.g. NATS: --protocol v3.1.1 or auto)")
+                    } else {
+                        m
+                    });
+                }
+                Err(ConnFail::Unreachable(m)) => {
+                    why.push(m);
+                    break;
+                }
+            }
+        }
+    }
+    Err(Fail(
+        EXIT_UNREACHABLE,
+        format!(
+            "fleet: cannot connect to any broker node: {}; check --broker and that the broker \
+             is reachable",
+            why.join("; ")
+        ),
+    ))
+}
+
+/// Lines to stdout, flushed one by one (a pipe reads them as they come). A closed stdout
+/// ends the command quietly.
+struct Out(std::io::Stdout);
+
+impl Out {
+    fn line(&mut self, text: &str) -> Result<(), Fail> {
+        let mut o = self.0.lock();
+        writeln!(o, "{text}")
+            .and_then(|()| o.flush())
+            .map_err(|_| Fail(0, String::new()))
+    }
+}
+
+fn connection_line(as_json: bool, event: &str, url: &str, detail: &str) -> String {
+    let now = now_secs();
+    if as_json {
+        json!({ "type": "connection", "at": now, "event": event, "broker": url, "detail": detail })
+            .to_string()
+    } else {
+        format!(
+            "{} connection {event}: {url} {detail}",
+            &crate::fleet::utc(now)[11..19]
+        )
+    }
+}
+
+async fn fleet_run(
+    a: &FleetArgs,
+    password: &str,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+) -> Result<(), Fail> {
+    use crate::fleet::{Fleet, change_line, status_filter, write_ndjson, write_text};
+    let mut out = Out(std::io::stdout());
+    let filter = status_filter(a.sdk_app_id);
+    let mut fleet = Fleet::new(a.sdk_app_id, a.offline_longer_than);
+    let (mut link, mut url, _) = connect_any(a, password, &tls).await?;
+    for m in link.subscribe(&filter, &url).await? {
+        fleet.apply(&m.topic, &m.payload, m.retain, now_secs());
+    }
+    // The retained tree follows the SUBACK; it is all read once nothing new came for
+    // `settle`. Live changes meanwhile are taken too.
+    let mut last = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            got = link.next() => match got {
+                Ok(Got::Msg(m)) => {
+                    fleet.apply(&m.topic, &m.payload, m.retain, now_secs());
+                    if m.retain {
+                        last = tokio::time::Instant::now();
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(Fail(
+                        EXIT_UNREACHABLE,
+                        format!("fleet: the connection to {url} ended while reading the status tree: {e}"),
+                    ));
+                }
+            },
+            _ = tokio::time::sleep_until(last + a.settle) => break,
+        }
+    }
+    let now = now_secs();
+    {
+        let mut w = std::io::BufWriter::new(std::io::stdout().lock());
+        if a.json {
+            write_ndjson(&fleet, now, &mut w)
+        } else {
+            write_text(&fleet, now, &mut w)
+        }
+        .and_then(|()| w.flush())
+        .map_err(|_| Fail(0, String::new()))?;
+    }
+    if fleet.is_empty() {
+        // Some brokers (mosquitto's acl_file) grant any SUBSCRIBE and then deliver only what
+        // the identity may read: an empty tree can mean a missing ACL line.
+        eprintln!(
+            "imlinkctl: fleet: no status document under {filter} on {url}: either no device \
+             of SDKAppID {} publishes one, or this identity may not read them (on mosquitto, \
+             `user {}` + `topic read im/+/d/#` in the ACL: docs/brokers.md)",
+            a.sdk_app_id, a.user
+        );
+    }
+    if !a.watch {
+        link.close().await;
+        return Ok(());
+    }
+    // --watch: one line per change, forever; a lost connection is retried on every node.
+    loop {
+        // The next device seen going offline that passes the threshold, if any.
+        let crossing = fleet.next_crossing().map(|t| {
+            tokio::time::Instant::now() + Duration::from_secs((t - now_secs()).max(0) as u64)
+        });
+        let crossing = async {
+            match crossing {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            got = link.next() => match got {
+                Ok(Got::Msg(m)) => {
+                    let now = now_secs();
+                    if let Some(c) = fleet.apply(&m.topic, &m.payload, m.retain, now) {
+                        out.line(&change_line(&fleet, &c, now, a.json))?;
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    out.line(&connection_line(a.json, "lost", &url, &e))?;
+                    let mut wait = Duration::from_secs(1);
+                    loop {
+                        tokio::time::sleep(wait).await;
+                        let attempt = match connect_any(a, password, &tls).await {
+                            Ok((mut l, u, proto)) => match l.subscribe(&filter, &u).await {
+                                Ok(early) => Ok((l, u, proto, early)),
+                                Err(f) => Err(f),
+                            },
+                            Err(f) => Err(f),
+                        };
+                        match attempt {
+                            Ok((l, u, proto, early)) => {
+                                out.line(&connection_line(a.json, "restored", &u, proto))?;
+                                for m in early {
+                                    let now = now_secs();
+                                    if let Some(c) = fleet.apply(&m.topic, &m.payload, m.retain, now) {
+                                        out.line(&change_line(&fleet, &c, now, a.json))?;
+                                    }
+                                }
+                                (link, url) = (l, u);
+                                break;
+                            }
+                            Err(Fail(EXIT_UNREACHABLE, m)) => {
+                                out.line(&connection_line(a.json, "retrying", "", &m))?;
+                                wait = (wait * 2).min(Duration::from_secs(30));
+                            }
+                            Err(f) => return Err(f),
+                        }
+                    }
+                }
+            },
+            _ = crossing => {
+                let now = now_secs();
+                for c in fleet.crossed(now) {
+                    out.line(&change_line(&fleet, &c, now, a.json))?;
+                }
+            }
+        }
+    }
 }
 
 // --- the client ---------------------------------------------------------------------------------

@@ -225,6 +225,10 @@ async fn serve(path: &Path, config: Config) -> ExitCode {
     // READY: the config is valid and the API serves (being online is not required).
     systemd::ready(&session.status.borrow().summary.clone());
     let mirror = tokio::spawn(systemd::mirror_status(session.status.clone()));
+    let textfile = config
+        .metrics_textfile
+        .clone()
+        .map(|p| tokio::spawn(crate::metrics::textfile(session.clone(), p)));
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         socket = %config.api.socket.display(),
@@ -277,6 +281,9 @@ async fn serve(path: &Path, config: Config) -> ExitCode {
     }
     api_task.abort();
     mirror.abort();
+    if let Some(t) = textfile {
+        t.abort();
+    }
     api::cleanup(bound.owned_path.as_deref());
     tracing::info!("imlinkd stopped");
     systemd::flush(Duration::from_secs(1));

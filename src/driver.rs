@@ -418,6 +418,7 @@ impl Driver {
                 self.sends.insert(id, reply);
                 self.feed(Input::Send { id, draft });
             }
+            Command::StoreRoom => self.feed(Input::StoreRoom),
             Command::Reload { config, reply } => {
                 let result = self.reload(*config);
                 let _ = reply.send(result);
@@ -691,6 +692,23 @@ impl Driver {
         }
         let gone = || StoreError::Unavailable("the store thread is gone".into());
         match op {
+            StoreOp::Counts { owner } => {
+                let o2 = owner.clone();
+                let o3 = owner.clone();
+                ask!(
+                    |reply| StoreRequest::Counts { owner, reply },
+                    |rx: oneshot::Receiver<Result<crate::store::Counts, StoreError>>| async move {
+                        StoreAnswer::Counts {
+                            owner: o2,
+                            counts: rx.await.ok().and_then(Result::ok),
+                        }
+                    },
+                    |_| StoreAnswer::Counts {
+                        owner: o3,
+                        counts: None,
+                    }
+                )
+            }
             StoreOp::Enqueue { req, owner, msg } => {
                 let (o2, m2) = (owner.clone(), msg.clone());
                 let (o3, m3) = (owner.clone(), msg.clone());
@@ -718,10 +736,17 @@ impl Driver {
                 pkid,
                 owner,
                 msg,
+                order,
             } => {
                 let (m2, m3) = (msg.clone(), msg.clone());
+                let order = order.map(|n| (link, n));
                 ask!(
-                    |reply| StoreRequest::Receive { owner, msg, reply },
+                    |reply| StoreRequest::Receive {
+                        owner,
+                        msg,
+                        order,
+                        reply
+                    },
                     |rx: oneshot::Receiver<Result<Received, StoreError>>| async move {
                         let result = match rx.await.unwrap_or_else(|_| Err(gone())) {
                             Ok(Received::New(seq)) => Ok(Some(seq)),

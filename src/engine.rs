@@ -244,6 +244,11 @@ pub enum StoreAnswer {
         seq: Seq,
         committed: bool,
     },
+    /// [`StoreOp::Counts`] done (`None`: the store did not say).
+    Counts {
+        owner: String,
+        counts: Option<crate::store::Counts>,
+    },
 }
 
 /// What to ask the store (it answers with a [`StoreAnswer`], in request order).
@@ -255,12 +260,15 @@ pub enum StoreOp {
         owner: String,
         msg: WireMessage,
     },
-    /// Commit a received message once (by sender and id).
+    /// Commit a received message once (by sender and id). `order`: its place in the arrival
+    /// order on `link`: the store commits none after one it refused for room until that one
+    /// is in (so the app sees messages in the order they arrived).
     Receive {
         link: LinkId,
         pkid: Option<u16>,
         owner: String,
         msg: WireMessage,
+        order: Option<u64>,
     },
     /// Queued messages of `owner` with seq > `after`, oldest first, up to `limit`, leaving
     /// out messages to the `skip` peers.
@@ -278,6 +286,8 @@ pub enum StoreOp {
         id: String,
         outcome: courier::Outcome,
     },
+    /// What `owner` has waiting (for the device status document).
+    Counts { owner: String },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -312,6 +322,9 @@ pub enum Input {
         link: LinkId,
         event: LinkEvent,
     },
+    /// An app consumed messages (`ack_inbox`, `mark_read`): room may have been made for the
+    /// received messages the store refused.
+    StoreRoom,
     /// `send_message`: the message, or why the API could not read it (answered only once
     /// the send gate let it through: a logged-out daemon says 6014 first).
     Send {
@@ -469,6 +482,13 @@ pub struct Engine {
     /// will topic is forbidden"): the status is off until a reload, so an ACL that does not
     /// know the status topic never keeps a device from logging in.
     status_unwelcome: bool,
+    /// The store's last word on what the session's user has waiting, for the status
+    /// document: asked for before each document (a change of these alone publishes nothing),
+    /// and whether an answer is on its way.
+    counts: Option<(String, crate::store::Counts)>,
+    counts_asked: bool,
+    /// The document (without counts) the last answer was asked for.
+    counts_for: Option<serde_json::Value>,
     actions: VecDeque<Action>,
 }
 
@@ -491,6 +511,9 @@ impl Engine {
             counters: MessageCounters::default(),
             inbound_held: false,
             status_unwelcome: false,
+            counts: None,
+            counts_asked: false,
+            counts_for: None,
             actions: VecDeque::new(),
         }
     }
@@ -592,6 +615,7 @@ impl Engine {
             Input::Link { link, event } => self.on_link(link, event),
             Input::Send { id, draft } => self.on_send(id, draft),
             Input::Store(answer) => self.on_store(answer),
+            Input::StoreRoom => self.courier_in(courier::Input::StoreRoom),
         }
         self.pump();
         self.publish_status();
@@ -705,7 +729,12 @@ impl Engine {
                         None
                     };
                     if let Some((state, reason)) = why.filter(|_| up && self.status_on()) {
-                        let payload = self.status_doc(&user, state, Some(reason), false);
+                        let mut doc = self.with_counts(
+                            self.status_value(&user, state, Some(reason), false),
+                            &user,
+                        );
+                        doc["at"] = serde_json::json!(self.now.wall);
+                        let payload = serde_json::to_vec(&doc).unwrap_or_default();
                         let topic = self.status_topic(&user);
                         if let Some(l) = self.link.as_mut() {
                             l.unnumbered.push_back(Out::Status);
@@ -789,11 +818,13 @@ impl Engine {
                 pkid,
                 owner,
                 msg,
+                order,
             } => self.act(Action::Store(StoreOp::Receive {
                 link,
                 pkid,
                 owner,
                 msg,
+                order,
             })),
         }
     }
@@ -910,6 +941,15 @@ impl Engine {
         })
     }
 
+    /// `doc` with the store's counts for `user`, when it has them.
+    fn with_counts(&self, mut doc: serde_json::Value, user: &UserId) -> serde_json::Value {
+        if let Some((_, c)) = self.counts.as_ref().filter(|(o, _)| o == user.as_str()) {
+            doc["outbox_pending"] = serde_json::json!(c.outbox_pending);
+            doc["inbox_unacked"] = serde_json::json!(c.inbox_unacked);
+        }
+        doc
+    }
+
     /// Publish the status when it changed (retained, QoS 1): one in flight at a time, the
     /// latest wins. Not before the broker answered the inbox SUBSCRIBE (the phase would
     /// change again at once), never on a link being closed.
@@ -942,7 +982,23 @@ impl Engine {
         if l.status_sent.as_ref() == Some(&value) {
             return;
         }
-        let payload = self.status_doc(&user, "online", None, false);
+        // First the store's counts for this very document (one question at a time).
+        if self.counts_for.as_ref() != Some(&value) {
+            if !self.counts_asked {
+                self.counts_asked = true;
+                self.counts_for = Some(value);
+                self.act(Action::Store(StoreOp::Counts {
+                    owner: user.to_string(),
+                }));
+            }
+            return;
+        }
+        if self.counts_asked {
+            return;
+        }
+        let mut doc = self.with_counts(value.clone(), &user);
+        doc["at"] = serde_json::json!(self.now.wall);
+        let payload = serde_json::to_vec(&doc).unwrap_or_default();
         let topic = self.status_topic(&user);
         let link = l.id;
         if let Some(l) = self.link.as_mut() {
@@ -1255,6 +1311,10 @@ impl Engine {
             }
             StoreAnswer::Settled { seq, committed } => {
                 self.courier_in(courier::Input::Settled { seq, committed })
+            }
+            StoreAnswer::Counts { owner, counts } => {
+                self.counts_asked = false;
+                self.counts = counts.map(|c| (owner, c));
             }
         }
     }

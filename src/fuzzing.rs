@@ -333,6 +333,60 @@ pub fn received_message(data: &[u8]) {
     );
 }
 
+/// The relay's broker→client framing (`wire::Downstream`) on any bytes in any read sizes:
+/// it never panics, never holds more than a packet head or one packet, passes on only whole
+/// packets within the limit (an oversized PUBLISH as its stub), and says the same whatever
+/// the read sizes (up to an error).
+pub fn downstream(data: &[u8]) {
+    use crate::wire::{Downstream, frame};
+    let (sizes, bytes) = split(data);
+    let v5 = data.first().is_some_and(|b| b & 0x80 != 0);
+    let max = 1024;
+    let run = |sizes: &[u8]| {
+        let mut d = Downstream::new(max, v5);
+        let (mut out, mut notes) = (Vec::new(), Vec::new());
+        let mut at = 0;
+        let mut i = 0;
+        let mut err = None;
+        while at < bytes.len() {
+            let n = sizes
+                .get(i % sizes.len().max(1))
+                .map_or(bytes.len(), |s| usize::from(*s).max(1))
+                .min(bytes.len() - at);
+            i += 1;
+            if let Err(e) = d.feed(&bytes[at..at + n], &mut out, &mut notes) {
+                err = Some(e);
+                break;
+            }
+            at += n;
+            assert!(
+                d.buffered() <= max.max(crate::wire::MAX_HEAD) + 256,
+                "holds {} bytes",
+                d.buffered()
+            );
+        }
+        (out, notes, err)
+    };
+    let (out, notes, err) = run(sizes);
+    // Only whole packets, each within the limit.
+    let mut rest = &out[..];
+    while !rest.is_empty() {
+        match frame(rest, max) {
+            Ok(Some((h, len))) => {
+                assert!(rest.len() >= h + len, "a partial packet passed on");
+                rest = &rest[h + len..];
+            }
+            other => panic!("passed on something that is not a whole packet: {other:?}"),
+        }
+    }
+    // The same in one read (when neither run stopped at an error).
+    let (out1, notes1, err1) = run(&[]);
+    if err.is_none() && err1.is_none() {
+        assert_eq!(out, out1, "the read sizes changed what was passed on");
+        assert_eq!(notes, notes1);
+    }
+}
+
 /// A fuzz target's body.
 pub type Target = fn(&[u8]);
 
@@ -346,4 +400,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("status_text", status_text),
     ("small_parsers", small_parsers),
     ("received_message", received_message),
+    ("downstream", downstream),
 ];

@@ -40,6 +40,9 @@ pub enum Command {
         draft: Result<Draft, Refusal>,
         reply: oneshot::Sender<Result<Queued, Refusal>>,
     },
+    /// An app consumed messages (`ack_inbox`, `mark_read`): received messages that wait for
+    /// room in the store may go in now.
+    StoreRoom,
     /// A new, validated config (SIGHUP).
     Reload {
         config: Box<Config>,
@@ -102,6 +105,10 @@ pub struct Status {
     pub since: i64,
     pub last_error: Option<LastError>,
     pub sig: Option<SigView>,
+    /// Consecutive failed UserSig fetches (refreshes and login fetches) since the last one
+    /// that brought a usable sig: what a "renewal keeps failing" alert watches.
+    #[serde(default)]
+    pub renewal_failures: u32,
     /// Unix milliseconds of the next attempt, when one is scheduled.
     pub next_retry_at_ms: Option<i64>,
     pub counters: Counters,
@@ -137,9 +144,16 @@ impl Stamp {
 /// settings know the URLs).
 pub fn project(s: &EngineSnapshot, sdk_app_id: u64, broker: String, at: Stamp) -> Status {
     let x = &s.session;
+    let mut line = summary(x, &broker, at.mono);
+    if s.inbound_held {
+        line.push_str(
+            "; incoming messages wait at the broker: the message store is full (consume the \
+             inbox: ack_inbox or mark_read; or raise store.max_bytes)",
+        );
+    }
     Status {
         phase: x.phase,
-        summary: summary(x, &broker, at.mono),
+        summary: line,
         login_status: x.login_status,
         login_user: x.login_user.clone(),
         user_id: x.user_id.clone(),
@@ -157,6 +171,7 @@ pub fn project(s: &EngineSnapshot, sdk_app_id: u64, broker: String, at: Stamp) -
             refresh_at: g.refresh_at_ms.map(|d| at.wall_of(d).div_euclid(1000)),
             refreshing: g.refreshing,
         }),
+        renewal_failures: x.renewal_failures,
         next_retry_at_ms: x.next_retry_ms.map(|t| at.wall_of(t)),
         counters: x.counters.clone(),
         messages: MessagesView {

@@ -411,7 +411,12 @@ impl Downstream {
                     Err(e) => break Err(e),
                 };
                 if head.pkid.is_some() {
-                    out.extend_from_slice(&stub_publish(first, &head, self.v5));
+                    let stub = stub_publish(first, &head, self.v5);
+                    if stub.len() > self.max_packet {
+                        // Its topic alone is over the limit: nothing the client can take.
+                        break Err(WireError::TooLarge);
+                    }
+                    out.extend_from_slice(&stub);
                 }
                 notes.push(Note::Oversized {
                     pkid: head.pkid,

@@ -279,7 +279,8 @@ fn ctl_as_with_groups(
     args: &[&str],
 ) -> std::process::Output {
     let groups = groups.to_vec();
-    let mut cmd = std::process::Command::new(CTL);
+    // The build's copy may be out of that uid's reach (a clone under a 0700 directory).
+    let mut cmd = std::process::Command::new(runnable_by_anyone(CTL));
     cmd.arg("--socket").arg(socket).args(args);
     // SAFETY: setgroups/setgid/setuid are async-signal-safe; they run in the child before
     // exec, in the order that keeps the privilege to make each change.
@@ -468,34 +469,6 @@ async fn serves_a_socket_passed_by_systemd() {
 
 const ABUSER: u32 = 61_010;
 
-/// Open `n` connections to `path` as `uid`/`gid`, from a thread whose own credentials are
-/// switched with raw syscalls (thread-local, unlike libc's process-wide setuid). The peer
-/// credentials the daemon sees are that thread's.
-fn connect_as(
-    uid: u32,
-    gid: u32,
-    path: std::path::PathBuf,
-    n: usize,
-) -> Vec<std::os::unix::net::UnixStream> {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "this test switches uids and must run as root"
-    );
-    std::thread::spawn(move || {
-        // SAFETY: plain syscalls changing this thread's credentials only; the thread ends
-        // right after.
-        unsafe {
-            assert_eq!(libc::syscall(libc::SYS_setresgid, gid, gid, gid), 0);
-            assert_eq!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), 0);
-        }
-        (0..n)
-            .filter_map(|_| std::os::unix::net::UnixStream::connect(&path).ok())
-            .collect()
-    })
-    .join()
-    .unwrap()
-}
-
 /// How many of these connections the daemon kept (the others got an error line and EOF).
 fn count_open(conns: &[std::os::unix::net::UnixStream]) -> usize {
     use std::io::Read;
@@ -509,15 +482,6 @@ fn count_open(conns: &[std::os::unix::net::UnixStream]) -> usize {
             matches!((&**c).read(&mut buf), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
         })
         .count()
-}
-
-fn vm_hwm_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
 }
 
 /// 1,000 connections at once, a 10 MiB line, invalid UTF-8, half-written requests and a

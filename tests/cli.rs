@@ -275,8 +275,13 @@ async fn send_history_conversations_and_an_at_least_once_inbox() {
     assert_eq!(text(&out), "", "nothing unacknowledged");
     let r = bob.rpc("read_inbox", serde_json::json!({})).await;
     assert_eq!(
-        r["result"]["cursor"], first.1["seq"],
+        r["result"]["cursor"],
+        format!("bob:{}", first.1["seq"]),
         "the cursor is at the last one"
+    );
+    assert_eq!(
+        first.0["user_id"], "bob",
+        "each line says whose inbox it is"
     );
 
     // History and conversations, for people: control characters escaped.

@@ -295,3 +295,19 @@ fn secret_files_readable_by_others_are_warned_about() {
     );
     assert!(err.contains("broker.client_key"), "{err}");
 }
+
+#[test]
+fn a_dot_in_the_instance_is_valid_but_warned_about_for_nats() {
+    let dir = temp_dir("dot-instance");
+    let text = example_in(&dir).replace("instance = \"", "instance = \"kiosk.");
+    assert!(
+        text.contains("instance = \"kiosk."),
+        "the example sets instance"
+    );
+    let (code, _, err) = check(&write(&dir, &text), &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("instance") && err.contains("NATS refuses"),
+        "{err}"
+    );
+}

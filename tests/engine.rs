@@ -120,8 +120,8 @@ async fn a_short_lived_sig_is_refreshed_before_expiry_without_losing_qos1() {
     );
     assert!(u.provision_requests >= 3, "refreshed twice: {u:?}");
     assert_eq!(u.connections_lost, 0);
-    let st = d.status().await;
-    assert_eq!(st["phase"], "online");
+    // Logged in at the CONNACK; online once the inbox SUBSCRIBE is granted.
+    let st = d.wait_phase("online").await;
     assert!(st["counters"]["messages_received"].as_u64().unwrap() >= 4);
     d.finish().await;
 }

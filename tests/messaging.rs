@@ -10,33 +10,13 @@ use common::*;
 use imlink_sandbox::SandboxOptions;
 use serde_json::{Value, json};
 
-/// Every message in `d`'s inbox from the start (whatever was acknowledged).
-async fn inbox(d: &Daemon) -> Vec<Value> {
-    let mut all = Vec::new();
-    let mut after = 0;
-    loop {
-        let r = d
-            .rpc("read_inbox", json!({ "after": after, "limit": 100 }))
-            .await;
-        let page = r["result"]["messages"]
-            .as_array()
-            .cloned()
-            .unwrap_or_else(|| panic!("{r}"));
-        if page.is_empty() {
-            return all;
-        }
-        after = r["result"]["cursor"].as_i64().unwrap();
-        all.extend(page);
-    }
-}
-
 /// Wait (woken by `message_received` notifications) until `d`'s inbox holds `n` messages.
 async fn inbox_reaches(d: &Daemon, n: usize) -> Vec<Value> {
     let mut w = d.client().await;
     w.call("watch", json!({})).await;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let all = inbox(d).await;
+        let all = inbox_all(d).await;
         if all.len() >= n {
             return all;
         }

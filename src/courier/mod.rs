@@ -200,6 +200,9 @@ pub enum Input {
         owner: String,
         msg: Result<WireMessage, String>,
     },
+    /// Room was made in the store (an app consumed messages): retry the received messages
+    /// that wait for it now, in order, instead of at the end of their backoff.
+    StoreRoom,
     /// The store's answer to [`Action::Store`] (with the message it was given):
     /// `Ok(Some(seq))` stored new, `Ok(None)` a duplicate, `Err` not stored.
     Stored {
@@ -235,12 +238,15 @@ pub enum Action {
         id: String,
         outcome: Outcome,
     },
-    /// Commit a received message (deduplicated by id); answer [`Input::Stored`].
+    /// Commit a received message (deduplicated by sender and id); answer [`Input::Stored`].
+    /// `order`: its place in the arrival order on `link` (QoS 1): the store commits none
+    /// after one it refused for room until that one is in.
     Store {
         link: LinkId,
         pkid: Option<u16>,
         owner: String,
         msg: WireMessage,
+        order: Option<u64>,
     },
     /// Send the PUBACK for `pkid` on `link` (only if that link is still the current one).
     Ack {
@@ -271,6 +277,9 @@ struct Settling {
 #[derive(Debug, Clone)]
 struct Inbound {
     pkid: u16,
+    /// Its place in the order of arrival on its link (the store refuses a later one while an
+    /// earlier one waits for room, so messages are committed in the order they arrived).
+    pos: u64,
     /// `None`: nothing to store (not a message); acknowledge when its turn comes.
     msg: Option<WireMessage>,
     owner: String,
@@ -309,8 +318,9 @@ pub struct Courier {
     paused: BTreeMap<String, Paused>,
     /// Backoff levels of peers recently paused (kept until a send to them succeeds).
     pause_levels: BTreeMap<String, Backoff>,
-    /// The link the inbound queue belongs to.
+    /// The link the inbound queue belongs to, and the next arrival position on it.
     rx_link: Option<LinkId>,
+    rx_pos: u64,
     inbound: VecDeque<Inbound>,
     store_backoff: Backoff,
     rng: Rng,
@@ -335,6 +345,7 @@ impl Courier {
             paused: BTreeMap::new(),
             pause_levels: BTreeMap::new(),
             rx_link: None,
+            rx_pos: 0,
             inbound: VecDeque::new(),
             store_backoff: Backoff::default(),
             rng: Rng::new(seed),
@@ -398,6 +409,13 @@ impl Courier {
                 msg,
                 result,
             } => self.stored(link, pkid, msg, result),
+            Input::StoreRoom => {
+                for i in 0..self.inbound.len() {
+                    if self.inbound[i].retry_at.take().is_some() {
+                        self.store_inbound(i);
+                    }
+                }
+            }
         }
         self.step();
     }
@@ -693,6 +711,7 @@ impl Courier {
         if self.rx_link != Some(link) {
             // A new link: acknowledgements owed on the old one are void.
             self.rx_link = Some(link);
+            self.rx_pos = 0;
             self.inbound.clear();
         }
         let msg = match msg {
@@ -715,13 +734,17 @@ impl Courier {
                     pkid: None,
                     owner,
                     msg: m,
+                    order: None,
                 });
             }
             return;
         };
         let stores = msg.is_some();
+        let pos = self.rx_pos;
+        self.rx_pos += 1;
         self.inbound.push_back(Inbound {
             pkid,
+            pos,
             msg,
             owner,
             committed: !stores,
@@ -744,6 +767,7 @@ impl Courier {
             pkid: Some(e.pkid),
             owner: e.owner.clone(),
             msg,
+            order: Some(e.pos),
         });
     }
 

@@ -288,6 +288,7 @@ impl World {
                 pkid,
                 owner,
                 msg,
+                order: _,
             } => self.requests.push_back(Req::Store {
                 link,
                 pkid,

@@ -525,3 +525,61 @@ fn replay_one_seed() {
         panic!("{v}");
     }
 }
+
+#[test]
+fn received_messages_waiting_for_room_are_retried_at_once_when_room_is_made() {
+    let mut g = IdGen::with_seed(5);
+    let mut c = Courier::new(0, 3);
+    let m1 = m(&mut g, "bob", "alice");
+    c.handle(
+        0,
+        Input::Received {
+            link: 1,
+            pkid: Some(1),
+            owner: "alice".into(),
+            msg: Ok(m1.clone()),
+        },
+    );
+    let a = drain(&mut c);
+    assert!(
+        matches!(&a[..], [Action::Store { order: Some(0), .. }]),
+        "{a:?}"
+    );
+    // The store is full: no PUBACK, a retry later.
+    c.handle(
+        1,
+        Input::Stored {
+            link: 1,
+            pkid: Some(1),
+            msg: m1.clone(),
+            result: Err(()),
+        },
+    );
+    assert!(drain(&mut c).is_empty());
+    assert!(c.poll_timeout().is_some_and(|t| t > 1));
+    // An app consumed messages: tried again now, not at the end of the backoff.
+    c.handle(2, Input::StoreRoom);
+    let a = drain(&mut c);
+    assert!(
+        matches!(
+            &a[..],
+            [Action::Store {
+                pkid: Some(1),
+                order: Some(0),
+                ..
+            }]
+        ),
+        "{a:?}"
+    );
+    c.handle(
+        3,
+        Input::Stored {
+            link: 1,
+            pkid: Some(1),
+            msg: m1,
+            result: Ok(Some(7)),
+        },
+    );
+    let a = drain(&mut c);
+    assert!(a.contains(&Action::Ack { link: 1, pkid: 1 }), "{a:?}");
+}

@@ -50,9 +50,36 @@ impl H {
 
     fn input(&mut self, i: Input) -> Vec<Action> {
         self.e.handle(self.now, i);
-        let out: Vec<Action> = std::iter::from_fn(|| self.e.poll_action()).collect();
+        let out = self.drain();
         self.out.extend(out.clone());
         out
+    }
+
+    /// The actions, with the store's answer to every `Counts` question fed back at once
+    /// (outbox 1, inbox 2): what the device status document asks before it goes out.
+    fn drain(&mut self) -> Vec<Action> {
+        let mut out: Vec<Action> = Vec::new();
+        loop {
+            let batch: Vec<Action> = std::iter::from_fn(|| self.e.poll_action()).collect();
+            if batch.is_empty() {
+                return out;
+            }
+            for a in &batch {
+                if let Action::Store(StoreOp::Counts { owner }) = a {
+                    self.e.handle(
+                        self.now,
+                        Input::Store(StoreAnswer::Counts {
+                            owner: owner.clone(),
+                            counts: Some(crate::store::Counts {
+                                outbox_pending: 1,
+                                inbox_unacked: 2,
+                            }),
+                        }),
+                    );
+                }
+            }
+            out.extend(batch);
+        }
     }
 
     fn advance(&mut self, ms: u64) -> Vec<Action> {
@@ -63,7 +90,8 @@ impl H {
             self.now.wall += ((t - self.now.mono) / 1000) as i64;
             self.now.mono = t;
             self.e.handle_timeout(self.now);
-            out.extend(std::iter::from_fn(|| self.e.poll_action()));
+            let batch = self.drain();
+            out.extend(batch);
         }
         self.now.wall += ((end - self.now.mono) / 1000) as i64;
         self.now.mono = end;
@@ -578,6 +606,11 @@ fn the_status_is_published_once_the_inbox_is_answered_and_again_only_on_change()
     assert_eq!(docs[0]["phase"], "online");
     assert_eq!(docs[0]["broker"], "mqtts://n0:8883");
     assert_eq!(docs[0]["user_sig"]["renewal"], "ok");
+    assert_eq!(
+        (&docs[0]["outbox_pending"], &docs[0]["inbox_unacked"]),
+        (&serde_json::json!(1), &serde_json::json!(2)),
+        "the store's counts, asked for before the document"
+    );
     // Nothing changed: nothing published (no periodic status).
     let a = h.advance(60_000);
     assert!(status_publishes(&a).is_empty());

@@ -2,7 +2,11 @@
 //! fsync blocks, and neither may stall the session). Requests queue on a bounded channel;
 //! the thread takes whatever is queued — up to a batch — runs it in **one transaction**, and
 //! answers only after the COMMIT: many messages, one fsync, and no answer before the data is
-//! on disk.
+//! on disk. Every request runs in a savepoint of its own (a request that fails leaves nothing
+//! half done in the batch). A read that comes after a write in its batch is answered after
+//! the COMMIT too: it may have seen that write, so if the COMMIT fails, the read fails with
+//! it. A read before any write of its batch saw only committed data and is answered at once
+//! (the courier's outbox pages do not wait for an fsync).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,7 +16,7 @@ use std::sync::mpsc::{Receiver, Sender, channel};
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
-use super::{Conversation, Received, StoreError, Stored};
+use super::{Conversation, InboxPage, Received, StoreError, Stored};
 use crate::message::WireMessage;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -29,6 +33,10 @@ pub enum StoreRequest {
     Receive {
         owner: String,
         msg: WireMessage,
+        /// (link, its place in the arrival order there): while one is refused for room, the
+        /// later ones of that link are refused too, so messages are committed in the order
+        /// they arrived. `None`: no order to keep (QoS 0).
+        order: Option<(u64, u64)>,
         reply: Reply<Received>,
     },
     /// The broker's answer to an outgoing message.
@@ -51,9 +59,12 @@ pub enum StoreRequest {
         id: String,
         reply: Reply<Option<Stored>>,
     },
+    /// A page of conversations (see [`super::conversations`]).
     Conversations {
         owner: String,
-        reply: Reply<Vec<Conversation>>,
+        before: Option<(i64, String)>,
+        limit: u32,
+        reply: Reply<(Vec<Conversation>, bool)>,
     },
     History {
         owner: String,
@@ -67,21 +78,49 @@ pub enum StoreRequest {
         peer: String,
         reply: Reply<u64>,
     },
+    /// A page of `owner`'s inbox after `after` (`None`: the acknowledged position); see
+    /// [`super::read_inbox`].
     ReadInbox {
         owner: String,
-        after: i64,
+        after: Option<i64>,
         limit: u32,
-        reply: Reply<Vec<Stored>>,
+        reply: Reply<InboxPage>,
     },
+    /// Acknowledge `owner`'s inbox up to `cursor` (see [`super::ack_inbox`]); answers the
+    /// acknowledged position.
     AckInbox {
         owner: String,
         cursor: i64,
+        session_user: String,
         reply: Reply<i64>,
     },
-    /// The acknowledged inbox cursor (0 when none).
-    InboxCursor { owner: String, reply: Reply<i64> },
     /// (messages, bytes in use).
     Stats { reply: Reply<(u64, u64)> },
+    /// What `owner` has waiting (see [`super::Counts`]).
+    Counts {
+        owner: String,
+        reply: Reply<super::Counts>,
+    },
+}
+
+impl StoreRequest {
+    /// Whether it only reads (it changes nothing in the store).
+    fn is_read(&self) -> bool {
+        match self {
+            StoreRequest::Outbox { .. }
+            | StoreRequest::Get { .. }
+            | StoreRequest::Conversations { .. }
+            | StoreRequest::History { .. }
+            | StoreRequest::ReadInbox { .. }
+            | StoreRequest::Stats { .. }
+            | StoreRequest::Counts { .. } => true,
+            StoreRequest::Enqueue { .. }
+            | StoreRequest::Receive { .. }
+            | StoreRequest::Settle { .. }
+            | StoreRequest::MarkRead { .. }
+            | StoreRequest::AckInbox { .. } => false,
+        }
+    }
 }
 
 /// How many requests share one transaction at most.
@@ -192,19 +231,19 @@ impl StoreHandle {
     }
 }
 
-/// A reply to send once the transaction is over: reads as they are, writes only if the
-/// COMMIT succeeded.
+/// A reply to send once the transaction is over: the request's result if the COMMIT
+/// succeeded, the COMMIT's error otherwise (reads after a write too: they may have seen it,
+/// and a failed COMMIT undoes it).
 type Pending = Box<dyn FnOnce(&Result<(), StoreError>) + Send>;
 
 fn after_commit<T: Send + 'static>(tx: Reply<T>, r: Result<T, StoreError>) -> Pending {
     Box::new(move |commit| {
-        let _ = tx.send(commit.clone().and(r));
-    })
-}
-
-fn at_once<T: Send + 'static>(tx: Reply<T>, r: Result<T, StoreError>) -> Pending {
-    Box::new(move |_| {
-        let _ = tx.send(r);
+        let _ = tx.send(match commit {
+            Ok(()) => r,
+            Err(e) => Err(StoreError::Sql(format!(
+                "could not commit ({e}); nothing of this request was kept"
+            ))),
+        });
     })
 }
 
@@ -219,6 +258,8 @@ fn serve(conn: Result<Connection, StoreError>, rx: Requests, cap: u64) {
             return;
         }
     };
+    // The first received message refused for room (link, arrival position), if one waits.
+    let mut held: Option<(u64, u64)> = None;
     while let Some(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < BATCH {
@@ -238,12 +279,29 @@ fn serve(conn: Result<Connection, StoreError>, rx: Requests, cap: u64) {
             }
         };
         let mut pending = Vec::with_capacity(batch.len());
+        let unchanged = tx.total_changes();
+        let first_receive = batch.iter().find_map(|r| match r {
+            StoreRequest::Receive { order, .. } => *order,
+            _ => None,
+        });
         for req in batch {
-            pending.push(run(&tx, req, cap));
+            // Nothing written yet in this transaction: a read sees only committed data.
+            let at_once = req.is_read() && tx.total_changes() == unchanged;
+            let reply = run(&tx, req, cap, &mut held);
+            if at_once {
+                reply(&Ok(()));
+            } else {
+                pending.push(reply);
+            }
         }
         let commit = tx.commit().map_err(StoreError::from);
         if let Err(e) = &commit {
             tracing::error!("the message store could not commit: {e}");
+            // Every receive of the batch failed with it: none after its first may go in
+            // before that one does.
+            if let Some(first) = first_receive {
+                held = Some(first);
+            }
         }
         for p in pending {
             p(&commit);
@@ -251,89 +309,132 @@ fn serve(conn: Result<Connection, StoreError>, rx: Requests, cap: u64) {
     }
 }
 
-fn run(c: &Connection, req: StoreRequest, cap: u64) -> Pending {
-    // A failed statement must not leave half a request in the transaction.
-    let guarded = |f: &dyn Fn() -> Result<(), StoreError>| {
-        let _ = c.execute_batch("SAVEPOINT req");
-        let r = f();
-        let _ = c.execute_batch(if r.is_ok() {
-            "RELEASE req"
-        } else {
-            "ROLLBACK TO req; RELEASE req"
-        });
-        r
+/// Run `f` in a savepoint of its own: a request that fails is undone entirely, and the rest
+/// of the batch goes on. One exception: a refusal for space ([`StoreError::Full`]) keeps the
+/// eviction it did — that space is free for the next request, and the error says so.
+fn guarded<T>(c: &Connection, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    c.execute_batch("SAVEPOINT req")?;
+    let r = f();
+    let end = match &r {
+        Ok(_) | Err(StoreError::Full { .. }) => c.execute_batch("RELEASE req"),
+        Err(_) => c.execute_batch("ROLLBACK TO req; RELEASE req"),
     };
+    match end {
+        Ok(()) => r,
+        Err(e) => Err(r.err().unwrap_or_else(|| e.into())),
+    }
+}
+
+fn run(c: &Connection, req: StoreRequest, cap: u64, held: &mut Option<(u64, u64)>) -> Pending {
     match req {
         StoreRequest::Enqueue { owner, msg, reply } => {
-            let mut out = Err(StoreError::Sql("not run".into()));
-            let cell = std::cell::RefCell::new(&mut out);
-            let _ = guarded(&|| {
-                let r = super::enqueue(c, &owner, &msg, cap);
-                let ok = r.as_ref().map(|_| ()).map_err(Clone::clone);
-                **cell.borrow_mut() = r;
-                ok
-            });
-            after_commit(reply, out)
+            after_commit(reply, guarded(c, || super::enqueue(c, &owner, &msg, cap)))
         }
-        StoreRequest::Receive { owner, msg, reply } => {
-            let mut out = Err(StoreError::Sql("not run".into()));
-            let cell = std::cell::RefCell::new(&mut out);
-            let _ = guarded(&|| {
-                let r = super::receive(c, &owner, &msg, cap);
-                let ok = r.as_ref().map(|_| ()).map_err(Clone::clone);
-                **cell.borrow_mut() = r;
-                ok
-            });
-            after_commit(reply, out)
+        StoreRequest::Receive {
+            owner,
+            msg,
+            order,
+            reply,
+        } => {
+            let r = match (order, *held) {
+                // A later message of a link whose earlier one waits for room: refused
+                // without trying (it must not be committed first).
+                (Some((link, n)), Some((hl, hn))) if link == hl && n > hn => {
+                    Err(StoreError::Full {
+                        used: 0,
+                        cap,
+                        evicted: 0,
+                        incoming: true,
+                    })
+                }
+                _ => guarded(c, || super::receive(c, &owner, &msg, cap)),
+            };
+            match (order, &r) {
+                (Some(o), Err(StoreError::Full { .. }))
+                    if held.is_none_or(|h| h.0 != o.0 || o.1 < h.1) =>
+                {
+                    *held = Some(o);
+                }
+                (Some(o), Ok(_)) if *held == Some(o) || held.is_some_and(|h| h.0 != o.0) => {
+                    *held = None;
+                }
+                _ => {}
+            }
+            after_commit(reply, r)
         }
         StoreRequest::Settle {
             owner,
             id,
             failed,
             reply,
-        } => after_commit(reply, super::settle(c, &owner, &id, failed)),
+        } => after_commit(reply, guarded(c, || super::settle(c, &owner, &id, failed))),
         StoreRequest::Outbox {
             owner,
             after,
             limit,
             skip,
             reply,
-        } => at_once(reply, super::outbox_page(c, &owner, after, limit, &skip)),
-        StoreRequest::Get { owner, id, reply } => at_once(reply, super::get(c, &owner, &id)),
-        StoreRequest::Conversations { owner, reply } => {
-            at_once(reply, super::conversations(c, &owner))
+        } => after_commit(
+            reply,
+            guarded(c, || super::outbox_page(c, &owner, after, limit, &skip)),
+        ),
+        StoreRequest::Get { owner, id, reply } => {
+            after_commit(reply, guarded(c, || super::get(c, &owner, &id)))
         }
+        StoreRequest::Conversations {
+            owner,
+            before,
+            limit,
+            reply,
+        } => after_commit(
+            reply,
+            guarded(c, || {
+                super::conversations(
+                    c,
+                    &owner,
+                    before.as_ref().map(|(s, p)| (*s, p.as_str())),
+                    limit,
+                )
+            }),
+        ),
         StoreRequest::History {
             owner,
             peer,
             before,
             limit,
             reply,
-        } => at_once(
+        } => after_commit(
             reply,
-            super::history(c, &owner, &peer, before.as_deref(), limit),
+            guarded(c, || {
+                super::history(c, &owner, &peer, before.as_deref(), limit)
+            }),
         ),
         StoreRequest::MarkRead { owner, peer, reply } => {
-            after_commit(reply, super::mark_read(c, &owner, &peer))
+            after_commit(reply, guarded(c, || super::mark_read(c, &owner, &peer)))
         }
         StoreRequest::ReadInbox {
             owner,
             after,
             limit,
             reply,
-        } => at_once(reply, super::read_inbox(c, &owner, after, limit)),
+        } => after_commit(
+            reply,
+            guarded(c, || super::read_inbox(c, &owner, after, limit)),
+        ),
         StoreRequest::AckInbox {
             owner,
             cursor,
+            session_user,
             reply,
-        } => after_commit(reply, super::ack_inbox(c, &owner, cursor)),
-        StoreRequest::InboxCursor { owner, reply } => {
-            at_once(reply, super::inbox_cursor(c, &owner))
-        }
-        StoreRequest::Stats { reply } => at_once(
+        } => after_commit(
+            reply,
+            guarded(c, || super::ack_inbox(c, &owner, cursor, &session_user)),
+        ),
+        StoreRequest::Stats { reply } => after_commit(
             reply,
             super::count(c).and_then(|n| super::used_bytes(c).map(|b| (n, b))),
         ),
+        StoreRequest::Counts { owner, reply } => after_commit(reply, super::counts(c, &owner)),
     }
 }
 
@@ -350,7 +451,7 @@ fn refuse(req: StoreRequest, e: &StoreError) {
         StoreRequest::MarkRead { reply, .. } => drop(reply.send(Err(e))),
         StoreRequest::ReadInbox { reply, .. } => drop(reply.send(Err(e))),
         StoreRequest::AckInbox { reply, .. } => drop(reply.send(Err(e))),
-        StoreRequest::InboxCursor { reply, .. } => drop(reply.send(Err(e))),
         StoreRequest::Stats { reply, .. } => drop(reply.send(Err(e))),
+        StoreRequest::Counts { reply, .. } => drop(reply.send(Err(e))),
     }
 }

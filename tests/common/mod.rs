@@ -13,6 +13,7 @@ pub mod cluster;
 /// The IM service on a real clustered engine (`scripts/im-cluster`): nats-server 2.15.1,
 /// imlink-auth, the sandbox's provisioning.
 pub mod im_cluster;
+pub mod mosquitto;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -32,6 +33,43 @@ pub const CTL: &str = env!("CARGO_BIN_EXE_imlinkctl");
 pub const WAIT: Duration = Duration::from_secs(20);
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// `bin` copied where any uid can run it (for tests that run a binary as another user): the
+/// build's own directory may not be reachable — a clone under a 0700 home or `mktemp -d`
+/// puts `target/` out of other users' reach. Copied once per binary and process, into a
+/// 0755 directory under the temporary directory, whose every ancestor must let others
+/// through (else the test says how to fix it).
+pub fn runnable_by_anyone(bin: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    static COPIES: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
+    let mut copies = COPIES.lock().unwrap();
+    if let Some((_, p)) = copies.iter().find(|(b, _)| b == bin) {
+        return p.clone();
+    }
+    let dir = std::env::temp_dir().join(format!("imlk-{}-bin", std::process::id()));
+    for a in dir.ancestors().skip(1) {
+        let mode = std::fs::metadata(a)
+            .map(|m| m.permissions().mode())
+            .unwrap_or(0);
+        assert!(
+            mode & 0o001 != 0,
+            "{} is not reachable by other users (mode {mode:o}): run the tests with TMPDIR \
+             pointing at a directory everyone can traverse, such as /tmp",
+            a.display()
+        );
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let name = Path::new(bin).file_name().unwrap();
+    let copy = dir.join(name);
+    // A fresh name first, then rename: a copy another test is running is never rewritten.
+    let tmp = dir.join(format!("{}.tmp", name.to_string_lossy()));
+    std::fs::copy(bin, &tmp).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&tmp, &copy).unwrap();
+    copies.push((bin.to_string(), copy.clone()));
+    copy
+}
 
 /// A fresh directory for one daemon (short: socket paths are limited to 108 bytes).
 pub fn temp_dir(tag: &str) -> PathBuf {
@@ -681,15 +719,19 @@ impl Logged {
     pub async fn wait_count(&mut self, needle: &str, n: usize, within: Duration) {
         let deadline = tokio::time::Instant::now() + within;
         while self.count(needle) < n {
-            if tokio::time::timeout_at(deadline, self.changed.changed())
-                .await
-                .is_err()
-            {
-                panic!(
-                    "{} never logged {needle:?} {n} times:\n{}",
+            match tokio::time::timeout_at(deadline, self.changed.changed()).await {
+                Ok(Ok(())) => {}
+                // Timed out, or the process is gone (its output ended): it never will.
+                waited => panic!(
+                    "{} never logged {needle:?} {n} times ({}):\n{}",
                     self.name,
+                    if waited.is_err() {
+                        "timed out"
+                    } else {
+                        "its output ended"
+                    },
                     self.lines.lock().unwrap().join("\n")
-                );
+                ),
             }
         }
     }
@@ -713,19 +755,38 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Every message in the inbox of `d`'s current account, from the start (acknowledged or
+/// not), oldest first: read_inbox from the cursor `USER:0`.
+pub async fn inbox_all(d: &Daemon) -> Vec<Value> {
+    let user = d.status().await["user_id"]
+        .as_str()
+        .expect("status.user_id")
+        .to_string();
+    let mut cursor = format!("{user}:0");
+    let mut all = Vec::new();
+    loop {
+        let r = d
+            .rpc("read_inbox", json!({ "cursor": cursor, "limit": 100 }))
+            .await;
+        let page = r["result"]["messages"]
+            .as_array()
+            .cloned()
+            .unwrap_or_else(|| panic!("read_inbox: {r}"));
+        if page.is_empty() {
+            return all;
+        }
+        cursor = r["result"]["cursor"].as_str().unwrap().to_string();
+        all.extend(page);
+    }
+}
+
 /// Wait (woken by notifications) until `d`'s inbox holds `n` messages; returns them in order.
 pub async fn inbox_at_least(d: &Daemon, n: usize, within: Duration) -> Vec<Value> {
     let mut w = d.client().await;
     w.call("watch", json!({})).await;
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        let r = d
-            .rpc("read_inbox", json!({ "after": 0, "limit": 100 }))
-            .await;
-        let all = r["result"]["messages"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
+        let all = inbox_all(d).await;
         if all.len() >= n {
             return all;
         }
@@ -757,5 +818,64 @@ pub async fn wait_phase_at(sock: &Path, phase: &str, within: Duration, log: impl
         if v["method"] == "state_changed" {
             current = v["params"]["phase"].as_str().unwrap_or("").to_string();
         }
+    }
+}
+
+/// Open `n` connections to `path` as `uid`/`gid`, from a thread whose own credentials are
+/// switched with raw syscalls (thread-local, unlike libc's process-wide setuid). The peer
+/// credentials the daemon sees are that thread's.
+pub fn connect_as(
+    uid: u32,
+    gid: u32,
+    path: std::path::PathBuf,
+    n: usize,
+) -> Vec<std::os::unix::net::UnixStream> {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test switches uids and must run as root"
+    );
+    std::thread::spawn(move || {
+        // SAFETY: plain syscalls changing this thread's credentials only; the thread ends
+        // right after.
+        unsafe {
+            assert_eq!(libc::syscall(libc::SYS_setresgid, gid, gid, gid), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, uid, uid, uid), 0);
+        }
+        (0..n)
+            .filter_map(|_| std::os::unix::net::UnixStream::connect(&path).ok())
+            .collect()
+    })
+    .join()
+    .unwrap()
+}
+
+/// A `key:` line of /proc/PID/status, in KiB (`VmHWM:` the peak resident set, `VmRSS:`).
+pub fn proc_status_kib(pid: u32, key: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in /proc/{pid}/status"))
+}
+
+pub fn vm_hwm_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmHWM:")
+}
+
+/// Wait until the daemon's log holds a line containing `needle` (the log is a file another
+/// process writes: polled, with a deadline); returns that line.
+pub async fn log_line(d: &Daemon, needle: &str, within: Duration) -> String {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(l) = d.log_text().lines().find(|l| l.contains(needle)) {
+            return l.to_string();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {needle:?} in the daemon's log within {within:?}:\n{}",
+            d.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // polling a file
     }
 }

@@ -21,6 +21,7 @@ pub mod callout;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod fuzzing;
 pub mod jwt;
 pub mod keygen;
 pub mod nkeys;

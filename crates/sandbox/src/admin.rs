@@ -18,7 +18,11 @@
 //! | `POST /connack-delay?ms=N` | wait before each successful CONNACK (a slow link) |
 //! | `POST /disconnect-form?form=short` or `form=long` | server DISCONNECTs as `E0 01 <code>` (mosquitto ≥ 2.0.15) or with properties |
 //! | `POST /faults/clear` | disarm everything |
-//! | `POST /publish?topic=T[&qos=1]` + body | publish as the service |
+//! | `POST /publish?topic=T[&qos=1][&retain=1]` + body | publish as the service (retained: kept as the topic's retained message; an empty body deletes it) |
+//! | `GET /retained[?filter=F][&limit=N]` | the retained messages matching F (default `#`, at most N = 1000), payloads as text |
+//! | `POST /retained/clear[?filter=F]` | delete the retained messages matching F (default `#`) |
+//! | `POST /operator?name=N` [+ body: the token] | add an operator identity (a random token when the body is empty); answers the token |
+//! | `POST /operator/remove?name=N` | remove it; its connections get DISCONNECT 0x98 |
 //! | `POST /issue-sig?user_id=U[&seconds=S]` | a UserSig for U (for broker-only tests) |
 
 use std::sync::Arc;
@@ -204,9 +208,68 @@ async fn handle(c: &Control, req: Request) -> Response {
             let Some(topic) = req.query("topic") else {
                 return Response::error(400, "topic is missing");
             };
+            if !crate::codec::valid_topic(topic) {
+                return Response::error(400, "topic must be a topic name (no wildcards)");
+            }
             let qos = req.query("qos").and_then(|q| q.parse().ok()).unwrap_or(1);
-            ok(serde_json::json!({ "routed_to": c.publish(topic, qos, &req.body) }))
+            let retain = matches!(req.query("retain"), Some("1" | "true"));
+            match c.publish_with(topic, qos, retain, &req.body) {
+                Ok(n) => ok(serde_json::json!({ "routed_to": n })),
+                Err(full) => Response::error(
+                    507,
+                    &format!(
+                        "the broker keeps at most {} retained messages ({} bytes)",
+                        full.max_messages, full.max_bytes
+                    ),
+                ),
+            }
         }
+        ("/retained", true, _) => {
+            let filter = req.query("filter").unwrap_or("#");
+            if !crate::codec::valid_filter(filter) {
+                return Response::error(400, "filter is not a topic filter");
+            }
+            let limit = match req.query("limit").map(str::parse::<usize>).transpose() {
+                Ok(n) => n.unwrap_or(1000),
+                Err(_) => return Response::error(400, "limit must be a whole number"),
+            };
+            let all = c.retained(filter);
+            let messages: Vec<serde_json::Value> = all
+                .iter()
+                .take(limit)
+                .map(|(topic, m)| {
+                    serde_json::json!({
+                        "topic": topic,
+                        "qos": m.qos,
+                        "payload": String::from_utf8_lossy(&m.payload),
+                    })
+                })
+                .collect();
+            ok(serde_json::json!({ "matching": all.len(), "messages": messages }))
+        }
+        ("/retained/clear", _, true) => {
+            let filter = req.query("filter").unwrap_or("#");
+            if !crate::codec::valid_filter(filter) {
+                return Response::error(400, "filter is not a topic filter");
+            }
+            ok(serde_json::json!({ "cleared": c.clear_retained(filter) }))
+        }
+        ("/operator", _, true) => {
+            let Some(name) = req.query("name").filter(|n| valid_user_id(n)) else {
+                return Response::error(400, "name is missing or not a valid user name");
+            };
+            let token = match std::str::from_utf8(&req.body).map(str::trim) {
+                Ok("") => Control::random_token(),
+                Ok(t) => t.to_string(),
+                Err(_) => return Response::error(400, "the token must be UTF-8 text"),
+            };
+            c.add_operator(name, &token);
+            ok(serde_json::json!({ "name": name, "token": token }))
+        }
+        ("/operator/remove", _, true) => match req.query("name") {
+            Some(name) => ok(serde_json::json!({ "disconnected": c.remove_operator(name) })),
+            None => Response::error(400, "name is missing"),
+        },
         ("/issue-sig", _, true) => match need_user() {
             Ok(u) => {
                 let secs = req

@@ -15,8 +15,12 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_rustls::TlsAcceptor;
 
-use crate::codec::{self, Incoming, Props, reason};
-use crate::state::{Admission, Ending, Kill, LoginFault, Shared, im_error_for, unix_now};
+use crate::acl::{self, Identity};
+use crate::codec::{self, Incoming, Props, SubOptions, reason};
+use crate::state::{Admission, Ending, Kill, LoginFault, Shared, Sub, im_error_for, unix_now};
+
+// The topic rules moved to `acl`; kept here for callers that know them by these paths.
+pub use crate::acl::{MAX_C2C_BYTES, check_c2c, publish_allowed};
 
 /// Time a client has to finish the TLS handshake and send CONNECT.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -151,6 +155,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, acceptor: 
             flush,
             kill,
             after_login,
+            identity,
         } => {
             let client_id = assigned_client_id
                 .clone()
@@ -160,7 +165,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, acceptor: 
             let props = Props {
                 receive_maximum: Some(64),
                 maximum_qos: Some(1),
-                retain_available: Some(false),
+                retain_available: Some(shared.settings.retain_available),
                 maximum_packet_size: Some(shared.settings.max_packet_size as u32),
                 assigned_client_id,
                 wildcard_available: Some(true),
@@ -169,7 +174,6 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, acceptor: 
                 ..Props::default()
             };
             let mut session_expiry = connect.session_expiry;
-            let mut will = connect.will.clone();
             let delay = shared.lock().connack_delay;
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
@@ -191,14 +195,15 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, acceptor: 
                     flush,
                     kill,
                     after_login,
+                    identity,
                 };
-                run.run(&mut conn, &mut session_expiry, &mut will).await
+                run.run(&mut conn, &mut session_expiry).await
             };
             if let Ending::Server(code) = ending {
                 tracing::info!(%user, %client_id, code = format!("0x{code:02X}"), "session ended by the server");
             }
             let _ = timeout(Duration::from_secs(2), conn.stream.shutdown()).await;
-            shared.conn_ended(&client_id, conn_id, &user, ending, will, session_expiry);
+            shared.conn_ended(&client_id, conn_id, &user, ending, session_expiry);
         }
     }
 }
@@ -274,6 +279,7 @@ struct Run<'a> {
     flush: Arc<tokio::sync::Notify>,
     kill: tokio::sync::mpsc::UnboundedReceiver<Kill>,
     after_login: Option<LoginFault>,
+    identity: Identity,
 }
 
 /// The instant (on tokio's clock) after which a sig valid through `expires_at` is expired.
@@ -290,7 +296,6 @@ impl Run<'_> {
         mut self,
         conn: &mut Conn<S>,
         session_expiry: &mut u32,
-        will: &mut Option<codec::Will>,
     ) -> Ending {
         match self.after_login {
             Some(LoginFault::DisconnectWith { code, reason }) => {
@@ -314,7 +319,12 @@ impl Run<'_> {
             (self.keep_alive > 0).then(|| Duration::from_millis(self.keep_alive as u64 * 1500));
         let far = Instant::now() + Duration::from_secs(86400 * 365);
         let mut idle_deadline = keep_alive.map_or(far, |k| Instant::now() + k);
-        let sig_deadline = sig_deadline(self.sig_expires_at);
+        // An operator has no UserSig, so no expiry.
+        let sig_deadline = if self.sig_expires_at == 0 {
+            far
+        } else {
+            sig_deadline(self.sig_expires_at)
+        };
         loop {
             // Send whatever is queued for this session (within its receive maximum).
             let batch = self
@@ -330,7 +340,7 @@ impl Run<'_> {
                 match conn.try_decode() {
                     Ok(Some(p)) => {
                         idle_deadline = keep_alive.map_or(far, |k| Instant::now() + k);
-                        if let Some(end) = self.handle(conn, p, session_expiry, will).await {
+                        if let Some(end) = self.handle(conn, p, session_expiry).await {
                             return end;
                         }
                     }
@@ -377,7 +387,6 @@ impl Run<'_> {
         conn: &mut Conn<S>,
         p: Incoming,
         session_expiry: &mut u32,
-        will: &mut Option<codec::Will>,
     ) -> Option<Ending> {
         let protocol_error = |what: &str| {
             tracing::debug!(user = self.user, what, "protocol error");
@@ -394,10 +403,7 @@ impl Run<'_> {
                         .await;
                     return Some(Ending::Server(reason::QOS_NOT_SUPPORTED));
                 }
-                // A device's own status (`im/{app}/d/{user}/…`) may be retained (interim:
-                // accepted and routed, not yet kept for later subscribers); nothing else.
-                let own_status = format!("im/{}/d/{}/", self.shared.settings.sdk_app_id, self.user);
-                if publish.retain && !publish.topic.starts_with(&own_status) {
+                if publish.retain && !self.shared.settings.retain_available {
                     conn.disconnect(reason::RETAIN_NOT_SUPPORTED, &Props::default())
                         .await;
                     return Some(Ending::Server(reason::RETAIN_NOT_SUPPORTED));
@@ -408,36 +414,36 @@ impl Run<'_> {
                     return Some(Ending::Server(reason::TOPIC_NAME_INVALID));
                 }
                 let settings = &self.shared.settings;
-                let verdict = if !publish_allowed(settings.sdk_app_id, &publish.topic)
-                    && !publish.topic.starts_with(&own_status)
-                {
-                    Err((
-                        reason::NOT_AUTHORIZED,
-                        20003,
-                        "this topic is not yours to publish on".to_string(),
-                    ))
-                } else {
-                    check_c2c(&publish, self.user)
-                };
+                let verdict = acl::may_publish(settings.sdk_app_id, &self.identity, &publish);
                 let verdict = verdict.and_then(|()| {
-                    self.shared
-                        .update(|st| {
-                            st.try_route(&publish, Some(self.client_id), settings.offline_limit)
-                        })
-                        .map_err(|e| match e {
-                            crate::state::RouteError::QueueFull { user, limit } => (
-                                reason::QUOTA_EXCEEDED,
-                                90001,
-                                format!("{user}'s offline messages are at the limit ({limit}); try later"),
-                            ),
-                        })
+                    self.shared.update(|st| {
+                        if publish.retain {
+                            st.retain(settings, &publish).map_err(|full| {
+                                (
+                                    reason::QUOTA_EXCEEDED,
+                                    90001,
+                                    format!(
+                                        "the broker keeps at most {} retained messages ({} bytes)",
+                                        full.max_messages, full.max_bytes
+                                    ),
+                                )
+                            })?;
+                        }
+                        st.try_route(&publish, Some(self.client_id), settings.offline_limit)
+                            .map_err(|e| match e {
+                                crate::state::RouteError::QueueFull { user, limit } => (
+                                    reason::QUOTA_EXCEEDED,
+                                    90001,
+                                    format!("{user}'s offline messages are at the limit ({limit}); try later"),
+                                ),
+                            })
+                    })
                 });
-                let status = publish.topic.starts_with(&own_status);
                 self.shared.update(|st| {
                     let uc = st.counters.users.entry(self.user.to_string()).or_default();
                     match &verdict {
                         // A device's status is not a message.
-                        Ok(_) if status => {}
+                        Ok(_) if publish.retain => uc.retained_published += 1,
                         Ok(_) => uc.messages_published += 1,
                         Err((code, _, _)) => {
                             *uc.messages_refused
@@ -469,7 +475,7 @@ impl Run<'_> {
                         .await;
                     return Some(Ending::Server(reason::SUBSCRIPTION_IDS_NOT_SUPPORTED));
                 }
-                let own = format!("im/{}/u/{}/", self.shared.settings.sdk_app_id, self.user);
+                let app = self.shared.settings.sdk_app_id;
                 let codes: Vec<u8> = self.shared.update(|st| {
                     let refused =
                         crate::state::Armed::fire(&mut st.faults.refuse_subscribe, self.user)
@@ -483,6 +489,8 @@ impl Run<'_> {
                     let Some(sess) = st.sessions.get_mut(self.client_id) else {
                         return vec![reason::UNSPECIFIED; sub.filters.len()];
                     };
+                    // Per granted filter: whether its retained messages go out now.
+                    let mut send_retained = Vec::new();
                     let codes = sub
                         .filters
                         .iter()
@@ -493,21 +501,38 @@ impl Run<'_> {
                             if !codec::valid_filter(filter) {
                                 return reason::TOPIC_FILTER_INVALID;
                             }
-                            if !filter.starts_with(&own) {
+                            if !acl::may_subscribe(app, &self.identity, filter) {
                                 return reason::NOT_AUTHORIZED;
                             }
-                            let qos = (options & 0x03).min(1);
-                            let no_local = options & 0x04 != 0;
-                            sess.subs.retain(|(f, _, _)| f != filter);
-                            sess.subs.push((filter.clone(), qos, no_local));
+                            let o = SubOptions::from_byte(*options);
+                            let qos = o.qos.min(1);
+                            let existed = sess.subs.iter().any(|s| s.filter == *filter);
+                            sess.subs.retain(|s| s.filter != *filter);
+                            sess.subs.push(Sub {
+                                filter: filter.clone(),
+                                qos,
+                                no_local: o.no_local,
+                                retain_as_published: o.retain_as_published,
+                            });
+                            if o.retain_handling == 0 || (o.retain_handling == 1 && !existed) {
+                                send_retained.push((filter.clone(), qos));
+                            }
                             qos
                         })
                         .collect::<Vec<u8>>();
-                    // What was kept for this user while nobody listened goes out now.
+                    // What was kept for this user while nobody listened goes out now, then
+                    // the retained messages the new subscriptions match.
                     for ((filter, _), code) in sub.filters.iter().zip(&codes) {
                         if *code < 0x80 {
                             st.hand_over_offline(self.client_id, filter);
                         }
+                    }
+                    for (filter, qos) in send_retained {
+                        st.send_retained(self.client_id, &filter, qos);
+                    }
+                    if codes.iter().any(|c| *c >= 0x80) {
+                        let uc = st.counters.users.entry(self.user.to_string()).or_default();
+                        uc.subscribes_refused += 1;
                     }
                     codes
                 });
@@ -525,7 +550,7 @@ impl Run<'_> {
                         .iter()
                         .map(|filter| {
                             let before = sess.subs.len();
-                            sess.subs.retain(|(f, _, _)| f != filter);
+                            sess.subs.retain(|s| s.filter != *filter);
                             if sess.subs.len() < before {
                                 reason::SUCCESS
                             } else {
@@ -544,7 +569,7 @@ impl Run<'_> {
                 }
                 // Only DISCONNECT 0x00 discards the will (MQTT 5 §3.1.2.5).
                 return Some(if d.reason == reason::SUCCESS {
-                    *will = None;
+                    self.shared.discard_will(self.client_id, self.conn_id);
                     Ending::Normal
                 } else {
                     Ending::WithWill
@@ -560,86 +585,4 @@ impl Run<'_> {
         }
         None
     }
-}
-
-/// The most a C2C message may be (the IM service's limit: 12 KB).
-pub const MAX_C2C_BYTES: usize = 12 * 1024;
-
-/// What the IM service checks in a C2C message to an inbox
-/// (`im/{app}/u/{peer}/in/{sender}`): that the topic's sender is the user who logged in (what
-/// any broker's ACL can pin too), its size, that it is one, and that its `from` is the user who
-/// logged in as well. Other topics pass.
-pub fn check_c2c(p: &codec::Publish, user: &str) -> Result<(), (u8, u32, String)> {
-    let Some(rest) = p.topic.strip_prefix("im/") else {
-        return Ok(());
-    };
-    let levels: Vec<&str> = rest.split('/').collect();
-    if levels.get(3) != Some(&"in") {
-        return Ok(());
-    }
-    match levels.get(4) {
-        Some(sender) if levels.len() == 5 && !sender.is_empty() => {
-            if *sender != user {
-                return Err((
-                    reason::NOT_AUTHORIZED,
-                    20003,
-                    format!("the topic's sender must be your UserID ({user})"),
-                ));
-            }
-        }
-        _ => {
-            return Err((
-                reason::TOPIC_NAME_INVALID,
-                20001,
-                "a C2C message goes to im/{sdk_app_id}/u/{peer}/in/{sender}".to_string(),
-            ));
-        }
-    }
-    if p.payload.len() > MAX_C2C_BYTES {
-        return Err((
-            reason::PAYLOAD_FORMAT_INVALID,
-            80002,
-            format!(
-                "message too long: {} bytes, at most {MAX_C2C_BYTES}",
-                p.payload.len()
-            ),
-        ));
-    }
-    let v: serde_json::Value = serde_json::from_slice(&p.payload).map_err(|_| {
-        (
-            reason::PAYLOAD_FORMAT_INVALID,
-            20001,
-            "not a C2C message (JSON {id, from, to, kind, body, ts})".to_string(),
-        )
-    })?;
-    let from = v.get("from").and_then(|f| f.as_str());
-    let id = v.get("id").and_then(|f| f.as_str());
-    let to = v.get("to").and_then(|f| f.as_str());
-    if id.is_none_or(str::is_empty) || to.is_none() {
-        return Err((
-            reason::PAYLOAD_FORMAT_INVALID,
-            20001,
-            "not a C2C message (JSON {id, from, to, kind, body, ts})".to_string(),
-        ));
-    }
-    if from != Some(user) {
-        return Err((
-            reason::NOT_AUTHORIZED,
-            20003,
-            format!("from must be the sender's UserID ({user})"),
-        ));
-    }
-    Ok(())
-}
-
-/// Users publish to each other under `im/{sdk_app_id}/u/{user}/…`; the `ctl` subtree is the
-/// service's own.
-pub fn publish_allowed(sdk_app_id: u64, topic: &str) -> bool {
-    let prefix = format!("im/{sdk_app_id}/u/");
-    let Some(rest) = topic.strip_prefix(&prefix) else {
-        return false;
-    };
-    let mut levels = rest.split('/');
-    let user = levels.next().unwrap_or_default();
-    !user.is_empty() && levels.next().is_some_and(|l| l != "ctl" && !l.is_empty())
 }

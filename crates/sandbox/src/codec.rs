@@ -66,13 +66,17 @@ fn protocol(what: &'static str) -> CodecError {
     }
 }
 
-/// The last will carried by a CONNECT.
+/// The last will carried by a CONNECT. Its properties are checked (only those MQTT 5 allows
+/// in a will) and then ignored, the Will Delay Interval included: the sandbox publishes a will
+/// as soon as the connection ends without a normal DISCONNECT.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Will {
     pub topic: String,
     pub payload: Vec<u8>,
     pub qos: u8,
     pub retain: bool,
+    /// Seconds (property 0x18), parsed and not honoured.
+    pub delay: u32,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -119,7 +123,31 @@ pub struct Publish {
 pub struct Subscribe {
     pub pkid: u16,
     pub has_subscription_id: bool,
+    /// Each filter with its subscription options byte (see [`SubOptions`]).
     pub filters: Vec<(String, u8)>,
+}
+
+/// The subscription options byte of MQTT 5 §3.8.3.1, taken apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubOptions {
+    pub qos: u8,
+    pub no_local: bool,
+    /// Retain As Published: forward a live message's RETAIN flag as it came (otherwise 0).
+    pub retain_as_published: bool,
+    /// Retain Handling: 0 send the retained messages at subscribe, 1 only if the subscription
+    /// is new, 2 never.
+    pub retain_handling: u8,
+}
+
+impl SubOptions {
+    pub fn from_byte(b: u8) -> SubOptions {
+        SubOptions {
+            qos: b & 0x03,
+            no_local: b & 0x04 != 0,
+            retain_as_published: b & 0x08 != 0,
+            retain_handling: (b >> 4) & 0x03,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -240,6 +268,9 @@ fn decode_body(header: u8, body: &[u8]) -> Result<Incoming, CodecError> {
                 if options & 0x03 == 3 {
                     return Err(malformed("SUBSCRIBE QoS 3"));
                 }
+                if (options >> 4) & 0x03 == 3 {
+                    return Err(protocol("SUBSCRIBE retain handling 3"));
+                }
                 filters.push((filter, options));
             }
             if filters.is_empty() {
@@ -357,7 +388,15 @@ fn decode_connect(r: &mut Reader<'_>) -> Result<Connect, CodecError> {
     })?;
     let client_id = r.string()?;
     let will = if will_flag {
-        r.properties(|_, _| Ok(()))?;
+        let mut delay = 0;
+        r.properties(|id, v| {
+            match (id, v) {
+                (0x18, PropValue::U32(n)) => delay = n,
+                (0x01 | 0x02 | 0x03 | 0x08 | 0x09 | 0x26, _) => {}
+                _ => return Err(protocol("property not allowed in will properties")),
+            }
+            Ok(())
+        })?;
         let topic = r.string()?;
         let payload = r.binary()?;
         Some(Will {
@@ -365,6 +404,7 @@ fn decode_connect(r: &mut Reader<'_>) -> Result<Connect, CodecError> {
             payload,
             qos: will_qos,
             retain: will_retain,
+            delay,
         })
     } else {
         None

@@ -7,11 +7,14 @@
 //! * an MQTT v5 over TLS broker that verifies them and speaks the wire contract of brief §2
 //!   exactly: refusal codes with `"<code> <text>"` reason strings and an `im-error-code` user
 //!   property, takeover DISCONNECT 0x8E, expiry DISCONNECT 0xA0, admin kick 0x98, persistent
-//!   sessions, QoS 0/1 routing between users ([`broker`], [`codec`], [`state`]),
+//!   sessions, QoS 0/1 routing between users ([`broker`], [`codec`], [`state`]), and the
+//!   device status contract: retained messages, last wills, the status-topic ACL and
+//!   operator identities that may read the status tree ([`acl`]),
 //! * a loopback admin HTTP endpoint for fault injection and counters ([`admin`]).
 //!
 //! It generates its own CA and server certificate at start ([`pki`]).
 
+pub mod acl;
 pub mod admin;
 pub mod broker;
 pub mod codec;
@@ -30,7 +33,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsAcceptor;
 
 use state::{Armed, Kill, Settings, Shared};
-pub use state::{Counters, LoginFault, MultiLogin, ProvisionFault, UserCounters};
+pub use state::{
+    Counters, LoginFault, MultiLogin, ProvisionFault, RetainFull, RetainedMsg, UserCounters,
+};
 
 /// How to start a sandbox. `Default` is what tests want: loopback, ephemeral ports.
 #[derive(Clone)]
@@ -63,6 +68,16 @@ pub struct SandboxOptions {
     pub max_instances_per_platform: usize,
     /// C2C messages kept per offline user (or session); beyond it PUBACK 0x97.
     pub offline_limit: usize,
+    /// Retained messages supported (CONNACK Retain Available). `false` emulates a broker
+    /// without them: a retained PUBLISH gets DISCONNECT 0x9A, a retained will CONNACK 0x9A.
+    pub retain_available: bool,
+    /// Retained messages kept at most, and their bytes (topic + payload); a retained PUBLISH
+    /// beyond either gets PUBACK 0x97.
+    pub max_retained: usize,
+    pub max_retained_bytes: usize,
+    /// Operator identities (name, token): they log in with user name = name and password =
+    /// token, any client id; they may subscribe within `im/{app}/d/#` and publish nothing.
+    pub operators: Vec<(String, String)>,
 }
 
 impl Default for SandboxOptions {
@@ -84,6 +99,10 @@ impl Default for SandboxOptions {
             multi_login: MultiLogin::Multi,
             max_instances_per_platform: 0,
             offline_limit: state::MAX_PENDING,
+            retain_available: true,
+            max_retained: state::MAX_RETAINED,
+            max_retained_bytes: state::MAX_RETAINED_BYTES,
+            operators: Vec::new(),
         }
     }
 }
@@ -110,6 +129,10 @@ pub struct Endpoints {
     pub device_token: String,
     /// Bearer token of the admin endpoint.
     pub admin_token: String,
+    /// The operator identities given at start: name → token (each also written to
+    /// `operator-NAME.token`, 0600, in the state directory).
+    #[serde(default)]
+    pub operators: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -211,8 +234,14 @@ impl Sandbox {
             multi_login: opts.multi_login,
             max_instances_per_platform: opts.max_instances_per_platform,
             offline_limit: opts.offline_limit.max(1),
+            retain_available: opts.retain_available,
+            max_retained: opts.max_retained,
+            max_retained_bytes: opts.max_retained_bytes,
         };
         let shared = Shared::new(settings, opts.sig_lifetime);
+        for (name, token) in &opts.operators {
+            shared.add_operator(name, token);
+        }
 
         let mqtt_tls = TlsAcceptor::from(pki.server_config(opts.require_client_cert, &[])?);
         let http_tls =
@@ -260,6 +289,7 @@ impl Sandbox {
             client_key_path: None,
             device_token: shared.settings.device_token.clone(),
             admin_token: shared.settings.admin_token.clone(),
+            operators: opts.operators.iter().cloned().collect(),
         };
         if let Some(dir) = &opts.state_dir {
             std::fs::create_dir_all(dir).map_err(|source| SandboxError::Write {
@@ -289,6 +319,13 @@ impl Sandbox {
                 format!("{}\n", endpoints.device_token).as_bytes(),
                 0o600,
             )?;
+            for (name, token) in &opts.operators {
+                write_file(
+                    &dir.join(format!("operator-{name}.token")),
+                    format!("{token}\n").as_bytes(),
+                    0o600,
+                )?;
+            }
             endpoints.ca_path = Some(ca);
             endpoints.client_cert_path = Some(cert);
             endpoints.client_key_path = Some(key);
@@ -599,11 +636,23 @@ impl Control {
     /// Publish a message as the service (e.g. to a user's topic). Returns how many sessions
     /// it was routed to.
     pub fn publish(&self, topic: &str, qos: u8, payload: &[u8]) -> usize {
+        self.publish_with(topic, qos, false, payload).unwrap_or(0)
+    }
+
+    /// Publish as the service, retained or not (no topic rules apply to the service; the
+    /// bounds on retained messages do). Returns how many sessions it was routed to.
+    pub fn publish_with(
+        &self,
+        topic: &str,
+        qos: u8,
+        retain: bool,
+        payload: &[u8],
+    ) -> Result<usize, RetainFull> {
         self.shared.publish(
             &codec::Publish {
                 dup: false,
                 qos: qos.min(1),
-                retain: false,
+                retain,
                 topic: topic.to_string(),
                 pkid: 0,
                 properties: Vec::new(),
@@ -611,5 +660,31 @@ impl Control {
             },
             None,
         )
+    }
+
+    /// The retained messages whose topics match `filter` (`#` for all), in topic order.
+    pub fn retained(&self, filter: &str) -> Vec<(String, RetainedMsg)> {
+        self.shared.retained(filter)
+    }
+
+    /// Delete the retained messages whose topics match `filter`; returns how many.
+    pub fn clear_retained(&self, filter: &str) -> usize {
+        self.shared.update(|st| st.clear_retained(filter))
+    }
+
+    /// Add (or replace) an operator identity: user name `name`, password `token`, any client
+    /// id; it may subscribe within `im/{app}/d/#` and publish nothing.
+    pub fn add_operator(&self, name: &str, token: &str) {
+        self.shared.add_operator(name, token);
+    }
+
+    /// Remove an operator identity; its connections get DISCONNECT 0x98. Returns how many.
+    pub fn remove_operator(&self, name: &str) -> usize {
+        self.shared.remove_operator(name)
+    }
+
+    /// A fresh random token (for an operator identity).
+    pub fn random_token() -> String {
+        random_hex(16)
     }
 }

@@ -14,6 +14,7 @@ USAGE:
                  [--state-dir DIR] [--sig-lifetime DURATION] [--sdk-app-id N] [--key KEY]
                  [--require-client-cert] [--multi-login single|dual|triple|multi]
                  [--max-instances-per-platform N] [--offline-limit N]
+                 [--operator NAME]... [--max-retained N] [--max-retained-bytes N] [--no-retain]
   imlink-sandbox --issue-sig --user U --sdk-app-id N --key KEY --expire SECONDS [--time UNIX]
 
 Serving prints the endpoints as JSON (MQTT URL, provisioning URL template, admin URL, CA
@@ -25,6 +26,14 @@ single (one), dual (a mobile or desktop one, plus web), triple (mobile, desktop 
 multi (all; the default). --max-instances-per-platform N: a login beyond N instances of one
 platform kicks the earliest (DISCONNECT 0x8E, 6208; 0 = no limit, the default).
 --offline-limit N: C2C messages kept per offline user before PUBACK 0x97 (default 1000).
+
+Device status (docs/brokers.md): a device may publish, retained, only to
+im/{app}/d/{user}/{platform}/{instance}/status of its client id; wills are published when a
+connection ends without a normal DISCONNECT. --operator NAME adds an operator identity (user
+name NAME, a random token as password, written to DIR/operator-NAME.token and endpoints.json)
+that may read im/{app}/d/# and publish nothing. --max-retained N / --max-retained-bytes N
+bound the retained messages (default 100000 and 64 MiB; beyond: PUBACK 0x97); --no-retain
+emulates a broker without retained messages (Retain Available 0).
 
 --issue-sig prints one TLS-sig-api-v2 UserSig and exits (time defaults to now).
 ";
@@ -113,6 +122,27 @@ fn parse_args() -> Result<Args, String> {
                     a.opts.max_instances_per_platform = n;
                 }
             }
+            "--operator" => {
+                let name = value("--operator")?;
+                if !imlink_sandbox::provision::valid_user_id(&name) {
+                    return Err(format!("--operator {name}: not a valid user name"));
+                }
+                a.opts
+                    .operators
+                    .push((name, imlink_sandbox::Control::random_token()));
+            }
+            "--max-retained" | "--max-retained-bytes" => {
+                let v = value(flag.as_str())?;
+                let n: usize = v
+                    .parse()
+                    .map_err(|_| format!("{flag} {v}: not a whole number"))?;
+                if flag == "--max-retained" {
+                    a.opts.max_retained = n;
+                } else {
+                    a.opts.max_retained_bytes = n;
+                }
+            }
+            "--no-retain" => a.opts.retain_available = false,
             "--issue-sig" => a.issue = true,
             "--user" => a.user = Some(value("--user")?),
             "--expire" => {

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc, watch};
 
-use crate::codec::{self, Connect, Props, Publish, reason};
+use crate::acl::Identity;
+use crate::codec::{self, Connect, Props, Publish, Will, reason};
 
 /// Per-user counters that tests assert on.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -31,6 +32,10 @@ pub struct UserCounters {
     pub server_disconnects: BTreeMap<String, u64>,
     /// Wills published for this user's sessions.
     pub wills_published: u64,
+    /// Retained PUBLISHes of this user the broker kept (or, with an empty payload, that
+    /// deleted the retained message of their topic).
+    #[serde(default)]
+    pub retained_published: u64,
     /// PUBLISH packets this user sent.
     pub messages_published: u64,
     /// This user's PUBLISHes refused, by PUBACK reason code (`"0x97"` → count).
@@ -59,6 +64,15 @@ pub struct Counters {
     pub http_bad_requests: u64,
     /// MQTT connections open right now.
     pub connections_open: u64,
+    /// Retained messages held now, and their bytes (topic + payload).
+    #[serde(default)]
+    pub retained: u64,
+    #[serde(default)]
+    pub retained_bytes: u64,
+    /// Copies of a status message not queued for a subscriber whose queue was full (a status
+    /// publisher is never refused for someone else's backlog).
+    #[serde(default)]
+    pub deliveries_dropped: u64,
 }
 
 impl Counters {
@@ -170,13 +184,50 @@ pub struct Msg {
     pub payload: Vec<u8>,
     pub dup: bool,
     pub pkid: u16,
+    /// The RETAIN flag it goes out with: 1 for a retained message sent because of a new
+    /// subscription; on live delivery, as published only under Retain As Published.
+    pub retain: bool,
+}
+
+/// One subscription of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sub {
+    pub filter: String,
+    /// The QoS granted.
+    pub qos: u8,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+}
+
+/// A retained message (the last retained PUBLISH on its topic).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetainedMsg {
+    pub qos: u8,
+    pub payload: Vec<u8>,
+}
+
+/// What the broker counts against its retained-message bounds for one message.
+fn retained_size(topic: &str, payload: &[u8]) -> usize {
+    topic.len() + payload.len()
+}
+
+/// Retained messages kept at most by default (see `SandboxOptions::max_retained`).
+pub const MAX_RETAINED: usize = 100_000;
+/// Their bytes at most by default (topic + payload).
+pub const MAX_RETAINED_BYTES: usize = 64 * 1024 * 1024;
+
+/// Why a retained PUBLISH was not kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetainFull {
+    pub max_messages: usize,
+    pub max_bytes: usize,
 }
 
 /// An MQTT session (persists across connections when the client asks for it).
 #[derive(Debug)]
 pub struct Session {
     pub user: String,
-    pub subs: Vec<(String, u8, bool)>,
+    pub subs: Vec<Sub>,
     pub pending: VecDeque<Msg>,
     pub inflight: BTreeMap<u16, Msg>,
     pub next_pkid: u16,
@@ -209,6 +260,65 @@ fn platform_of(client_id: &str, app: u64, user: &str) -> String {
         .and_then(|rest| rest.split(':').next())
         .unwrap_or_default()
         .to_string()
+}
+
+/// Whether `topic` is a device status topic (`im/{app}/d/…`).
+fn in_status_tree(topic: &str) -> bool {
+    let mut l = topic.split('/');
+    l.next() == Some("im") && l.next().is_some() && l.next() == Some("d")
+}
+
+/// Compare a presented secret with the expected one without an early exit on the first
+/// differing byte.
+fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+/// Why a CONNECT's will is refused, if it is (after the login itself was accepted).
+fn will_refusal(s: &Settings, c: &Connect, user: &str) -> Option<(u8, u32, String)> {
+    let w = c.will.as_ref()?;
+    if w.qos > 1 {
+        return Some((
+            reason::QOS_NOT_SUPPORTED,
+            0,
+            "the broker's maximum QoS is 1: the will may not ask for 2".into(),
+        ));
+    }
+    if w.retain && !s.retain_available {
+        return Some((
+            reason::RETAIN_NOT_SUPPORTED,
+            0,
+            "this broker keeps no retained messages: set the will without Will Retain".into(),
+        ));
+    }
+    if !codec::valid_topic(&w.topic) {
+        return Some((
+            reason::TOPIC_NAME_INVALID,
+            0,
+            "the will's topic is not a topic name".into(),
+        ));
+    }
+    let who = Identity::Device {
+        user: user.to_string(),
+        status_topic: crate::acl::status_topic(s.sdk_app_id, &c.client_id, user),
+    };
+    let as_publish = Publish {
+        dup: false,
+        qos: w.qos,
+        retain: w.retain,
+        topic: w.topic.clone(),
+        pkid: 0,
+        properties: Vec::new(),
+        payload: w.payload.clone(),
+    };
+    crate::acl::may_publish(s.sdk_app_id, &who, &as_publish)
+        .err()
+        .map(|(code, im, text)| (code, im, format!("the will: {text}")))
 }
 
 /// Why a message could not be routed.
@@ -270,6 +380,13 @@ pub struct ConnEntry {
     pub sig_hmac: String,
     pub flush: Arc<Notify>,
     pub kill: mpsc::UnboundedSender<Kill>,
+    /// The connection's last will, until a normal DISCONNECT discards it. It lives here, not
+    /// in the connection's task, so whoever ends the connection publishes it at that moment:
+    /// a takeover publishes the old connection's will *before* the new one's CONNACK, so the
+    /// new connection's first status is never overwritten by the old one's will.
+    pub will: Option<Will>,
+    /// An operator identity (reads the status tree, publishes nothing, no multi-login policy).
+    pub operator: bool,
 }
 
 /// The mutable state behind one lock.
@@ -305,6 +422,13 @@ pub struct BrokerState {
     /// Send every server DISCONNECT in its short form (`E0 01 <code>`, no properties, so no
     /// reason string), as mosquitto ≥ 2.0.15 does, instead of the long form.
     pub short_disconnect: bool,
+    /// The last retained PUBLISH per topic, and the bytes they hold (see [`retained_size`]).
+    pub retained: BTreeMap<String, RetainedMsg>,
+    pub retained_bytes: usize,
+    /// Operator identities: name → token. An operator logs in with user name = name and
+    /// password = token (any client id), may subscribe within `im/{app}/d/#` and may
+    /// publish nothing.
+    pub operators: HashMap<String, String>,
 }
 
 /// The seed's multi-terminal login policies: which platforms may be online at once.
@@ -377,6 +501,12 @@ pub struct Settings {
     pub max_packet_size: usize,
     pub failed_login_limit: u32,
     pub failed_login_window: Duration,
+    /// Retained messages are supported (CONNACK Retain Available = 1). Without: a retained
+    /// PUBLISH gets DISCONNECT 0x9A, a will with Will Retain CONNACK 0x9A (MQTT 5 §3.2.2.3.5).
+    pub retain_available: bool,
+    /// Bounds on the retained messages kept; a retained PUBLISH beyond them gets PUBACK 0x97.
+    pub max_retained: usize,
+    pub max_retained_bytes: usize,
 }
 
 pub struct Shared {
@@ -430,10 +560,13 @@ pub enum Admission {
         conn_id: u64,
         session_present: bool,
         assigned_client_id: Option<String>,
+        /// 0 for an operator (no UserSig: the session has no expiry).
         sig_expires_at: u64,
         flush: Arc<Notify>,
         kill: mpsc::UnboundedReceiver<Kill>,
         after_login: Option<LoginFault>,
+        /// Who it is, for the topic rules ([`crate::acl`]).
+        identity: Identity,
     },
 }
 
@@ -474,6 +607,9 @@ impl Shared {
                 offline: HashMap::new(),
                 connect_rate: None,
                 rate_window: None,
+                retained: BTreeMap::new(),
+                retained_bytes: 0,
+                operators: HashMap::new(),
             }),
             changed,
         })
@@ -545,22 +681,29 @@ impl Shared {
             let conn_id = st.next_conn_id;
             st.next_conn_id += 1;
 
-            // Takeover: the older connection with this client id is told and closed.
+            // Takeover: the older connection with this client id is told and closed, and its
+            // will published now, before this connection's CONNACK.
             if let Some(old) = st.conns.remove(&client_id) {
                 let (im, text) = im_error_for(reason::SESSION_TAKEN_OVER);
                 let _ = old.kill.send(Kill::Disconnect {
                     code: reason::SESSION_TAKEN_OVER,
                     text: format!("{im} {text}"),
                 });
+                st.publish_will(s, old);
             }
 
-            // The multi-login policy: other platforms it excludes, and the earliest instances
-            // of this platform beyond the limit, are kicked.
-            let platform = platform_of(&client_id, s.sdk_app_id, &user);
+            let operator = st.operators.contains_key(&user);
+            // The multi-login policy (devices only): other platforms it excludes, and the
+            // earliest instances of this platform beyond the limit, are kicked.
+            let platform = if operator {
+                String::new()
+            } else {
+                platform_of(&client_id, s.sdk_app_id, &user)
+            };
             let mut same: Vec<(u64, String)> = Vec::new();
             let mut kicked: Vec<String> = Vec::new();
             for (cid, e) in st.conns.iter() {
-                if e.user != user {
+                if operator || e.operator || e.user != user {
                     continue;
                 }
                 if s.multi_login.excludes(&e.platform, &platform) {
@@ -590,6 +733,7 @@ impl Shared {
                         code: reason::SESSION_TAKEN_OVER,
                         text,
                     });
+                    st.publish_will(s, old);
                 }
             }
 
@@ -621,6 +765,14 @@ impl Shared {
 
             let flush = Arc::new(Notify::new());
             let (kill_tx, kill_rx) = mpsc::unbounded_channel();
+            let identity = if operator {
+                Identity::Operator
+            } else {
+                Identity::Device {
+                    user: user.clone(),
+                    status_topic: crate::acl::status_topic(s.sdk_app_id, &client_id, &user),
+                }
+            };
             st.conns.insert(
                 client_id,
                 ConnEntry {
@@ -630,6 +782,8 @@ impl Shared {
                     sig_hmac,
                     flush: flush.clone(),
                     kill: kill_tx,
+                    will: c.will.clone(),
+                    operator,
                 },
             );
             let after_login = Armed::fire(&mut st.faults.on_login, &user);
@@ -648,20 +802,33 @@ impl Shared {
                 flush,
                 kill: kill_rx,
                 after_login,
+                identity,
             }
         })
     }
 
-    /// Bookkeeping when a connection ends: counters, the will, the session's fate.
+    /// A normal DISCONNECT (0x00) discards the connection's will (MQTT 5 §3.1.2.5).
+    pub fn discard_will(&self, client_id: &str, conn_id: u64) {
+        self.update(|st| {
+            if let Some(e) = st.conns.get_mut(client_id)
+                && e.id == conn_id
+            {
+                e.will = None;
+            }
+        });
+    }
+
+    /// Bookkeeping when a connection ends: counters, the will (unless the connection ended
+    /// with a normal DISCONNECT, or a takeover already published it), the session's fate.
     pub fn conn_ended(
         &self,
         client_id: &str,
         conn_id: u64,
         user: &str,
         ending: Ending,
-        will: Option<codec::Will>,
         session_expiry: u32,
     ) {
+        let s = &self.settings;
         self.update(|st| {
             st.counters.connections_open = st.counters.connections_open.saturating_sub(1);
             let uc = st.counters.users.entry(user.to_string()).or_default();
@@ -673,9 +840,11 @@ impl Shared {
                 }
                 Ending::Lost => uc.connections_lost += 1,
             }
-            if st.conns.get(client_id).is_some_and(|e| e.id == conn_id) {
-                st.conns.remove(client_id);
-            }
+            let entry = if st.conns.get(client_id).is_some_and(|e| e.id == conn_id) {
+                st.conns.remove(client_id)
+            } else {
+                None
+            };
             if let Some(sess) = st.sessions.get_mut(client_id)
                 && sess.owner == Some(conn_id)
             {
@@ -687,21 +856,9 @@ impl Shared {
                 }
             }
             if ending != Ending::Normal
-                && let Some(w) = will
+                && let Some(entry) = entry
             {
-                if let Some(uc) = st.counters.users.get_mut(user) {
-                    uc.wills_published += 1;
-                }
-                let msg = Publish {
-                    dup: false,
-                    qos: w.qos.min(1),
-                    retain: false,
-                    topic: w.topic,
-                    pkid: 0,
-                    properties: Vec::new(),
-                    payload: w.payload,
-                };
-                st.route(&msg, None);
+                st.publish_will(s, entry);
             }
         });
     }
@@ -750,9 +907,49 @@ impl Shared {
         )
     }
 
-    /// Route a message to every matching session; returns how many sessions got it.
-    pub fn publish(&self, msg: &Publish, from_client: Option<&str>) -> usize {
-        self.update(|st| st.route(msg, from_client))
+    /// Route a message to every matching session; returns how many sessions got it. A
+    /// retained one is kept first (within the bounds; beyond them nothing is routed).
+    pub fn publish(&self, msg: &Publish, from_client: Option<&str>) -> Result<usize, RetainFull> {
+        let s = &self.settings;
+        self.update(|st| {
+            if msg.retain {
+                st.retain(s, msg)?;
+            }
+            Ok(st.route(msg, from_client))
+        })
+    }
+
+    /// Add (or replace) an operator identity.
+    pub fn add_operator(&self, name: &str, token: &str) {
+        self.update(|st| {
+            st.operators.insert(name.to_string(), token.to_string());
+        });
+    }
+
+    /// Remove an operator identity; its connections get DISCONNECT 0x98. Returns how many.
+    pub fn remove_operator(&self, name: &str) -> usize {
+        let known = self.update(|st| st.operators.remove(name).is_some());
+        if !known {
+            return 0;
+        }
+        let (im, text) = im_error_for(reason::ADMINISTRATIVE_ACTION);
+        self.kill_user(
+            name,
+            Kill::Disconnect {
+                code: reason::ADMINISTRATIVE_ACTION,
+                text: format!("{im} {text}"),
+            },
+        )
+    }
+
+    /// The retained messages whose topics match `filter`, in topic order.
+    pub fn retained(&self, filter: &str) -> Vec<(String, RetainedMsg)> {
+        self.lock()
+            .retained
+            .iter()
+            .filter(|(t, _)| codec::matches(filter, t))
+            .map(|(t, m)| (t.clone(), m.clone()))
+            .collect()
     }
 }
 
@@ -803,8 +1000,11 @@ impl BrokerState {
                 "the user name must be the UserID".into(),
             ));
         }
+        let operator_token = self.operators.get(user).cloned();
         let prefix = format!("{}:{}:", s.sdk_app_id, user);
-        if !c.client_id.starts_with(&prefix) || c.client_id.len() > 256 {
+        if operator_token.is_none()
+            && (!c.client_id.starts_with(&prefix) || c.client_id.len() > 256)
+        {
             return Some((
                 reason::CLIENT_ID_NOT_VALID,
                 6017,
@@ -823,6 +1023,24 @@ impl BrokerState {
                 return refuse(reason::CONNECTION_RATE_EXCEEDED);
             }
         }
+        if let Some(token) = operator_token {
+            let given = c.password.as_deref().unwrap_or_default();
+            return if !same_secret(given, token.as_bytes()) {
+                Some((
+                    reason::BAD_USERNAME_OR_PASSWORD,
+                    0,
+                    "wrong operator token".into(),
+                ))
+            } else if c.will.is_some() {
+                Some((
+                    reason::NOT_AUTHORIZED,
+                    20003,
+                    "an operator identity publishes nothing, not even a will".into(),
+                ))
+            } else {
+                None
+            };
+        }
         let password = match c.password.as_deref() {
             None | Some([]) => {
                 return Some((
@@ -833,20 +1051,24 @@ impl BrokerState {
             }
             Some(p) => String::from_utf8_lossy(p).into_owned(),
         };
-        match imlink_usersig::verify(&password, &s.secret_key, s.sdk_app_id, user, now_unix) {
-            Ok(d) if self.expired_sigs.contains(&d.hmac_base64()) => refuse(reason::NOT_AUTHORIZED),
-            Ok(_) if self.banned.contains(user) => refuse(reason::BANNED),
-            Ok(_) => None,
-            Err(imlink_usersig::VerifyError::Expired) => refuse(reason::NOT_AUTHORIZED),
-            Err(e) => Some((
-                reason::BAD_USERNAME_OR_PASSWORD,
-                e.code(),
-                e.to_string()
-                    .split_once(' ')
-                    .map(|(_, t)| t.to_string())
-                    .unwrap_or_default(),
-            )),
-        }
+        let refused =
+            match imlink_usersig::verify(&password, &s.secret_key, s.sdk_app_id, user, now_unix) {
+                Ok(d) if self.expired_sigs.contains(&d.hmac_base64()) => {
+                    refuse(reason::NOT_AUTHORIZED)
+                }
+                Ok(_) if self.banned.contains(user) => refuse(reason::BANNED),
+                Ok(_) => None,
+                Err(imlink_usersig::VerifyError::Expired) => refuse(reason::NOT_AUTHORIZED),
+                Err(e) => Some((
+                    reason::BAD_USERNAME_OR_PASSWORD,
+                    e.code(),
+                    e.to_string()
+                        .split_once(' ')
+                        .map(|(_, t)| t.to_string())
+                        .unwrap_or_default(),
+                )),
+            };
+        refused.or_else(|| will_refusal(s, c, user))
     }
 
     fn route(&mut self, msg: &Publish, from_client: Option<&str>) -> usize {
@@ -864,37 +1086,54 @@ impl BrokerState {
     ) -> Result<usize, RouteError> {
         let now = Instant::now();
         self.sessions.retain(|_, s| !s.expired(now));
-        let mut targets: Vec<(String, u8)> = Vec::new();
+        // A status message is never refused for a subscriber's backlog: that copy is dropped,
+        // and only beyond a bound as large as the retained messages' (an operator watching a
+        // whole fleet change at once must keep up, not lose the changes).
+        let status = in_status_tree(&msg.topic);
+        let limit = if status {
+            limit.max(MAX_RETAINED)
+        } else {
+            limit
+        };
+        let mut dropped = 0;
+        let mut targets: Vec<(String, u8, bool)> = Vec::new();
         for (client_id, sess) in self.sessions.iter() {
-            let granted = sess
-                .subs
-                .iter()
-                .filter(|(filter, _, no_local)| {
-                    codec::matches(filter, &msg.topic)
-                        && !(*no_local && from_client == Some(client_id.as_str()))
-                })
-                .map(|(_, qos, _)| *qos)
-                .max();
+            let matching = sess.subs.iter().filter(|sub| {
+                codec::matches(&sub.filter, &msg.topic)
+                    && !(sub.no_local && from_client == Some(client_id.as_str()))
+            });
+            let mut granted = None;
+            let mut keep_retain = false;
+            for sub in matching {
+                granted = granted.max(Some(sub.qos));
+                keep_retain |= sub.retain_as_published;
+            }
             let Some(sub_qos) = granted else { continue };
             let qos = msg.qos.min(sub_qos);
             if qos == 0 && sess.owner.is_none() {
                 continue;
             }
             if qos == 1 && sess.pending.len() + sess.inflight.len() >= limit {
+                if status {
+                    dropped += 1;
+                    continue;
+                }
                 return Err(RouteError::QueueFull {
                     user: sess.user.clone(),
                     limit,
                 });
             }
-            targets.push((client_id.clone(), qos));
+            targets.push((client_id.clone(), qos, msg.retain && keep_retain));
         }
-        let item = |qos: u8| Msg {
+        self.counters.deliveries_dropped += dropped;
+        let item = |qos: u8, retain: bool| Msg {
             topic: msg.topic.clone(),
             qos,
             properties: msg.properties.clone(),
             payload: msg.payload.clone(),
             dup: false,
             pkid: 0,
+            retain,
         };
         if targets.is_empty()
             && msg.qos == 1
@@ -907,18 +1146,127 @@ impl BrokerState {
                     limit,
                 });
             }
-            q.push_back(item(1));
+            q.push_back(item(1, false));
             return Ok(1);
         }
-        for (client_id, qos) in &targets {
+        for (client_id, qos, retain) in &targets {
             if let Some(sess) = self.sessions.get_mut(client_id) {
-                sess.pending.push_back(item(*qos));
+                sess.pending.push_back(item(*qos, *retain));
             }
             if let Some(entry) = self.conns.get(client_id) {
                 entry.flush.notify_one();
             }
         }
         Ok(targets.len())
+    }
+
+    /// Keep `p` as its topic's retained message — an empty payload deletes it — within the
+    /// bounds on count and bytes.
+    pub fn retain(&mut self, s: &Settings, p: &Publish) -> Result<(), RetainFull> {
+        let old = self
+            .retained
+            .get(&p.topic)
+            .map(|m| retained_size(&p.topic, &m.payload));
+        if p.payload.is_empty() {
+            if let Some(old) = old {
+                self.retained.remove(&p.topic);
+                self.retained_bytes -= old;
+            }
+        } else {
+            let count = self.retained.len() + usize::from(old.is_none());
+            let bytes =
+                self.retained_bytes - old.unwrap_or(0) + retained_size(&p.topic, &p.payload);
+            if count > s.max_retained || bytes > s.max_retained_bytes {
+                return Err(RetainFull {
+                    max_messages: s.max_retained,
+                    max_bytes: s.max_retained_bytes,
+                });
+            }
+            self.retained.insert(
+                p.topic.clone(),
+                RetainedMsg {
+                    qos: p.qos.min(1),
+                    payload: p.payload.clone(),
+                },
+            );
+            self.retained_bytes = bytes;
+        }
+        self.counters.retained = self.retained.len() as u64;
+        self.counters.retained_bytes = self.retained_bytes as u64;
+        Ok(())
+    }
+
+    /// Delete the retained messages whose topics match `filter`; returns how many.
+    pub fn clear_retained(&mut self, filter: &str) -> usize {
+        let before = self.retained.len();
+        self.retained.retain(|t, _| !codec::matches(filter, t));
+        self.retained_bytes = self
+            .retained
+            .iter()
+            .map(|(t, m)| retained_size(t, &m.payload))
+            .sum();
+        self.counters.retained = self.retained.len() as u64;
+        self.counters.retained_bytes = self.retained_bytes as u64;
+        before - self.retained.len()
+    }
+
+    /// A new subscription of `client_id` to `filter`, granted `qos`: the retained messages it
+    /// matches go to the session, with the RETAIN flag set (MQTT 5 §3.3.1.3), at the lower of
+    /// their QoS and the one granted.
+    pub fn send_retained(&mut self, client_id: &str, filter: &str, qos: u8) {
+        let Some(sess) = self.sessions.get_mut(client_id) else {
+            return;
+        };
+        // Only the topics that share the filter's literal beginning can match.
+        let literal = &filter[..filter.find(['+', '#']).unwrap_or(filter.len())];
+        let from = literal.to_string();
+        for (topic, m) in self
+            .retained
+            .range(from..)
+            .take_while(|(t, _)| t.starts_with(literal))
+        {
+            if codec::matches(filter, topic) {
+                sess.pending.push_back(Msg {
+                    topic: topic.clone(),
+                    qos: m.qos.min(qos),
+                    properties: Vec::new(),
+                    payload: m.payload.clone(),
+                    dup: false,
+                    pkid: 0,
+                    retain: true,
+                });
+            }
+        }
+        if let Some(entry) = self.conns.get(client_id) {
+            entry.flush.notify_one();
+        }
+    }
+
+    /// Publish the will of a connection that ended (or was taken over) without a normal
+    /// DISCONNECT: retained when it asked for that (within the bounds), and to every
+    /// matching subscriber.
+    fn publish_will(&mut self, s: &Settings, entry: ConnEntry) {
+        let Some(w) = entry.will else {
+            return;
+        };
+        let msg = Publish {
+            dup: false,
+            qos: w.qos.min(1),
+            retain: w.retain,
+            topic: w.topic,
+            pkid: 0,
+            properties: Vec::new(),
+            payload: w.payload,
+        };
+        let kept = !msg.retain || self.retain(s, &msg).is_ok();
+        let uc = self.counters.users.entry(entry.user).or_default();
+        uc.wills_published += 1;
+        if !kept {
+            *uc.messages_refused
+                .entry(code_key(reason::QUOTA_EXCEEDED))
+                .or_default() += 1;
+        }
+        self.route(&msg, None);
     }
 
     /// A session subscribed to `filter`: what was kept for its user while no session was
@@ -970,7 +1318,7 @@ impl BrokerState {
             out.push(codec::publish(&Publish {
                 dup: m.dup,
                 qos: m.qos,
-                retain: false,
+                retain: m.retain,
                 topic: m.topic,
                 pkid: m.pkid,
                 properties: m.properties,

@@ -31,7 +31,7 @@ async fn valid_sig_logs_in_and_counts() {
     assert!(!ack.session_present);
     let props = ack.properties.expect("CONNACK properties");
     assert_eq!(props.max_qos, Some(1));
-    assert_eq!(props.retain_available, Some(0));
+    assert_eq!(props.retain_available, Some(1));
     let u = sb.user("alice");
     assert_eq!((u.connect_attempts, u.logins_accepted), (1, 1));
     assert_eq!(sb.counters().connections_open, 1);

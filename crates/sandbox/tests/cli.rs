@@ -56,6 +56,7 @@ fn serving_prints_and_writes_the_endpoints() {
     let mut child = Command::new(BIN)
         .arg("--state-dir")
         .arg(&dir)
+        .args(["--operator", "ops"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -103,6 +104,11 @@ fn serving_prints_and_writes_the_endpoints() {
     assert_eq!(mode("client.key"), 0o600);
     assert_eq!(mode("device-token"), 0o600);
     assert_eq!(mode("endpoints.env"), 0o600);
+    // The operator identity's token: in endpoints.json and its own 0600 file.
+    assert_eq!(mode("operator-ops.token"), 0o600);
+    let token = std::fs::read_to_string(dir.join("operator-ops.token")).unwrap();
+    assert_eq!(written["operators"]["ops"].as_str(), Some(token.trim()));
+    assert_eq!(token.trim().len(), 32);
     let env = std::fs::read_to_string(dir.join("endpoints.env")).unwrap();
     assert!(
         env.contains(&format!(

@@ -194,6 +194,32 @@ pub fn connect_packet(
     frame(0x10, &body)
 }
 
+/// A v5 CONNECT with a last will (`will_props`: the will's raw property bytes), built by hand.
+pub fn connect_packet_with_will(
+    client_id: &str,
+    user: &str,
+    password: &str,
+    keep_alive: u16,
+    will: (&str, &[u8], u8, bool),
+    will_props: &[u8],
+) -> Vec<u8> {
+    let (topic, payload, qos, retain) = will;
+    let mut body = Vec::new();
+    put_str(&mut body, b"MQTT");
+    body.push(5);
+    body.push(0x80 | 0x40 | 0x02 | 0x04 | (qos << 3) | if retain { 0x20 } else { 0 });
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    body.push(0);
+    put_str(&mut body, client_id.as_bytes());
+    body.push(will_props.len() as u8); // test properties are short
+    body.extend_from_slice(will_props);
+    put_str(&mut body, topic.as_bytes());
+    put_str(&mut body, payload);
+    put_str(&mut body, user.as_bytes());
+    put_str(&mut body, password.as_bytes());
+    frame(0x10, &body)
+}
+
 /// A packet read off the wire: type nibble, flags, body.
 #[derive(Debug)]
 pub struct RawPacket {
