@@ -130,6 +130,12 @@ fn the_demo_script_runs_the_two_kiosks_on_the_cluster_and_takes_it_down() {
         .unwrap_or_else(|| panic!("no broker in the status:\n{text}"));
     assert!(nodes.contains(&broker), "{broker} is not one of {nodes:?}");
     assert!(text.contains("scripts/im-cluster stop"), "{text}");
+    // The operator's view from the broker: both kiosks' retained status documents, online.
+    assert!(
+        seen.iter().any(|l| l.contains(": 2 devices"))
+            && seen.iter().any(|l| l.contains("by state:      online 2")),
+        "imlinkctl fleet:\n{text}"
+    );
     // Stopped: `im-cluster down` ran, nothing of the cluster is left running.
     assert!(text.contains("im-cluster: down"), "{text}");
     let mut pids: Vec<u64> = Vec::new();
