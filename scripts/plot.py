@@ -98,6 +98,7 @@ def storm_cluster(path, md_path, png):
     ax1.axhline(cap, color="black", linestyle="--", linewidth=1, label=f"measured CONNECT capacity {cap:.0f}/s")
     ax1.set_ylabel("per second")
     ax1.set_title(title, fontsize=10)
+    ax1.set_ylim(0, max(cap, max(int(r["attempts"]) for r in data)) * 1.25)
     ax1.legend(fontsize=8, loc="upper right")
     keys = [("back", "online, on another node"), ("subscribing", "logged in, inbox not yet granted"),
             ("offline", "offline (last will)"), ("stale", "still 'online' on the dead node (its wills died with it)"),
@@ -118,7 +119,7 @@ def storm_cluster(path, md_path, png):
     ax2.set_xlabel("seconds since the node was killed")
     ax2.set_ylim(0, 1.02)
     back = [x for x, r in zip(t, data) if int(r["back"]) >= n]
-    ax2.set_xlim(0, max(60, (back[0] + 15) if back else t[-1]))
+    ax2.set_xlim(0, max(30, (back[0] + 15) if back else t[-1]))
     ax2.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     fig.savefig(png, dpi=110)

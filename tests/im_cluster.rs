@@ -604,7 +604,7 @@ async fn node_and_auth_loss(c: &ImCluster, daemons: &[(&str, &Daemon)]) -> Strin
 /// store within 5 s ("no JetStream ack within 5s; closing the connection": the device's
 /// retained status, right after each CONNACK, during the elections). A node killed right after
 /// a login (with 20 s UserSigs, 60 % of the time) plus two such closes took a daemon offline
-/// for the takeover cool-down (12 min) in one run of five: a policy question for the session
+/// for the takeover cool-down (12 min) in one of our runs: a policy question for the session
 /// engine, not for this scenario.
 async fn settled(d: &Daemon, rec: &mut Recorder) {
     loop {

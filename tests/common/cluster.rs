@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::im_cluster::{ImCluster, unix_now};
-use super::{Client, Daemon, Opts, Service};
+use super::{Client, Daemon, Opts, Service, inbox_all};
 
 /// `"20s"`, `"15m"`, `"24h"`, `"2d"` or a number of seconds → seconds.
 pub fn secs(text: &str) -> u64 {
@@ -421,26 +421,6 @@ impl Recorder {
             .iter()
             .map(|(_, t, v)| (*t, v.clone()))
             .collect()
-    }
-}
-
-/// Every message in `d`'s inbox from the start (acknowledged or not), oldest first.
-pub async fn inbox_all(d: &Daemon) -> Vec<Value> {
-    let mut all = Vec::new();
-    let mut after = 0;
-    loop {
-        let r = d
-            .rpc("read_inbox", json!({ "after": after, "limit": 100 }))
-            .await;
-        let page = r["result"]["messages"]
-            .as_array()
-            .cloned()
-            .unwrap_or_else(|| panic!("{r}"));
-        if page.is_empty() {
-            return all;
-        }
-        after = r["result"]["cursor"].as_i64().expect("a cursor");
-        all.extend(page);
     }
 }
 
