@@ -81,6 +81,51 @@ def storm_real_vs_sim(real_path, sim_path, png):
     plt.close(fig)
 
 
+def storm_cluster(path, md_path, png):
+    """The fleet after a node loss on the real cluster: CONNECTs per second beside the measured
+    capacity, and the fleet as the operator sees it through the retained status topics."""
+    data = rows(path)
+    t = [int(r["second"]) for r in data]
+    n = int(data[0]["devices"])
+    cap = float(data[0]["capacity"])
+    title = f"{n} imlinkd on a 3-node nats-server cluster with imlink-auth: the node they are on is killed at 0 s"
+    if os.path.exists(md_path):
+        for line in open(md_path):
+            if line.startswith("| node killed"):
+                title += "\n(" + line.split("|")[2].strip().replace("$", r"\$") + ")"
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 8), sharex=True)
+    ax1.plot(t, [int(r["attempts"]) for r in data], label="connections accepted by the surviving nodes (CONNECTs)")
+    ax1.axhline(cap, color="black", linestyle="--", linewidth=1, label=f"measured CONNECT capacity {cap:.0f}/s")
+    ax1.set_ylabel("per second")
+    ax1.set_title(title, fontsize=10)
+    ax1.set_ylim(0, max(cap, max(int(r["attempts"]) for r in data)) * 1.25)
+    ax1.legend(fontsize=8, loc="upper right")
+    keys = [("back", "online, on another node"), ("subscribing", "logged in, inbox not yet granted"),
+            ("offline", "offline (last will)"), ("stale", "still 'online' on the dead node (its wills died with it)"),
+            ("other", "stopped, kicked, logged out")]
+    colors = ["tab:green", "tab:olive", "tab:red", "tab:grey", "tab:purple"]
+    ax2.stackplot(t, *[[int(r[k]) / n for r in data] for k, _ in keys], labels=[l for _, l in keys],
+                  colors=colors, alpha=0.8)
+    if "online_truth" in data[0]:
+        ax2.plot(t, [int(r["online_truth"]) / n for r in data], color="black",
+                 label="online again by the daemons' own logs (the truth)")
+    ax2.plot(t, [min(int(r["open"]), n) / n for r in data], color="black", linestyle=":",
+             label="TCP connections open on the surviving nodes ÷ N")
+    ax2.axhline(0.99, color="black", linewidth=0.5)
+    limit = n / cap
+    ax2.axvline(2 * limit + 10, color="tab:blue", linestyle="--", linewidth=1,
+                label=f"target: 99 % within 2 × N ÷ capacity + 10 s = {2 * limit + 10:.0f} s")
+    ax2.set_ylabel("fraction of the fleet, as the operator sees it")
+    ax2.set_xlabel("seconds since the node was killed")
+    ax2.set_ylim(0, 1.02)
+    back = [x for x, r in zip(t, data) if int(r["back"]) >= n]
+    ax2.set_xlim(0, max(30, (back[0] + 15) if back else t[-1]))
+    ax2.legend(fontsize=7, loc="center right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
 def watchers(path, png):
     data = rows(path)
     n = [int(r["watchers"]) for r in data]
@@ -109,6 +154,10 @@ r, s = os.path.join(BENCH, "storm-real.csv"), os.path.join(BENCH, "simfleet", "s
 if os.path.exists(r) and os.path.exists(s):
     storm_real_vs_sim(r, s, os.path.join(OUT, "storm-real-vs-simulated.png"))
     made.append("storm-real-vs-simulated.png")
+p = os.path.join(BENCH, "storm-cluster.csv")
+if os.path.exists(p):
+    storm_cluster(p, os.path.join(BENCH, "storm-cluster.md"), os.path.join(OUT, "storm-cluster.png"))
+    made.append("storm-cluster.png")
 p = os.path.join(BENCH, "watchers.csv")
 if os.path.exists(p):
     watchers(p, os.path.join(OUT, "watchers.png"))

@@ -1,13 +1,16 @@
 //! The README's first command, `./scripts/demo`, really brings a session online against the
-//! bundled reference IM service with no other set-up.
+//! bundled reference IM service with no other set-up; `./scripts/demo --cluster` does the same
+//! on the production shape (`scripts/im-cluster`: nats-server 2.15.1 nodes and imlink-auth)
+//! and takes that cluster down when stopped.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-#[test]
-fn the_demo_script_comes_online() {
+/// Run the demo with `args` until it follows the first daemon's events, then stop it the way
+/// Ctrl-C would; its stdout lines, and whether it got that far.
+fn run_demo(args: &[&str]) -> (Vec<String>, bool) {
     let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_imlinkd"))
         .parent()
         .unwrap()
@@ -17,6 +20,7 @@ fn the_demo_script_comes_online() {
         "the workspace build has the sandbox binary"
     );
     let mut child = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/demo"))
+        .args(args)
         .env("IMLINKD_DEMO_BIN", &bin_dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -47,19 +51,22 @@ fn the_demo_script_comes_online() {
             Err(_) => break false,
         }
     };
-    // Stop the whole demo (sandbox and daemon) the way Ctrl-C would.
+    // Stop the whole demo (IM service and daemons) the way Ctrl-C would.
     let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGINT);
     let _ = child.wait();
+    // What it printed while stopping (the cluster going down).
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(1)) {
+        seen.push(line);
+    }
     let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
-    assert!(online, "the demo never came online:\n{}", seen.join("\n"));
+    (seen, online)
+}
+
+fn assert_chatted(seen: &[String]) {
     assert!(
         seen.iter().any(|l| l.starts_with("online as kiosk-0042")),
         "{}",
         seen.join("\n")
-    );
-    assert!(
-        seen.iter()
-            .any(|l| l.contains("/expire?user_id=kiosk-0042"))
     );
     // The two kiosks chatted: both messages are in kiosk-0042's history.
     for needle in [
@@ -72,4 +79,78 @@ fn the_demo_script_comes_online() {
             seen.join("\n")
         );
     }
+}
+
+#[test]
+fn the_demo_script_comes_online() {
+    let (seen, online) = run_demo(&[]);
+    assert!(online, "the demo never came online:\n{}", seen.join("\n"));
+    assert_chatted(&seen);
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("/expire?user_id=kiosk-0042"))
+    );
+}
+
+/// Running and not a zombie.
+fn alive(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+#[test]
+fn the_demo_script_runs_the_two_kiosks_on_the_cluster_and_takes_it_down() {
+    let (seen, online) = run_demo(&["--cluster"]);
+    let text = seen.join("\n");
+    // `im-cluster: up in DIR (…)`: where the cluster's endpoints are.
+    let dir = seen
+        .iter()
+        .find_map(|l| l.strip_prefix("im-cluster: up in "))
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap_or_else(|| panic!("the cluster never came up:\n{text}"));
+    let e: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(std::path::Path::new(dir).join("endpoints.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(online, "the demo never came online:\n{text}");
+    assert_chatted(&seen);
+    // kiosk-0042's status names a node of the cluster.
+    let nodes: Vec<&str> = e["mqtt_urls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u.as_str().unwrap())
+        .collect();
+    let broker = seen
+        .iter()
+        .find_map(|l| l.trim().strip_prefix("broker:"))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no broker in the status:\n{text}"));
+    assert!(nodes.contains(&broker), "{broker} is not one of {nodes:?}");
+    assert!(text.contains("scripts/im-cluster stop"), "{text}");
+    // The operator's view from the broker: both kiosks' retained status documents, online.
+    assert!(
+        seen.iter().any(|l| l.contains(": 2 devices"))
+            && seen.iter().any(|l| l.contains("by state:      online 2")),
+        "imlinkctl fleet:\n{text}"
+    );
+    // Stopped: `im-cluster down` ran, nothing of the cluster is left running.
+    assert!(text.contains("im-cluster: down"), "{text}");
+    let mut pids: Vec<u64> = Vec::new();
+    for key in ["node_pids", "auth_pids"] {
+        pids.extend(
+            e[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_u64().unwrap()),
+        );
+    }
+    pids.push(e["sandbox_pid"].as_u64().unwrap());
+    for p in pids {
+        assert!(!alive(p), "pid {p} of the demo's cluster still runs");
+    }
+    let _ = std::fs::remove_dir_all(std::path::Path::new(dir).parent().unwrap());
 }

@@ -7,6 +7,9 @@
 //! UserSig the sandbox issued, no device token and no app key appears in it.
 #![allow(dead_code)]
 
+/// Daemons on that cluster: their service, configs, a raw MQTT 3.1.1 client, the admin
+/// endpoint, what imlink-auth decided.
+pub mod cluster;
 /// The IM service on a real clustered engine (`scripts/im-cluster`): nats-server 2.15.1,
 /// imlink-auth, the sandbox's provisioning.
 pub mod im_cluster;
@@ -136,6 +139,41 @@ impl Opts {
     }
 }
 
+/// The IM service a daemon is configured for: the in-process sandbox ([`Service::of`]), or the
+/// IM service on the real cluster (`cluster::service`).
+#[derive(Clone)]
+pub struct Service {
+    pub sdk_app_id: u64,
+    /// `broker.url` unless [`Opts`] says otherwise.
+    pub mqtt_url: String,
+    pub provisioning_url_template: String,
+    /// The CA of the broker and of provisioning (`ca.pem` beside the config).
+    pub ca_pem: String,
+    pub device_token: String,
+    /// Secrets no daemon log may contain (device token, app keys, …).
+    pub secrets: Vec<String>,
+    /// Every UserSig the service may have issued to this daemon so far (checked against its
+    /// log at the end).
+    pub issued: Arc<dyn Fn() -> Vec<String> + Send + Sync>,
+}
+
+impl Service {
+    /// The in-process sandbox: its broker, its provisioning, the UserSigs it issued.
+    pub fn of(sb: &Sandbox) -> Service {
+        let e = sb.endpoints();
+        let ctl = sb.control_handle();
+        Service {
+            sdk_app_id: sb.sdk_app_id(),
+            mqtt_url: e.mqtt_url.clone(),
+            provisioning_url_template: e.provisioning_url_template.clone(),
+            ca_pem: e.ca_pem.clone(),
+            device_token: e.device_token.clone(),
+            secrets: vec![e.device_token.clone(), sb.secret_key().to_string()],
+            issued: Arc::new(move || ctl.issued_sigs()),
+        }
+    }
+}
+
 pub struct Daemon {
     pub child: Option<Child>,
     pub dir: PathBuf,
@@ -148,18 +186,26 @@ pub struct Daemon {
     notify_changed: watch::Receiver<usize>,
     notify_task: tokio::task::JoinHandle<()>,
     secrets: Vec<String>,
-    issued: Box<dyn Fn() -> Vec<String> + Send + Sync>,
+    issued: Arc<dyn Fn() -> Vec<String> + Send + Sync>,
     finished: bool,
 }
 
 /// Write the config for `sb` and `o` into `dir`; returns its path.
 pub fn write_config(sb: &Sandbox, o: &Opts, dir: &Path) -> PathBuf {
-    let e = sb.endpoints();
-    std::fs::write(dir.join("ca.pem"), o.ca_pem.as_deref().unwrap_or(&e.ca_pem)).unwrap();
+    write_config_for(&Service::of(sb), o, dir)
+}
+
+/// Write the config for a daemon of `svc` with `o` into `dir`; returns its path.
+pub fn write_config_for(svc: &Service, o: &Opts, dir: &Path) -> PathBuf {
+    std::fs::write(
+        dir.join("ca.pem"),
+        o.ca_pem.as_deref().unwrap_or(&svc.ca_pem),
+    )
+    .unwrap();
     let token = dir.join("token");
     std::fs::write(
         &token,
-        format!("{}\n", o.token.as_deref().unwrap_or(&e.device_token)),
+        format!("{}\n", o.token.as_deref().unwrap_or(&svc.device_token)),
     )
     .unwrap();
     std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
@@ -186,7 +232,7 @@ socket = "{dir}/api.sock"
 {api}
 "#,
         user = o.user,
-        app = sb.sdk_app_id(),
+        app = svc.sdk_app_id,
         instance = o.instance,
         dir = dir.display(),
         top = o.top_extra,
@@ -200,7 +246,7 @@ socket = "{dir}/api.sock"
             ),
             None => format!(
                 "url = \"{}\"",
-                o.broker_url.clone().unwrap_or_else(|| e.mqtt_url.clone())
+                o.broker_url.clone().unwrap_or_else(|| svc.mqtt_url.clone())
             ),
         },
         broker = o.broker_extra,
@@ -210,7 +256,7 @@ socket = "{dir}/api.sock"
                 prov = o
                     .provisioning_url
                     .clone()
-                    .unwrap_or_else(|| e.provisioning_url_template.clone()),
+                    .unwrap_or_else(|| svc.provisioning_url_template.clone()),
                 dir = dir.display(),
                 extra = o.provisioning_extra,
             )
@@ -227,13 +273,23 @@ socket = "{dir}/api.sock"
 
 impl Daemon {
     pub async fn start(sb: &Sandbox, o: Opts) -> Daemon {
+        Self::start_for(&Service::of(sb), o).await
+    }
+
+    /// A daemon of another IM service (the cluster: `cluster::service`).
+    pub async fn start_for(svc: &Service, o: Opts) -> Daemon {
         let dir = o.dir.clone().unwrap_or_else(|| temp_dir(&o.user));
-        let config = write_config(sb, &o, &dir);
-        Self::spawn(sb, o, dir, config).await
+        let config = write_config_for(svc, &o, &dir);
+        Self::spawn_for(svc, o, dir, config).await
     }
 
     /// Spawn with an already written config.
     pub async fn spawn(sb: &Sandbox, o: Opts, dir: PathBuf, config: PathBuf) -> Daemon {
+        Self::spawn_for(&Service::of(sb), o, dir, config).await
+    }
+
+    /// Spawn a daemon of `svc` with an already written config.
+    pub async fn spawn_for(svc: &Service, o: Opts, dir: PathBuf, config: PathBuf) -> Daemon {
         let notify_path = dir.join("notify.sock");
         let _ = std::fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path).unwrap();
@@ -257,11 +313,8 @@ impl Daemon {
             cmd.env(k, v);
         }
         let child = cmd.spawn().unwrap();
-        let secrets = vec![
-            sb.endpoints().device_token.clone(),
-            sb.secret_key().to_string(),
-        ];
-        let ctl = sb.control_handle();
+        let secrets = svc.secrets.clone();
+        let issued = svc.issued.clone();
         let notify_log = Arc::new(Mutex::new(Vec::new()));
         let (count_tx, notify_changed) = watch::channel(0usize);
         let log_for_task = notify_log.clone();
@@ -283,7 +336,7 @@ impl Daemon {
             notify_changed,
             notify_task,
             secrets,
-            issued: Box::new(move || ctl.issued_sigs()),
+            issued,
             finished: false,
         };
         if o.wait_ready {
