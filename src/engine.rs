@@ -38,7 +38,7 @@ use crate::courier::{self, Courier, LinkId, MessageEvent, Seq};
 use crate::identity::UserId;
 use crate::message::{Kind, MessageError, WireMessage};
 use crate::session::{
-    self, Action as SAction, ConnEnd, Input as SInput, Machine, Now, Proto, RequestError,
+    self, Action as SAction, ConnEnd, Input as SInput, Machine, Millis, Now, Proto, RequestError,
     RequestId, SigInfo, Snapshot, codes,
 };
 
@@ -110,6 +110,13 @@ pub struct Device {
 
 /// The version of the status document.
 pub const STATUS_DOC_VERSION: u32 = 1;
+
+/// A connection that closes, without DISCONNECT, while a QoS 1 publish has waited this long
+/// for its PUBACK ended because the broker could not store it (nats-server closes it after
+/// 5 s without a JetStream ack: the elections after a node loss), not because another device
+/// took the session over: it is `NetKind::Stalled`, which never counts toward a suspected
+/// takeover. A takeover answers publishes until it closes; a broker this slow is not one.
+pub const STALLED_AFTER: Millis = 4_000;
 
 /// A will for a CONNECT: published by the broker, retained, if the connection ends without
 /// a normal DISCONNECT.
@@ -451,10 +458,10 @@ struct Link {
     closing: bool,
     /// The CONNECT carried the status will.
     will: bool,
-    /// Publishes handed to the client, waiting for their packet id.
-    unnumbered: VecDeque<Out>,
-    /// Packet id → what it carries, until the PUBACK.
-    pkids: HashMap<u16, Out>,
+    /// Publishes handed to the client, waiting for their packet id (with when they were).
+    unnumbered: VecDeque<(Out, Millis)>,
+    /// Packet id → what it carries and when it was handed over, until the PUBACK.
+    pkids: HashMap<u16, (Out, Millis)>,
     /// The status document the broker holds from this link (without its `at`), and whether
     /// one is on its way; `status_refused`: the broker refused one (an ACL): no more tries on
     /// this link.
@@ -736,8 +743,9 @@ impl Engine {
                         doc["at"] = serde_json::json!(self.now.wall);
                         let payload = serde_json::to_vec(&doc).unwrap_or_default();
                         let topic = self.status_topic(&user);
+                        let at = self.now.mono;
                         if let Some(l) = self.link.as_mut() {
-                            l.unnumbered.push_back(Out::Status);
+                            l.unnumbered.push_back((Out::Status, at));
                         }
                         self.counters.status_published += 1;
                         self.act(Action::Publish {
@@ -851,8 +859,9 @@ impl Engine {
             }
         };
         let topic = self.topics.inbox_of(&msg.to, &msg.from);
+        let at = self.now.mono;
         if let Some(l) = self.link.as_mut() {
-            l.unnumbered.push_back(Out::Message(seq));
+            l.unnumbered.push_back((Out::Message(seq), at));
         }
         self.act(Action::Publish {
             link,
@@ -1001,10 +1010,11 @@ impl Engine {
         let payload = serde_json::to_vec(&doc).unwrap_or_default();
         let topic = self.status_topic(&user);
         let link = l.id;
+        let at = self.now.mono;
         if let Some(l) = self.link.as_mut() {
             l.status_sent = Some(value);
             l.status_in_flight = true;
-            l.unnumbered.push_back(Out::Status);
+            l.unnumbered.push_back((Out::Status, at));
         }
         self.counters.status_published += 1;
         self.act(Action::Publish {
@@ -1054,13 +1064,13 @@ impl Engine {
                 });
             }
             LinkEvent::OutPublish(pkid) => {
-                if let Some(seq) = l.unnumbered.pop_front() {
-                    l.pkids.insert(pkid, seq);
+                if let Some(out) = l.unnumbered.pop_front() {
+                    l.pkids.insert(pkid, out);
                 }
             }
             LinkEvent::NotTaken(what) => {
                 // The last one handed over is the one not taken.
-                if let Some(i) = l.unnumbered.iter().rposition(|o| *o == what) {
+                if let Some(i) = l.unnumbered.iter().rposition(|(o, _)| *o == what) {
                     l.unnumbered.remove(i);
                 }
                 match what {
@@ -1074,7 +1084,7 @@ impl Engine {
                     }
                 }
             }
-            LinkEvent::PubAck { pkid, code } => match l.pkids.remove(&pkid) {
+            LinkEvent::PubAck { pkid, code } => match l.pkids.remove(&pkid).map(|(o, _)| o) {
                 Some(Out::Message(seq)) => {
                     self.courier_in(courier::Input::PubAck { link, seq, code })
                 }
@@ -1114,6 +1124,15 @@ impl Engine {
             }
             LinkEvent::Ended(end) => {
                 let (closing, will, up) = (l.closing, l.will, l.up);
+                // How long the oldest publish the broker had not answered had waited.
+                let now = self.now.mono;
+                let waited = l
+                    .unnumbered
+                    .iter()
+                    .map(|(_, at)| *at)
+                    .chain(l.pkids.values().map(|(_, at)| *at))
+                    .min()
+                    .map(|t| now.saturating_sub(t));
                 self.link = None;
                 self.courier_in(courier::Input::LinkDown(link));
                 let end = match end {
@@ -1143,6 +1162,21 @@ impl Engine {
                             ),
                         }
                     }
+                    // A close while a QoS 1 publish had gone unanswered for `STALLED_AFTER`: the
+                    // broker could not store it (nats-server closes such a connection after 5 s,
+                    // as during the JetStream elections after a node loss), not another device
+                    // taking the session over.
+                    ConnEnd::Network {
+                        kind: session::NetKind::Closed,
+                        detail,
+                    } if up && waited.is_some_and(|w| w >= STALLED_AFTER) => ConnEnd::Network {
+                        kind: session::NetKind::Stalled,
+                        detail: format!(
+                            "{detail}, with a publish unanswered for {} (the broker could \
+                                 not store it)",
+                            session::human_ms(waited.unwrap_or_default())
+                        ),
+                    },
                     end => end,
                 };
                 if closing {

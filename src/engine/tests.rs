@@ -753,3 +753,123 @@ fn a_broker_that_refuses_the_will_gets_connects_without_it_at_no_budgets_cost() 
     assert!(status_publishes(&a).is_empty(), "and no status");
     assert_eq!(h.e.machine().phase(), Phase::Online);
 }
+
+/// Log in (again) on the link the engine asks for next, within `wait`: CONNACK and the inbox
+/// granted. The device status goes out at once (the engine publishes it on every login).
+fn relogin(h: &mut H, wait: u64) -> LinkId {
+    let end = h.now.mono + wait;
+    let link = loop {
+        let t = h.e.poll_timeout().expect("a timer while reconnecting");
+        assert!(t <= end, "no Connect within {wait} ms");
+        let a = h.advance(t.saturating_sub(h.now.mono));
+        if let Some(link) = connect_of(&a) {
+            break link;
+        }
+    };
+    let a = h.link_ev(
+        link,
+        LinkEvent::ConnAck {
+            session_present: true,
+        },
+    );
+    let a2 = h.link_ev(link, LinkEvent::SubAck { granted: true });
+    assert!(
+        a.iter()
+            .chain(&a2)
+            .any(|x| matches!(x, Action::Publish { .. })),
+        "the status document goes out after the login: {a:?} {a2:?}"
+    );
+    assert_eq!(h.e.machine().phase(), Phase::Online);
+    link
+}
+
+/// Three closes 5 s after each login, each with the device status (a QoS 1 publish)
+/// unanswered all along: nats-server closing connections whose publishes JetStream cannot
+/// store during the elections after a node loss. Never a suspected takeover: the device keeps
+/// trying (the same three closes with the publish answered are one: the next test).
+#[test]
+fn closes_with_a_publish_unanswered_for_seconds_are_never_a_suspected_takeover() {
+    let mut h = H::with_status(true);
+    h.input(Input::Start);
+    let s = h.sig(86_400);
+    h.input(Input::SigFetched(s));
+    let mut link = None;
+    for round in 0..5 {
+        let l = match link {
+            None => {
+                let a = h.out.clone();
+                let l = connect_of(&a).expect("the first Connect");
+                h.link_ev(
+                    l,
+                    LinkEvent::ConnAck {
+                        session_present: false,
+                    },
+                );
+                h.link_ev(l, LinkEvent::SubAck { granted: true });
+                l
+            }
+            Some(_) => relogin(&mut h, 400_000),
+        };
+        h.advance(5_000);
+        h.link_ev(
+            l,
+            LinkEvent::Ended(ConnEnd::Network {
+                kind: session::NetKind::Closed,
+                detail: "connection closed".into(),
+            }),
+        );
+        let snap = h.e.snapshot().session;
+        assert_ne!(snap.phase, Phase::Kicked, "round {round}: {snap:?}");
+        let e = snap.last_error.expect("the close is the last error");
+        assert_eq!(e.class, session::ErrorClass::Network);
+        assert!(
+            e.message.contains("unanswered for 5s"),
+            "the message says why: {}",
+            e.message
+        );
+        link = Some(l);
+    }
+}
+
+#[test]
+fn closes_soon_after_login_with_every_publish_answered_are_a_suspected_takeover() {
+    let mut h = H::with_status(true);
+    h.input(Input::Start);
+    let s = h.sig(86_400);
+    h.input(Input::SigFetched(s));
+    let mut first = true;
+    for round in 0..3 {
+        let l = if first {
+            first = false;
+            let a = h.out.clone();
+            let l = connect_of(&a).expect("the first Connect");
+            h.link_ev(
+                l,
+                LinkEvent::ConnAck {
+                    session_present: false,
+                },
+            );
+            h.link_ev(l, LinkEvent::SubAck { granted: true });
+            l
+        } else {
+            relogin(&mut h, 400_000)
+        };
+        // The broker answers the status (its packet id, then its PUBACK).
+        h.link_ev(l, LinkEvent::OutPublish(1));
+        h.link_ev(l, LinkEvent::PubAck { pkid: 1, code: 0 });
+        h.advance(5_000);
+        h.link_ev(
+            l,
+            LinkEvent::Ended(ConnEnd::Network {
+                kind: session::NetKind::Closed,
+                detail: "connection closed".into(),
+            }),
+        );
+        let phase = h.e.snapshot().session.phase;
+        if round < 2 {
+            assert_ne!(phase, Phase::Kicked, "round {round}");
+        } else {
+            assert_eq!(phase, Phase::Kicked, "the third early close");
+        }
+    }
+}

@@ -92,7 +92,7 @@ pub(super) fn classify(end: &ConnEnd, at: &Context) -> Classified {
     let at_end = at.at_end();
     match end {
         ConnEnd::Network {
-            kind: NetKind::Closed,
+            kind: NetKind::Closed | NetKind::Stalled,
             detail,
         } if at.closed_at_end() => c(
             SigExpired,

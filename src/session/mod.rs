@@ -319,6 +319,10 @@ pub enum NetKind {
     Timeout,
     /// The socket closed (EOF or reset) without a DISCONNECT.
     Closed,
+    /// The socket closed without a DISCONNECT while a QoS 1 publish had waited for its PUBACK
+    /// for `engine::STALLED_AFTER`: the broker could not store it (the engine tells). Like
+    /// `Closed`, except that it is never an early close toward a suspected takeover.
+    Stalled,
     Tls,
     Other,
 }
@@ -329,7 +333,9 @@ impl NetKind {
             NetKind::Dns => codes::NET_DNS,
             NetKind::Refused => codes::NET_CONN_REFUSE,
             NetKind::Timeout => codes::NET_CONN_TIMEOUT,
-            NetKind::Closed | NetKind::Tls | NetKind::Other => codes::NET_DISCONNECT,
+            NetKind::Closed | NetKind::Stalled | NetKind::Tls | NetKind::Other => {
+                codes::NET_DISCONNECT
+            }
         }
     }
 }
@@ -2296,9 +2302,19 @@ impl Machine {
                             ..
                         }
                     );
+                    let stalled = matches!(
+                        end,
+                        ConnEnd::Network {
+                            kind: NetKind::Stalled,
+                            ..
+                        }
+                    );
                     let early =
                         closed && self.now.mono.saturating_sub(since) < self.policy.takeover_window;
-                    self.early_closes = if early { self.early_closes + 1 } else { 0 };
+                    // A stalled broker neither adds to nor clears the count of early closes.
+                    if !stalled {
+                        self.early_closes = if early { self.early_closes + 1 } else { 0 };
+                    }
                     if self.early_closes >= self.policy.takeover_closes {
                         let message = format!(
                             "the server closed the session {} times within {} of login: another \
