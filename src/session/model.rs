@@ -155,7 +155,7 @@ pub fn quote_external(text: &str, max_chars: usize) -> String {
 }
 
 /// Characters that break or reorder a line without being control characters.
-fn is_separator_or_bidi(c: char) -> bool {
+pub fn is_separator_or_bidi(c: char) -> bool {
     matches!(
         c,
         '\u{2028}'
