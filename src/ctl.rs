@@ -37,7 +37,8 @@ USAGE:
   imlinkctl [--socket PATH] conversations [--before CURSOR] [--limit N] [--json]
                                                  newest first, a page at a time (20 by default)
   imlinkctl [--socket PATH] history PEER [--before ID] [--limit N] [--json]
-                                                 newest first; works offline and logged out
+                                                 a page (20 by default) ending with the newest,
+                                                 newest last; works offline and logged out
   imlinkctl [--socket PATH] inbox [--follow] [--max N]
                                                  print the current account's received messages
                                                  as JSON lines (with the user_id whose inbox it
@@ -55,7 +56,8 @@ USAGE:
                                                  retained status tree (`imlinkctl fleet --help`)
 
 The socket defaults to $IMLINKD_SOCKET, else /run/imlinkd/api.sock.
-Phases: idle waiting_for_clock fetching_sig connecting online backoff logging_out kicked stopped
+Phases: idle waiting_for_clock fetching_sig connecting subscribing online backoff logging_out kicked
+        stopped
 Exit codes: 0 ok, 1 failed, 2 usage, 3 daemon unreachable, 4 permission denied.
 ";
 
@@ -1451,6 +1453,22 @@ mod tests {
         let n = json!({"method": "message_received", "params": {"body": "x\u{202e}y\u{2028}z"}});
         let line = watch_line(&n);
         assert!(line.contains(r"x\u{202e}y\u{2028}z"), "{line}");
+    }
+
+    #[test]
+    fn the_usage_names_every_phase_wait_accepts() {
+        let listed: Vec<&str> = USAGE
+            .split("Phases:")
+            .nth(1)
+            .and_then(|rest| rest.split("Exit codes:").next())
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        let all: Vec<&str> = crate::session::Phase::ALL
+            .iter()
+            .map(|p| p.as_str())
+            .collect();
+        assert_eq!(listed, all);
     }
 
     #[test]
