@@ -1328,7 +1328,9 @@ fn clock(t: i64) -> String {
 
 fn ago(t: i64) -> String {
     let d = t - now_secs();
-    let (n, suffix) = if d >= 0 { (d, "from now") } else { (-d, "ago") };
+    // The present is "0s ago": `status` right after a change said "online since … (0s from
+    // now)".
+    let (n, suffix) = if d > 0 { (d, "from now") } else { (-d, "ago") };
     format!("{} {suffix}", crate::status::short(n * 1000))
 }
 
@@ -1425,6 +1427,7 @@ mod tests {
         assert_eq!(clock(3661), "01:01:01");
         assert!(ago(now_secs() + 3 * 3600).ends_with("from now"));
         assert!(ago(now_secs() - 90).starts_with("90s"));
+        assert!(ago(now_secs()).ends_with(" ago"), "{}", ago(now_secs()));
         assert_eq!(when(None), "—");
     }
 
