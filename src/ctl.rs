@@ -37,7 +37,8 @@ USAGE:
   imlinkctl [--socket PATH] conversations [--before CURSOR] [--limit N] [--json]
                                                  newest first, a page at a time (20 by default)
   imlinkctl [--socket PATH] history PEER [--before ID] [--limit N] [--json]
-                                                 newest first; works offline and logged out
+                                                 a page (20 by default) ending with the newest,
+                                                 newest last; works offline and logged out
   imlinkctl [--socket PATH] inbox [--follow] [--max N]
                                                  print the current account's received messages
                                                  as JSON lines (with the user_id whose inbox it
@@ -55,7 +56,8 @@ USAGE:
                                                  retained status tree (`imlinkctl fleet --help`)
 
 The socket defaults to $IMLINKD_SOCKET, else /run/imlinkd/api.sock.
-Phases: idle waiting_for_clock fetching_sig connecting online backoff logging_out kicked stopped
+Phases: idle waiting_for_clock fetching_sig connecting subscribing online backoff logging_out kicked
+        stopped
 Exit codes: 0 ok, 1 failed, 2 usage, 3 daemon unreachable, 4 permission denied.
 ";
 
@@ -376,8 +378,24 @@ fn page_limit(arg: Option<String>) -> Result<u32, Fail> {
     }
 }
 
-/// One message as one human line: time, direction, peer, state, body (control characters
-/// escaped: the body comes from outside).
+/// Text from outside (a message body) for a terminal: control characters, Unicode's line and
+/// paragraph separators and the bidirectional controls are written escaped (`\u{202e}`), so
+/// a body can neither send the terminal a sequence, nor break the line, nor reorder what the
+/// reader sees after it.
+fn terminal_safe(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            if c.is_control() || crate::session::is_separator_or_bidi(c) {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
+/// One message as one human line: time, direction, peer, state, body (escaped: the body
+/// comes from outside).
 fn one_line(m: &Value) -> String {
     let ts = m["ts"].as_i64().unwrap_or(0) / 1000;
     let arrow = if m["direction"] == "out" {
@@ -390,18 +408,7 @@ fn one_line(m: &Value) -> String {
         Some("failed") => " (FAILED)",
         _ => "",
     };
-    let body: String = m["body"]
-        .as_str()
-        .unwrap_or("")
-        .chars()
-        .flat_map(|c| {
-            if c.is_control() {
-                c.escape_default().collect::<Vec<_>>()
-            } else {
-                vec![c]
-            }
-        })
-        .collect();
+    let body = terminal_safe(m["body"].as_str().unwrap_or(""));
     format!(
         "{} {arrow} {}{state}: {body}",
         clock(ts),
@@ -1232,24 +1239,7 @@ fn watch(socket: &PathBuf, json_out: bool) -> Result<(), Fail> {
         if json_out {
             println!("{v}");
         } else {
-            let method = v["method"].as_str().unwrap_or("?");
-            let params = &v["params"];
-            let detail = match method {
-                "state_changed" => format!(
-                    "phase={} login_status={} login_user={}{}",
-                    params["phase"].as_str().unwrap_or("?"),
-                    params["login_status"],
-                    params["login_user"].as_str().unwrap_or(""),
-                    params["last_error"]
-                        .get("message")
-                        .and_then(Value::as_str)
-                        .map(|m| format!(" error={m:?}"))
-                        .unwrap_or_default()
-                ),
-                "lagged" => "this watcher fell behind and was disconnected".into(),
-                _ => params.to_string(),
-            };
-            println!("{} {method} {detail}", clock(now_secs()));
+            println!("{} {}", clock(now_secs()), watch_line(&v));
         }
         let _ = std::io::stdout().flush();
         if v["method"] == "lagged" {
@@ -1259,6 +1249,30 @@ fn watch(socket: &PathBuf, json_out: bool) -> Result<(), Fail> {
             ));
         }
     }
+}
+
+/// One notification as `watch` prints it for a person: the method and its details (a
+/// message's body escaped like [`one_line`]'s: JSON leaves the separators and the
+/// bidirectional controls as they are).
+fn watch_line(v: &Value) -> String {
+    let method = v["method"].as_str().unwrap_or("?");
+    let params = &v["params"];
+    let detail = match method {
+        "state_changed" => format!(
+            "phase={} login_status={} login_user={}{}",
+            params["phase"].as_str().unwrap_or("?"),
+            params["login_status"],
+            params["login_user"].as_str().unwrap_or(""),
+            params["last_error"]
+                .get("message")
+                .and_then(Value::as_str)
+                .map(|m| format!(" error={m:?}"))
+                .unwrap_or_default()
+        ),
+        "lagged" => "this watcher fell behind and was disconnected".into(),
+        _ => terminal_safe(&params.to_string()),
+    };
+    format!("{method} {detail}")
 }
 
 fn wait_for_phase(socket: &PathBuf, phase: &str, t: Duration) -> Result<(), Fail> {
@@ -1314,7 +1328,9 @@ fn clock(t: i64) -> String {
 
 fn ago(t: i64) -> String {
     let d = t - now_secs();
-    let (n, suffix) = if d >= 0 { (d, "from now") } else { (-d, "ago") };
+    // The present is "0s ago": `status` right after a change said "online since … (0s from
+    // now)".
+    let (n, suffix) = if d > 0 { (d, "from now") } else { (-d, "ago") };
     format!("{} {suffix}", crate::status::short(n * 1000))
 }
 
@@ -1411,7 +1427,51 @@ mod tests {
         assert_eq!(clock(3661), "01:01:01");
         assert!(ago(now_secs() + 3 * 3600).ends_with("from now"));
         assert!(ago(now_secs() - 90).starts_with("90s"));
+        assert!(ago(now_secs()).ends_with(" ago"), "{}", ago(now_secs()));
         assert_eq!(when(None), "—");
+    }
+
+    #[test]
+    fn a_message_line_cannot_reorder_or_break_the_terminal() {
+        // A peer chooses the body: escape sequences, a bell, Unicode's line separator and
+        // the bidirectional controls (a right-to-left override would show the rest of the
+        // line, and what the operator reads after it, reversed).
+        let m = json!({
+            "ts": 0, "direction": "in", "peer": "mallory", "state": "unread",
+            "body": "a\u{1b}[2Jb\u{7}c\u{2028}d\u{2029}e\u{202e}f\u{2066}g\u{200f}h\u{61c}i",
+        });
+        let line = one_line(&m);
+        for c in line.chars() {
+            assert!(
+                !c.is_control() && !crate::session::is_separator_or_bidi(c),
+                "{c:?} reaches the terminal: {line:?}"
+            );
+        }
+        assert!(
+            line.ends_with(
+                r"a\u{1b}[2Jb\u{7}c\u{2028}d\u{2029}e\u{202e}f\u{2066}g\u{200f}h\u{61c}i"
+            )
+        );
+        // The human watch line too (`message_received` carries the body).
+        let n = json!({"method": "message_received", "params": {"body": "x\u{202e}y\u{2028}z"}});
+        let line = watch_line(&n);
+        assert!(line.contains(r"x\u{202e}y\u{2028}z"), "{line}");
+    }
+
+    #[test]
+    fn the_usage_names_every_phase_wait_accepts() {
+        let listed: Vec<&str> = USAGE
+            .split("Phases:")
+            .nth(1)
+            .and_then(|rest| rest.split("Exit codes:").next())
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        let all: Vec<&str> = crate::session::Phase::ALL
+            .iter()
+            .map(|p| p.as_str())
+            .collect();
+        assert_eq!(listed, all);
     }
 
     #[test]

@@ -215,18 +215,11 @@ impl Driver {
             }
         }
         let (store, opened) = StoreHandle::open(config.store.path.clone(), config.store.max_bytes);
-        match opened {
-            Ok(()) => {
-                // Messages are private: the state directory is 0700, the file 0600 as well
-                // (SQLite gives its -wal and -shm files the same mode).
-                use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::set_permissions(
-                    &config.store.path,
-                    std::fs::Permissions::from_mode(0o600),
-                );
-            }
+        // Messages are private: the state directory is 0700, and `store::open` makes the
+        // file 0600 before SQLite opens it (its -wal and -shm files take that mode).
+        if let Err(e) = opened {
             // The session works without it; every messaging call answers with this reason.
-            Err(e) => tracing::error!("messaging is unavailable: {e}"),
+            tracing::error!("messaging is unavailable: {e}");
         }
         let timer =
             BootTimer::new().map_err(|e| format!("creating a CLOCK_BOOTTIME timer: {e}"))?;

@@ -484,8 +484,9 @@ impl Fleet {
             .ok()
             .filter(|x| x.state == State::Offline)?;
         Some(match (d.offline_seen_at, doc.since) {
-            (Some(seen), _) => Offline::For((now - seen).max(0)),
-            (None, Some(since)) => Offline::AtMost((now - since).max(0)),
+            (Some(seen), _) => Offline::For(elapsed(now, seen)),
+            // The device's own word: any i64 (saturating, never an overflow).
+            (None, Some(since)) => Offline::AtMost(elapsed(now, since)),
             (None, None) => Offline::Unknown,
         })
     }
@@ -535,7 +536,7 @@ impl Fleet {
                 .as_ref()
                 .ok()
                 .and_then(|doc| doc.since)
-                .map_or(0, |s| (now - s).max(0)),
+                .map_or(0, |s| elapsed(now, s)),
         }
     }
 
@@ -625,6 +626,12 @@ pub fn utc(t: i64) -> String {
     )
 }
 
+/// Seconds from `then` to `now`, 0 when `then` is later: `then` comes from a device's
+/// document, any i64, so the difference saturates instead of overflowing.
+fn elapsed(now: i64, then: i64) -> i64 {
+    now.saturating_sub(then).max(0)
+}
+
 /// A duration in seconds, coarsely (`45s`, `12m`, `5h`, `3d`).
 pub fn span(s: i64) -> String {
     crate::session::short(s.saturating_mul(1000))
@@ -651,7 +658,7 @@ fn describe(fleet: &Fleet, d: &Device, now: i64) -> String {
         None => {
             let since = doc
                 .since
-                .map(|s| format!(" for {}", span((now - s).max(0))))
+                .map(|s| format!(" for {}", span(elapsed(now, s))))
                 .unwrap_or_default();
             parts.push(format!("{}{since}", doc.state.as_str()));
         }

@@ -95,18 +95,7 @@ pub async fn textfile(session: crate::status::SessionHandle, path: std::path::Pa
 }
 
 /// Every phase, in the order the metrics list them.
-const PHASES: [Phase; 10] = [
-    Phase::Idle,
-    Phase::WaitingForClock,
-    Phase::FetchingSig,
-    Phase::Connecting,
-    Phase::Subscribing,
-    Phase::Online,
-    Phase::Backoff,
-    Phase::LoggingOut,
-    Phase::Kicked,
-    Phase::Stopped,
-];
+const PHASES: [Phase; 10] = Phase::ALL;
 
 /// Consecutive failed UserSig renewals, for the alert.
 ///

@@ -564,3 +564,36 @@ fn the_command_line_and_the_config_file() {
     let e = parse_args(&args(&["--config", "f.toml"]), bad).unwrap_err();
     assert!(e.contains("unknown field") && e.contains("password"), "{e}");
 }
+
+/// A device chooses its own document: times at the ends of the i64 range (an offline will
+/// "since" the year -292 billion, a renewal "expiring" at i64::MAX) are rendered, sorted and
+/// watched without an overflow (a debug build's `imlinkctl fleet` panicked on `now - since`).
+#[test]
+fn times_at_the_ends_of_the_range_do_not_overflow() {
+    let mut f = fleet();
+    for (n, (since, at, exp)) in [
+        (i64::MIN, i64::MIN, i64::MIN),
+        (i64::MAX, i64::MAX, i64::MAX),
+        (i64::MIN, i64::MAX, 0),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for state in ["online", "offline", "stopped"] {
+            let body = with(
+                doc_value(state, Some("online"), NOW),
+                json!({"since": since, "at": at,
+                       "user_sig": {"expires_at": exp, "renewal": "failing", "failures": 3}}),
+            );
+            let instance = format!("{n}{state}");
+            f.apply(&topic("edge", &instance), &body, true, NOW);
+            f.apply(&topic("edge", &instance), &body, false, NOW);
+        }
+    }
+    for now in [NOW, NOW + 86_400] {
+        let _ = render_text(&f, now);
+        let _ = render_ndjson(&f, now);
+        let _ = f.attention(now);
+        let _ = f.crossed(now);
+    }
+}

@@ -53,21 +53,22 @@ impl Phase {
         }
     }
 
+    /// Every phase, in the order the metrics and `imlinkctl`'s usage list them.
+    pub const ALL: [Phase; 10] = [
+        Phase::Idle,
+        Phase::WaitingForClock,
+        Phase::FetchingSig,
+        Phase::Connecting,
+        Phase::Subscribing,
+        Phase::Online,
+        Phase::Backoff,
+        Phase::LoggingOut,
+        Phase::Kicked,
+        Phase::Stopped,
+    ];
+
     pub fn parse(s: &str) -> Option<Phase> {
-        [
-            Phase::Idle,
-            Phase::WaitingForClock,
-            Phase::FetchingSig,
-            Phase::Connecting,
-            Phase::Subscribing,
-            Phase::Online,
-            Phase::Backoff,
-            Phase::LoggingOut,
-            Phase::Kicked,
-            Phase::Stopped,
-        ]
-        .into_iter()
-        .find(|p| p.as_str() == s)
+        Phase::ALL.into_iter().find(|p| p.as_str() == s)
     }
 }
 
@@ -155,7 +156,7 @@ pub fn quote_external(text: &str, max_chars: usize) -> String {
 }
 
 /// Characters that break or reorder a line without being control characters.
-fn is_separator_or_bidi(c: char) -> bool {
+pub fn is_separator_or_bidi(c: char) -> bool {
     matches!(
         c,
         '\u{2028}'

@@ -194,6 +194,7 @@ pub struct InboxPage {
 
 /// Open (or create) the store at `path` and bring its schema up to date.
 pub fn open(path: &Path) -> Result<Connection, StoreError> {
+    make_private(path)?;
     let c = Connection::open(path)?;
     // The version is read before anything is written: a store from a newer imlinkd is left
     // byte for byte as it was (no journal mode change, no vacuum setting).
@@ -215,6 +216,30 @@ pub fn open(path: &Path) -> Result<Connection, StoreError> {
     c.busy_timeout(std::time::Duration::from_secs(5))?;
     migrate(&c, path)?;
     Ok(c)
+}
+
+/// Messages are private: the file is 0600 before SQLite opens it, so the -wal and -shm files
+/// SQLite creates beside it (with the database's mode) are 0600 too, whatever the umask. A
+/// file an older imlinkd left open to others is made 0600 (its bytes are not touched).
+fn make_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let fail = |e: std::io::Error| {
+        StoreError::Unavailable(format!(
+            "{}: cannot make it private (0600): {e}",
+            path.display()
+        ))
+    };
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(fail)?;
+    if f.metadata().map_err(fail)?.permissions().mode() & 0o077 != 0 {
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(fail)?;
+    }
+    Ok(())
 }
 
 /// Refuse a schema newer than [`SCHEMA_VERSION`] (left alone); otherwise its version.

@@ -1097,3 +1097,33 @@ async fn a_received_message_refused_for_room_holds_back_the_later_ones_of_its_li
     let second = receive(later, Some((1, held_at + 1))).await;
     assert!(second.is_ok(), "{second:?}");
 }
+
+/// Messages are private: the store and the -wal and -shm files SQLite makes beside it (they
+/// hold message bodies until a checkpoint) are 0600 from the start, whatever the umask.
+/// (The daemon made the file 0600 only after opening it in WAL mode: the first run's -wal and
+/// -shm were 0644.)
+#[test]
+fn a_new_store_and_its_wal_are_private_from_the_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let path = tmp("private");
+    let m = msg(
+        &mut IdGen::new(),
+        "alice",
+        "bob",
+        1_800_000_000_000,
+        "secret",
+    );
+    let c = open(&path).unwrap();
+    enqueue(&c, "alice", &m, CAP).unwrap();
+    for suffix in ["", "-wal", "-shm"] {
+        let f = format!("{}{suffix}", path.display());
+        let mode = std::fs::metadata(&f).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{f} is {mode:o}");
+    }
+    drop(c);
+    // A store an older imlinkd left open to others is made private when opened.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let _c = open(&path).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}

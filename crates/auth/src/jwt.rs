@@ -186,9 +186,15 @@ pub fn decode<N: DeserializeOwned>(token: &str) -> Result<Verified<N>, JwtError>
 
 /// serde_json's message names a line and column and the kind of mismatch, never the content;
 /// still capped, as everything that ends up in a log.
+/// serde_json's message, at most 120 bytes: it quotes values from the claims, so the cut
+/// goes back to a character boundary (`String::truncate` panics inside a character).
 fn short(e: &serde_json::Error) -> String {
     let mut s = e.to_string();
-    s.truncate(120);
+    let mut end = s.len().min(120);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
     s
 }
 
@@ -293,5 +299,34 @@ mod tests {
             decode::<Nats>(&long).unwrap_err(),
             JwtError::TooLong(MAX_TOKEN_LEN + 1)
         );
+    }
+
+    #[test]
+    fn claims_of_the_wrong_type_are_an_error_whatever_characters_they_quote() {
+        // serde_json's message quotes the value ("invalid type: string \"…\", expected
+        // i64"): cut at a fixed byte count it must not split a character (that panicked).
+        let parts: Vec<String> = encode(
+            Registered::default(),
+            &Nats {
+                kind: "user".into(),
+                version: 2,
+            },
+            &account(),
+            1,
+        )
+        .split('.')
+        .map(String::from)
+        .collect();
+        for pad in ["", "a", "ab"] {
+            let claims = URL_SAFE_NO_PAD.encode(format!(
+                r#"{{"iss":"x","nats":{{"type":"user","version":"{pad}{}"}}}}"#,
+                "\u{e9}\u{20ac}".repeat(60)
+            ));
+            let token = format!("{}.{claims}.{}", parts[0], parts[2]);
+            match decode::<Nats>(&token).unwrap_err() {
+                JwtError::Claims(m) => assert!(m.len() <= 120, "{m}"),
+                e => panic!("{e:?}"),
+            }
+        }
     }
 }

@@ -140,12 +140,18 @@ impl Service {
     }
 }
 
-/// Text from outside, ready for a log line: control characters dropped, at most 64
-/// characters (an ellipsis says it was cut), in quotes with `"` and `\` escaped.
+/// Text from outside, ready for a log line: control characters, Unicode's line and
+/// paragraph separators and the bidirectional controls dropped (as imlinkd's
+/// `quote_external` does), at most 64 characters (an ellipsis says it was cut), in quotes
+/// with `"` and `\` escaped.
 pub fn quote(s: &str) -> String {
     let mut out = String::with_capacity(s.len().min(64) + 2);
     out.push('"');
-    for (n, c) in s.chars().filter(|c| !c.is_control()).enumerate() {
+    for (n, c) in s
+        .chars()
+        .filter(|c| !c.is_control() && !is_separator_or_bidi(*c))
+        .enumerate()
+    {
         if n == 64 {
             out.push('…');
             break;
@@ -157,6 +163,20 @@ pub fn quote(s: &str) -> String {
     }
     out.push('"');
     out
+}
+
+/// Characters that break or reorder a line without being control characters.
+fn is_separator_or_bidi(c: char) -> bool {
+    matches!(
+        c,
+        '\u{2028}'
+            | '\u{2029}'
+            | '\u{061C}'
+            | '\u{200E}'
+            | '\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2066}'..='\u{2069}'
+    )
 }
 
 /// A token bucket for decision lines: `rate` per second on average, bursts of `burst`.
@@ -468,6 +488,15 @@ mod tests {
         assert_eq!(quote("a\"b\\c\r\nd"), "\"a\\\"b\\\\cd\"");
         let q = quote(&"x".repeat(100));
         assert!(q.ends_with("…\"") && q.chars().count() == 64 + 3);
+    }
+
+    #[test]
+    fn quote_drops_line_separators_and_bidirectional_controls() {
+        // A username or client id is the client's choice: U+202E would show the rest of
+        // the decision line (the code, the reason) reversed to whoever reads the log; U+2028
+        // and U+2029 break the line for many viewers.
+        let q = quote("mal\u{202e}lory\u{2028}x\u{2029}y\u{200f}\u{2066}\u{61c}z\u{85}");
+        assert_eq!(q, "\"malloryxyz\"");
     }
 
     #[test]
