@@ -145,6 +145,11 @@ pub enum LinkEvent {
         pkid: Option<u16>,
         payload: Vec<u8>,
     },
+    /// A PUBLISH with the RETAIN flag arrived: a retained message the broker delivers at every
+    /// subscription. A C2C message is never retained (a peer that retains one makes it come
+    /// again at every login, as new once the store has evicted it), so it is acknowledged in
+    /// its turn and dropped; its payload is not carried.
+    Retained { topic: Vec<u8>, pkid: Option<u16> },
     /// A PUBLISH over the size limit arrived (the relay skipped its payload; with a packet id
     /// it must still be acknowledged, in its turn).
     Oversized {
@@ -472,6 +477,7 @@ struct Link {
     warned_forged: bool,
     warned_invalid: bool,
     warned_oversized: bool,
+    warned_retained: bool,
     warned_subscribe: bool,
 }
 
@@ -695,6 +701,7 @@ impl Engine {
                     warned_forged: false,
                     warned_invalid: false,
                     warned_oversized: false,
+                    warned_retained: false,
                     warned_subscribe: false,
                 });
                 self.act(Action::Connect {
@@ -1061,6 +1068,25 @@ impl Engine {
                     pkid,
                     owner: user.to_string(),
                     msg: Err(format!("a PUBLISH of {bytes} bytes, over the size limit")),
+                });
+            }
+            LinkEvent::Retained { topic, pkid } => {
+                let user = l.user.clone();
+                self.counters.dropped_invalid += 1;
+                if !std::mem::replace(&mut l.warned_retained, true) {
+                    tracing::warn!(
+                        topic = %session::quote_external(&String::from_utf8_lossy(&topic), 120),
+                        "dropped a retained message on the inbox (a message is never retained: \
+                         the broker would deliver it again at every login; acknowledged, further \
+                         ones on this connection are only counted: status.messages.dropped_invalid)"
+                    );
+                }
+                self.session(SInput::MessageReceived);
+                self.courier_in(courier::Input::Received {
+                    link,
+                    pkid,
+                    owner: user.to_string(),
+                    msg: Err("a retained message".into()),
                 });
             }
             LinkEvent::OutPublish(pkid) => {

@@ -50,6 +50,10 @@ fn map_v5(ev: rumqttc::v5::Event) -> Option<LinkEvent> {
         E::Incoming(P::ConnAck(a)) => LinkEvent::ConnAck {
             session_present: a.session_present,
         },
+        E::Incoming(P::Publish(p)) if p.retain => LinkEvent::Retained {
+            pkid: (p.qos != QoS::AtMostOnce).then_some(p.pkid),
+            topic: p.topic.to_vec(),
+        },
         E::Incoming(P::Publish(p)) => LinkEvent::Publish {
             pkid: (p.qos != QoS::AtMostOnce).then_some(p.pkid),
             topic: p.topic.to_vec(),
@@ -78,6 +82,10 @@ fn map_v311(ev: rumqttc::Event) -> Option<LinkEvent> {
     Some(match ev {
         E::Incoming(P::ConnAck(a)) => LinkEvent::ConnAck {
             session_present: a.session_present,
+        },
+        E::Incoming(P::Publish(p)) if p.retain => LinkEvent::Retained {
+            pkid: (p.qos != QoS::AtMostOnce).then_some(p.pkid),
+            topic: p.topic.into_bytes(),
         },
         E::Incoming(P::Publish(p)) => LinkEvent::Publish {
             pkid: (p.qos != QoS::AtMostOnce).then_some(p.pkid),
@@ -124,6 +132,19 @@ fn with_oversized(ev: LinkEvent, observed: &crate::relay::Shared) -> Vec<LinkEve
                 topic,
                 pkid: Some(p),
                 bytes,
+            });
+        }
+        // A retained stub: the oversized entry is its own (the event says enough).
+        LinkEvent::Retained {
+            topic,
+            pkid: Some(p),
+        } => {
+            if o.oversized.front().is_some_and(|x| x.0 == Some(p)) {
+                o.oversized.pop_front();
+            }
+            out.push(LinkEvent::Retained {
+                topic,
+                pkid: Some(p),
             });
         }
         ev => out.push(ev),

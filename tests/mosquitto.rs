@@ -276,6 +276,73 @@ async fn one_large_message_on_mqtt_3_1_1_is_dropped_and_the_session_stays_online
     alice.finish().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_message_on_the_inbox_is_dropped_not_taken_at_every_login() {
+    // A peer that publishes a message with RETAIN makes the broker keep it and deliver it at
+    // every subscription (RETAIN=1): as a message it would come again at every login, and as
+    // a new one once the store had evicted it. A message is never retained: the daemon
+    // acknowledges and drops it, and counts it.
+    let sb = sandbox().await;
+    let dir = temp_dir("mq-retained");
+    let sa = sb.issue_sig("alice", Duration::from_secs(3600));
+    let sm = sb.issue_sig("mallory", Duration::from_secs(3600));
+    sb.pin_sig("alice", Some(&sa));
+    let m =
+        Mosquitto::start_with(&sb, &dir, &[("alice", &sa), ("mallory", &sm)], Some(IM_ACL)).await;
+    let (peer, mut ev) = raw_v311(&m, &dir, "mallory", &sm).await;
+    let topic = format!("im/{}/u/alice/in/mallory", sb.sdk_app_id());
+    let msg = |id: &str, body: &str| {
+        serde_json::json!({
+            "id": id, "from": "mallory", "to": "alice", "kind": "text", "body": body, "ts": 1
+        })
+        .to_string()
+    };
+    use rumqttc::QoS::AtLeastOnce;
+    peer.publish(
+        &topic,
+        AtLeastOnce,
+        true,
+        msg("01JAAAAAAAAAAAAAAAAAAAAAAR", "retained"),
+    )
+    .await
+    .unwrap();
+    // The broker has it (its PUBACK) before alice ever subscribes.
+    tokio::time::timeout(WAIT, async {
+        loop {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) =
+                ev.poll().await.expect("mallory's connection")
+            {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the retained message's PUBACK");
+    let pump = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+    let alice = Daemon::start(&sb, opts_for(&m, "alice")).await;
+    alice.wait_phase("online").await;
+    peer.publish(
+        &topic,
+        AtLeastOnce,
+        false,
+        msg("01JAAAAAAAAAAAAAAAAAAAAAAC", "a message"),
+    )
+    .await
+    .unwrap();
+    let got = wait_inbox(&alice, 1).await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0]["id"], "01JAAAAAAAAAAAAAAAAAAAAAAC", "{got:?}");
+    let st = alice.status().await;
+    assert_eq!(st["messages"]["dropped_invalid"], 1, "{st}");
+    assert!(
+        alice
+            .log_text()
+            .contains("dropped a retained message on the inbox")
+    );
+    pump.abort();
+    alice.finish().await;
+}
+
 /// The operator's view of the status tree: a raw MQTT 5 client reading `im/+/d/#`.
 struct StatusReader {
     rx: tokio::sync::mpsc::UnboundedReceiver<(String, serde_json::Value, bool)>,

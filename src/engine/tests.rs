@@ -873,3 +873,36 @@ fn closes_soon_after_login_with_every_publish_answered_are_a_suspected_takeover(
         }
     }
 }
+
+#[test]
+fn a_retained_publish_is_acknowledged_in_its_turn_and_never_stored() {
+    let mut h = H::new();
+    let link = h.online(true);
+    let ok = msg(ID1, "bob", "alice");
+    h.link_ev(
+        link,
+        LinkEvent::Publish {
+            topic: b"im/7/u/alice/in/bob".to_vec(),
+            pkid: Some(1),
+            payload: ok.encode().unwrap(),
+        },
+    );
+    let a = h.link_ev(
+        link,
+        LinkEvent::Retained {
+            topic: b"im/7/u/alice/in/mallory".to_vec(),
+            pkid: Some(2),
+        },
+    );
+    assert!(receive_ops(&a).is_empty(), "never stored: {a:?}");
+    assert!(acks(&a).is_empty(), "not before the message ahead of it");
+    let a = h.input(Input::Store(StoreAnswer::Received {
+        link,
+        pkid: Some(1),
+        msg: ok,
+        result: Ok(Some(10)),
+    }));
+    assert_eq!(acks(&a), [1, 2]);
+    assert_eq!(h.e.snapshot().messages.dropped_invalid, 1);
+    assert_eq!(h.e.machine().phase(), Phase::Online);
+}
