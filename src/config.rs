@@ -785,6 +785,7 @@ fn validate(raw: RawConfig, path: &Path, dir: &Path) -> Result<Config, ConfigErr
         provisioning: provisioning.is_some(),
         brokers: nodes.len() as u32,
         protocol,
+        outage_retry_floor: Policy::default().outage_retry_floor,
     };
 
     // [api]

@@ -72,7 +72,15 @@ impl Backoff {
     /// Draw the next delay (full jitter in `[floor, ceiling]`, floor = base/10 so even the
     /// luckiest draw is never a tight loop) and count the attempt.
     pub fn next(&mut self, p: &BackoffPolicy, rng: &mut Rng) -> Millis {
-        let ceiling = self.ceiling(p);
+        self.next_within(p, rng, Millis::MAX)
+    }
+
+    /// [`Backoff::next`] with the ceiling also held at or under `limit` (never under `base`):
+    /// the session's outage window. The jitter stays full (`[base/10, ceiling]`) and the
+    /// attempt is counted as usual, so once the limit no longer binds the ceiling is where the
+    /// doubling would have brought it.
+    pub fn next_within(&mut self, p: &BackoffPolicy, rng: &mut Rng, limit: Millis) -> Millis {
+        let ceiling = self.ceiling(p).min(limit.max(p.base));
         let floor = (p.base / 10).min(ceiling);
         self.attempt = self.attempt.saturating_add(1);
         rng.range(floor, ceiling)
@@ -132,6 +140,29 @@ mod tests {
         let hi = draws.iter().filter(|d| **d > 7_000).count();
         assert!(lo > 400 && hi > 400, "lo {lo}, hi {hi}");
         assert!(draws.iter().all(|d| (1_000..=10_000).contains(d)));
+    }
+
+    #[test]
+    fn a_limit_holds_the_ceiling_but_keeps_the_jitter_full_and_counts_the_attempt() {
+        let p = BackoffPolicy::default();
+        let mut b = Backoff { attempt: 20 };
+        let mut rng = Rng::new(3);
+        let draws: Vec<u64> = (0..2000)
+            .map(|_| b.next_within(&p, &mut rng, 40_000))
+            .collect();
+        assert!(draws.iter().all(|d| (100..=40_000).contains(d)));
+        assert!(draws.iter().any(|d| *d < 4_000) && draws.iter().any(|d| *d > 36_000));
+        assert_eq!(b.attempts(), 2020);
+        // Never under the base, and a limit above the doubling changes nothing.
+        let mut short = Backoff::default();
+        assert!(short.next_within(&p, &mut rng, 10) <= 1_000);
+        let (mut x, mut y) = (Backoff { attempt: 3 }, Backoff { attempt: 3 });
+        let (mut r1, mut r2) = (Rng::new(9), Rng::new(9));
+        assert_eq!(
+            x.next_within(&p, &mut r1, 40_000),
+            y.next(&p, &mut r2),
+            "the same draw when the limit does not bind"
+        );
     }
 
     #[test]

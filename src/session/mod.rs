@@ -67,6 +67,16 @@ pub mod codes {
 /// first ten minutes and one per half hour in the long run.
 pub const REJECTED_COOLDOWN_MIN: Millis = 60_000;
 pub const REJECTED_COOLDOWN_MAX_FLOOR: Millis = 30 * 60_000;
+/// The outage window's floor (see [`Policy::outage_retry_floor`]): while the broker is away,
+/// a CONNECT's backoff ceiling stays at most this (or the outage's length ÷
+/// [`OUTAGE_RETRY_DIVISOR`], if longer), so a fleet's retries at the broker's return are
+/// spread over at most this long (docs/login-policy.md, "During an outage: the outage window").
+pub const OUTAGE_RETRY_FLOOR: Millis = 45_000;
+/// The outage window grows with the outage: its ceiling is at least the outage's length ÷
+/// this. A device is back at most about a sixth of the outage after the broker's return (or
+/// the floor, if longer), and a long outage costs a bounded number of extra CONNECTs: the
+/// window reaches the plain `backoff_cap` after `6 × backoff_cap` (30 min by default).
+pub const OUTAGE_RETRY_DIVISOR: Millis = 6;
 /// `relogin_after` is never shorter than this (a kick must never turn into a fight).
 pub const RELOGIN_FLOOR: Millis = 60_000;
 /// Repeated kicks double the `relogin_after` cool-down up to this.
@@ -167,6 +177,12 @@ pub struct Policy {
     pub brokers: u32,
     /// Which MQTT protocol to speak.
     pub protocol: ProtocolMode,
+    /// The outage window: while CONNECTs keep failing for network or busy reasons, the
+    /// connect backoff's ceiling is at most `max(outage_retry_floor, outage ÷
+    /// OUTAGE_RETRY_DIVISOR)` (and `backoff.cap`), the outage counted from the first such
+    /// failure since the last CONNACK. Default [`OUTAGE_RETRY_FLOOR`]; 0: off (the plain
+    /// doubling, what the storm simulation compares against). Not a config key.
+    pub outage_retry_floor: Millis,
 }
 
 /// The configured protocol (`broker.protocol`).
@@ -257,7 +273,20 @@ impl Default for Policy {
             provisioning: true,
             brokers: 1,
             protocol: ProtocolMode::V5,
+            outage_retry_floor: OUTAGE_RETRY_FLOOR,
         }
+    }
+}
+
+impl Policy {
+    /// The connect backoff's ceiling after an outage of `outage` ms (network or busy failures
+    /// since the last CONNACK): `max(outage_retry_floor, outage ÷ OUTAGE_RETRY_DIVISOR)`;
+    /// unlimited when the window is off. `backoff.cap` (and `backoff.base`) still apply.
+    pub fn outage_ceiling(&self, outage: Millis) -> Millis {
+        if self.outage_retry_floor == 0 {
+            return Millis::MAX;
+        }
+        self.outage_retry_floor.max(outage / OUTAGE_RETRY_DIVISOR)
     }
 }
 
@@ -605,6 +634,9 @@ pub struct Machine {
     subscribe_backoff: Backoff,
     /// Consecutive failed fetches since the last usable sig (see `Snapshot::renewal_failures`).
     renewal_failures: u32,
+    /// The outage window: when the first network or busy CONNECT failure since the last
+    /// CONNACK (or since the login began) happened (see [`Policy::outage_ceiling`]).
+    outage_since: Option<Millis>,
     /// When premature sig-expired renewals happened, within the budget window.
     expiry_spent: VecDeque<Millis>,
     /// Logins in a row that did not last (see [`FAST_LOGIN_BUDGET`]).
@@ -683,6 +715,7 @@ impl Machine {
             refresh_backoff: Backoff::default(),
             subscribe_backoff: Backoff::default(),
             renewal_failures: 0,
+            outage_since: None,
             expiry_spent: VecDeque::new(),
             fast_logins: 0,
             ended_sig: None,
@@ -1306,6 +1339,7 @@ impl Machine {
         self.connect_backoff.reset();
         self.fetch_backoff.reset();
         self.expired_backoff.reset();
+        self.outage_since = None;
         self.retry_at = None;
         self.clock_wait = false;
         self.refresh_blocked = false;
@@ -1429,14 +1463,26 @@ impl Machine {
         }
     }
 
-    /// Backoff before the next attempt; `retry_after` (the server's word) is a floor.
+    /// Backoff before the next attempt; `retry_after` (the server's word) is a floor. A
+    /// CONNECT after a network or busy failure is held within the outage window
+    /// ([`Policy::outage_ceiling`]); fetches and every other class keep the plain doubling.
     fn backoff(&mut self, err: LastError, which: WhichBackoff, retry_after: Option<Millis>) {
+        let now = self.now.mono;
+        let limit = match which {
+            WhichBackoff::Connect
+                if matches!(err.class, ErrorClass::Network | ErrorClass::Busy) =>
+            {
+                let since = *self.outage_since.get_or_insert(now);
+                self.policy.outage_ceiling(now.saturating_sub(since))
+            }
+            _ => Millis::MAX,
+        };
         let b = match which {
             WhichBackoff::Connect => &mut self.connect_backoff,
             WhichBackoff::Fetch => &mut self.fetch_backoff,
         };
         let delay = b
-            .next(&self.policy.backoff, &mut self.rng)
+            .next_within(&self.policy.backoff, &mut self.rng, limit)
             .max(retry_after.unwrap_or(0));
         self.retry_later(self.now.mono + delay);
         self.last_error = Some(err);
@@ -2148,6 +2194,7 @@ impl Machine {
             }
         }
         self.redirects = 0;
+        self.outage_since = None;
         self.session_since.get_or_insert(self.now.mono);
         self.logged_in = true;
         self.counters.logins += 1;

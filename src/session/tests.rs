@@ -455,6 +455,193 @@ fn malformed_provisioning_responses_are_retried_with_backoff() {
     assert_eq!(h.phase(), Phase::FetchingSig);
 }
 
+// --- the outage window ---------------------------------------------------------------------------
+
+/// Fail every CONNECT with `fail` for `for_ms` from now; returns each delay with the outage's
+/// length (since `began`) when it was drawn.
+fn fail_connects_for(h: &mut H, began: u64, for_ms: u64, fail: fn() -> Input) -> Vec<(u64, u64)> {
+    let end = h.now.mono + for_ms;
+    let mut out = Vec::new();
+    while h.now.mono < end {
+        let d = h.retry_in();
+        out.push((h.now.mono - began, d));
+        assert_eq!(
+            connects(&h.advance(d)).len(),
+            1,
+            "one CONNECT after the delay"
+        );
+        h.input(fail());
+    }
+    out
+}
+
+fn net_refused() -> Input {
+    Input::ConnectionEnded(ConnEnd::Network {
+        kind: NetKind::Refused,
+        detail: "connection refused".into(),
+    })
+}
+
+fn busy_0x9f() -> Input {
+    refused(0x9F)
+}
+
+#[test]
+fn the_outage_ceiling_is_45_s_growing_with_a_sixth_of_the_outage() {
+    let p = Policy::default();
+    assert_eq!(p.outage_ceiling(0), 45_000);
+    assert_eq!(p.outage_ceiling(240_000), 45_000);
+    assert_eq!(p.outage_ceiling(270_000), 45_000);
+    assert_eq!(p.outage_ceiling(300_000), 50_000);
+    assert_eq!(
+        p.outage_ceiling(1_800_000),
+        300_000,
+        "the plain cap from 30 min on"
+    );
+    let off = Policy {
+        outage_retry_floor: 0,
+        ..Policy::default()
+    };
+    assert_eq!(off.outage_ceiling(0), Millis::MAX);
+}
+
+#[test]
+fn during_an_outage_reconnects_stay_within_the_outage_window_network_and_busy() {
+    for fail in [net_refused as fn() -> Input, busy_0x9f] {
+        let mut h = H::online(10 * 86400);
+        h.advance(60_000);
+        let began = h.now.mono;
+        h.input(network_closed());
+        let delays = fail_connects_for(&mut h, began, 240_000, fail);
+        for (i, (outage, d)) in delays.iter().enumerate() {
+            let doubling = (1_000u64 << i.min(20)).min(300_000);
+            assert!(
+                (100..=doubling.min(45_000)).contains(d),
+                "attempt {i}, {outage} ms into the outage: {d} ms"
+            );
+        }
+        // The window binds: the doubling alone would have reached 64 s and beyond.
+        assert!(delays.len() >= 10, "{delays:?}");
+        assert!(h.m.connect_backoff.ceiling(&h.m.policy.backoff) >= 300_000);
+        // Jitter stays full: some short draws under the 45 s ceiling too.
+        assert!(delays[6..].iter().any(|(_, d)| *d < 20_000), "{delays:?}");
+    }
+}
+
+#[test]
+fn the_outage_window_grows_with_the_outage_up_to_the_plain_cap() {
+    let mut h = H::online(10 * 86400);
+    let began = h.now.mono;
+    h.input(network_closed());
+    let delays = fail_connects_for(&mut h, began, 2_400_000, net_refused);
+    for (outage, d) in &delays {
+        let ceiling = (*outage / 6).clamp(45_000, 300_000);
+        assert!(
+            *d <= ceiling,
+            "{outage} ms into the outage: {d} ms > {ceiling}"
+        );
+    }
+    let max_in = |from: u64, to: u64| {
+        delays
+            .iter()
+            .filter(|(o, _)| (from..to).contains(o))
+            .map(|(_, d)| *d)
+            .max()
+            .unwrap_or(0)
+    };
+    assert!(max_in(0, 240_000) <= 45_000);
+    assert!(max_in(600_000, 1_800_000) > 45_000, "it grows: {delays:?}");
+    assert!(
+        max_in(1_800_000, u64::MAX) > 100_000,
+        "toward the cap: {delays:?}"
+    );
+    // Without the window, the same engine reaches the cap's draws within minutes.
+    let mut plain = H::new(Policy {
+        outage_retry_floor: 0,
+        ..Policy::default()
+    });
+    plain.input(Input::Start);
+    let s = plain.sig(10 * 86400);
+    plain.input(Input::SigFetched(s));
+    plain.input(Input::Connected {
+        session_present: false,
+    });
+    let began = plain.now.mono;
+    plain.input(network_closed());
+    let d = fail_connects_for(&mut plain, began, 600_000, net_refused);
+    assert!(d.iter().any(|(_, d)| *d > 60_000), "{d:?}");
+}
+
+#[test]
+fn the_outage_window_starts_over_at_each_connack() {
+    let mut h = H::online(10 * 86400);
+    let began = h.now.mono;
+    h.input(network_closed());
+    fail_connects_for(&mut h, began, 900_000, net_refused);
+    assert!(h.m.policy.outage_ceiling(h.now.mono - began) >= 150_000);
+    let d = h.retry_in();
+    h.advance(d);
+    h.input(Input::Connected {
+        session_present: true,
+    });
+    assert_eq!(h.m.outage_since, None, "the outage ended at the CONNACK");
+    // A minute later (the backoff is not reset: not stable), a new outage: 45 s again.
+    h.advance(60_000);
+    let began = h.now.mono;
+    h.input(network_closed());
+    assert!(h.m.connect_backoff.attempts() > 10, "not reset");
+    for (outage, d) in fail_connects_for(&mut h, began, 200_000, net_refused) {
+        assert!(d <= 45_000, "{outage} ms into the new outage: {d} ms");
+    }
+    // A login that starts over (here after a logout) starts it over too.
+    h.input(Input::Logout { id: 1 });
+    assert_eq!(h.phase(), Phase::Idle);
+    h.input(Input::Login {
+        id: 2,
+        user: None,
+        sig: None,
+    });
+    assert_eq!(h.m.outage_since, None);
+}
+
+#[test]
+fn the_outage_window_leaves_fetches_and_refusal_cool_downs_alone() {
+    // Provisioning failures keep the plain doubling, even during a broker outage.
+    let mut h = H::started();
+    let s = h.sig(10 * 86400);
+    h.input(Input::SigFetched(s));
+    h.input(net_refused());
+    assert!(h.m.outage_since.is_some());
+    h.m.sig = None; // the sig is gone: the next attempt fetches
+    let mut delays = Vec::new();
+    for _ in 0..12 {
+        let a = h.advance_to_fetch(400_000);
+        assert_eq!(fetches(&a), 1);
+        h.input(Input::SigFetchFailed(FetchFailure {
+            class: ErrorClass::Busy,
+            code: 503,
+            message: "HTTP 503".into(),
+            retry_after: None,
+            give_up_after: None,
+        }));
+        delays.push(h.retry_in());
+    }
+    assert!(delays.iter().any(|d| *d > 60_000), "{delays:?}");
+    // A refused sig, refused again after the fresh one: the cool-down of 30 min ± 25 %,
+    // whatever the outage.
+    let mut h = H::online(10 * 86400);
+    let began = h.now.mono;
+    h.input(network_closed());
+    fail_connects_for(&mut h, began, 120_000, net_refused);
+    h.advance_to_connect(60_000);
+    h.input(refused(0x87));
+    let s = h.sig(3600);
+    h.input(Input::SigFetched(s));
+    h.input(refused(0x87));
+    assert_eq!(h.phase(), Phase::Stopped);
+    assert!(h.retry_in() >= 22 * 60_000, "{}", h.retry_in());
+}
+
 // --- sig expired class ---------------------------------------------------------------------------
 
 #[test]
