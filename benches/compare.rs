@@ -362,7 +362,8 @@ fn main() {
     w.get_mut()
         .set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
-    let topic = format!("im/{}/u/rotor/in/sender", sb.sdk_app_id());
+    // The sender in the topic (brief: `in/{sender}`), the payload's `from` the same.
+    let topic = format!("im/{}/u/rotor/in/service", sb.sdk_app_id());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let publisher = {
         let stop = stop.clone();
