@@ -803,3 +803,88 @@ async fn fleet_on_nats_speaks_3_1_1_with_auto_and_reads_statuses_and_wills() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// The real daemon on the sandbox, watched by `imlinkctl fleet --watch`: its UserSig's renewal
+/// failing and an administrator's kick each reach the retained status (as the operator reads
+/// it) within a second of the daemon (or the broker) seeing them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemons_renewal_failing_and_a_kick_reach_the_operator_within_a_second() {
+    let sb = sandbox_with_ops().await;
+    sb.set_sig_lifetime(Duration::from_secs(20));
+    let dir = temp_dir("fleet-daemon");
+    let ctl = sandbox_ctl(&sb, &dir);
+    let d = Daemon::start(&sb, Opts::user("kiosk-9")).await;
+    d.wait_phase("online").await;
+
+    let mut child = ctl
+        .command("ops", &["--json", "--watch"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = async || -> Value {
+        let l = tokio::time::timeout(Duration::from_secs(40), lines.next_line())
+            .await
+            .expect("a line in time")
+            .unwrap()
+            .expect("imlinkctl still running");
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("{e}: {l}"))
+    };
+    let first = next().await;
+    assert_eq!(first["user_id"], "kiosk-9", "{first}");
+    assert_eq!(first["state"], "online", "{first}");
+    assert_eq!(next().await["type"], "summary");
+
+    // Provisioning fails: the refresh at 80 % of the 20 s lifetime fails, the session goes on.
+    sb.provision_fault(
+        imlink_sandbox::ProvisionFault::Status {
+            status: 503,
+            retry_after: None,
+        },
+        None,
+        None,
+    );
+    let failing_at = loop {
+        let st = d.status().await;
+        if st["renewal_failures"].as_u64().unwrap_or(0) >= 1 {
+            break std::time::Instant::now();
+        }
+        assert!(
+            st["phase"] == "online",
+            "the session goes on while the sig is valid: {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let c = loop {
+        let c = next().await;
+        if c["device"]["attention"] == json!(["renewal_failing"]) {
+            break c;
+        }
+    };
+    assert!(
+        failing_at.elapsed() < Duration::from_secs(1),
+        "renewal failing reached the operator {:?} after the daemon saw it: {c}",
+        failing_at.elapsed()
+    );
+    assert_eq!(c["device"]["user_sig"]["renewal"], "failing", "{c}");
+    sb.clear_faults();
+
+    // An administrator's kick: the broker ends the session, the will says offline.
+    let kicked_at = std::time::Instant::now();
+    assert_eq!(sb.kick("kiosk-9"), 1);
+    let c = loop {
+        let c = next().await;
+        if c["device"]["state"] == "offline" {
+            break c;
+        }
+    };
+    assert!(
+        kicked_at.elapsed() < Duration::from_secs(1),
+        "the kick reached the operator {:?} after it: {c}",
+        kicked_at.elapsed()
+    );
+    d.wait_phase("kicked").await;
+    let _ = child.kill().await;
+    d.finish().await;
+}
