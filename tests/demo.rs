@@ -8,9 +8,42 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Run the demo with `args` until it follows the first daemon's events, then stop it the way
-/// Ctrl-C would; its stdout lines, and whether it got that far.
-fn run_demo(args: &[&str]) -> (Vec<String>, bool) {
+/// How a test stops the demo once it follows the first daemon's events.
+#[derive(Clone, Copy)]
+enum Stop {
+    /// SIGINT to its process group, as Ctrl-C in a terminal.
+    CtrlC,
+    /// SIGTERM to the script alone, as `kill <demo pid>`.
+    Term,
+}
+
+/// The live processes (not zombies) of process group `pgid`.
+fn group_members(pgid: i32) -> Vec<u64> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u64>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid pgrp …
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let f: Vec<&str> = rest.split(' ').collect();
+        if f.len() > 2 && f[0] != "Z" && f[2] == pgid.to_string() {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+/// Run the demo with `args` until it follows the first daemon's events, then stop it as
+/// `stop` says; its stdout lines, and whether it got that far. With [`Stop::Term`], the
+/// script alone gets the signal, and everything it started (the IM service, both daemons,
+/// the watch: its process group) must be gone soon after.
+fn run_demo(args: &[&str], stop: Stop) -> (Vec<String>, bool) {
     let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_imlinkd"))
         .parent()
         .unwrap()
@@ -51,14 +84,54 @@ fn run_demo(args: &[&str]) -> (Vec<String>, bool) {
             Err(_) => break false,
         }
     };
-    // Stop the whole demo (IM service and daemons) the way Ctrl-C would.
-    let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGINT);
+    // The watch's first line (the status it starts from): it runs, so the signal comes
+    // while it does (before it, bash is between commands and would run its trap at once).
+    if online && let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) {
+        seen.push(line);
+    }
+    match stop {
+        // Stop the whole demo (IM service and daemons) the way Ctrl-C would.
+        Stop::CtrlC => {
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGINT);
+        }
+        Stop::Term => {
+            let _ = nix::sys::signal::kill(pgid, nix::sys::signal::Signal::SIGTERM);
+        }
+    }
+    // bash used to defer its trap while `imlinkctl watch` ran in the foreground: SIGTERM
+    // then stopped nothing. The demo ends by itself within this.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let left = loop {
+        let left = group_members(pgid.as_raw());
+        if left.is_empty() || Instant::now() > deadline {
+            break left;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Whatever happens below, nothing is left running.
+    let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
     let _ = child.wait();
+    assert!(
+        status.is_some(),
+        "the demo did not end within 30 s of its signal"
+    );
+    assert!(
+        left.is_empty(),
+        "processes of the demo still run after it ended: {left:?}"
+    );
     // What it printed while stopping (the cluster going down).
     while let Ok(line) = rx.recv_timeout(Duration::from_secs(1)) {
         seen.push(line);
     }
-    let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
     (seen, online)
 }
 
@@ -82,8 +155,8 @@ fn assert_chatted(seen: &[String]) {
 }
 
 #[test]
-fn the_demo_script_comes_online() {
-    let (seen, online) = run_demo(&[]);
+fn the_demo_script_comes_online_and_sigterm_stops_all_of_it() {
+    let (seen, online) = run_demo(&[], Stop::Term);
     assert!(online, "the demo never came online:\n{}", seen.join("\n"));
     assert_chatted(&seen);
     assert!(
@@ -102,7 +175,7 @@ fn alive(pid: u64) -> bool {
 
 #[test]
 fn the_demo_script_runs_the_two_kiosks_on_the_cluster_and_takes_it_down() {
-    let (seen, online) = run_demo(&["--cluster"]);
+    let (seen, online) = run_demo(&["--cluster"], Stop::CtrlC);
     let text = seen.join("\n");
     // `im-cluster: up in DIR (…)`: where the cluster's endpoints are.
     let dir = seen

@@ -10,7 +10,9 @@
 //! `read_inbox`/`ack_inbox`) has acknowledged, and the newest seq ever received.
 //!
 //! Guarantees: an outgoing message is committed before `send_message` answers; a received
-//! one is committed (deduplicated by sender and id) before its PUBACK; nothing unsent and
+//! one is committed (deduplicated within its conversation: see [`receive`]) before its PUBACK;
+//! within one conversation (owner, peer) a message id is unique, whichever direction, so a
+//! page of history that ends at an id ends at one message; nothing unsent and
 //! nothing unconsumed is ever evicted (see [`evict`] for what "consumed" means). The cap
 //! bounds both directions: received messages may fill [`RECEIVE_SHARE`] of it, sends all of
 //! it, so a peer's flood cannot block local sends; a received message that does not fit is
@@ -34,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::message::{Kind, WireMessage};
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// The share of `store.max_bytes` received messages may fill, in percent: the rest is kept
 /// for local sends, which may fill all of it (a flood from peers cannot block them).
@@ -58,6 +60,13 @@ pub enum StoreError {
         evicted: u64,
         incoming: bool,
     },
+    /// An outgoing message whose id a received message of the same conversation already has
+    /// (a peer that predicted one of our ids): nothing was stored; sending again gives a new id.
+    #[error(
+        "message id {id} is already used in the conversation with {peer} (by a received \
+         message): the message was not stored or sent; send it again (it gets a new id)"
+    )]
+    IdTaken { id: String, peer: String },
     /// An inbox cursor the store cannot take (unknown owner, beyond the newest message):
     /// the message says what to do.
     #[error("{0}")]
@@ -283,6 +292,9 @@ fn migrate(c: &Connection, path: &Path) -> Result<(), StoreError> {
             give_back_free_pages(c)?;
         }
     }
+    if found < 3 {
+        in_transaction(c, v2_to_v3)?;
+    }
     Ok(())
 }
 
@@ -393,6 +405,50 @@ fn v1_to_v2(c: &Connection) -> Result<(), StoreError> {
              WHERE m.owner = conversations.owner AND m.peer = conversations.peer
                AND m.dir = 0 AND m.state = 3);
          PRAGMA user_version = 2;",
+    )?;
+    Ok(())
+}
+
+/// Version 3: within one conversation (owner, peer) a message id is unique, whichever
+/// direction.
+/// - `get_history` pages by `(ts, id)` and ends a page at a message id. v2 deduplicated
+///   received messages per direction, so a peer could store a message with one of our own
+///   ids in its conversation with us; a page's anchor then matched two rows, and with a `ts`
+///   of its choosing the peer could hide every message between them from paging. A received
+///   message that reused an id of its conversation is deleted here — receiving it now is a
+///   duplicate (acknowledged, dropped) — never our own message (it may be queued); the
+///   conversation's unread count and last message follow.
+/// - The unique index `messages_by_id (owner, id, peer)` keeps that rule and finds a page's
+///   anchor, a message to settle and a message by id without scanning. v2's
+///   `UNIQUE (owner, dir, peer, id)` stays (implied by the new one): dropping it would
+///   rebuild the table, copying every body, and need the store's size again in free disk.
+fn v2_to_v3(c: &Connection) -> Result<(), StoreError> {
+    const REUSED: &str = "m.dir = 0 AND EXISTS (SELECT 1 FROM messages o
+         WHERE o.owner = m.owner AND o.dir = 1 AND o.peer = m.peer AND o.id = m.id)";
+    let touched: Vec<(String, String)> = c
+        .prepare(&format!(
+            "SELECT DISTINCT m.owner, m.peer FROM messages m WHERE {REUSED}"
+        ))?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    c.execute(
+        &format!("DELETE FROM messages WHERE seq IN (SELECT m.seq FROM messages m WHERE {REUSED})"),
+        [],
+    )?;
+    let mut fix = c.prepare(
+        "UPDATE conversations SET
+             unread = (SELECT COUNT(*) FROM messages m WHERE m.owner = ?1 AND m.peer = ?2
+                 AND m.dir = 0 AND m.state = 3),
+             last_seq = COALESCE((SELECT MAX(seq) FROM messages m
+                 WHERE m.owner = ?1 AND m.peer = ?2), 0)
+         WHERE owner = ?1 AND peer = ?2",
+    )?;
+    for (owner, peer) in &touched {
+        fix.execute(params![owner, peer])?;
+    }
+    c.execute_batch(
+        "CREATE UNIQUE INDEX messages_by_id ON messages (owner, id, peer);
+         PRAGMA user_version = 3;",
     )?;
     Ok(())
 }
@@ -540,28 +596,49 @@ fn touch_conversation(
 }
 
 /// Queue an outgoing message (committed before the caller answers). Refused when the store is
-/// full and eviction cannot make room ([`make_room`]).
+/// full and eviction cannot make room ([`make_room`]), and when a received message of the
+/// conversation already has its id ([`StoreError::IdTaken`]: ids are unique per
+/// conversation).
 pub fn enqueue(c: &Connection, owner: &str, m: &WireMessage, cap: u64) -> Result<i64, StoreError> {
+    if in_conversation(c, owner, &m.to, &m.id)?.is_some() {
+        return Err(StoreError::IdTaken {
+            id: m.id.clone(),
+            peer: m.to.clone(),
+        });
+    }
     make_room(c, cap, false)?;
     insert(c, owner, m, &m.to, 1, 0, 0)
 }
 
-/// Store a received message once: a redelivery (the same sender and id) changes nothing.
-/// Received messages may fill [`RECEIVE_SHARE`] of the cap; beyond it, after eviction,
-/// [`StoreError::Full`]: the courier does not acknowledge it, so the broker keeps it.
+/// The seq of the message of `owner`'s conversation with `peer` that has `id`, either
+/// direction (there is at most one: `messages_by_id`).
+fn in_conversation(
+    c: &Connection,
+    owner: &str,
+    peer: &str,
+    id: &str,
+) -> Result<Option<i64>, StoreError> {
+    Ok(
+        c.prepare_cached("SELECT seq FROM messages WHERE owner = ?1 AND id = ?2 AND peer = ?3")?
+            .query_row(params![owner, id, peer], |r| r.get(0))
+            .optional()?,
+    )
+}
+
+/// Store a received message once. A duplicate changes nothing: a message of the same
+/// conversation (the sender) with that id, either direction — a redelivery, or a peer
+/// reusing one of our ids to it (ids are unique per conversation, which `get_history`'s
+/// paging needs). Another peer's message with that id is not one: a predictable id cannot
+/// pre-empt someone else's message. Received messages may fill [`RECEIVE_SHARE`] of the
+/// cap; beyond it, after eviction, [`StoreError::Full`]: the courier does not acknowledge
+/// it, so the broker keeps it.
 pub fn receive(
     c: &Connection,
     owner: &str,
     m: &WireMessage,
     cap: u64,
 ) -> Result<Received, StoreError> {
-    let exists: Option<i64> = c
-        .prepare_cached(
-            "SELECT seq FROM messages WHERE owner = ?1 AND dir = 0 AND peer = ?2 AND id = ?3",
-        )?
-        .query_row(params![owner, m.from, m.id], |r| r.get(0))
-        .optional()?;
-    if exists.is_some() {
+    if in_conversation(c, owner, &m.from, &m.id)?.is_some() {
         return Ok(Received::Duplicate);
     }
     make_room(c, cap, true)?;
@@ -725,7 +802,8 @@ pub fn conversations(
 }
 
 /// A page of history with `peer`, newest first, strictly before `before` (a message id)
-/// when given: pages backwards by `(ts, id)`.
+/// when given: pages backwards by `(ts, id)`, a total order within a conversation (ids are
+/// unique in it), so pages never skip or repeat a message whatever ids and ts peers chose.
 pub fn history(
     c: &Connection,
     owner: &str,
@@ -737,12 +815,10 @@ pub fn history(
         None => None,
         Some(id) => {
             let found = c
-                .query_row(
-                    "SELECT ts, id FROM messages WHERE owner = ?1 AND peer = ?2 AND id = ?3
-                     LIMIT 1",
-                    params![owner, peer, id],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
+                .prepare_cached(
+                    "SELECT ts, id FROM messages WHERE owner = ?1 AND id = ?2 AND peer = ?3",
+                )?
+                .query_row(params![owner, id, peer], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
             match found {
                 Some(a) => Some(a),

@@ -116,13 +116,18 @@ fn only_a_redelivery_from_the_same_sender_is_a_duplicate() {
         receive(&c, "bob", &forged, CAP).unwrap(),
         Received::Duplicate
     );
-    // An incoming id equal to one of bob's own outgoing ids is a message too.
+    // Within a conversation an id is unique, whichever direction: alice reusing one of
+    // bob's ids to her is a duplicate (acknowledged, dropped), but mallory, in another
+    // conversation, may use it.
     let mine = msg(&mut g, "bob", "alice", 1_800_000_000_001, "mine");
     enqueue(&c, "bob", &mine, CAP).unwrap();
-    let mut echo = msg(&mut g, "alice", "bob", 1_800_000_000_002, "echo");
+    let mut echo = msg(&mut g, "alice", "bob", i64::MAX - 1, "echo");
     echo.id = mine.id.clone();
+    assert_eq!(receive(&c, "bob", &echo, CAP).unwrap(), Received::Duplicate);
+    let mut elsewhere = msg(&mut g, "mallory", "bob", 1_800_000_000_003, "elsewhere");
+    elsewhere.id = mine.id.clone();
     assert!(matches!(
-        receive(&c, "bob", &echo, CAP).unwrap(),
+        receive(&c, "bob", &elsewhere, CAP).unwrap(),
         Received::New(_)
     ));
     assert_eq!(get(&c, "bob", &mine.id).unwrap().unwrap().body, "mine");
@@ -132,8 +137,124 @@ fn only_a_redelivery_from_the_same_sender_is_a_duplicate() {
             .iter()
             .map(|m| m.body.as_str())
             .collect::<Vec<_>>(),
-        ["first!", "from alice", "echo"]
+        ["first!", "from alice", "elsewhere"]
     );
+    // The other way round: a send whose id a received message of the conversation has is
+    // refused, nothing stored.
+    let mut predicted = msg(&mut g, "bob", "alice", 1_800_000_000_004, "predicted");
+    predicted.id = real.id.clone();
+    let before = count(&c).unwrap();
+    let e = enqueue(&c, "bob", &predicted, CAP).unwrap_err();
+    assert!(matches!(e, StoreError::IdTaken { .. }), "{e}");
+    assert!(e.to_string().contains("send it again"), "{e}");
+    assert_eq!(count(&c).unwrap(), before);
+    predicted.to = "carol".into();
+    enqueue(&c, "bob", &predicted, CAP).unwrap();
+}
+
+/// The order of `get_history`: newest first by `(ts, id)`, as a list of seqs.
+fn history_order(c: &Connection, owner: &str, peer: &str) -> Vec<i64> {
+    let mut rows: Vec<(i64, String, i64)> = c
+        .prepare("SELECT ts, id, seq FROM messages WHERE owner = ?1 AND peer = ?2")
+        .unwrap()
+        .query_map(params![owner, peer], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    rows.sort_by(|a, b| (b.0, &b.1).cmp(&(a.0, &a.1)));
+    rows.into_iter().map(|r| r.2).collect()
+}
+
+/// Every page size from 1 to `n`: paging from the newest (the next page before the last
+/// id of the one before) yields `want`, each message once, in order.
+fn assert_pages(c: &Connection, owner: &str, peer: &str, want: &[i64], n: u32, what: &str) {
+    for limit in 1..=n {
+        let mut seen = Vec::new();
+        let mut before: Option<String> = None;
+        loop {
+            let page = history(c, owner, peer, before.as_deref(), limit).unwrap();
+            assert!(page.len() <= limit as usize);
+            seen.extend(page.iter().map(|m| m.seq));
+            assert!(seen.len() <= want.len(), "{what}, limit {limit}: repeats");
+            if page.len() < limit as usize {
+                break;
+            }
+            before = page.last().map(|m| m.id.clone());
+        }
+        assert_eq!(seen, want, "{what}, limit {limit}");
+    }
+}
+
+/// A peer chooses its messages' ids and ts: reusing our ids, its own, another peer's, with
+/// equal, extreme and out-of-order timestamps. Whatever it sends, paging the conversation
+/// with pages of every size yields every message once, newest first by `(ts, id)`; and
+/// what was refused as a duplicate is an id the conversation already had.
+#[test]
+fn history_pages_hold_every_message_once_whatever_ids_and_ts_peers_choose() {
+    for seed in 0..12u64 {
+        let c = open(&tmp(&format!("history-prop-{seed}"))).unwrap();
+        let mut rng = crate::session::Rng::new(seed);
+        let mut g = IdGen::with_seed(seed);
+        let tss = [
+            i64::MIN,
+            -1,
+            0,
+            1_800_000_000_000,
+            1_800_000_000_001,
+            i64::MAX - 1,
+            i64::MAX,
+        ];
+        // Every id used so far, by anyone, to draw collisions from.
+        let mut ids: Vec<String> = Vec::new();
+        let mut accepted = 0usize;
+        for step in 0..60 {
+            let ts = tss[rng.range(0, tss.len() as u64 - 1) as usize];
+            let who = ["kiosk-0043", "kiosk-0043", "kiosk-0043", "mallory", "me"]
+                [rng.range(0, 4) as usize];
+            let mut m = msg(
+                &mut g,
+                if who == "me" { "kiosk-0042" } else { who },
+                if who == "me" {
+                    "kiosk-0043"
+                } else {
+                    "kiosk-0042"
+                },
+                ts,
+                &format!("{seed}/{step}"),
+            );
+            if !ids.is_empty() && rng.one_in(2) {
+                m.id = ids[rng.range(0, ids.len() as u64 - 1) as usize].clone();
+            }
+            ids.push(m.id.clone());
+            let peer = if who == "me" { &m.to } else { &m.from };
+            let had = in_conversation(&c, "kiosk-0042", peer, &m.id).unwrap();
+            if who == "me" {
+                match enqueue(&c, "kiosk-0042", &m, CAP) {
+                    Ok(_) => assert!(had.is_none()),
+                    Err(StoreError::IdTaken { .. }) => assert!(had.is_some()),
+                    Err(e) => panic!("{e}"),
+                }
+            } else {
+                match receive(&c, "kiosk-0042", &m, CAP).unwrap() {
+                    Received::New(_) => assert!(had.is_none(), "seed {seed}: a duplicate kept"),
+                    Received::Duplicate => assert!(had.is_some(), "seed {seed}: a message lost"),
+                }
+            }
+            accepted += usize::from(had.is_none() && peer == "kiosk-0043");
+        }
+        let want = history_order(&c, "kiosk-0042", "kiosk-0043");
+        assert_eq!(want.len(), accepted, "seed {seed}");
+        assert_pages(
+            &c,
+            "kiosk-0042",
+            "kiosk-0043",
+            &want,
+            want.len() as u32 + 1,
+            &format!("seed {seed}"),
+        );
+    }
 }
 
 #[test]
@@ -674,7 +795,7 @@ fn a_version_1_store_with_data_migrates_and_keeps_everything() {
     let version: i64 = c
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 2);
+    assert_eq!(version, SCHEMA_VERSION);
     let free: i64 = c
         .query_row("PRAGMA freelist_count", [], |r| r.get(0))
         .unwrap();
@@ -731,6 +852,107 @@ fn a_version_1_store_with_data_migrates_and_keeps_everything() {
     // Opening again changes nothing.
     let c = open(&path).unwrap();
     assert_eq!(count(&c).unwrap(), 8);
+}
+
+/// A version 2 store in which a peer stored a message with one of our ids in its
+/// conversation with us (v2 deduplicated per direction; the demo's repro: ts i64::MAX - 1,
+/// and pages of 2 skipped messages) migrates to version 3: that received message is dropped
+/// (a duplicate, as receiving it is now), ours and everything else kept, unread counts and
+/// last messages follow; the page anchor is found by an index; history pages hold every
+/// message once. Another peer's message with the same id stays.
+#[test]
+fn a_version_2_store_with_a_reused_id_migrates_and_pages_every_message_once() {
+    let path = tmp("v2");
+    let mut g = IdGen::new();
+    let mut mine = Vec::new();
+    {
+        let c = Connection::open(&path).unwrap();
+        c.pragma_update(None, "auto_vacuum", "INCREMENTAL").unwrap();
+        c.execute_batch(SCHEMA_V1).unwrap();
+        v1_to_v2(&c).unwrap();
+        for (i, body) in ["hello from", "hello back", "again"]
+            .into_iter()
+            .enumerate()
+        {
+            let (from, to) = if i == 1 {
+                ("kiosk-0043", "kiosk-0042")
+            } else {
+                ("kiosk-0042", "kiosk-0043")
+            };
+            let m = msg(&mut g, from, to, 1_800_000_000_000 + i as i64, body);
+            if i == 1 {
+                receive(&c, "kiosk-0042", &m, CAP).unwrap();
+            } else {
+                enqueue(&c, "kiosk-0042", &m, CAP).unwrap();
+                mine.push(m.id);
+            }
+        }
+        // Unique in v2: one in, one out (v2 received it, as v2's receive did: inserted). The
+        // peer's reuse of our first id, at the end.
+        for (from, body) in [("kiosk-0043", "hidden"), ("mallory", "other peer")] {
+            let mut m = msg(&mut g, from, "kiosk-0042", i64::MAX - 1, body);
+            m.id = mine[0].clone();
+            insert(&c, "kiosk-0042", &m, from, 0, 3, 1).unwrap();
+        }
+        assert_eq!(
+            history(&c, "kiosk-0042", "kiosk-0043", None, 2)
+                .unwrap()
+                .iter()
+                .map(|m| m.body.as_str())
+                .collect::<Vec<_>>(),
+            ["hidden", "again"]
+        );
+        let version: i64 = c
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 2);
+    }
+    let c = open(&path).unwrap();
+    let version: i64 = c
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, 3);
+    let bodies = |peer: &str| -> Vec<String> {
+        history(&c, "kiosk-0042", peer, None, 100)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.body)
+            .collect()
+    };
+    assert_eq!(bodies("kiosk-0043"), ["again", "hello back", "hello from"]);
+    assert_eq!(bodies("mallory"), ["other peer"]);
+    let conv = conversations(&c, "kiosk-0042", None, 10).unwrap().0;
+    let k43 = conv.iter().find(|c| c.peer == "kiosk-0043").unwrap();
+    assert_eq!(k43.unread, 1, "the dropped message no longer counts");
+    assert_eq!(k43.last.as_ref().map(|m| m.body.as_str()), Some("again"));
+    let want = history_order(&c, "kiosk-0042", "kiosk-0043");
+    assert_pages(&c, "kiosk-0042", "kiosk-0043", &want, 4, "migrated");
+    // The anchor of a page, a message to settle or get by id: found by the index.
+    let plan: String = c
+        .prepare(
+            "EXPLAIN QUERY PLAN SELECT ts, id FROM messages
+             WHERE owner = ?1 AND id = ?2 AND peer = ?3",
+        )
+        .unwrap()
+        .query_map(params!["kiosk-0042", mine[0], "kiosk-0043"], |r| {
+            r.get::<_, String>(3)
+        })
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+        .join("; ");
+    assert!(plan.contains("messages_by_id"), "{plan}");
+    // From now on the reuse is a duplicate; our message is still ours to settle.
+    let mut again = msg(&mut g, "kiosk-0043", "kiosk-0042", i64::MAX - 1, "hidden");
+    again.id = mine[0].clone();
+    assert_eq!(
+        receive(&c, "kiosk-0042", &again, CAP).unwrap(),
+        Received::Duplicate
+    );
+    assert!(settle(&c, "kiosk-0042", &mine[0], None).unwrap());
+    drop(c);
+    let c = open(&path).unwrap();
+    assert_eq!(count(&c).unwrap(), 4, "opening again changes nothing");
 }
 
 #[test]

@@ -250,8 +250,10 @@ export declare class Client {
  * switch between the read and the ack acknowledges what was read for the user it came from.
  * Woken by `message_received` / `state_changed` on a watch of its own; when the daemon
  * restarts it reconnects (backoff, bounded by `reconnectForMs`) and reads again from the
- * acknowledged position. `run()` resolves after `stop()`; a handler's error rejects it
- * (nothing of that page acknowledged). Needs an operator (`ack_inbox`).
+ * acknowledged position. `run()` resolves after `stop()`, once the message being handled is
+ * (the messages handled acknowledged, the rest of the page left unacknowledged for the next
+ * consumer); a handler's error rejects it (nothing of that page acknowledged). Needs an
+ * operator (`ack_inbox`).
  */
 export declare class InboxConsumer {
     readonly handler: InboxHandler;
@@ -268,7 +270,10 @@ export declare class InboxConsumer {
         limit?: number;
         reconnectForMs?: number | null;
     });
-    /** End `run()` after the message being handled (and its page's ack). */
+    /**
+     * End `run()` after the message being handled: the messages handled are acknowledged (up
+     * to that one), the rest of its page is not (the next consumer gets it).
+     */
     stop(): void;
     run(): Promise<void>;
     private consume;

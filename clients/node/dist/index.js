@@ -554,8 +554,10 @@ exports.Client = Client;
  * switch between the read and the ack acknowledges what was read for the user it came from.
  * Woken by `message_received` / `state_changed` on a watch of its own; when the daemon
  * restarts it reconnects (backoff, bounded by `reconnectForMs`) and reads again from the
- * acknowledged position. `run()` resolves after `stop()`; a handler's error rejects it
- * (nothing of that page acknowledged). Needs an operator (`ack_inbox`).
+ * acknowledged position. `run()` resolves after `stop()`, once the message being handled is
+ * (the messages handled acknowledged, the rest of the page left unacknowledged for the next
+ * consumer); a handler's error rejects it (nothing of that page acknowledged). Needs an
+ * operator (`ack_inbox`).
  */
 class InboxConsumer {
     constructor(path, handler, opts = {}) {
@@ -570,7 +572,10 @@ class InboxConsumer {
         this.limit = opts.limit ?? 100;
         this.reconnectForMs = opts.reconnectForMs === undefined ? 120000 : opts.reconnectForMs;
     }
-    /** End `run()` after the message being handled (and its page's ack). */
+    /**
+     * End `run()` after the message being handled: the messages handled are acknowledged (up
+     * to that one), the rest of its page is not (the next consumer gets it).
+     */
     stop() {
         this.stopping = true;
         this.wakeUp?.();
@@ -622,13 +627,22 @@ class InboxConsumer {
             woken = false;
             const o = obj(await req.call('read_inbox', { limit: this.limit }));
             const page = { user_id: str(o.user_id), messages: list(o.messages, toMessage), cursor: str(o.cursor) };
+            let done = 0;
             for (const m of page.messages) {
                 await this.handler(page.user_id, m);
                 this.handled++;
+                done++;
+                if (this.stopping)
+                    break;
             }
-            if (page.messages.length > 0) {
-                this.acknowledged = str(obj(await req.call('ack_inbox', { cursor: page.cursor })).cursor);
+            if (done > 0) {
+                // Up to the last message handled: the whole page's cursor, or (stopped inside it)
+                // that message's position, "USER:POSITION" (docs/api.md).
+                const cursor = done === page.messages.length ? page.cursor : `${page.user_id}:${page.messages[done - 1].seq}`;
+                this.acknowledged = str(obj(await req.call('ack_inbox', { cursor })).cursor);
             }
+            if (this.stopping)
+                return;
             if (page.messages.length >= this.limit)
                 continue;
             if (lost)

@@ -264,6 +264,36 @@ describe('inbox consumer', () => {
     await d.stop();
   });
 
+  it('stops after the message being handled, the rest of the page left unacknowledged', async () => {
+    // A backlog of 6 in one page (limit 100): stop() in the handler of the second ends run()
+    // there, those two acknowledged, the other four left for the next consumer.
+    const d = await world.daemon('kiosk-0052');
+    const b = new Client(B.socket);
+    const c = new Client(d.socket);
+    for (let i = 0; i < 6; i++) await b.send_message('kiosk-0052', `s-${i}`);
+    await waitUntil('6 received', async () => (await d.status()).messages.received >= 6);
+    const got = [];
+    const cons = c.inboxConsumer(async (u, m) => {
+      got.push(m);
+      if (got.length === 2) cons.stop();
+    });
+    await cons.run();
+    assert.deepEqual(
+      got.map((m) => m.body),
+      ['s-0', 's-1'],
+    );
+    assert.equal(cons.handled, 2);
+    assert.equal(cons.acknowledged, `kiosk-0052:${got[1].seq}`);
+    const rest = await c.read_inbox();
+    assert.deepEqual(
+      rest.messages.map((m) => m.body),
+      ['s-2', 's-3', 's-4', 's-5'],
+    );
+    b.close();
+    c.close();
+    await d.stop();
+  });
+
   it('loses nothing across kill -9 of the app and of the daemon', async () => {
     const d = await world.daemon('kiosk-0048');
     const out = path.join(d.dir, 'handled.jsonl');

@@ -384,8 +384,10 @@ class InboxConsumer:
 
     Woken by ``message_received`` and ``state_changed`` on a watch of its own; when the
     daemon restarts it reconnects (backoff, bounded by ``reconnect_for``) and reads again
-    from the acknowledged position. ``run()`` returns after ``stop()``; an exception of the
-    handler ends it (nothing of that page acknowledged). Needs an operator (``ack_inbox``).
+    from the acknowledged position. ``run()`` returns after ``stop()``, once the message
+    being handled is (the messages handled acknowledged, the rest of the page left
+    unacknowledged for the next consumer); an exception of the handler ends it (nothing of
+    that page acknowledged). Needs an operator (``ack_inbox``).
     """
 
     def __init__(
@@ -408,7 +410,9 @@ class InboxConsumer:
         self._stopping = False
 
     def stop(self) -> None:
-        """End ``run()`` after the message being handled (and its page's ack)."""
+        """End ``run()`` after the message being handled: the messages handled are
+        acknowledged (up to that one), the rest of its page is not (the next consumer gets
+        it)."""
         self._stopping = True
         if self._stop is not None:
             self._stop.set()
@@ -459,12 +463,25 @@ class InboxConsumer:
         while not self._stopping:
             wake.clear()
             page = InboxPage.from_json(await req.call("read_inbox", {"limit": self.limit}))
+            done = 0
             for m in page.messages:
                 await self.handler(page.user_id, m)
                 self.handled += 1
-            if page.messages:
-                r = AckResult.from_json(await req.call("ack_inbox", {"cursor": page.cursor}))
+                done += 1
+                if self._stopping:
+                    break
+            if done:
+                # Up to the last message handled: the whole page's cursor, or (stopped
+                # inside it) that message's position, "USER:POSITION" (docs/api.md).
+                cursor = (
+                    page.cursor
+                    if done == len(page.messages)
+                    else f"{page.user_id}:{page.messages[done - 1].seq}"
+                )
+                r = AckResult.from_json(await req.call("ack_inbox", {"cursor": cursor}))
                 self.acknowledged = r.cursor
+            if self._stopping:
+                return
             if len(page.messages) >= self.limit:
                 continue
             if watch.closed:

@@ -311,6 +311,31 @@ class Consumer(unittest.IsolatedAsyncioTestCase):
             self.assertEqual((await c.read_inbox()).messages, [])
         d.stop()
 
+    async def test_stop_takes_effect_after_the_message_being_handled(self) -> None:
+        # A backlog of 6 in one page (limit 100): stop() in the handler of the second ends
+        # run() there, those two acknowledged, the other four left for the next consumer.
+        d = world().daemon("kiosk-0052")
+        async with AsyncClient(str(B.socket)) as b, AsyncClient(str(d.socket)) as c:
+            for i in range(6):
+                await b.send_message("kiosk-0052", f"s-{i}")
+            harness.wait_until("6 received", lambda: d.status()["messages"]["received"] >= 6)
+            got: List[Message] = []
+            cons: InboxConsumer
+
+            async def show(user_id: str, m: Message) -> None:
+                got.append(m)
+                if len(got) == 2:
+                    cons.stop()
+
+            cons = c.inbox_consumer(show)
+            await asyncio.wait_for(cons.run(), 20)
+            self.assertEqual([m.body for m in got], ["s-0", "s-1"])
+            self.assertEqual(cons.handled, 2)
+            self.assertEqual(cons.acknowledged, f"kiosk-0052:{got[1].seq}")
+            rest = await c.read_inbox()
+            self.assertEqual([m.body for m in rest.messages], ["s-2", "s-3", "s-4", "s-5"])
+        d.stop()
+
     async def test_consumer_loses_nothing_across_kill9_of_the_app_and_the_daemon(self) -> None:
         d = world().daemon("kiosk-0048")
         out = d.dir / "handled.jsonl"

@@ -103,6 +103,10 @@ pub enum RequestError {
     UserNkey,
     #[error("expired {0} s ago (beyond clock_skew)")]
     Expired(i64),
+    /// Over the payload cap ([`crate::proto::MAX_PAYLOAD`]): skipped as it streamed by,
+    /// never read.
+    #[error("{0} bytes, over the size cap of {max} bytes: skipped unread", max = crate::proto::MAX_PAYLOAD)]
+    Oversized(usize),
 }
 
 /// Decode and verify a request payload at Unix time `now`, allowing `skew` seconds of clock

@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 use crate::callout::SUBJECT;
 use crate::config::{NatsSettings, NatsUrl};
 use crate::proto::{self, Decoder, Info, ServerOp};
-use crate::service::{Backoff, DecisionLog, Service, Stats, Verdict, quote};
+use crate::service::{Backoff, DecisionLog, Ledger, Service, Stats, Verdict, quote};
 
 const SID: u64 = 1;
 
@@ -205,8 +205,7 @@ fn unix_now() -> u64 {
 pub struct Driver<'a> {
     settings: &'a NatsSettings,
     service: &'a Service,
-    log: DecisionLog,
-    stats: Stats,
+    ledger: Ledger,
     stats_interval: Duration,
     epoch: Instant,
     last_stats: Instant,
@@ -230,13 +229,12 @@ impl<'a> Driver<'a> {
         Driver {
             settings,
             service,
-            log: DecisionLog::new(
+            ledger: Ledger::new(DecisionLog::new(
                 log.decisions_per_second,
                 log.decisions_burst,
                 log.summary_interval,
                 0,
-            ),
-            stats: Stats::default(),
+            )),
             stats_interval: log.stats_interval,
             epoch,
             last_stats: epoch,
@@ -249,7 +247,7 @@ impl<'a> Driver<'a> {
     }
 
     pub fn stats(&self) -> &Stats {
-        &self.stats
+        &self.ledger.stats
     }
 
     /// Run until `shutdown` resolves.
@@ -298,7 +296,7 @@ impl<'a> Driver<'a> {
             }
         }
         self.flush_summary(true);
-        tracing::info!("stats: {}", self.stats.line());
+        tracing::info!("stats: {}", self.ledger.stats.line());
     }
 
     async fn wait(
@@ -340,12 +338,7 @@ impl<'a> Driver<'a> {
                                 self.request(m, &mut out);
                             }
                         }
-                        ServerOp::Oversized { len, .. } => {
-                            tracing::warn!(
-                                bytes = len,
-                                "an authorization request over the size cap was dropped"
-                            );
-                        }
+                        ServerOp::Oversized { len, .. } => self.oversized(len),
                         ServerOp::Ping => out.extend_from_slice(proto::PONG),
                         ServerOp::Pong => pings_out = 0,
                         ServerOp::Ok => {}
@@ -416,9 +409,8 @@ impl<'a> Driver<'a> {
             (None, _) => {}
         }
         let took = started.elapsed();
-        self.stats.record(&d.verdict, took);
         let now_ms = self.now_ms();
-        if self.log.admit(now_ms, &d.verdict.class()) {
+        if self.ledger.record(now_ms, &d.verdict, took) {
             let fp = d.sig_fingerprint.as_deref().unwrap_or("-");
             let us = took.as_micros();
             match &d.verdict {
@@ -443,9 +435,24 @@ impl<'a> Driver<'a> {
         }
     }
 
+    /// A request over the size cap, skipped unread: dropped, counted and logged like a
+    /// decided one (a storm of them is summarised too).
+    fn oversized(&mut self, len: usize) {
+        let now_ms = self.now_ms();
+        if self
+            .ledger
+            .record(now_ms, &Verdict::oversized(len), Duration::ZERO)
+        {
+            tracing::warn!(
+                bytes = len,
+                "an authorization request over the size cap was dropped"
+            );
+        }
+    }
+
     fn flush_summary(&mut self, force: bool) {
         let now = if force { u64::MAX } else { self.now_ms() };
-        if let Some(s) = self.log.summary(now) {
+        if let Some(s) = self.ledger.log.summary(now) {
             let parts: Vec<String> = s.iter().map(|(k, v)| format!("{k}={v}")).collect();
             let total: u64 = s.values().sum();
             tracing::info!(
@@ -459,7 +466,7 @@ impl<'a> Driver<'a> {
         self.flush_summary(false);
         if self.last_stats.elapsed() >= self.stats_interval {
             self.last_stats = Instant::now();
-            tracing::info!("stats: {}", self.stats.line());
+            tracing::info!("stats: {}", self.ledger.stats.line());
         }
     }
 }

@@ -24,6 +24,12 @@ pub enum Verdict {
 }
 
 impl Verdict {
+    /// A request over the payload cap, skipped unread ([`crate::proto::ServerOp::Oversized`]):
+    /// dropped like one that does not verify (nothing to address an answer to).
+    pub fn oversized(len: usize) -> Verdict {
+        Verdict::Dropped(RequestError::Oversized(len))
+    }
+
     /// A short stable name: `accepted`, the refusal code, or `dropped`.
     pub fn class(&self) -> String {
         match self {
@@ -238,6 +244,31 @@ impl DecisionLog {
         } else {
             Some(std::mem::take(&mut self.suppressed))
         }
+    }
+}
+
+/// The bookkeeping of every request, whatever became of it — decided by the [`Service`], or
+/// dropped unread over the size cap: it is counted in the [`Stats`], and it gets a log line
+/// of its own only when the [`DecisionLog`] admits it, so a storm of either kind is
+/// summarised, never logged line by line.
+#[derive(Debug)]
+pub struct Ledger {
+    pub log: DecisionLog,
+    pub stats: Stats,
+}
+
+impl Ledger {
+    pub fn new(log: DecisionLog) -> Ledger {
+        Ledger {
+            log,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Count `verdict` (which took `took`); whether it gets a log line of its own.
+    pub fn record(&mut self, now_ms: u64, verdict: &Verdict, took: Duration) -> bool {
+        self.stats.record(verdict, took);
+        self.log.admit(now_ms, &verdict.class())
     }
 }
 
@@ -526,6 +557,29 @@ mod tests {
             }
         }
         assert!((1200..=1221).contains(&logged), "{logged}");
+    }
+
+    /// 150 requests over the size cap in one instant (a CONNECT with a 65,000-byte
+    /// password each) are dropped, counted and summarised like any other storm: the burst
+    /// gets lines, the rest one summary, and the stats line says dropped=150.
+    #[test]
+    fn requests_over_the_size_cap_are_counted_and_rate_limited() {
+        let mut l = Ledger::new(DecisionLog::new(20, 10, Duration::from_secs(10), 0));
+        let v = Verdict::oversized(65_000 + 600);
+        assert_eq!(v.class(), "dropped");
+        let Verdict::Dropped(e) = &v else {
+            panic!("{v:?}")
+        };
+        assert!(e.to_string().contains("over the size cap"), "{e}");
+        let logged = (0..150).filter(|_| l.record(0, &v, Duration::ZERO)).count();
+        assert_eq!(logged, 10, "the burst, no more");
+        assert!(
+            l.stats
+                .line()
+                .contains("requests=150 accepted=0 refused=0 dropped=150")
+        );
+        let s = l.log.summary(10_000).unwrap();
+        assert_eq!(s.get("dropped"), Some(&140));
     }
 
     #[test]

@@ -137,7 +137,8 @@ fn cursor_param(params: &Value, key: &str) -> Result<Option<(UserId, i64)>, RpcE
     Ok(Some((owner, at)))
 }
 
-/// A conversations cursor: `"LAST_SEQ/PEER"`, opaque to apps (`next_before`).
+/// A conversations cursor: `"LAST_SEQ/PEER"`, opaque to apps (`next_before`); read back
+/// as strictly as an inbox cursor (digits only: no sign, no space).
 fn conversations_cursor(c: &crate::store::Conversation) -> String {
     format!("{}/{}", c.last_seq, c.peer)
 }
@@ -154,16 +155,17 @@ fn before_conversation(params: &Value) -> Result<Option<(i64, String)>, RpcError
     };
     let bad = || {
         invalid(format!(
-            "before {} is not a next_before of get_conversations: pass it as it was returned",
+            "before {} is not a next_before of get_conversations: cursors are \"POSITION/PEER\" \
+             strings (e.g. \"120/alice\"): pass the previous page's next_before as it was \
+             returned",
             crate::session::quote_external(text, 80)
         ))
     };
     let (seq, peer) = text.split_once('/').ok_or_else(bad)?;
-    let seq = seq
-        .parse::<i64>()
-        .ok()
-        .filter(|s| *s >= 0)
-        .ok_or_else(bad)?;
+    if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let seq = seq.parse::<i64>().map_err(|_| bad())?;
     let peer = UserId::parse(peer).map_err(|_| bad())?;
     Ok(Some((seq, peer.to_string())))
 }
@@ -395,6 +397,45 @@ mod tests {
             assert!(e.message.contains(says), "{bad}: {}", e.message);
             assert!(!e.message.contains('\n'), "quoted: {}", e.message);
         }
+    }
+
+    /// A conversations cursor is read as strictly as an inbox cursor: digits, `/`, a
+    /// UserID; a sign, a space or anything else is refused naming the param and the form.
+    #[test]
+    fn conversation_cursors_are_as_strict_as_inbox_cursors() {
+        let ok = |c: &str| before_conversation(&json!({ "before": c })).unwrap();
+        assert_eq!(ok("5/kiosk-0043"), Some((5, "kiosk-0043".to_string())));
+        assert_eq!(ok("0/a"), Some((0, "a".to_string())));
+        assert_eq!(before_conversation(&json!({})).unwrap(), None);
+        assert_eq!(
+            before_conversation(&json!({ "before": null })).unwrap(),
+            None
+        );
+        for bad in [
+            "+5/kiosk-0043",
+            "-0/kiosk-0043",
+            "-5/kiosk-0043",
+            " 5/kiosk-0043",
+            "5 /kiosk-0043",
+            "5/",
+            "/kiosk-0043",
+            "5",
+            "0x5/kiosk-0043",
+            "99999999999999999999/kiosk-0043",
+            "5/kiosk-0043/x",
+            "5/kiosk-0043\nforged log line",
+        ] {
+            let e = before_conversation(&json!({ "before": bad })).unwrap_err();
+            assert_eq!(e.code, rpc::INVALID_PARAMS, "{bad}");
+            assert!(
+                e.message.starts_with("before ") && e.message.contains("\"POSITION/PEER\""),
+                "{bad}: {}",
+                e.message
+            );
+            assert!(!e.message.contains('\n'), "quoted: {}", e.message);
+        }
+        let e = before_conversation(&json!({ "before": 5 })).unwrap_err();
+        assert_eq!(e.code, rpc::INVALID_PARAMS);
     }
 
     #[test]
