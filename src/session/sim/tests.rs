@@ -103,6 +103,22 @@ const REGRESSIONS: &[(u64, &str)] = &[
         26_106,
         "2 s sigs on a 3.1.1 cluster with node deaths: a fetch, CONNECT and CONNACK every 3 s",
     ),
+    // The simulator over the engine (messaging): the courier's retries of failed commits.
+    (
+        134,
+        "a received message whose commit failed was retried on its own backoff, after a later \
+         message of the same peer had been committed (per-peer order broken)",
+    ),
+    (
+        3_062,
+        "the same defect in another world (a message retried alone, overtaken by a later one \
+         of its peer)",
+    ),
+    (
+        4_718,
+        "retries sent together but ahead of an earlier message whose refusal was still on its \
+         way: the later ones committed first",
+    ),
 ];
 
 #[test]
