@@ -569,8 +569,6 @@ impl Sim {
             )
         };
         self.log(format!("world: {what}"));
-        // The broker drops the subscription of the connection up now as the leader goes (the
-        // engine hears nothing of it: the invariants only hold it to the SUBACKs it got).
     }
 
     /// Carry out the actions of the step just taken and check every invariant.

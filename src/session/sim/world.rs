@@ -698,10 +698,10 @@ impl World {
                 };
             }
             Action::Subscribe { .. } => {
-                // Messaging (for the Engine's simulator, which answers SUBSCRIBE and PUBLISH):
-                // NATS answers a subscribe outside the user JWT's permissions with SUBACK 0x80
-                // (and during a JetStream leader election), and a publish outside them with
-                // PUBACK 0 while it drops the message; `Flavor::NatsCallout` is where to add it.
+                // SUBACK 0x80 while `refuse_subscribe_until` (NATS during a JetStream leader
+                // election; the runner sets it), or no SUBACK at all for a lost one. (NATS also
+                // answers a publish outside the JWT's permissions with PUBACK 0 and drops it:
+                // not modelled.)
                 if !matches!(self.conn, ConnW::Up { .. }) {
                     chk.violate("truth", "Subscribe without a session".into());
                 }
