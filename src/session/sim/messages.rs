@@ -351,7 +351,7 @@ impl Messages {
 
     // --- the engine's actions ----------------------------------------------------------
 
-    /// Carry out a messaging action of the engine (`owner`: whom the session logs in as).
+    /// Carry out a messaging action of the engine (publish, acknowledge, the store, replies).
     pub fn act(&mut self, a: &Action) {
         match a {
             Action::Publish {

@@ -214,8 +214,10 @@ pub struct Sim {
     engine_rng: Rng,
     sub_rng: Rng,
     next_sub_fault: Millis,
-    /// When a SUBSCRIBE was last lost (no SUBACK ever), and when the device last woke from
-    /// a suspend (nothing ran while it slept).
+    /// Until when the broker refuses SUBSCRIBEs (as the runner told the world; cut short
+    /// when the world turns healthy), when a SUBSCRIBE was last lost (no SUBACK ever), and
+    /// when the device last woke from a suspend (nothing ran while it slept).
+    sub_refused_until: Millis,
     sub_lost_at: Millis,
     resumed_at: Millis,
     /// Since when the phase has been `subscribing` / `online` (now).
@@ -304,6 +306,7 @@ impl Sim {
             engine_rng,
             sub_rng,
             next_sub_fault,
+            sub_refused_until: 0,
             sub_lost_at: 0,
             resumed_at: 0,
             subscribing_since: None,
@@ -563,6 +566,7 @@ impl Sim {
         } else {
             let d = self.sub_rng.range(2_000, 90_000);
             self.world.refuse_subscribe_until = t + d;
+            self.sub_refused_until = t + d;
             format!(
                 "broker: SUBSCRIBEs refused (0x80) for {} s: a leader election",
                 d / 1000
@@ -783,7 +787,7 @@ impl Sim {
             let p = &self.checker.policy;
             let bound = 2 * (super::SUBSCRIBE_RETRY.cap + p.connect_timeout) + 1_000;
             let from = since
-                .max(self.world.refuse_subscribe_until)
+                .max(self.sub_refused_until)
                 .max(self.sub_lost_at)
                 .max(self.resumed_at);
             if t > from + bound {
@@ -861,6 +865,7 @@ impl Sim {
             self.external(s.ext);
         } else if healthy_t.is_some_and(|x| x <= t) {
             self.world.make_healthy();
+            self.sub_refused_until = self.sub_refused_until.min(t);
             self.msgs.t = t;
             self.msgs.make_healthy();
             self.checker.healthy_from(t, &self.machine().snapshot());

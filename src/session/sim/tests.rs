@@ -119,6 +119,11 @@ const REGRESSIONS: &[(u64, &str)] = &[
         "retries sent together but ahead of an earlier message whose refusal was still on its \
          way: the later ones committed first",
     ),
+    (
+        1_637_990_106_571_519_856,
+        "the checker's own: SUBSCRIBEs refused until the world turned healthy were judged from \
+         the start of the subscribing phase (the healthy world clears the refusal)",
+    ),
 ];
 
 #[test]
