@@ -341,6 +341,16 @@ impl Messages {
     /// and its store is lost (answers never come; what was committed stays), and so is the
     /// connection; unanswered `send_message`s go with the process.
     pub fn process_gone(&mut self) {
+        // A lasting refusal whose record the store never committed is forgotten with the
+        // process: the message is still queued on disk and goes out once more (and is
+        // refused again), as `courier::Input::Settled` says.
+        let recorded: BTreeSet<String> = self
+            .sent
+            .values()
+            .filter(|q| q.state != St::Queued)
+            .map(|q| q.msg.id.clone())
+            .collect();
+        self.refused.retain(|id| recorded.contains(id));
         self.answers.clear();
         self.immediate.clear();
         self.send_requests.clear();

@@ -124,6 +124,11 @@ const REGRESSIONS: &[(u64, &str)] = &[
         "the checker's own: SUBSCRIBEs refused until the world turned healthy were judged from \
          the start of the subscribing phase (the healthy world clears the refusal)",
     ),
+    (
+        4_961_303_430_634_913_789,
+        "the checker's own: a 0x87 heard, its record not committed (the store failing), then a \
+         restart: the message went out once more, as the courier documents",
+    ),
 ];
 
 #[test]
