@@ -794,3 +794,52 @@ fn a_broker_that_refuses_the_will_gets_connects_without_it_at_no_budgets_cost() 
     assert!(status_publishes(&a).is_empty(), "and no status");
     assert_eq!(h.e.machine().phase(), Phase::Online);
 }
+
+#[test]
+fn an_operators_login_during_a_connect_earns_a_fresh_sig_if_that_connect_is_refused() {
+    // The engine's simulator: a CONNECT under way, the operator's `login` answered 7501 (a
+    // login in progress), then the broker refused the sig (0x86) after the one fresh retry
+    // was already used: the engine stopped, and the operator's login got nothing moving.
+    let mut h = H::new();
+    let refused = || {
+        LinkEvent::Ended(ConnEnd::Refused {
+            code: 0x86,
+            reason: Some("70009 signature mismatch".into()),
+            im_code: Some(70009),
+        })
+    };
+    h.input(Input::Start);
+    let s = h.sig(86_400);
+    let a = h.input(Input::SigFetched(s));
+    let link = connect_of(&a).expect("a Connect");
+    // Refused: the one fresh UserSig.
+    let a = h.link_ev(link, refused());
+    assert!(
+        a.iter().any(|x| matches!(x, Action::FetchSig { .. })),
+        "{a:?}"
+    );
+    h.now.mono += 100;
+    let s = h.sig(86_400);
+    let a = h.input(Input::SigFetched(s));
+    let link = connect_of(&a).expect("a Connect with the fresh sig");
+    // The operator logs in while that CONNECT is under way.
+    let a = h.input(Input::Login {
+        id: 9,
+        user: None,
+        sig: None,
+    });
+    assert!(
+        a.iter().any(|x| matches!(
+            x,
+            Action::Reply { id: 9, result: Err(e) } if e.code == codes::LOGIN_IN_PROCESS
+        )),
+        "{a:?}"
+    );
+    // The fresh sig is refused too: a person asked, so one more fresh sig, not a stop.
+    let a = h.link_ev(link, refused());
+    assert!(
+        a.iter().any(|x| matches!(x, Action::FetchSig { .. })),
+        "{a:?}"
+    );
+    assert_ne!(h.e.machine().phase(), Phase::Stopped);
+}

@@ -812,7 +812,8 @@ impl Sim {
         let machine_t = self.engine.poll_timeout().map(|m| self.world.from_mono(m));
         let world_t = self.world.next_event_time();
         let msgs_t = self.msgs.next_event_time();
-        let sub_t = (self.next_sub_fault < self.healthy_from).then_some(self.next_sub_fault);
+        let sub_t = (!self.world.healthy && self.next_sub_fault < self.healthy_from)
+            .then_some(self.next_sub_fault);
         let sched_t = if self.world.t < self.healthy_from {
             self.schedule
                 .get(self.next_sched)

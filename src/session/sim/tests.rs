@@ -129,6 +129,11 @@ const REGRESSIONS: &[(u64, &str)] = &[
         "the checker's own: a 0x87 heard, its record not committed (the store failing), then a \
          restart: the message went out once more, as the courier documents",
     ),
+    (
+        1_377_406_660_321_233_226,
+        "an operator's login during a CONNECT (answered 7501) did not earn the fresh UserSig \
+         after a refusal: the CONNECT was refused 0x86 and the engine stopped",
+    ),
 ];
 
 #[test]
