@@ -664,3 +664,64 @@ fn a_message_arriving_while_an_earlier_one_waits_for_a_retry_waits_with_it() {
         .collect();
     assert_eq!(ids, vec![m1.id, m2.id]);
 }
+
+#[test]
+fn a_retry_waits_for_the_store_answers_still_outstanding() {
+    // An earlier message failed while a later one's request was still with the store: the
+    // retry of the earlier one must not go ahead of that answer (the later one, refused
+    // behind it, would then be retried after newer messages were committed — the engine's
+    // simulator found exactly that); it goes when the answer is in, with the later one.
+    let mut g = IdGen::with_seed(21);
+    let mut c = Courier::new(0, 23);
+    let (m1, m2) = (m(&mut g, "bob", "alice"), m(&mut g, "bob", "alice"));
+    for (pkid, msg) in [(1, &m1), (2, &m2)] {
+        c.handle(
+            0,
+            Input::Received {
+                link: 1,
+                pkid: Some(pkid),
+                owner: "alice".into(),
+                msg: Ok(msg.clone()),
+            },
+        );
+    }
+    assert_eq!(drain(&mut c).len(), 2);
+    c.handle(
+        1,
+        Input::Stored {
+            link: 1,
+            pkid: Some(1),
+            msg: m1.clone(),
+            result: Err(()),
+        },
+    );
+    assert!(drain(&mut c).is_empty());
+    // The second one's answer is outstanding: no retry timer, nothing at a later time.
+    assert_eq!(c.poll_timeout(), None);
+    c.handle_timeout(60_000);
+    assert!(drain(&mut c).is_empty());
+    // Its answer (refused behind the first): both go again, in arrival order.
+    c.handle(
+        60_001,
+        Input::Stored {
+            link: 1,
+            pkid: Some(2),
+            msg: m2.clone(),
+            result: Err(()),
+        },
+    );
+    let mut a = drain(&mut c);
+    if a.is_empty() {
+        let due = c.poll_timeout().expect("a retry is due");
+        c.handle_timeout(due);
+        a = drain(&mut c);
+    }
+    let ids: Vec<String> = a
+        .into_iter()
+        .filter_map(|x| match x {
+            Action::Store { msg, .. } => Some(msg.id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids, vec![m1.id, m2.id]);
+}
