@@ -26,7 +26,10 @@
 //! ones behind it; acknowledgements never cross links (after a reconnect the broker sends
 //! the unacknowledged ones again and the store keeps one copy). A message that can never be
 //! stored (not a valid message) is acknowledged and dropped, so it cannot block the inbox;
-//! a store failure is retried with a backoff, never acknowledged.
+//! a store failure is retried with a backoff, never acknowledged: the messages waiting for a
+//! retry go again together, in arrival order, once no store answer is outstanding, and those
+//! arriving meanwhile wait behind them, so each peer's messages are committed in the order
+//! they arrived.
 
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
