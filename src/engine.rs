@@ -5,7 +5,8 @@
 //! driver (`crate::driver`) feeds it [`Input`]s stamped with [`Now`] — a local request, a
 //! fetched UserSig, something that happened on a connection, a store answer — calls
 //! [`Engine::handle_timeout`] at [`Engine::poll_timeout`], and carries out the [`Action`]s it
-//! drains with [`Engine::poll_action`]. The simulator (`crate::sim`) drives the very same type.
+//! drains with [`Engine::poll_action`]. The simulator (`crate::session::sim`) drives the very
+//! same type.
 //!
 //! What lives here, and nowhere else:
 //! * the link numbering: every connection gets a [`LinkId`]; events of an older link are
@@ -502,6 +503,12 @@ pub struct Engine {
     counts_asked: bool,
     /// The document (without counts) the last answer was asked for.
     counts_for: Option<serde_json::Value>,
+    /// The status document's `since` (wall clock) for the phase that began at this boot-clock
+    /// instant, kept while a fresh computation is within a second of it: the wall clock counts
+    /// whole seconds and the boot clock milliseconds, out of phase, so `now.wall - elapsed`
+    /// moves a second back and forth from one event to the next — and each move republished
+    /// the retained status (the engine's simulator found most status publishes were that).
+    since_wall: Option<(session::Millis, i64)>,
     actions: VecDeque<Action>,
 }
 
@@ -527,6 +534,7 @@ impl Engine {
             counts: None,
             counts_asked: false,
             counts_for: None,
+            since_wall: None,
             actions: VecDeque::new(),
         }
     }
@@ -735,6 +743,8 @@ impl Engine {
                     // A clean end says why, before the DISCONNECT (which suppresses the will);
                     // a planned reconnect (a new UserSig, a reload) says nothing: the device is
                     // back in a moment.
+                    let since_ms = self.machine.snapshot().since_ms;
+                    self.settle_since(since_ms);
                     let why = if self.machine.exiting() {
                         Some(("stopped", "service stopped"))
                     } else if self.machine.logged_out() || user != *self.machine.user() {
@@ -905,8 +915,9 @@ impl Engine {
         will: bool,
     ) -> serde_json::Value {
         let s = self.machine.snapshot();
-        let wall_of = |mono: session::Millis| {
-            self.now.wall - (self.now.mono as i64 - mono as i64).div_euclid(1000)
+        let wall_of = |mono: session::Millis| match self.since_wall {
+            Some((m, w)) if m == mono => w,
+            _ => self.wall_of(mono),
         };
         let broker = s.via.as_ref().map(|(t, _)| match t {
             session::Target::Node(i) => self
@@ -957,6 +968,22 @@ impl Engine {
         })
     }
 
+    /// The wall-clock time of a boot-clock instant, from the two clocks now.
+    fn wall_of(&self, mono: session::Millis) -> i64 {
+        self.now.wall - (self.now.mono as i64 - mono as i64).div_euclid(1000)
+    }
+
+    /// Fix the `since` of the phase that began at `since_ms` (see [`Engine::since_wall`]): a
+    /// new phase, or a wall clock that moved (a time sync), gives a new one; the second's
+    /// jitter between the two clocks does not.
+    fn settle_since(&mut self, since_ms: session::Millis) {
+        let fresh = self.wall_of(since_ms);
+        match self.since_wall {
+            Some((m, w)) if m == since_ms && (fresh - w).abs() <= 1 => {}
+            _ => self.since_wall = Some((since_ms, fresh)),
+        }
+    }
+
     /// `doc` with the store's counts for `user`, when it has them.
     fn with_counts(&self, mut doc: serde_json::Value, user: &UserId) -> serde_json::Value {
         if let Some((_, c)) = self.counts.as_ref().filter(|(o, _)| o == user.as_str()) {
@@ -979,6 +1006,7 @@ impl Engine {
             return;
         }
         let s = self.machine.snapshot();
+        self.settle_since(s.since_ms);
         let Some(l) = self.link.as_ref() else { return };
         let ready = l.up
             && !l.closing

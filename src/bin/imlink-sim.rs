@@ -1,4 +1,5 @@
-//! `imlink-sim`: the session engine's deterministic simulator, for long runs and replays.
+//! `imlink-sim`: the deterministic simulator of the engine (login and messaging together:
+//! `imlinkd::session::sim` driving `imlinkd::engine::Engine`), for long runs and replays.
 //!
 //!   cargo run --release --features sim --bin imlink-sim -- --hours 4          # random seeds, all cores
 //!   cargo run --release --features sim --bin imlink-sim -- --seeds 100000     # seeds 0..100000
@@ -14,7 +15,7 @@ use std::time::{Duration, Instant};
 use imlinkd::session::sim::{self, SimConfig};
 
 const USAGE: &str = "\
-imlink-sim — the deterministic simulator of imlinkd's session engine
+imlink-sim — the deterministic simulator of imlinkd's engine (login and messaging)
 
 USAGE:
   imlink-sim --hours H [--threads N]      random seeds until H hours have passed
@@ -81,6 +82,25 @@ fn parse() -> Result<Args, String> {
     Ok(a)
 }
 
+/// The messaging figures of a report, in one line.
+fn messaging(r: &sim::Report) -> String {
+    let m = &r.messages;
+    format!(
+        "messages: {} published by peers, {} committed, {} acknowledged, {} sends, {} accepted \
+         by the broker, {} store failures, {} SUBSCRIBE faults; delivery judged at {} ends \
+         ({} not online long enough to judge)",
+        m.peer_messages,
+        m.committed,
+        m.acked,
+        m.device_sends,
+        m.accepted,
+        m.store_failures,
+        r.subscribe_faults,
+        r.delivery_checked,
+        r.delivery_unchecked
+    )
+}
+
 fn seed_from_os() -> u64 {
     let mut b = [0u8; 8];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
@@ -108,8 +128,11 @@ fn main() -> ExitCode {
         return match s.run_traced(a.trace) {
             Ok(r) => {
                 println!(
-                    "seed {seed}: all invariants held ({} steps, {} CONNECTs, {} fetches)",
-                    r.steps, r.connects, r.fetches
+                    "seed {seed}: all invariants held ({} steps, {} CONNECTs, {} fetches; {})",
+                    r.steps,
+                    r.connects,
+                    r.fetches,
+                    messaging(&r)
                 );
                 ExitCode::SUCCESS
             }
@@ -130,7 +153,7 @@ fn main() -> ExitCode {
     let limit = a.seeds.map(|n| a.from.saturating_add(n));
     let stop = Arc::new(AtomicBool::new(false));
     let failure = Arc::new(Mutex::new(None));
-    let totals = Arc::new(Mutex::new((0u64, 0u64, 0u64)));
+    let totals = Arc::new(Mutex::new((0u64, sim::Report::default())));
     let threads: Vec<_> = (0..a.threads)
         .map(|_| {
             let (next, stop, failure, totals, cfg) = (
@@ -154,8 +177,7 @@ fn main() -> ExitCode {
                         Ok(r) => {
                             let mut t = totals.lock().unwrap_or_else(|e| e.into_inner());
                             t.0 += 1;
-                            t.1 += r.steps;
-                            t.2 += r.virtual_ms;
+                            t.1.add(&r);
                         }
                         Err(_) => {
                             stop.store(true, Ordering::Relaxed);
@@ -170,15 +192,20 @@ fn main() -> ExitCode {
     for t in threads {
         let _ = t.join();
     }
-    let (seeds, steps, virt) = *totals.lock().unwrap_or_else(|e| e.into_inner());
+    let (seeds, r) = totals.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let last = next.load(Ordering::Relaxed).min(limit.unwrap_or(u64::MAX));
     println!(
-        "imlink-sim: {seeds} seeds ({}..{}), {steps} steps, {:.0} virtual hours, {:.0} s wall \
-         clock",
+        "imlink-sim: {seeds} seeds ({}..{}), {} steps, {:.0} virtual hours, {:.0} s wall \
+         clock; {} CONNECTs, {} fetches, {} restarts; {}",
         base.wrapping_add(a.from),
         base.wrapping_add(last),
-        virt as f64 / 3_600_000.0,
-        start.elapsed().as_secs_f64()
+        r.steps,
+        r.virtual_ms as f64 / 3_600_000.0,
+        start.elapsed().as_secs_f64(),
+        r.connects,
+        r.fetches,
+        r.restarts,
+        messaging(&r)
     );
     match failure.lock().unwrap_or_else(|e| e.into_inner()).take() {
         Some(f) => {

@@ -26,7 +26,10 @@
 //! ones behind it; acknowledgements never cross links (after a reconnect the broker sends
 //! the unacknowledged ones again and the store keeps one copy). A message that can never be
 //! stored (not a valid message) is acknowledged and dropped, so it cannot block the inbox;
-//! a store failure is retried with a backoff, never acknowledged.
+//! a store failure is retried with a backoff, never acknowledged: the messages waiting for a
+//! retry go again together, in arrival order, once no store answer is outstanding, and those
+//! arriving meanwhile wait behind them, so each peer's messages are committed in the order
+//! they arrived.
 
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
@@ -410,11 +413,14 @@ impl Courier {
                 result,
             } => self.stored(link, pkid, msg, result),
             Input::StoreRoom => {
-                for i in 0..self.inbound.len() {
-                    if self.inbound[i].retry_at.take().is_some() {
-                        self.store_inbound(i);
+                // Every message waiting for room is due now (in order, with the others).
+                let now = self.now;
+                for e in self.inbound.iter_mut() {
+                    if let Some(t) = e.retry_at.as_mut() {
+                        *t = now;
                     }
                 }
+                self.retry_inbound();
             }
         }
         self.step();
@@ -453,19 +459,45 @@ impl Courier {
                 });
             }
         }
-        for i in 0..self.inbound.len() {
-            if self.inbound[i].retry_at.is_some_and(|t| t <= self.now) {
-                self.inbound[i].retry_at = None;
-                self.store_inbound(i);
+        self.retry_inbound();
+        self.step();
+    }
+
+    /// Send the received messages waiting for a retry to the store again, all of them, in
+    /// arrival order, once one's retry is due and no answer of the store is outstanding.
+    /// Each has its own backoff, and the store keeps the arrival order only while it refuses
+    /// one (later ones are refused with it; once that one is in, the next commits go in
+    /// request order): a later message retried alone, or ahead of an earlier one whose
+    /// refusal is still on its way, could be committed first (the engine's simulator found
+    /// both).
+    fn retry_inbound(&mut self) {
+        if self.inbound.iter().any(|e| e.storing) {
+            return; // when the last answer comes
+        }
+        let now = self.now;
+        if self
+            .inbound
+            .iter()
+            .any(|e| e.retry_at.is_some_and(|t| t <= now))
+        {
+            for i in 0..self.inbound.len() {
+                if self.inbound[i].retry_at.take().is_some() {
+                    self.store_inbound(i);
+                }
             }
         }
-        self.step();
     }
 
     /// The earliest time [`Courier::handle_timeout`] has something to do.
     pub fn poll_timeout(&self) -> Option<Millis> {
         let pauses = self.paused.values().map(|p| p.until);
-        let retries = self.inbound.iter().filter_map(|i| i.retry_at);
+        // (While an answer of the store is outstanding, the retries wait for it.)
+        let answered = !self.inbound.iter().any(|e| e.storing);
+        let retries = self
+            .inbound
+            .iter()
+            .filter(|_| answered)
+            .filter_map(|i| i.retry_at);
         let settles = self.settling.values().filter_map(|s| s.retry_at);
         pauses
             .chain(retries)
@@ -753,7 +785,13 @@ impl Courier {
         });
         if stores {
             let i = self.inbound.len() - 1;
-            self.store_inbound(i);
+            // An earlier message of this link waits for a retry: this one waits with it and
+            // goes to the store after it (sent now, it could be committed first — the store
+            // holds later messages back only while the earlier one is being refused).
+            match self.inbound.iter().filter_map(|e| e.retry_at).min() {
+                Some(at) => self.inbound[i].retry_at = Some(at),
+                None => self.store_inbound(i),
+            }
         }
     }
 
@@ -811,6 +849,7 @@ impl Courier {
                 }
             }
         }
+        self.retry_inbound();
     }
 
     /// Acknowledge the committed prefix, publish, and read more of the outbox.

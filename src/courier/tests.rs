@@ -583,3 +583,145 @@ fn received_messages_waiting_for_room_are_retried_at_once_when_room_is_made() {
     let a = drain(&mut c);
     assert!(a.contains(&Action::Ack { link: 1, pkid: 1 }), "{a:?}");
 }
+
+#[test]
+fn received_messages_waiting_for_a_retry_are_retried_together_in_arrival_order() {
+    // Two messages whose commits failed wait with their own backoffs: when the first retry
+    // is due, both go to the store, the earlier first (alone, the later one could be
+    // committed before the earlier one: the engine's simulator found it).
+    let mut g = IdGen::with_seed(9);
+    let mut c = Courier::new(0, 11);
+    let msgs = [m(&mut g, "bob", "alice"), m(&mut g, "bob", "alice")];
+    for (i, msg) in msgs.iter().enumerate() {
+        c.handle(
+            0,
+            Input::Received {
+                link: 1,
+                pkid: Some(i as u16 + 1),
+                owner: "alice".into(),
+                msg: Ok(msg.clone()),
+            },
+        );
+    }
+    assert_eq!(drain(&mut c).len(), 2);
+    for (i, msg) in msgs.iter().enumerate() {
+        c.handle(
+            1,
+            Input::Stored {
+                link: 1,
+                pkid: Some(i as u16 + 1),
+                msg: msg.clone(),
+                result: Err(()),
+            },
+        );
+    }
+    assert!(drain(&mut c).is_empty());
+    let first = c.poll_timeout().expect("a retry is due");
+    c.handle_timeout(first);
+    let stores: Vec<(Option<u16>, Option<u64>)> = drain(&mut c)
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Store { pkid, order, .. } => Some((pkid, order)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stores, vec![(Some(1), Some(0)), (Some(2), Some(1))]);
+}
+
+#[test]
+fn a_message_arriving_while_an_earlier_one_waits_for_a_retry_waits_with_it() {
+    let mut g = IdGen::with_seed(13);
+    let mut c = Courier::new(0, 17);
+    let (m1, m2) = (m(&mut g, "bob", "alice"), m(&mut g, "bob", "alice"));
+    let received = |pkid: u16, msg: &WireMessage| Input::Received {
+        link: 1,
+        pkid: Some(pkid),
+        owner: "alice".into(),
+        msg: Ok(msg.clone()),
+    };
+    c.handle(0, received(1, &m1));
+    assert_eq!(drain(&mut c).len(), 1);
+    c.handle(
+        1,
+        Input::Stored {
+            link: 1,
+            pkid: Some(1),
+            msg: m1.clone(),
+            result: Err(()),
+        },
+    );
+    // The second one arrives while the first waits: not sent to the store before it.
+    c.handle(2, received(2, &m2));
+    assert!(drain(&mut c).is_empty());
+    let due = c.poll_timeout().expect("a retry is due");
+    c.handle_timeout(due);
+    let ids: Vec<String> = drain(&mut c)
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Store { msg, .. } => Some(msg.id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids, vec![m1.id, m2.id]);
+}
+
+#[test]
+fn a_retry_waits_for_the_store_answers_still_outstanding() {
+    // An earlier message failed while a later one's request was still with the store: the
+    // retry of the earlier one must not go ahead of that answer (the later one, refused
+    // behind it, would then be retried after newer messages were committed — the engine's
+    // simulator found exactly that); it goes when the answer is in, with the later one.
+    let mut g = IdGen::with_seed(21);
+    let mut c = Courier::new(0, 23);
+    let (m1, m2) = (m(&mut g, "bob", "alice"), m(&mut g, "bob", "alice"));
+    for (pkid, msg) in [(1, &m1), (2, &m2)] {
+        c.handle(
+            0,
+            Input::Received {
+                link: 1,
+                pkid: Some(pkid),
+                owner: "alice".into(),
+                msg: Ok(msg.clone()),
+            },
+        );
+    }
+    assert_eq!(drain(&mut c).len(), 2);
+    c.handle(
+        1,
+        Input::Stored {
+            link: 1,
+            pkid: Some(1),
+            msg: m1.clone(),
+            result: Err(()),
+        },
+    );
+    assert!(drain(&mut c).is_empty());
+    // The second one's answer is outstanding: no retry timer, nothing at a later time.
+    assert_eq!(c.poll_timeout(), None);
+    c.handle_timeout(60_000);
+    assert!(drain(&mut c).is_empty());
+    // Its answer (refused behind the first): both go again, in arrival order.
+    c.handle(
+        60_001,
+        Input::Stored {
+            link: 1,
+            pkid: Some(2),
+            msg: m2.clone(),
+            result: Err(()),
+        },
+    );
+    let mut a = drain(&mut c);
+    if a.is_empty() {
+        let due = c.poll_timeout().expect("a retry is due");
+        c.handle_timeout(due);
+        a = drain(&mut c);
+    }
+    let ids: Vec<String> = a
+        .into_iter()
+        .filter_map(|x| match x {
+            Action::Store { msg, .. } => Some(msg.id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids, vec![m1.id, m2.id]);
+}

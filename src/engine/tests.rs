@@ -641,6 +641,47 @@ fn the_status_is_published_once_the_inbox_is_answered_and_again_only_on_change()
 }
 
 #[test]
+fn the_status_is_not_published_again_for_the_second_the_two_clocks_drift_apart() {
+    // The wall clock counts whole seconds, the boot clock milliseconds, out of phase: `since`
+    // computed afresh at each event moved by a second back and forth, and each move
+    // republished the retained status (most status publishes in the engine's simulator).
+    let mut h = H::with_status(true);
+    let link = h.online(false);
+    let a = h.link_ev(link, LinkEvent::SubAck { granted: true });
+    let first = status_publishes(&a);
+    assert_eq!(first.len(), 1);
+    h.link_ev(link, LinkEvent::OutPublish(1));
+    h.link_ev(link, LinkEvent::PubAck { pkid: 1, code: 0 });
+    // 1.5 s later on the boot clock, the wall clock has ticked twice (0.9 s → 2.4 s): a
+    // message arrives (any event re-examines the status).
+    h.now.mono += 1_500;
+    h.now.wall += 2;
+    let a = h.link_ev(
+        link,
+        LinkEvent::Publish {
+            topic: b"im/7/u/alice/in/bob".to_vec(),
+            pkid: None,
+            payload: b"{not a message".to_vec(),
+        },
+    );
+    assert!(status_publishes(&a).is_empty(), "{a:?}");
+    // A wall clock set right (a time sync) moves `since`: published again.
+    h.now.wall += 3_600;
+    let a = h.advance(10);
+    let a = if status_publishes(&a).is_empty() {
+        h.link_ev(link, LinkEvent::OutDisconnect)
+    } else {
+        a
+    };
+    let docs = status_publishes(&a);
+    assert_eq!(docs.len(), 1, "{a:?}");
+    assert_eq!(
+        docs[0]["since"],
+        first[0]["since"].as_i64().unwrap() + 3_601
+    );
+}
+
+#[test]
 fn a_logout_and_a_stop_say_so_before_the_disconnect_and_a_rotation_says_nothing() {
     for (input, state) in [
         (Input::Logout { id: 1 }, "logged_out"),
@@ -905,4 +946,53 @@ fn a_retained_publish_is_acknowledged_in_its_turn_and_never_stored() {
     assert_eq!(acks(&a), [1, 2]);
     assert_eq!(h.e.snapshot().messages.dropped_invalid, 1);
     assert_eq!(h.e.machine().phase(), Phase::Online);
+}
+
+#[test]
+fn an_operators_login_during_a_connect_earns_a_fresh_sig_if_that_connect_is_refused() {
+    // The engine's simulator: a CONNECT under way, the operator's `login` answered 7501 (a
+    // login in progress), then the broker refused the sig (0x86) after the one fresh retry
+    // was already used: the engine stopped, and the operator's login got nothing moving.
+    let mut h = H::new();
+    let refused = || {
+        LinkEvent::Ended(ConnEnd::Refused {
+            code: 0x86,
+            reason: Some("70009 signature mismatch".into()),
+            im_code: Some(70009),
+        })
+    };
+    h.input(Input::Start);
+    let s = h.sig(86_400);
+    let a = h.input(Input::SigFetched(s));
+    let link = connect_of(&a).expect("a Connect");
+    // Refused: the one fresh UserSig.
+    let a = h.link_ev(link, refused());
+    assert!(
+        a.iter().any(|x| matches!(x, Action::FetchSig { .. })),
+        "{a:?}"
+    );
+    h.now.mono += 100;
+    let s = h.sig(86_400);
+    let a = h.input(Input::SigFetched(s));
+    let link = connect_of(&a).expect("a Connect with the fresh sig");
+    // The operator logs in while that CONNECT is under way.
+    let a = h.input(Input::Login {
+        id: 9,
+        user: None,
+        sig: None,
+    });
+    assert!(
+        a.iter().any(|x| matches!(
+            x,
+            Action::Reply { id: 9, result: Err(e) } if e.code == codes::LOGIN_IN_PROCESS
+        )),
+        "{a:?}"
+    );
+    // The fresh sig is refused too: a person asked, so one more fresh sig, not a stop.
+    let a = h.link_ev(link, refused());
+    assert!(
+        a.iter().any(|x| matches!(x, Action::FetchSig { .. })),
+        "{a:?}"
+    );
+    assert_ne!(h.e.machine().phase(), Phase::Stopped);
 }

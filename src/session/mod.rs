@@ -1801,12 +1801,15 @@ impl Machine {
             let waiting = self.conn == Conn::None
                 && self.retry_at.is_some_and(|t| t > self.now.mono)
                 && self.fetch.is_none_or(|f| f.purpose == Purpose::Refresh);
+            // A person asked: the one fresh UserSig after a refusal is earned again, also when
+            // the login comes while an attempt is under way (answered 7501): if that attempt's
+            // sig is refused, the daemon tries a fresh one instead of stopping (the engine's
+            // simulator: an operator's login during a CONNECT refused 0x86 ended stopped).
+            self.rejected_retry_used = false;
             if waiting {
                 // While only a timer is pending, an operator's login cuts the wait short
                 // (never closer than the backoff base to the last attempt): a daemon that
-                // looks stuck gets moving, even when many logins already wait for it. It also
-                // earns the one fresh UserSig after a refusal again: a person asked.
-                self.rejected_retry_used = false;
+                // looks stuck gets moving, even when many logins already wait for it.
                 let earliest = self
                     .last_attempt
                     .map_or(0, |t| t + self.policy.backoff.base);

@@ -21,15 +21,19 @@
 //! failure persists, to print the shortest trace it can find.
 
 mod check;
+mod messages;
 mod schedule;
 pub mod storm;
 mod world;
 
 pub use check::Violation;
+pub use messages::MsgStats;
 pub use schedule::{BrokerMode, Ext, Flavor, Local, ProvMode, Scheduled};
 pub use world::{Outcome, World};
 
-use super::{Machine, Millis, Policy, Rng, SigInfo};
+use super::{Action as SAction, ConnEnd, Machine, Millis, NetKind, Policy, Rng, SigInfo};
+use crate::courier::{Courier, LOAD, LinkId, WINDOW};
+use crate::engine::{self, Action as EAction, BroughtSig, Device, Engine, LinkEvent, Topics};
 use crate::identity::UserId;
 
 /// How a run is shaped.
@@ -64,7 +68,51 @@ pub struct Report {
     pub kicks: u64,
     pub stops: u64,
     pub restarts: u64,
+    /// The messaging world's figures.
+    pub messages: MsgStats,
+    /// SUBACK refusals and lost SUBSCRIBEs the world handed out.
+    pub subscribe_faults: u64,
+    /// Runs whose end was judged for delivery (online and drained at the end), and runs
+    /// that could not be (not online long enough at the end even after the extensions).
+    pub delivery_checked: u64,
+    pub delivery_unchecked: u64,
 }
+
+impl Report {
+    /// Add another run's figures.
+    pub fn add(&mut self, r: &Report) {
+        self.steps += r.steps;
+        self.virtual_ms += r.virtual_ms;
+        self.connects += r.connects;
+        self.fetches += r.fetches;
+        self.logins += r.logins;
+        self.kicks += r.kicks;
+        self.stops += r.stops;
+        self.restarts += r.restarts;
+        let (m, o) = (&mut self.messages, &r.messages);
+        m.peer_messages += o.peer_messages;
+        m.device_sends += o.device_sends;
+        m.acked += o.acked;
+        m.committed += o.committed;
+        m.accepted += o.accepted;
+        m.store_failures += o.store_failures;
+        self.subscribe_faults += r.subscribe_faults;
+        self.delivery_checked += r.delivery_checked;
+        self.delivery_unchecked += r.delivery_unchecked;
+    }
+}
+
+/// The messaging world's lanes of the root seed (new lanes: the login side of every older
+/// seed is unchanged).
+const LANE_MESSAGES: u64 = 11;
+const LANE_ENGINE: u64 = 12;
+const LANE_SUBSCRIBE: u64 = 13;
+
+/// How long the engine must have been online at the end for its messages to be judged
+/// (store retries and peer pauses are at most a minute), and how often the run is extended
+/// by that much when it was not.
+const DRAIN: Millis = 150_000;
+const MAX_EXTENSIONS: u32 = 4;
 
 /// A failing run.
 #[derive(Debug, Clone)]
@@ -156,8 +204,26 @@ pub fn policy_for(seed: u64, vary: bool) -> Policy {
 pub struct Sim {
     pub seed: u64,
     cfg: SimConfig,
-    pub machine: Machine,
+    /// The engine the daemon runs (its session [`Machine`] is judged by the checker).
+    pub engine: Engine,
     pub world: World,
+    /// The messaging half of the world.
+    msgs: messages::Messages,
+    /// The connection the world has (the engine's number for it) and as whom.
+    link: Option<(LinkId, UserId)>,
+    engine_rng: Rng,
+    sub_rng: Rng,
+    next_sub_fault: Millis,
+    /// Until when the broker refuses SUBSCRIBEs (as the runner told the world; cut short
+    /// when the world turns healthy), when a SUBSCRIBE was last lost (no SUBACK ever), and
+    /// when the device last woke from a suspend (nothing ran while it slept).
+    sub_refused_until: Millis,
+    sub_lost_at: Millis,
+    resumed_at: Millis,
+    /// Since when the phase has been `subscribing` / `online` (now).
+    subscribing_since: Option<Millis>,
+    online_since: Option<Millis>,
+    extensions: u32,
     checker: check::Checker,
     schedule: Vec<Scheduled>,
     next_sched: usize,
@@ -218,17 +284,34 @@ impl Sim {
         }
         let mut machine_rng = Rng::new(split(seed, 3));
         let now = world.now();
+        let mut engine_rng = Rng::new(split(seed, LANE_ENGINE));
         let machine = Machine::new(policy.clone(), user("alice"), now, machine_rng.next_u64());
+        let engine = new_engine(machine, &mut engine_rng, &policy, now);
         let bound = check::healthy_bound(&policy);
         let healthy_from = cfg.chaos;
         let final_login_at = healthy_from + bound + 1;
         let end = final_login_at + bound + 1;
+        let msgs =
+            messages::Messages::new(Rng::new(split(seed, LANE_MESSAGES)), world.t, healthy_from);
+        let mut sub_rng = Rng::new(split(seed, LANE_SUBSCRIBE));
+        let next_sub_fault = world.t + sub_rng.range(60_000, 3_600_000);
         let sim = Sim {
             seed,
             checker: check::Checker::new(policy, user("alice")),
             cfg,
-            machine,
+            engine,
             world,
+            msgs,
+            link: None,
+            engine_rng,
+            sub_rng,
+            next_sub_fault,
+            sub_refused_until: 0,
+            sub_lost_at: 0,
+            resumed_at: 0,
+            subscribing_since: None,
+            online_since: None,
+            extensions: 0,
             schedule: full,
             next_sched: 0,
             machine_rng,
@@ -246,7 +329,16 @@ impl Sim {
         (sim, total)
     }
 
+    /// Whether the run keeps a trace (a replay, a shrink, `--trace`): the fast path formats
+    /// nothing, and a failing seed is run again with its trace ([`run_seed`]).
+    fn tracing(&self) -> bool {
+        self.cfg.full_trace || self.print
+    }
+
     fn log(&mut self, line: String) {
+        if !self.tracing() {
+            return;
+        }
         if self.print {
             println!("{:>10.3}s {line}", self.world.t as f64 / 1000.0);
         }
@@ -272,108 +364,247 @@ impl Sim {
         self.start_daemon(false);
         loop {
             if let Err(v) = self.step_once() {
-                return Err(Box::new(Failure {
-                    seed: self.seed,
-                    step: self.step,
-                    at: self.world.t,
-                    violation: v,
-                    trace: std::mem::take(&mut self.trace),
-                    schedule_len: (self.schedule.len(), self.schedule.len()),
-                }));
+                return Err(self.failure(v));
             }
             if self.world.t >= self.end {
+                // Messages are judged once the engine has been online for a while: extend a
+                // healthy tail that ended too soon after a reconnect.
+                if self.online_for() < DRAIN && self.extensions < MAX_EXTENSIONS {
+                    self.extensions += 1;
+                    // (A suspend may have carried the world past the end.)
+                    self.end = self.end.max(self.world.t) + DRAIN;
+                    continue;
+                }
                 break;
             }
+        }
+        if self.online_for() >= DRAIN {
+            let me = self.machine().user().to_string();
+            self.msgs.t = self.world.t;
+            self.msgs.final_check(&me);
+            self.report.delivery_checked += 1;
+            if let Some((invariant, detail)) = self.msgs.take_violations().into_iter().next() {
+                return Err(self.failure(Violation { invariant, detail }));
+            }
+        } else {
+            self.report.delivery_unchecked += 1;
         }
         let mut r = self.report.clone();
         r.steps = self.step;
         r.virtual_ms = self.world.t;
         r.connects = self.world.connects;
         r.fetches = self.world.fetches;
+        r.messages = self.msgs.stats.clone();
         Ok(r)
     }
 
-    /// (Re)start the daemon process: a new machine, the cache, `Start`.
+    /// How long the engine has been online and awake (nothing runs while the device sleeps).
+    fn online_for(&self) -> Millis {
+        self.online_since
+            .map_or(0, |s| self.world.t.saturating_sub(s.max(self.resumed_at)))
+    }
+
+    fn failure(&mut self, v: Violation) -> Box<Failure> {
+        Box::new(Failure {
+            seed: self.seed,
+            step: self.step,
+            at: self.world.t,
+            violation: v,
+            trace: std::mem::take(&mut self.trace),
+            schedule_len: (self.schedule.len(), self.schedule.len()),
+        })
+    }
+
+    /// The session machine inside the engine (what the checker judges).
+    pub fn machine(&self) -> &Machine {
+        self.engine.machine()
+    }
+
+    /// (Re)start the daemon process: a new engine, the cache, `Start`.
     fn start_daemon(&mut self, restarted: bool) {
         let policy = self.checker.policy.clone();
         let configured = self.checker.configured_user.clone();
         let now = self.world.now();
-        self.machine = Machine::new(policy.clone(), configured, now, self.machine_rng.next_u64());
+        let machine = Machine::new(policy.clone(), configured, now, self.machine_rng.next_u64());
+        self.engine = new_engine(machine, &mut self.engine_rng, &policy, now);
+        self.link = None;
+        self.msgs.t = self.world.t;
+        self.msgs.process_gone();
         self.world.daemon_started();
         self.checker.on_restart(&self.world);
         if restarted {
             self.report.restarts += 1;
         }
-        let before = self.machine.snapshot();
         if let Some(info) = self.world.cached_sig_info(&policy) {
             let what = format!("daemon: cached sig {}", info.fingerprint);
-            self.machine
-                .handle(now, super::Input::CachedSig(info.clone()));
-            self.after(before, Some(super::Input::CachedSig(info)), what);
+            self.deliver(super::Input::CachedSig(info), &what);
         }
-        let before = self.machine.snapshot();
-        self.machine.handle(now, super::Input::Start);
-        self.after(before, Some(super::Input::Start), "daemon: start".into());
+        self.deliver(super::Input::Start, "daemon: start");
     }
 
-    /// Feed one input, carry out the actions, check the invariants.
     /// The sig a local app brings with its login: none with provisioning, a fresh one from
     /// its app server without.
     fn app_sig(&mut self, u: &UserId) -> Option<SigInfo> {
         (!self.checker.policy.provisioning).then(|| self.world.app_sig(u.clone()))
     }
 
+    /// Feed one input of the login world (in the session's terms: the engine's input is made
+    /// from it, as the driver would), carry out the actions, check the invariants.
     fn deliver(&mut self, input: super::Input, what: &str) {
-        let before = self.machine.snapshot();
-        let now = self.world.now();
-        self.machine.handle(now, input.clone());
+        let before = self.machine().snapshot();
+        self.feed(input.clone());
         self.after(before, Some(input), what.to_string());
     }
 
-    fn timeout(&mut self, what: &str) {
-        let before = self.machine.snapshot();
+    /// What the driver does with a login-world event: the engine's input (a connection's
+    /// events name the connection), and the broker's side of messages told first.
+    fn feed(&mut self, input: super::Input) {
+        use super::Input as S;
         let now = self.world.now();
-        self.machine.handle_timeout(now);
+        self.msgs.t = self.world.t;
+        let link = self.link.as_ref().map_or(0, |l| l.0);
+        let on_link = |event| engine::Input::Link { link, event };
+        let input = match input {
+            S::Start => engine::Input::Start,
+            S::CachedSig(i) => engine::Input::CachedSig(i),
+            S::Login { id, user, sig } => engine::Input::Login {
+                id,
+                user,
+                sig: sig.map(|s| BroughtSig {
+                    fingerprint: s.fingerprint,
+                    user: Some(s.user_id),
+                    issued_at: s.issued_at,
+                    expires_at: s.expires_at,
+                }),
+            },
+            S::Logout { id } => engine::Input::Logout { id },
+            S::Shutdown => engine::Input::Shutdown,
+            S::Reconfigured {
+                policy,
+                user,
+                reconnect,
+            } => engine::Input::Reconfigured {
+                policy,
+                user,
+                reconnect,
+                topics: topics(),
+                device: device(&self.checker.policy),
+            },
+            S::SigFetched(i) => engine::Input::SigFetched(i),
+            S::SigFetchFailed(f) => engine::Input::SigFetchFailed(f),
+            S::Connected { session_present } => {
+                if let Some((l, u)) = self.link.clone() {
+                    self.msgs.link_up(l, &u);
+                }
+                on_link(LinkEvent::ConnAck { session_present })
+            }
+            S::SubAck { granted } => {
+                if granted {
+                    self.msgs.subscribed();
+                }
+                on_link(LinkEvent::SubAck { granted })
+            }
+            S::ConnectionEnded(end) => {
+                self.msgs.link_down(false);
+                self.link = None;
+                on_link(LinkEvent::Ended(end))
+            }
+            S::Disconnected => {
+                self.msgs.link_down(true);
+                self.link = None;
+                on_link(LinkEvent::Ended(ConnEnd::Network {
+                    kind: NetKind::Closed,
+                    detail: "the broker closed after our DISCONNECT".into(),
+                }))
+            }
+            S::MessageReceived => return,
+        };
+        self.engine.handle(now, input);
+    }
+
+    fn timeout(&mut self, what: &str) {
+        let before = self.machine().snapshot();
+        let now = self.world.now();
+        self.engine.handle_timeout(now);
         self.after(before, None, what.to_string());
     }
 
-    /// The world's next delivery, fed to the machine.
+    /// The world's next delivery, fed to the engine.
     fn world_event(&mut self) {
-        let before = self.machine.snapshot();
-        if let Some((input, what)) = self.world.pop_event(&self.machine, &mut self.checker) {
-            let now = self.world.now();
-            self.machine.handle(now, input.clone());
+        let before = self.machine().snapshot();
+        if let Some((input, what)) = self
+            .world
+            .pop_event(self.engine.machine(), &mut self.checker)
+        {
+            self.feed(input.clone());
             self.after(before, Some(input), what);
         }
+    }
+
+    /// The messaging world's next event (an input for the engine, or a change in the world).
+    fn messages_event(&mut self) {
+        let before = self.machine().snapshot();
+        if let Some((input, what)) = self.msgs.pop_event(self.world.t) {
+            if let Some(input) = input {
+                let now = self.world.now();
+                self.engine.handle(now, input);
+            }
+            // For the session checker, a messaging input (never a fetch result).
+            self.after(before, Some(super::Input::MessageReceived), what);
+        }
+    }
+
+    /// A SUBSCRIBE fault of the world: refusals for a while (an election), or lost ones.
+    fn subscribe_fault(&mut self) {
+        let t = self.world.t;
+        self.next_sub_fault = t + self.sub_rng.range(60_000, 3_600_000);
+        self.report.subscribe_faults += 1;
+        let what = if self.sub_rng.one_in(3) {
+            let n = self.sub_rng.range(1, 2) as u32;
+            self.world.lose_subscribes = n;
+            format!("broker: the next {n} SUBSCRIBEs are never answered")
+        } else {
+            let d = self.sub_rng.range(2_000, 90_000);
+            self.world.refuse_subscribe_until = t + d;
+            self.sub_refused_until = t + d;
+            format!(
+                "broker: SUBSCRIBEs refused (0x80) for {} s: a leader election",
+                d / 1000
+            )
+        };
+        self.log(format!("world: {what}"));
     }
 
     /// Carry out the actions of the step just taken and check every invariant.
     fn after(&mut self, before: super::Snapshot, input: Option<super::Input>, what: String) {
         let mut actions = Vec::new();
-        while let Some(a) = self.machine.poll_action() {
+        while let Some(a) = self.engine.poll_action() {
             actions.push(a);
         }
-        let snap = self.machine.snapshot();
-        let line = format!(
-            "{what} → {} | {} {}{}",
-            actions
-                .iter()
-                .map(check::short_action)
-                .collect::<Vec<_>>()
-                .join(", "),
-            snap.phase.as_str(),
-            snap.login_status,
-            snap.last_error
-                .as_ref()
-                .map(|e| format!(" [{} {}]", e.class.as_str(), e.code))
-                .unwrap_or_default()
-        );
-        self.log(line);
+        let snap = self.machine().snapshot();
+        if self.tracing() {
+            let line = format!(
+                "{what} → {} | {} {}{}",
+                actions
+                    .iter()
+                    .map(short_engine_action)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                snap.phase.as_str(),
+                snap.login_status,
+                snap.last_error
+                    .as_ref()
+                    .map(|e| format!(" [{} {}]", e.class.as_str(), e.code))
+                    .unwrap_or_default()
+            );
+            self.log(line);
+        }
+        self.msgs.t = self.world.t;
         let mut exit = false;
         for a in &actions {
             match a {
-                super::Action::Reply { id, .. } => self.checker.reply(*id),
-                super::Action::Emit(e) => {
+                EAction::Reply { id, .. } => self.checker.reply(*id),
+                EAction::Emit(e) => {
                     self.checker.emitted(e);
                     if matches!(e, super::Event::UserSigExpired { .. })
                         && !self.checker.policy.provisioning
@@ -397,19 +628,110 @@ impl Sim {
                         self.report.logins += 1;
                     }
                 }
-                super::Action::Exit => exit = true,
-                super::Action::Disconnect => {
-                    self.checker.our_close();
-                    self.world.act(a, &self.machine, &mut self.checker);
+                EAction::Exit => exit = true,
+                EAction::Connect {
+                    link,
+                    user,
+                    fingerprint,
+                    target,
+                    proto,
+                    will,
+                } => {
+                    self.link = Some((*link, user.clone()));
+                    self.msgs
+                        .connecting(will.as_ref().map(|w| (w.topic.clone(), w.payload.clone())));
+                    let sa = SAction::Connect {
+                        user: user.clone(),
+                        fingerprint: fingerprint.clone(),
+                        target: target.clone(),
+                        proto: *proto,
+                    };
+                    self.world
+                        .act(&sa, self.engine.machine(), &mut self.checker);
                 }
-                _ => self.world.act(a, &self.machine, &mut self.checker),
+                EAction::Subscribe { link, filter } => match self.link.clone() {
+                    Some((l, u)) if l == *link => {
+                        if *filter != topics().inbox_filter(&u) {
+                            self.checker.violate(
+                                "messages: subscription",
+                                format!("SUBSCRIBE {filter:?} on a connection of {u}"),
+                            );
+                        }
+                        let lost = self.world.lose_subscribes;
+                        self.world.act(
+                            &SAction::Subscribe { user: u },
+                            self.engine.machine(),
+                            &mut self.checker,
+                        );
+                        if self.world.lose_subscribes < lost {
+                            self.sub_lost_at = self.world.t;
+                        }
+                    }
+                    _ => self.checker.violate(
+                        "messages: subscription",
+                        format!("SUBSCRIBE on link {link}, not the connection the world has"),
+                    ),
+                },
+                EAction::Disconnect { link } => {
+                    self.checker.our_close();
+                    self.msgs.disconnecting(*link);
+                    self.world.act(
+                        &SAction::Disconnect,
+                        self.engine.machine(),
+                        &mut self.checker,
+                    );
+                }
+                EAction::Abandon { link } => {
+                    if self.link.as_ref().is_some_and(|l| l.0 == *link) {
+                        self.link = None;
+                        self.msgs.link_down(true);
+                        self.world
+                            .act(&SAction::Abandon, self.engine.machine(), &mut self.checker);
+                    }
+                }
+                EAction::FetchSig { user } => self.world.act(
+                    &SAction::FetchSig { user: user.clone() },
+                    self.engine.machine(),
+                    &mut self.checker,
+                ),
+                EAction::CancelFetch => self.world.act(
+                    &SAction::CancelFetch,
+                    self.engine.machine(),
+                    &mut self.checker,
+                ),
+                EAction::PersistSig { fingerprint, user } => self.world.act(
+                    &SAction::PersistSig {
+                        fingerprint: fingerprint.clone(),
+                        user: user.clone(),
+                    },
+                    self.engine.machine(),
+                    &mut self.checker,
+                ),
+                EAction::ForgetSig => self.world.act(
+                    &SAction::ForgetSig,
+                    self.engine.machine(),
+                    &mut self.checker,
+                ),
+                EAction::ReleaseSig { fingerprint } => self.world.act(
+                    &SAction::ReleaseSig {
+                        fingerprint: fingerprint.clone(),
+                    },
+                    self.engine.machine(),
+                    &mut self.checker,
+                ),
+                EAction::Publish { .. }
+                | EAction::Ack { .. }
+                | EAction::Store(_)
+                | EAction::SendReply { .. }
+                | EAction::Notify(_) => self.msgs.act(a),
             }
         }
         let t = self.world.t;
+        self.check_engine(&snap, t);
         self.checker.after_step(
             &before,
             &snap,
-            &self.machine,
+            self.engine.machine(),
             &self.world,
             t,
             input.as_ref(),
@@ -421,11 +743,77 @@ impl Sim {
         }
     }
 
+    /// The engine-level invariants (docs/login-policy.md, "Invariants": messaging).
+    fn check_engine(&mut self, snap: &super::Snapshot, t: Millis) {
+        self.msgs.check_step();
+        for (invariant, detail) in self.msgs.take_violations() {
+            self.checker.violate(invariant, detail);
+        }
+        // Bounds: what the courier holds.
+        let (in_flight, held) = self.engine.courier().sizes();
+        if in_flight > WINDOW || held > LOAD {
+            self.checker.violate(
+                "bounds: courier",
+                format!("{in_flight} in flight (≤ {WINDOW}), {held} held (≤ {LOAD})"),
+            );
+        }
+        // The courier serves whom the session logs in as.
+        if self.engine.courier().owner() != Some(self.machine().user().as_str()) {
+            self.checker.violate(
+                "messages: account",
+                format!(
+                    "the courier serves {:?} while the session logs in as {}",
+                    self.engine.courier().owner(),
+                    self.machine().user()
+                ),
+            );
+        }
+        // Never online while the inbox is not subscribed, and `subscribing` only as long as
+        // the broker refuses or loses SUBSCRIBEs (then the retry's backoff, one SUBSCRIBE
+        // timeout and one more backoff at most).
+        if snap.phase == super::Phase::Online {
+            self.online_since.get_or_insert(t);
+            if !snap.inbox_subscribed {
+                self.checker.violate(
+                    "inbox: online means subscribed",
+                    "phase online with the inbox subscription not granted".into(),
+                );
+            }
+        } else {
+            self.online_since = None;
+        }
+        if snap.phase == super::Phase::Subscribing {
+            let since = *self.subscribing_since.get_or_insert(t);
+            let p = &self.checker.policy;
+            let bound = 2 * (super::SUBSCRIBE_RETRY.cap + p.connect_timeout) + 1_000;
+            let from = since
+                .max(self.sub_refused_until)
+                .max(self.sub_lost_at)
+                .max(self.resumed_at);
+            if t > from + bound {
+                self.checker.violate(
+                    "inbox: subscribing bounded",
+                    format!(
+                        "phase subscribing since t = {since} ms, {} s after the broker last \
+                         refused or lost a SUBSCRIBE (bound {} s)",
+                        (t - from) / 1000,
+                        bound / 1000
+                    ),
+                );
+            }
+        } else {
+            self.subscribing_since = None;
+        }
+    }
+
     /// Advance to the next event (a world event, a schedule entry, a machine timer), handle it.
     fn step_once(&mut self) -> Result<(), Violation> {
         self.step += 1;
-        let machine_t = self.machine.poll_timeout().map(|m| self.world.from_mono(m));
+        let machine_t = self.engine.poll_timeout().map(|m| self.world.from_mono(m));
         let world_t = self.world.next_event_time();
+        let msgs_t = self.msgs.next_event_time();
+        let sub_t = (!self.world.healthy && self.next_sub_fault < self.healthy_from)
+            .then_some(self.next_sub_fault);
         let sched_t = if self.world.t < self.healthy_from {
             self.schedule
                 .get(self.next_sched)
@@ -441,6 +829,8 @@ impl Sim {
             relogin_t,
             machine_t,
             world_t,
+            msgs_t,
+            sub_t,
             sched_t,
             healthy_t,
             login_t,
@@ -464,9 +854,10 @@ impl Sim {
         }
         self.world.advance_to(t);
         // Time has passed: the state since the last step held until now.
-        let snap = self.machine.snapshot();
+        let snap = self.machine().snapshot();
         self.checker.check_time(&snap, self.world.t);
-        // At one instant: the world's deliveries, then the schedule, then the timers.
+        // At one instant: the world's deliveries, then the schedule, then the timers, then
+        // messaging (the login side's order of every older seed is kept).
         if world_t.is_some_and(|w| w <= t) {
             self.world_event();
         } else if sched_t.is_some_and(|x| x <= t) {
@@ -475,15 +866,18 @@ impl Sim {
             self.external(s.ext);
         } else if healthy_t.is_some_and(|x| x <= t) {
             self.world.make_healthy();
-            self.checker.healthy_from(t, &self.machine.snapshot());
+            self.sub_refused_until = self.sub_refused_until.min(t);
+            self.msgs.t = t;
+            self.msgs.make_healthy();
+            self.checker.healthy_from(t, &self.machine().snapshot());
             self.log("world: healthy from now on".into());
             // The machine sees the corrected wall clock at its next step.
             self.timeout("world: healthy");
         } else if login_t.is_some_and(|x| x <= t) {
             self.final_login_sent = true;
-            self.checker.final_login(t, &self.machine.snapshot());
+            self.checker.final_login(t, &self.machine().snapshot());
             let id = self.checker.request(check::ReqKind::Login, t);
-            let u = self.machine.user().clone();
+            let u = self.machine().user().clone();
             let sig = self.app_sig(&u);
             self.deliver(
                 super::Input::Login {
@@ -496,7 +890,7 @@ impl Sim {
         } else if relogin_t.is_some_and(|x| x <= t) {
             self.app_relogin_at = None;
             let id = self.checker.request(check::ReqKind::Login, t);
-            let u = self.machine.user().clone();
+            let u = self.machine().user().clone();
             let sig = self.app_sig(&u);
             self.deliver(
                 super::Input::Login {
@@ -508,6 +902,10 @@ impl Sim {
             );
         } else if machine_t.is_some_and(|x| x <= t) {
             self.timeout("timer");
+        } else if msgs_t.is_some_and(|w| w <= t) {
+            self.messages_event();
+        } else if sub_t.is_some_and(|x| x <= t) {
+            self.subscribe_fault();
         }
         match self.checker.take_violation() {
             Some(v) => Err(v),
@@ -522,6 +920,8 @@ impl Sim {
             Ext::Suspend(d) => {
                 self.log(format!("world: suspend {} s", d / 1000));
                 self.world.suspend(d);
+                self.msgs.suspended(d);
+                self.resumed_at = self.world.t;
                 self.timeout("resume after suspend");
             }
             Ext::Reboot { rtc } => {
@@ -572,7 +972,7 @@ impl Sim {
                     .map(user)
                     .unwrap_or_else(|| self.checker.configured_user.clone());
                 let changed = configured != self.checker.configured_user;
-                let runtime_user = self.machine.user().clone();
+                let runtime_user = self.machine().user().clone();
                 self.checker.on_reload(&configured, t);
                 let policy = self.checker.policy.clone();
                 self.deliver(
@@ -583,12 +983,12 @@ impl Sim {
                     },
                     &format!("local: SIGHUP (user {u:?}, reconnect {reconnect})"),
                 );
-                if !changed && *self.machine.user() != runtime_user {
+                if !changed && *self.machine().user() != runtime_user {
                     self.checker.violate(
                         "truth: account",
                         format!(
                             "a reload that left user_id alone switched the account from {runtime_user} to {}",
-                            self.machine.user()
+                            self.machine().user()
                         ),
                     );
                 }
@@ -600,7 +1000,7 @@ impl Sim {
                 // restarts it). The daemon's own stop timeout is 10 s.
                 let give_up = self.world.t + 10_000;
                 while self.checker.shutting_down && self.world.t < give_up {
-                    let machine_t = self.machine.poll_timeout().map(|m| self.world.from_mono(m));
+                    let machine_t = self.engine.poll_timeout().map(|m| self.world.from_mono(m));
                     let t = [machine_t, self.world.next_event_time()]
                         .into_iter()
                         .flatten()
@@ -630,10 +1030,98 @@ impl Sim {
     }
 }
 
-/// Run one seed.
+/// The topics the simulated engine uses.
+fn topics() -> Topics {
+    Topics {
+        sdk_app_id: messages::APP,
+    }
+}
+
+/// The simulated device (its status is published: retained documents and wills).
+fn device(p: &Policy) -> Device {
+    Device {
+        platform: "linux".into(),
+        instance: "kiosk-1".into(),
+        version: "sim".into(),
+        nodes: (0..p.brokers.max(1))
+            .map(|i| format!("mqtts://node{i}.sim:8883"))
+            .collect(),
+        publish_status: true,
+    }
+}
+
+/// The engine over `machine`, with a courier seeded from the engine's lane.
+fn new_engine(machine: Machine, rng: &mut Rng, p: &Policy, now: super::Now) -> Engine {
+    let courier = Courier::new(now.mono, rng.next_u64());
+    Engine::new(machine, courier, topics(), device(p), now)
+}
+
+/// A one-line form of an engine action, for the trace.
+fn short_engine_action(a: &EAction) -> String {
+    match a {
+        EAction::FetchSig { user } => format!("FetchSig({user})"),
+        EAction::CancelFetch => "CancelFetch".into(),
+        EAction::Connect {
+            link,
+            user,
+            fingerprint,
+            target,
+            proto,
+            will,
+        } => format!(
+            "Connect#{link}({user},{fingerprint},{target:?},{}{})",
+            proto.as_str(),
+            if will.is_some() { ",will" } else { "" }
+        ),
+        EAction::Subscribe { link, .. } => format!("Subscribe#{link}"),
+        EAction::Publish { link, what, .. } => format!("Publish#{link}({what:?})"),
+        EAction::Ack { link, pkid } => format!("Ack#{link}({pkid})"),
+        EAction::Disconnect { link } => format!("Disconnect#{link}"),
+        EAction::Abandon { link } => format!("Abandon#{link}"),
+        EAction::PersistSig { fingerprint, .. } => format!("Persist({fingerprint})"),
+        EAction::ForgetSig => "Forget".into(),
+        EAction::ReleaseSig { fingerprint } => format!("Release({fingerprint})"),
+        EAction::Emit(e) => check::short_action(&SAction::Emit(e.clone())),
+        EAction::Reply { id, result } => check::short_action(&SAction::Reply {
+            id: *id,
+            result: result.clone(),
+        }),
+        EAction::SendReply { id, result } => format!(
+            "SendReply({id},{})",
+            match result {
+                Ok(q) => format!("seq {}", q.seq),
+                Err(r) => r.code.to_string(),
+            }
+        ),
+        EAction::Store(op) => match op {
+            engine::StoreOp::Enqueue { .. } => "Store(enqueue)".into(),
+            engine::StoreOp::Receive { msg, .. } => format!("Store(receive {})", msg.id),
+            engine::StoreOp::LoadOutbox { .. } => "Store(load outbox)".into(),
+            engine::StoreOp::Settle { seq, outcome, .. } => {
+                format!("Store(settle {seq} {outcome:?})")
+            }
+            engine::StoreOp::Counts { .. } => "Store(counts)".into(),
+        },
+        EAction::Notify(e) => e.name().to_string(),
+        EAction::Exit => "Exit".into(),
+    }
+}
+
+/// Run one seed. A failure is run again with its trace (the last 400 lines of it).
 pub fn run_seed(seed: u64, cfg: &SimConfig) -> Result<Report, Box<Failure>> {
     let (sim, _) = Sim::new(seed, cfg.clone(), None);
-    sim.run()
+    let first = match sim.run() {
+        Ok(r) => return Ok(r),
+        Err(f) if cfg.full_trace => return Err(f),
+        Err(f) => f,
+    };
+    let mut traced = cfg.clone();
+    traced.full_trace = true;
+    let (sim, _) = Sim::new(seed, traced, None);
+    let mut f = sim.run().err().unwrap_or(first);
+    let cut = f.trace.len().saturating_sub(400);
+    f.trace.drain(..cut);
+    Err(f)
 }
 
 /// Shrink a failing seed: delete schedule entries (halves, then quarters, … then single
@@ -700,11 +1188,7 @@ pub fn run_range(
         }
         match run_seed(seed, cfg) {
             Ok(r) => {
-                total.steps += r.steps;
-                total.virtual_ms += r.virtual_ms;
-                total.connects += r.connects;
-                total.fetches += r.fetches;
-                total.restarts += r.restarts;
+                total.add(&r);
                 ran += 1;
             }
             Err(_) => return Err(shrink(seed, cfg, 300)),

@@ -140,6 +140,12 @@ pub struct World {
     pub subscribed: bool,
     /// The auth service (NATS's callout) is down until then: CONNECTs get CONNACK 5.
     auth_down_until: Millis,
+    /// Messaging (set by the engine's runner from its own stream, so the login side of every
+    /// older seed stays what it was): SUBSCRIBEs are refused (SUBACK 0x80, as during a
+    /// JetStream leader election) until then, and this many of the next SUBSCRIBEs are never
+    /// answered. A healthy world clears both.
+    pub refuse_subscribe_until: Millis,
+    pub lose_subscribes: u32,
 }
 
 /// The IM code at the head of the reference service's reason string (`"70001 UserSig
@@ -207,6 +213,8 @@ impl World {
             suback: None,
             subscribed: false,
             auth_down_until: 0,
+            refuse_subscribe_until: 0,
+            lose_subscribes: 0,
         }
     }
 
@@ -297,11 +305,16 @@ impl World {
         let t = self.t;
         if matches!(self.conn, ConnW::Up { .. }) && self.suback.is_some_and(|a| a <= t) {
             self.suback = None;
-            self.subscribed = true;
-            return Some((
-                Input::SubAck { granted: true },
-                "broker: SUBACK granted".into(),
-            ));
+            let granted = t >= self.refuse_subscribe_until;
+            self.subscribed = granted;
+            return Some(if granted {
+                (Input::SubAck { granted }, "broker: SUBACK granted".into())
+            } else {
+                (
+                    Input::SubAck { granted },
+                    "broker: SUBACK 0x80 (refused)".into(),
+                )
+            });
         }
         let conn_due = match &self.conn {
             ConnW::Connecting { at, .. } | ConnW::Closing { at } => at.is_some_and(|a| a <= t),
@@ -685,16 +698,21 @@ impl World {
                 };
             }
             Action::Subscribe { .. } => {
-                // Messaging (for the Engine's simulator, which answers SUBSCRIBE and PUBLISH):
-                // NATS answers a subscribe outside the user JWT's permissions with SUBACK 0x80
-                // (and during a JetStream leader election), and a publish outside them with
-                // PUBACK 0 while it drops the message; `Flavor::NatsCallout` is where to add it.
+                // SUBACK 0x80 while `refuse_subscribe_until` (NATS during a JetStream leader
+                // election; the runner sets it), or no SUBACK at all for a lost one. (NATS also
+                // answers a publish outside the JWT's permissions with PUBACK 0 and drops it:
+                // not modelled.)
                 if !matches!(self.conn, ConnW::Up { .. }) {
                     chk.violate("truth", "Subscribe without a session".into());
                 }
-                // Granted a moment later (a fixed delay: the world's random stream, and so
-                // every older seed's world, is unchanged).
-                self.suback = Some(t + 5);
+                // Answered a moment later (a fixed delay: the world's random stream, and so
+                // every older seed's world, is unchanged), or never.
+                if self.lose_subscribes > 0 {
+                    self.lose_subscribes -= 1;
+                    self.suback = None;
+                } else {
+                    self.suback = Some(t + 5);
+                }
             }
             Action::Disconnect => match self.conn {
                 ConnW::Up { .. } => {
@@ -1308,6 +1326,8 @@ impl World {
         self.election_until = 0;
         self.redirect_next = None;
         self.auth_down_until = 0;
+        self.refuse_subscribe_until = 0;
+        self.lose_subscribes = 0;
         self.broker = BrokerMode::Healthy;
         self.prov = ProvMode::Healthy;
         self.twin = false;
