@@ -124,6 +124,9 @@ pub struct Checker {
     pub policy: Policy,
     pub configured_user: UserId,
     pub shutting_down: bool,
+    /// When the oldest publish of the device the broker has not answered on the link was
+    /// published (the runner sets it from the messaging world before each world event).
+    pub unanswered_since: Option<Millis>,
     violation: Option<Violation>,
     requests: HashMap<RequestId, (ReqKind, Millis)>,
     next_req: RequestId,
@@ -213,6 +216,7 @@ impl Checker {
             policy,
             configured_user: user,
             shutting_down: false,
+            unanswered_since: None,
             violation: None,
             requests: HashMap::new(),
             next_req: 1,
@@ -626,12 +630,21 @@ impl Checker {
         let closed = matches!(
             end,
             ConnEnd::Network {
-                kind: NetKind::Closed,
+                kind: NetKind::Closed | NetKind::Stalled,
                 ..
             }
         );
-        let early = closed && up_for.is_some_and(|u| u < self.policy.takeover_window);
-        if up_for.is_some() && !early {
+        // A stalled broker's close (a publish unanswered for `engine::STALLED_AFTER`) is never
+        // an early close, and does not clear the count either.
+        let stalled = matches!(
+            end,
+            ConnEnd::Network {
+                kind: NetKind::Stalled,
+                ..
+            }
+        );
+        let early = closed && !stalled && up_for.is_some_and(|u| u < self.policy.takeover_window);
+        if up_for.is_some() && !early && !stalled {
             // Only consecutive silent closes right after login count toward a takeover.
             self.epoch.early_closes = 0;
         }

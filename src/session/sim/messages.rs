@@ -96,6 +96,8 @@ struct Outgoing {
     what: Out,
     msg: Option<WireMessage>,
     due: Millis,
+    /// When the device published it.
+    at: Millis,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -492,7 +494,18 @@ impl Messages {
             what,
             msg,
             due,
+            at: self.t,
         });
+    }
+
+    /// When the oldest PUBLISH of the device on `link` the broker has not answered yet was
+    /// published (what makes a close a stalled broker's: `engine::STALLED_AFTER`).
+    pub fn oldest_unanswered(&self, link: LinkId) -> Option<Millis> {
+        self.outgoing
+            .iter()
+            .filter(|o| o.link == link)
+            .map(|o| o.at)
+            .min()
     }
 
     /// The broker's verdict on a PUBLISH of the device.

@@ -532,6 +532,12 @@ impl Sim {
     /// The world's next delivery, fed to the engine.
     fn world_event(&mut self) {
         let before = self.machine().snapshot();
+        // What the broker knows of the device's publishes on the link (a close while one has
+        // waited `engine::STALLED_AFTER` is a stalled broker's: world.rs).
+        self.checker.unanswered_since = self
+            .link
+            .as_ref()
+            .and_then(|(l, _)| self.msgs.oldest_unanswered(*l));
         if let Some((input, what)) = self
             .world
             .pop_event(self.engine.machine(), &mut self.checker)

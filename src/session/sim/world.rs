@@ -451,6 +451,24 @@ impl World {
                     kind: NetKind::Closed,
                     detail: "closed".into(),
                 });
+                // A silent close while a publish of the device has waited
+                // `engine::STALLED_AFTER` for its PUBACK: a broker that could not store it
+                // (the engine reads it so; the checker judges it so).
+                let end = match end {
+                    ConnEnd::Network {
+                        kind: NetKind::Closed,
+                        detail,
+                    } if chk
+                        .unanswered_since
+                        .is_some_and(|at| t.saturating_sub(at) >= crate::engine::STALLED_AFTER) =>
+                    {
+                        ConnEnd::Network {
+                            kind: NetKind::Stalled,
+                            detail,
+                        }
+                    }
+                    end => end,
+                };
                 let session = self.session_since.take().unwrap_or(since);
                 chk.seen_end(Ended {
                     t,
