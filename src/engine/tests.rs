@@ -831,25 +831,11 @@ fn relogin(h: &mut H, wait: u64) -> LinkId {
 #[test]
 fn closes_with_a_publish_unanswered_for_seconds_are_never_a_suspected_takeover() {
     let mut h = H::with_status(true);
-    h.input(Input::Start);
-    let s = h.sig(86_400);
-    h.input(Input::SigFetched(s));
-    let mut link = None;
     for round in 0..5 {
-        let l = match link {
-            None => {
-                let a = h.out.clone();
-                let l = connect_of(&a).expect("the first Connect");
-                h.link_ev(
-                    l,
-                    LinkEvent::ConnAck {
-                        session_present: false,
-                    },
-                );
-                h.link_ev(l, LinkEvent::SubAck { granted: true });
-                l
-            }
-            Some(_) => relogin(&mut h, 400_000),
+        let l = if round == 0 {
+            h.online(true)
+        } else {
+            relogin(&mut h, 400_000)
         };
         h.advance(5_000);
         h.link_ev(
@@ -868,30 +854,15 @@ fn closes_with_a_publish_unanswered_for_seconds_are_never_a_suspected_takeover()
             "the message says why: {}",
             e.message
         );
-        link = Some(l);
     }
 }
 
 #[test]
 fn closes_soon_after_login_with_every_publish_answered_are_a_suspected_takeover() {
     let mut h = H::with_status(true);
-    h.input(Input::Start);
-    let s = h.sig(86_400);
-    h.input(Input::SigFetched(s));
-    let mut first = true;
     for round in 0..3 {
-        let l = if first {
-            first = false;
-            let a = h.out.clone();
-            let l = connect_of(&a).expect("the first Connect");
-            h.link_ev(
-                l,
-                LinkEvent::ConnAck {
-                    session_present: false,
-                },
-            );
-            h.link_ev(l, LinkEvent::SubAck { granted: true });
-            l
+        let l = if round == 0 {
+            h.online(true)
         } else {
             relogin(&mut h, 400_000)
         };
