@@ -379,6 +379,14 @@ async fn expiry_while_provisioning_fails(c: &ImCluster, erin: &Daemon) -> String
         "user_sig_expired with 6206 or 70001: {expired:?}"
     );
     // When the session ended: the first phase after it that is neither online nor subscribing.
+    // The daemon sends `user_sig_expired` before the `state_changed` of the same step: wait
+    // for that one too.
+    rec.wait_match(1, WAIT, |v| {
+        v["method"] == "state_changed"
+            && v["params"]["phase"] != "online"
+            && v["params"]["phase"] != "subscribing"
+    })
+    .await;
     let ended_at = rec
         .phases(1)
         .into_iter()
@@ -702,16 +710,26 @@ async fn an_auth_outage_stops_the_devices_and_they_come_back_after_the_cooldown(
         }
     }
     let auth_back = t_stop.elapsed();
-    for (i, d) in devices.iter().enumerate() {
+    // Both devices are watched at once: each one's cool-down is drawn with its own jitter
+    // (± 25 %), and the one back first moves on to its next refreshed sig (a login 16 s later)
+    // while the other is still waiting: read in turn, its count would include that login.
+    let back_online = |i: usize| {
+        let d = &devices[i];
+        let next = stopped[i].1["next_retry_at_ms"].as_f64().unwrap_or(0.0) / 1000.0;
+        async move {
+            let wait = (next - unix_f64()).max(0.0) + 30.0;
+            let back = d
+                .wait_phase_within("online", Duration::from_secs_f64(wait))
+                .await;
+            (back, unix_f64(), next)
+        }
+    };
+    let (b0, b1) = tokio::join!(back_online(0), back_online(1));
+    for (i, (back, back_at, next)) in [b0, b1].into_iter().enumerate() {
         let (stopped_at, st) = &stopped[i];
-        let next = st["next_retry_at_ms"].as_f64().unwrap_or(0.0) / 1000.0;
-        let wait = (next - unix_f64()).max(0.0) + 30.0;
-        let back = d
-            .wait_phase_within("online", Duration::from_secs_f64(wait))
-            .await;
-        let cooled = stopped_at.elapsed();
+        let cooled = back_at - (unix_f64() - stopped_at.elapsed().as_secs_f64());
         assert!(
-            unix_f64() >= next - 1.0,
+            back_at >= next - 1.0,
             "back before its cool-down was over ({next})"
         );
         let connects = counter(&back, "connect_attempts") - counter(&before[i], "connect_attempts");
@@ -728,7 +746,7 @@ async fn an_auth_outage_stops_the_devices_and_they_come_back_after_the_cooldown(
             st["last_error"]["class"],
             st["last_error"]["code"],
             auth_back.as_secs_f64(),
-            cooled.as_secs_f64(),
+            cooled,
         ));
     }
     for d in devices {

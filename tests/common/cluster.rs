@@ -182,15 +182,7 @@ pub fn provisioning_counters(c: &ImCluster, user: &str) -> Value {
 /// Every decision imlink-auth logged for `client_id` (each is one CONNECT that reached the
 /// callout), oldest first across the instances.
 pub fn decisions(c: &ImCluster, client_id: &str) -> Vec<String> {
-    let needle = format!("client_id=\"{client_id}\"");
-    let mut v: Vec<String> = c
-        .auth_logs()
-        .lines()
-        .filter(|l| l.contains(" decision ") && l.contains(&needle))
-        .map(str::to_string)
-        .collect();
-    v.sort(); // each line starts with its RFC 3339 time
-    v
+    c.decisions_for(client_id)
 }
 
 /// The daemon's client id on the cluster (platform `linux`, instance 0).

@@ -387,26 +387,58 @@ impl ImCluster {
         self.auth_log(i).matches("connected to NATS node").count()
     }
 
-    /// The decision line imlink-auth logged last for `client_id` (any instance), if any.
+    /// The decision line logged last for `client_id` by any imlink-auth instance, if any: the
+    /// latest by its timestamp (the logs are separate files, so "the last line" of their
+    /// concatenation would be the last of the last instance's file, not the latest).
     pub fn decision_for(&self, client_id: &str) -> Option<String> {
+        self.decisions_for(client_id).pop()
+    }
+
+    /// Every decision line for `client_id` from every instance, oldest first (by timestamp).
+    pub fn decisions_for(&self, client_id: &str) -> Vec<String> {
         let needle = format!("client_id=\"{client_id}\"");
-        self.auth_logs()
-            .lines()
-            .rev()
-            .find(|l| l.contains(" decision ") && l.contains(&needle))
-            .map(str::to_string)
+        let mut lines: Vec<(f64, String)> = (0..self.e.auth_logs.len())
+            .flat_map(|i| {
+                self.auth_log(i)
+                    .lines()
+                    .filter(|l| l.contains(" decision ") && l.contains(&needle))
+                    .map(|l| {
+                        let at = l
+                            .split_whitespace()
+                            .next()
+                            .and_then(rfc3339_unix)
+                            .unwrap_or(0.0);
+                        (at, l.to_string())
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        lines.sort_by(|a, b| a.0.total_cmp(&b.0));
+        lines.into_iter().map(|(_, l)| l).collect()
     }
 
     /// Wait (polling the logs: another process's state) for a decision line for `client_id`.
     pub fn wait_decision(&self, client_id: &str, within: Duration) -> String {
+        self.wait_decision_with(client_id, "", within)
+    }
+
+    /// Wait for a decision line for `client_id` that contains `needle` (`code=70001`, ...):
+    /// a later decision for the same client is told from an earlier one by what it says, never
+    /// by which file or line it is in.
+    pub fn wait_decision_with(&self, client_id: &str, needle: &str, within: Duration) -> String {
         let deadline = Instant::now() + within;
         loop {
-            if let Some(l) = self.decision_for(client_id) {
+            if let Some(l) = self
+                .decisions_for(client_id)
+                .into_iter()
+                .rev()
+                .find(|l| l.contains(needle))
+            {
                 return l;
             }
             assert!(
                 Instant::now() < deadline,
-                "no decision for {client_id} within {within:?}:\n{}",
+                "no decision for {client_id} containing {needle:?} within {within:?}:\n{}",
                 self.auth_logs()
             );
             std::thread::sleep(Duration::from_millis(20));

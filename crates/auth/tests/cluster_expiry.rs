@@ -74,10 +74,12 @@ async fn the_server_closes_the_session_at_the_usersig_expiry_and_a_new_sig_logs_
     let mut l = login(&c, 1, "erin", &sig, "0");
     l.clean = false;
     assert_eq!(connack(l).await, Connack::Code(5), "the expired sig");
-    assert!(
-        c.wait_decision(&c.client_id("erin", "linux", "0"), WAIT)
-            .contains("code=70001")
+    let d = c.wait_decision_with(
+        &c.client_id("erin", "linux", "0"),
+        "result=\"refused\"",
+        WAIT,
     );
+    assert!(d.contains("code=70001"), "refused as expired: {d}");
     let (fresh, _) = c.fetch_sig("erin");
     assert_eq!(
         connack(login(&c, 2, "erin", &fresh, "0")).await,
