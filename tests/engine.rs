@@ -425,8 +425,10 @@ async fn a_broker_outage_reconnects_with_backoff_and_no_provisioning() {
     );
     let st = d.status().await;
     let tries = st["counters"]["connect_attempts"].as_u64().unwrap();
+    // About 5 on an idle machine; a tight loop would be hundreds. The window ends when the
+    // sleep does, which a loaded machine stretches: the bound leaves room for that.
     assert!(
-        (2..=10).contains(&(tries - 1)),
+        (2..=20).contains(&(tries - 1)),
         "backoff spaced the retries: {tries}"
     );
     let attempts_before = sb.user("kiosk-10").connect_attempts;
@@ -441,8 +443,8 @@ async fn a_broker_outage_reconnects_with_backoff_and_no_provisioning() {
         "one CONNECT after the listener returned"
     );
     assert!(
-        back.elapsed() <= Duration::from_secs(5),
-        "within the 2 s backoff cap (plus slack): {:?}",
+        back.elapsed() <= Duration::from_secs(8),
+        "within the 2 s backoff cap (plus slack for a loaded machine): {:?}",
         back.elapsed()
     );
     let u = sb.user("kiosk-10");
@@ -450,9 +452,20 @@ async fn a_broker_outage_reconnects_with_backoff_and_no_provisioning() {
         u.provision_requests, 1,
         "no provisioning call for a network error"
     );
-    // Dropped connections: same story.
+    // Dropped connections: same story. The watch opens before the drop: with the broker up,
+    // `backoff` lasts one drawn delay (20 ms or more), which a watch opened after the drop could
+    // miss.
+    let mut w = d.client().await;
+    w.call("watch", json!({})).await;
     sb.drop_all();
-    d.wait_phase("backoff").await;
+    loop {
+        let v = tokio::time::timeout(WAIT, w.next())
+            .await
+            .expect("backoff after the drop");
+        if v["method"] == "state_changed" && v["params"]["phase"] == "backoff" {
+            break;
+        }
+    }
     d.wait_phase("online").await;
     let u = sb.user("kiosk-10");
     assert_eq!(u.provision_requests, 1);
@@ -760,7 +773,9 @@ async fn a_slow_refresh_during_backoff_does_not_keep_the_daemon_offline() {
     // The broker comes back while the slow refresh is still under way.
     sb.start_listener().await.unwrap();
     let back = Instant::now();
-    d.wait_phase_within("online", Duration::from_secs(5)).await;
+    // Within a backoff step (2 s cap) on an idle machine; the slack is for a loaded one: the
+    // wedge this guards against never came back at all.
+    d.wait_phase_within("online", Duration::from_secs(10)).await;
     eprintln!(
         "online again {:?} after the broker's return",
         back.elapsed()

@@ -24,8 +24,7 @@ async fn a_reason_string_cannot_inject_sd_notify_assignments_or_log_lines() {
     );
     let mut d = Daemon::start(&sb, Opts::user("evil-1")).await;
     // Busy, then the next login works.
-    let n = d.notes().len();
-    d.wait_notify_after(n, "retrying").await;
+    d.wait_notify("retrying").await;
     d.wait_phase("online").await;
     for note in d.notes() {
         for line in note.lines() {

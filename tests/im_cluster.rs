@@ -263,6 +263,14 @@ async fn refresh_over_several_lifetimes(c: &ImCluster, carol: &Daemon) -> String
     // The last move's login.
     rec.wait_for(1, "connect_success", REFRESHES, within).await;
     carol.wait_phase("online").await;
+    // The counts are read now, while carol is quiet (her next refresh is some 16 s away): the
+    // inbox below may take longer than that.
+    let st = carol.status().await;
+    let ds = decisions(c, &cid);
+    let prov = provisioning_counters(c, "carol")["provision_requests"]
+        .as_u64()
+        .unwrap_or(0)
+        - prov0;
     stop.store(true, Ordering::SeqCst);
     let published = publisher.await.expect("the publisher") as usize;
     let elapsed = t0.elapsed();
@@ -294,7 +302,6 @@ async fn refresh_over_several_lifetimes(c: &ImCluster, carol: &Daemon) -> String
     }
 
     // Each refresh was a move to the new UserSig: a CONNECT with it, accepted.
-    let ds = decisions(c, &cid);
     for r in &refreshed {
         let fp = r["fingerprint"].as_str().expect("a fingerprint");
         assert!(
@@ -304,13 +311,8 @@ async fn refresh_over_several_lifetimes(c: &ImCluster, carol: &Daemon) -> String
             ds.join("\n")
         );
     }
-    let st = carol.status().await;
     let connects = counter(&st, "connect_attempts") - counter(&st0, "connect_attempts");
     let fetches = counter(&st, "sig_fetches") - counter(&st0, "sig_fetches");
-    let prov = provisioning_counters(c, "carol")["provision_requests"]
-        .as_u64()
-        .unwrap_or(0)
-        - prov0;
     let callouts = ds.len() - decisions0;
     assert_eq!(
         counter(&st, "logins") - counter(&st0, "logins"),
@@ -395,7 +397,9 @@ async fn expiry_while_provisioning_fails(c: &ImCluster, erin: &Daemon) -> String
         .expect("the session ended");
     let late = ended_at - expires_at as f64;
     assert!(
-        (-1.0..=3.0).contains(&late),
+        // nats-server closes 0-1 s after `exp`; the rest is the daemon, the API and a
+        // loaded machine's scheduling.
+        (-1.0..=5.0).contains(&late),
         "the session ended {late:+.2} s from the UserSig's expiry at {expires_at}: {:?}",
         rec.phases(1)
     );
@@ -516,7 +520,6 @@ async fn node_and_auth_loss(c: &ImCluster, daemons: &[(&str, &Daemon)]) -> Strin
         .filter(|(_, n)| *n == gone)
         .map(|(s, _)| s.as_str())
         .collect();
-    let st0 = d.status().await;
     // The imlink-auth instance on that node if there is one (it must find another node too).
     let auth = (0..2).find(|i| c.auth_node(*i) == Some(gone)).unwrap_or(0);
     let mut rec = Recorder::start(d).await;
@@ -535,6 +538,8 @@ async fn node_and_auth_loss(c: &ImCluster, daemons: &[(&str, &Daemon)]) -> Strin
         }
     });
     settled(d, &mut rec).await;
+    // Counted from here: the moves while it settled are not the node loss's.
+    let st0 = d.status().await;
     let mark = rec.len();
     c.stop(Piece::Node, gone, true);
     let killed = Instant::now();
@@ -673,9 +678,10 @@ async fn an_auth_outage_stops_the_devices_and_they_come_back_after_the_cooldown(
         d.wait_phase("online").await;
         devices.push(d);
     }
-    let before: Vec<Value> = statuses(&devices).await;
     c.stop(Piece::Auth, 0, false);
     c.stop(Piece::Auth, 1, false);
+    // Counted from here: a refresh that logged in before the outage is not the outage's.
+    let before: Vec<Value> = statuses(&devices).await;
     let t_stop = Instant::now();
     let within = Duration::from_secs(LIFETIME_S + 20);
     let mut stopped = Vec::new();

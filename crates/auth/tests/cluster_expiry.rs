@@ -21,7 +21,7 @@ async fn the_server_closes_the_session_at_the_usersig_expiry_and_a_new_sig_logs_
         &bin_dir(),
         "expiry",
         &UpOptions {
-            sig_lifetime: Some("8s".into()),
+            sig_lifetime: Some("15s".into()),
             ..Default::default()
         },
     );
@@ -29,7 +29,7 @@ async fn the_server_closes_the_session_at_the_usersig_expiry_and_a_new_sig_logs_
     let (sig, expire_at) = c.fetch_sig("erin");
     let mut erin = Mqtt::connect(login(&c, 1, "erin", &sig, "0"))
         .await
-        .expect("erin logs in with a fresh 8 s UserSig");
+        .expect("erin logs in with a fresh 15 s UserSig");
     let d = c.wait_decision(&c.client_id("erin", "linux", "0"), WAIT);
     assert!(
         d.contains(&format!("exp={expire_at}")),
@@ -54,9 +54,10 @@ async fn the_server_closes_the_session_at_the_usersig_expiry_and_a_new_sig_logs_
     );
 
     // Then the server closes it, at the expiry (the sig is valid through its last second;
-    // nats-server's timer runs in whole seconds from the login: 0-1 s after `exp`).
+    // nats-server's timer runs in whole seconds from the login: 0-1 s after `exp`; the rest of
+    // the bound is for a loaded machine's scheduling).
     let closed = erin
-        .closed_by_server(Duration::from_secs(20))
+        .closed_by_server(Duration::from_secs(30))
         .await
         .expect("the server closes the session at the expiry");
     let closed_at = unix_f64() - closed.elapsed().as_secs_f64();
@@ -66,7 +67,7 @@ async fn the_server_closes_the_session_at_the_usersig_expiry_and_a_new_sig_logs_
         erin.ended
     );
     assert!(
-        (-1.0..=3.0).contains(&late),
+        (-1.0..=4.0).contains(&late),
         "the session ended {late:+.2} s from the expiry at {expire_at}"
     );
 
