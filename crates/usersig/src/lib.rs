@@ -14,7 +14,6 @@
 //! error message quotes the input.
 
 use std::fmt;
-use std::io::Read;
 
 use base64::Engine as _;
 use base64::engine::DecodePaddingMode;
@@ -179,16 +178,17 @@ pub fn decode(sig: &str) -> Result<DecodedSig, DecodeError> {
     parse_document(&json)
 }
 
+/// Inflates with miniz_oxide's one-shot decoder, whose state (about 11 KB) is the only large
+/// value: flate2's streaming reader builds its 43 KB `InflateState` (the decoder plus a 32 KB
+/// window) on the stack before boxing it, and a daemon decodes its cached UserSig at start-up
+/// deep in the main thread's stack, whose touched pages stay resident for the process's life
+/// (README, "Footprint").
 fn inflate_capped(compressed: &[u8]) -> Result<Vec<u8>, DecodeError> {
-    let mut out = Vec::new();
-    flate2::read::ZlibDecoder::new(compressed)
-        .take(MAX_INFLATED_LEN as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| DecodeError::Zlib(e.to_string()))?;
-    if out.len() > MAX_INFLATED_LEN {
-        return Err(DecodeError::TooLarge);
-    }
-    Ok(out)
+    use miniz_oxide::inflate::{TINFLStatus, decompress_to_vec_zlib_with_limit};
+    decompress_to_vec_zlib_with_limit(compressed, MAX_INFLATED_LEN).map_err(|e| match e.status {
+        TINFLStatus::HasMoreOutput => DecodeError::TooLarge,
+        _ => DecodeError::Zlib(e.to_string()),
+    })
 }
 
 fn parse_document(json: &[u8]) -> Result<DecodedSig, DecodeError> {

@@ -168,10 +168,44 @@ fn malformed_envelopes_get_typed_errors() {
     let bomb = pack(&vec![b' '; 1 << 20], 9);
     assert!(bomb.len() < 8 * 1024);
     assert_eq!(decode(&bomb), Err(DecodeError::TooLarge));
-    // Exactly at the cap is fine as far as inflating goes (then it is not JSON).
+    // Exactly at the cap is fine as far as inflating goes (then it is not JSON); a byte more
+    // is too large.
     assert!(matches!(
         decode(&pack(&vec![b'x'; MAX_INFLATED_LEN], 9)),
         Err(DecodeError::Json(_))
+    ));
+    assert_eq!(
+        decode(&pack(&vec![b'x'; MAX_INFLATED_LEN + 1], 9)),
+        Err(DecodeError::TooLarge)
+    );
+    // A stream whose Adler-32 checksum (its last 4 bytes) does not match what it inflates to.
+    let unescape = |s: &str| -> String {
+        s.chars()
+            .map(|c| match c {
+                '*' => '+',
+                '-' => '/',
+                '_' => '=',
+                c => c,
+            })
+            .collect()
+    };
+    let escape = |s: String| -> String {
+        s.chars()
+            .map(|c| match c {
+                '+' => '*',
+                '/' => '-',
+                '=' => '_',
+                c => c,
+            })
+            .collect()
+    };
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut raw = b64.decode(unescape(&pack(br#"{"a":1}"#, 6))).unwrap();
+    *raw.last_mut().unwrap() ^= 0x01;
+    assert!(matches!(
+        decode(&escape(b64.encode(&raw))),
+        Err(DecodeError::Zlib(_))
     ));
     assert!(matches!(
         decode(&pack(b"not json", 6)),
