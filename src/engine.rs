@@ -468,10 +468,10 @@ struct Link {
     unnumbered: VecDeque<(Out, Millis)>,
     /// Packet id → what it carries and when it was handed over, until the PUBACK.
     pkids: HashMap<u16, (Out, Millis)>,
-    /// The status document the broker holds from this link (without its `at`), and whether
-    /// one is on its way; `status_refused`: the broker refused one (an ACL): no more tries on
-    /// this link.
-    status_sent: Option<serde_json::Value>,
+    /// The status document the broker holds from this link (without its `at`; serialized,
+    /// as `Engine::counts_for`), and whether one is on its way; `status_refused`: the
+    /// broker refused one (an ACL): no more tries on this link.
+    status_sent: Option<Vec<u8>>,
     status_in_flight: bool,
     status_refused: bool,
     /// What was already said in the log about this link (one line per kind and link).
@@ -501,8 +501,11 @@ pub struct Engine {
     /// and whether an answer is on its way.
     counts: Option<(String, crate::store::Counts)>,
     counts_asked: bool,
-    /// The document (without counts) the last answer was asked for.
-    counts_for: Option<serde_json::Value>,
+    /// The document (without counts) the last answer was asked for, serialized: kept for the
+    /// daemon's life, the two documents as `serde_json::Value` trees were some 5 KB of small
+    /// heap blocks on an idle daemon (heaptrack), as JSON a few hundred bytes each; the map's
+    /// keys are sorted, so equal documents serialize to equal bytes.
+    counts_for: Option<Vec<u8>>,
     /// The status document's `since` (wall clock) for the phase that began at this boot-clock
     /// instant, kept while a fresh computation is within a second of it: the wall clock counts
     /// whole seconds and the boot clock milliseconds, out of phase, so `now.wall - elapsed`
@@ -1023,14 +1026,15 @@ impl Engine {
         }
         let user = l.user.clone();
         let value = self.status_value(&user, "online", None, false);
-        if l.status_sent.as_ref() == Some(&value) {
+        let key = serde_json::to_vec(&value).unwrap_or_default();
+        if l.status_sent.as_ref() == Some(&key) {
             return;
         }
         // First the store's counts for this very document (one question at a time).
-        if self.counts_for.as_ref() != Some(&value) {
+        if self.counts_for.as_ref() != Some(&key) {
             if !self.counts_asked {
                 self.counts_asked = true;
-                self.counts_for = Some(value);
+                self.counts_for = Some(key);
                 self.act(Action::Store(StoreOp::Counts {
                     owner: user.to_string(),
                 }));
@@ -1040,14 +1044,14 @@ impl Engine {
         if self.counts_asked {
             return;
         }
-        let mut doc = self.with_counts(value.clone(), &user);
+        let mut doc = self.with_counts(value, &user);
         doc["at"] = serde_json::json!(self.now.wall);
         let payload = serde_json::to_vec(&doc).unwrap_or_default();
         let topic = self.status_topic(&user);
         let link = l.id;
         let at = self.now.mono;
         if let Some(l) = self.link.as_mut() {
-            l.status_sent = Some(value);
+            l.status_sent = Some(key);
             l.status_in_flight = true;
             l.unnumbered.push_back((Out::Status, at));
         }
