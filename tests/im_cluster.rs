@@ -234,7 +234,7 @@ async fn refresh_over_several_lifetimes(c: &ImCluster, carol: &Daemon) -> String
     let prov0 = provisioning_counters(c, "carol")["provision_requests"]
         .as_u64()
         .unwrap_or(0);
-    let decisions0 = decisions(c, &cid).len();
+    let decisions0 = c.decisions_for(&cid).len();
     // The peer: a raw client with a UserSig that outlives the test (it never reconnects),
     // publishing one message every 50 ms, each after the PUBACK of the one before.
     let mut pat = Raw::connect(c, 0, "pat", &c.sig("pat", 600), "0").await;
@@ -266,7 +266,7 @@ async fn refresh_over_several_lifetimes(c: &ImCluster, carol: &Daemon) -> String
     // The counts are read now, while carol is quiet (her next refresh is some 16 s away): the
     // inbox below may take longer than that.
     let st = carol.status().await;
-    let ds = decisions(c, &cid);
+    let ds = c.decisions_for(&cid);
     let prov = provisioning_counters(c, "carol")["provision_requests"]
         .as_u64()
         .unwrap_or(0)
@@ -360,7 +360,7 @@ async fn expiry_while_provisioning_fails(c: &ImCluster, erin: &Daemon) -> String
     let mut rec = Recorder::start(erin).await;
     let st0 = erin.status().await;
     let expires_at = st0["sig"]["expires_at"].as_u64().expect("sig.expires_at");
-    let d = decisions(c, &cid);
+    let d = c.decisions_for(&cid);
     assert!(
         d.last()
             .is_some_and(|l| l.contains(&format!("exp={expires_at}"))),
@@ -430,7 +430,7 @@ async fn expiry_while_provisioning_fails(c: &ImCluster, erin: &Daemon) -> String
     assert_eq!(connects, 1, "one CONNECT, with the new UserSig: {st2}");
     let fp = st2["sig"]["fingerprint"].as_str().expect("a new sig");
     assert!(
-        decisions(c, &cid)
+        c.decisions_for(&cid)
             .last()
             .is_some_and(|l| l.contains(&format!("sig=\"{fp}\"")) && l.contains("accepted")),
         "the new UserSig logged in"
@@ -463,7 +463,7 @@ async fn wrong_key(c: &ImCluster) -> String {
         .await;
     let connects = counter(&st, "connect_attempts");
     let fetches = counter(&st, "sig_fetches");
-    let ds = decisions(c, &client_id(c, "wendy"));
+    let ds = c.decisions_for(&client_id(c, "wendy"));
     assert!(
         connects <= 2,
         "a refusal, one fresh UserSig, then stop: {connects} CONNECTs\n{st}"
@@ -485,7 +485,10 @@ async fn wrong_key(c: &ImCluster) -> String {
     assert!(quiet.is_err(), "a CONNECT followed the stop: {quiet:?}");
     let st2 = d.status().await;
     assert_eq!(counter(&st2, "connect_attempts"), connects, "{st2}");
-    assert_eq!(decisions(c, &client_id(c, "wendy")).len() as u64, connects);
+    assert_eq!(
+        c.decisions_for(&client_id(c, "wendy")).len() as u64,
+        connects
+    );
     let line = format!(
         "wrong key: {connects} CONNECTs (CONNACK 5, 70009 at imlink-auth), {fetches} fetches, then \
          {} ({}: {}), no CONNECT in the next 40 s",

@@ -179,12 +179,6 @@ pub fn provisioning_counters(c: &ImCluster, user: &str) -> Value {
     v["users"][user].clone()
 }
 
-/// Every decision imlink-auth logged for `client_id` (each is one CONNECT that reached the
-/// callout), oldest first across the instances.
-pub fn decisions(c: &ImCluster, client_id: &str) -> Vec<String> {
-    c.decisions_for(client_id)
-}
-
 /// The daemon's client id on the cluster (platform `linux`, instance 0).
 pub fn client_id(c: &ImCluster, user: &str) -> String {
     c.client_id(user, "linux", "0")

@@ -394,7 +394,8 @@ impl ImCluster {
         self.decisions_for(client_id).pop()
     }
 
-    /// Every decision line for `client_id` from every instance, oldest first (by timestamp).
+    /// Every decision line for `client_id` (each is one CONNECT that reached the callout) from
+    /// every instance, oldest first (by timestamp).
     pub fn decisions_for(&self, client_id: &str) -> Vec<String> {
         let needle = format!("client_id=\"{client_id}\"");
         let mut lines: Vec<(f64, String)> = (0..self.e.auth_logs.len())

@@ -389,7 +389,13 @@ pub fn pack(json: &[u8], level: u32) -> String {
         flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::new(level.min(9)));
     // Writing to a Vec cannot fail.
     let _ = enc.write_all(json);
-    let compressed = enc.finish().unwrap_or_default();
+    armor(&enc.finish().unwrap_or_default())
+}
+
+/// The envelope's outer layer alone: base64, then the `*`/`-`/`_` substitutions, around bytes
+/// that are meant to be a zlib stream ([`pack`] compresses first; tools and tests can wrap a
+/// stream they built or damaged themselves).
+pub fn armor(compressed: &[u8]) -> String {
     STANDARD
         .encode(compressed)
         .chars()
